@@ -1,0 +1,129 @@
+"""The HTTP surface, shared by the Dify plugin endpoints and the standalone server.
+
+``KnowledgeAPI.handle`` takes a werkzeug ``Request`` and returns a ``Response``; the
+plugin's endpoint classes and the standalone WSGI server are both one-line callers,
+so the two doors can never answer differently.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+
+from werkzeug import Request, Response
+
+from .config import Settings
+from .contract import RetrievalResponse, error_body, parse_retrieval_request
+from .errors import (
+    KBError,
+    MethodNotAllowed,
+    MissingAuthError,
+    RouteNotFound,
+    WrongKeyError,
+    error_status,
+)
+from .library import Library
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Response]
+
+_SLASHES = re.compile(r"/{2,}")
+
+
+def route_path(path: str) -> str:
+    """Normalise what Dify's unnormalised ``f"{endpoint}/retrieval"`` produces.
+
+    ``https://host/e/x/`` gives ``//retrieval``; a pasted ``.../retrieval`` gives
+    ``/retrieval/retrieval``. Both must reach the retrieval route, never a redirect
+    (Dify turns a redirected POST into a GET).
+    """
+    path = _SLASHES.sub("/", "/" + path).rstrip("/") or "/"
+    if path == "/retrieval/retrieval":
+        return "/retrieval"
+    return path
+
+
+def json_response(payload: object, status: int = 200) -> Response:
+    return Response(
+        json.dumps(payload, ensure_ascii=False),
+        status=status,
+        content_type="application/json; charset=utf-8",
+    )
+
+
+class KnowledgeAPI:
+    """Authenticates, routes and renders; the knowledge work happens in ``Library``."""
+
+    def __init__(self, settings: Settings, library: Library) -> None:
+        self.settings = settings
+        self.library = library
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("POST", "/retrieval"): self._retrieval,
+        }
+
+    def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        path = route_path(request.path)
+        try:
+            handler = self._route(request.method, path)
+            self.authenticate(request.headers.get("Authorization"))
+            response = handler(request)
+        except KBError as exc:
+            response = self.error_response(exc)
+        except Exception as exc:  # the one place an unexpected failure becomes a 500
+            log.exception("unexpected failure on %s %s", request.method, path)
+            response = self.error_response(exc)
+        log.info(
+            "%s %s -> %d in %.1f ms",
+            request.method,
+            path,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
+
+    def _route(self, method: str, path: str) -> Handler:
+        handler = self._routes.get((method, path))
+        if handler is not None:
+            return handler
+        if any(known == path for _, known in self._routes):
+            raise MethodNotAllowed(f"{method} is not allowed on {path}")
+        raise RouteNotFound(f"no route {path}; the External Knowledge API is POST /retrieval")
+
+    def authenticate(self, header: str | None) -> None:
+        """403 for anything but the configured key (never 401: Dify would save a wrong key)."""
+        expected = self.settings.api_key
+        if expected is None:
+            raise WrongKeyError("no API key is configured on the server; set one first")
+        if not header or not header.startswith("Bearer "):
+            raise MissingAuthError(
+                "missing or malformed Authorization header; expected 'Bearer <api key>'"
+            )
+        token = header[len("Bearer ") :].strip()
+        key = expected.get_secret_value().encode()
+        # A key typed into Dify as "Bearer xyz" arrives as "Bearer Bearer xyz".
+        candidates = [token]
+        if token.startswith("Bearer "):
+            candidates.append(token[len("Bearer ") :].strip())
+        matched = False
+        for candidate in candidates:
+            matched |= hmac.compare_digest(candidate.encode(), key)
+        if not matched:
+            raise WrongKeyError("the API key does not match the one configured for this endpoint")
+
+    def _retrieval(self, request: Request) -> Response:
+        parsed = parse_retrieval_request(request.get_data(cache=False))
+        if parsed.is_probe:
+            return json_response(RetrievalResponse(records=[]).model_dump())
+        records = self.library.retrieve(parsed)
+        return json_response(RetrievalResponse(records=records).model_dump())
+
+    @staticmethod
+    def error_response(exc: BaseException) -> Response:
+        status, code, message = error_status(exc)
+        return json_response(error_body(code, message), status=status)

@@ -1,0 +1,122 @@
+"""``python -m llamaindex_kb``: serve, ingest, list, package, bench. A thin layer over the core.
+
+Every serve/ingest flag also reads ``LLAMAINDEX_KB_<FLAG>`` from the environment
+(see ``config.load_settings``); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import load_settings
+from .errors import KBError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", dest="data_dir", help="knowledge base folder [./data]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llamaindex_kb", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the External Knowledge API server")
+    _settings_flags(serve)
+    serve.add_argument("--host", help="address to bind [127.0.0.1]")
+    serve.add_argument("--port", type=int, help="port to bind [8000]")
+    serve.add_argument("--api-key", dest="api_key", help="the Bearer key clients must send")
+    serve.add_argument(
+        "--demo", action="store_true", default=None, help="serve the demo knowledge base as 'demo'"
+    )
+    serve.add_argument("--retrieval-mode", dest="retrieval_mode",
+                       choices=["vector", "keyword", "hybrid"],
+                       help="override the mode each knowledge base was built with")
+    serve.add_argument("--semantic-weight", dest="semantic_weight", type=float,
+                       help="hybrid weight of the semantic score, 0..1 [as built, 0.7]")
+
+    ingest = commands.add_parser("ingest", help="add text and Markdown files to a knowledge base")
+    _settings_flags(ingest)
+    ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    ingest.add_argument("--kb", required=True, help="knowledge_id of the knowledge base")
+    ingest.add_argument("--mode", choices=["vector", "keyword", "hybrid"], default="hybrid",
+                        help="retrieval mode recorded for a new knowledge base [hybrid]")
+    ingest.add_argument("--semantic-weight", dest="semantic_weight", type=float, default=0.7,
+                        help="hybrid weight recorded for a new knowledge base [0.7]")
+
+    listing = commands.add_parser("list", help="list knowledge bases")
+    _settings_flags(listing)
+
+    package = commands.add_parser("package", help="build dist/<name>-<version>.difypkg")
+    package.add_argument("--out", type=Path, default=PROJECT_ROOT / "dist")
+
+    bench = commands.add_parser("bench", help="retrieval quality and latency benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _explicit(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _run(args)
+    except KBError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from .server import serve
+
+        settings = load_settings(
+            _explicit(args, "data_dir", "host", "port", "api_key", "demo",
+                      "retrieval_mode", "semantic_weight")
+        )
+        if settings.api_key is None:
+            print("error: an API key is required: --api-key KEY or LLAMAINDEX_KB_API_KEY",
+                  file=sys.stderr)
+            return 2
+        serve(settings)
+        return 0
+    if args.command == "ingest":
+        from .ingest import ingest
+        from .service import embedding_for
+
+        settings = load_settings(_explicit(args, "data_dir"))
+        embed_model = embedding_for(settings) if args.mode != "keyword" else None
+        summary = ingest(settings.data_dir, args.kb, args.paths, embed_model=embed_model,
+                         mode=args.mode, semantic_weight=args.semantic_weight)
+        print(json.dumps(summary.model_dump(), indent=2, ensure_ascii=False))
+        return 1 if summary.failed else 0
+    if args.command == "list":
+        from .library import Library
+
+        settings = load_settings(_explicit(args, "data_dir"))
+        for manifest in Library(settings, embed_model=None).manifests():
+            print(f"{manifest.knowledge_id}\t{manifest.documents} documents\t"
+                  f"{manifest.chunks} chunks\t{manifest.retrieval_mode}")
+        return 0
+    if args.command == "package":
+        from .packaging import main_package
+
+        return main_package(PROJECT_ROOT, args.out)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args.rest)
+    raise AssertionError(args.command)

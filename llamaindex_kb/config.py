@@ -1,0 +1,100 @@
+"""One settings model for the plugin's settings form, CLI flags and environment variables.
+
+``load_settings`` is the only way a ``Settings`` is built, so the three sources can
+never disagree on names, defaults or validation. Precedence: explicit values (the
+plugin form, or CLI flags) over environment variables over defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import ConfigurationError
+
+ENV_PREFIX = "LLAMAINDEX_KB_"
+
+STANDALONE_DATA_DIR = Path("data")
+PLUGIN_NAME = "llamaindex_kb"
+
+RetrievalMode = Literal["vector", "keyword", "hybrid"]
+
+
+class Settings(BaseModel):
+    """Everything the core needs to serve and build knowledge bases."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key: SecretStr | None = None
+    data_dir: Path = STANDALONE_DATA_DIR
+    demo: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port
+    retrieval_mode: RetrievalMode | None = None
+    semantic_weight: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    return values
+
+
+def load_settings(
+    explicit: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build settings from explicit values (form or flags) over ``LLAMAINDEX_KB_*`` variables.
+
+    ``None`` and ``""`` in ``explicit`` mean "not given", as an empty optional field
+    in Dify's settings form does.
+    """
+    values = _env_values(os.environ if environ is None else environ)
+    for name, value in (explicit or {}).items():
+        if value is not None and value != "":
+            values[name] = value
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise ConfigurationError(f"setting {field}: {first['msg']}") from exc
+
+
+def default_plugin_data_dir(environ: Mapping[str, str]) -> Path:
+    """Where the plugin keeps knowledge bases when the settings form leaves it empty.
+
+    The daemon runs a plugin in ``$PLUGIN_WORKING_PATH/<author>/<name>-<version>@<hash>``
+    and unpacks every upgrade into a new folder, so data kept there would be lost.
+    ``PLUGIN_WORKING_PATH`` (default ``/app/storage/cwd``) sits on the daemon's
+    storage volume (``./volumes/plugin_daemon`` in Dify's docker compose), so its
+    sibling ``plugin_data/`` survives upgrades and restarts. Remote debugging runs
+    outside that layout and falls back to the user's data directory.
+    """
+    working = Path(environ.get("PLUGIN_WORKING_PATH") or "/app/storage/cwd")
+    if working.is_dir() and os.access(working.parent, os.W_OK):
+        return working.parent / "plugin_data" / PLUGIN_NAME
+    data_home = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / PLUGIN_NAME
+
+
+def plugin_settings(form: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the plugin's settings form; only the data-dir default reads the env."""
+    known = {name: form.get(name) for name in Settings.model_fields if name in form}
+    if not known.get("data_dir"):
+        known["data_dir"] = default_plugin_data_dir(os.environ if environ is None else environ)
+    return load_settings(known, environ={})

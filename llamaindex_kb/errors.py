@@ -1,0 +1,123 @@
+"""Every error the product reports, and the one table that maps them to HTTP.
+
+The hierarchy::
+
+    KBError                      safe message, shown to the caller
+    ├── AuthError                403 (never 401: Dify would accept a wrong key at save time)
+    │   ├── MissingAuthError     1001  Authorization header missing or not "Bearer <key>"
+    │   └── WrongKeyError        1002  key does not match
+    ├── NotFoundError            404
+    │   ├── KnowledgeBaseNotFound 2001
+    │   ├── DocumentNotFound     2002
+    │   └── RouteNotFound        2003
+    ├── MethodNotAllowed         405  2004
+    ├── BadRequestError          400
+    │   ├── MalformedBodyError   3001  not JSON, or not a JSON object
+    │   ├── InvalidFieldError    3002  a field has the wrong type or value (names the field)
+    │   ├── InvalidFilterError   3003  metadata_condition cannot be evaluated (names the condition)
+    │   └── EmbeddingMismatchError 3004  query embedding differs from the one the knowledge base was built with
+    ├── ConfigurationError       400  3005  settings or store URL are wrong (actionable message)
+    ├── PayloadTooLargeError     413  3006
+    └── StoreUnavailableError    503  5003  a transient outage, after retries
+
+Anything else is an unexpected failure: 500 / 5000 with a generic message and a
+logged traceback. Dify retries 429 and 5xx four times, so nothing deterministic
+may map there: the table test keeps that true.
+"""
+
+from __future__ import annotations
+
+
+class KBError(Exception):
+    """Base class: the message is written for the person who reads the answer."""
+
+    status: int = 500
+    error_code: int = 5000
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AuthError(KBError):
+    status = 403
+
+
+class MissingAuthError(AuthError):
+    error_code = 1001
+
+
+class WrongKeyError(AuthError):
+    error_code = 1002
+
+
+class NotFoundError(KBError):
+    status = 404
+
+
+class KnowledgeBaseNotFound(NotFoundError):
+    error_code = 2001
+
+
+class DocumentNotFound(NotFoundError):
+    error_code = 2002
+
+
+class RouteNotFound(NotFoundError):
+    error_code = 2003
+
+
+class MethodNotAllowed(KBError):
+    status = 405
+    error_code = 2004
+
+
+class BadRequestError(KBError):
+    status = 400
+    error_code = 3000
+
+
+class MalformedBodyError(BadRequestError):
+    error_code = 3001
+
+
+class InvalidFieldError(BadRequestError):
+    error_code = 3002
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class InvalidFilterError(BadRequestError):
+    error_code = 3003
+
+
+class EmbeddingMismatchError(BadRequestError):
+    error_code = 3004
+
+
+class ConfigurationError(KBError):
+    status = 400
+    error_code = 3005
+
+
+class PayloadTooLargeError(KBError):
+    status = 413
+    error_code = 3006
+
+
+class StoreUnavailableError(KBError):
+    status = 503
+    error_code = 5003
+
+
+INTERNAL_ERROR_CODE = 5000
+INTERNAL_ERROR_MESSAGE = "internal error: the server logged the details"
+
+
+def error_status(exc: BaseException) -> tuple[int, int, str]:
+    """(HTTP status, error_code, error_msg) for any exception; the single mapping."""
+    if isinstance(exc, KBError):
+        return exc.status, exc.error_code, exc.message
+    return 500, INTERNAL_ERROR_CODE, INTERNAL_ERROR_MESSAGE

@@ -1,0 +1,161 @@
+"""One knowledge base version, opened read-only: the indices a query runs on.
+
+Row ``i`` means the same chunk in every index (vectors, keyword, metadata table,
+node ids), so a filter mask and both score vectors combine with plain numpy.
+
+Scores are absolute, in [0, 1], comparable across queries:
+
+* vector: cosine similarity of query and chunk embeddings, negatives clipped to 0;
+* keyword: BM25 divided by the query's attainable maximum (``keyword.py``);
+* hybrid: ``w · vector + (1 − w) · keyword`` with ``w`` the semantic weight
+  (Dify's "weight settings", default 0.7 / 0.3).
+
+A chunk with score 0 (no relation at all) is never returned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import BaseNode, NodeWithScore
+from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
+from pydantic import BaseModel, ConfigDict, Field
+
+from .embeddings import EmbeddingSpec
+from .errors import EmbeddingMismatchError, InvalidFieldError
+from .filters import MetadataCondition, MetadataTable
+from .keyword import KeywordIndex
+from .kvstore import SQLiteKVStore
+from .vector_store import NumpyVectorStore, top_rows
+
+RetrievalMode = Literal["vector", "keyword", "hybrid"]
+
+MANIFEST_FILE = "manifest.json"
+DOCSTORE_FILE = "docstore.sqlite"
+KEYWORD_DIR = "keyword"
+VECTOR_DIR = "vectors"
+METADATA_FILE = "metadata.pkl"
+NODE_IDS_FILE = "node_ids.npy"
+DOCUMENT_IDS_FILE = "document_ids.npy"
+FORMAT_VERSION = 1
+
+
+class KBManifest(BaseModel):
+    """How a knowledge base version was built; written once, next to its indices."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: int = FORMAT_VERSION
+    knowledge_id: str
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    embedding: EmbeddingSpec | None = None
+    retrieval_mode: RetrievalMode = "hybrid"
+    semantic_weight: float = Field(default=0.7, ge=0.0, le=1.0)
+    chunking: dict[str, Any] = Field(default_factory=dict)
+    documents: int = 0
+    chunks: int = 0
+
+    def write(self, version_dir: Path) -> None:
+        (version_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def read(cls, version_dir: Path) -> KBManifest:
+        return cls.model_validate(json.loads((version_dir / MANIFEST_FILE).read_text()))
+
+
+class QueryPlan(BaseModel):
+    """What one retrieval asks of a knowledge base."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    query: str
+    top_k: int
+    score_threshold: float = 0.0
+    condition: MetadataCondition | None = None
+    mode: RetrievalMode | None = None
+    semantic_weight: float | None = None
+
+
+class KnowledgeBase:
+    """A read-only, memory-mapped view of one version; safe for concurrent queries."""
+
+    def __init__(self, version_dir: Path) -> None:
+        self.version_dir = version_dir
+        self.manifest = KBManifest.read(version_dir)
+        self.node_ids: np.ndarray = np.load(version_dir / NODE_IDS_FILE, mmap_mode="r")
+        self.document_ids: np.ndarray = np.load(version_dir / DOCUMENT_IDS_FILE, mmap_mode="r")
+        self.keyword = KeywordIndex.load(version_dir / KEYWORD_DIR)
+        self.vectors = (
+            NumpyVectorStore.from_persist_dir(version_dir / VECTOR_DIR)
+            if self.manifest.embedding is not None
+            else None
+        )
+        self.metadata = MetadataTable.load(version_dir / METADATA_FILE)
+        self.docstore = KVDocumentStore(SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True))
+
+    def __len__(self) -> int:
+        return int(self.node_ids.shape[0])
+
+    def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None) -> list[NodeWithScore]:
+        mode = plan.mode or self.manifest.retrieval_mode
+        weight = (
+            self.manifest.semantic_weight if plan.semantic_weight is None else plan.semantic_weight
+        )
+        if len(self) == 0 or not plan.query.strip():
+            return []
+        scores = self._scores(plan.query, mode, weight, embed_model)
+        keep = scores >= max(plan.score_threshold, np.finfo(np.float32).tiny)
+        if plan.condition is not None:
+            keep &= self.metadata.mask(plan.condition)
+        rows = top_rows(np.where(keep, scores, -np.inf), plan.top_k)
+        nodes = self.nodes([str(self.node_ids[row]) for row in rows])
+        return [
+            NodeWithScore(node=node, score=float(scores[row]))
+            for row, node in zip(rows, nodes, strict=True)
+        ]
+
+    def nodes(self, node_ids: list[str]) -> list[BaseNode]:
+        return self.docstore.get_nodes(node_ids)
+
+    def _scores(
+        self, query: str, mode: RetrievalMode, weight: float, embed_model: BaseEmbedding | None
+    ) -> np.ndarray:
+        if mode == "keyword" or (mode == "hybrid" and weight == 0.0):
+            return self._keyword_scores(query)
+        semantic = self._semantic_scores(query, mode, embed_model)
+        if mode == "vector" or weight == 1.0:
+            return semantic
+        return weight * semantic + (1.0 - weight) * self._keyword_scores(query)
+
+    def _keyword_scores(self, query: str) -> np.ndarray:
+        rows, found = self.keyword.search(query, len(self))
+        scores = np.zeros(len(self), dtype=np.float64)
+        scores[rows] = found
+        return scores
+
+    def _semantic_scores(
+        self, query: str, mode: RetrievalMode, embed_model: BaseEmbedding | None
+    ) -> np.ndarray:
+        built_with = self.manifest.embedding
+        if self.vectors is None or built_with is None:
+            raise InvalidFieldError(
+                "retrieval_mode",
+                f"knowledge base {self.manifest.knowledge_id!r} was built for keyword search "
+                f"only; {mode} retrieval needs it rebuilt with an embedding model",
+            )
+        spec = getattr(embed_model, "spec", None)
+        if embed_model is None or spec is None or spec.id != built_with.id:
+            using = spec.id if spec is not None else "none"
+            raise EmbeddingMismatchError(
+                f"knowledge base {self.manifest.knowledge_id!r} was built with embedding "
+                f"{built_with.id}, but this server is configured with {using}: configure "
+                "the same embedding model or rebuild the knowledge base"
+            )
+        embedding = embed_model.get_query_embedding(query)
+        return np.clip(self.vectors.similarities(embedding), 0.0, 1.0)

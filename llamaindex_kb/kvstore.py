@@ -1,0 +1,108 @@
+"""A SQLite-backed LlamaIndex key-value store, so the docstore need not fit in memory.
+
+LlamaIndex core only ships JSON-file stores that load whole into memory on open
+(slow past a few thousand nodes); this keeps the ``KVDocumentStore`` abstraction
+while reading only the nodes a query returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+from llama_index.core.storage.kvstore.types import DEFAULT_COLLECTION, BaseKVStore
+
+
+class SQLiteKVStore(BaseKVStore):
+    """One table of (collection, key) → JSON; a connection per thread."""
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self._local = threading.local()
+        if not read_only:
+            with self._connect() as conn:
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS kv (collection TEXT NOT NULL, key TEXT NOT NULL,"
+                    " value TEXT NOT NULL, PRIMARY KEY (collection, key)) WITHOUT ROWID"
+                )
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.read_only:
+                conn = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                )
+            else:
+                conn = sqlite3.connect(self.path, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def put(self, key: str, val: dict, collection: str = DEFAULT_COLLECTION) -> None:
+        self.put_all([(key, val)], collection=collection)
+
+    async def aput(self, key: str, val: dict, collection: str = DEFAULT_COLLECTION) -> None:
+        self.put(key, val, collection)
+
+    def put_all(
+        self,
+        kv_pairs: list[tuple[str, dict]],
+        collection: str = DEFAULT_COLLECTION,
+        batch_size: int = 1,
+    ) -> None:
+        conn = self._connect()
+        with conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO kv (collection, key, value) VALUES (?, ?, ?)",
+                [(collection, key, json.dumps(val, ensure_ascii=False)) for key, val in kv_pairs],
+            )
+
+    async def aput_all(
+        self,
+        kv_pairs: list[tuple[str, dict]],
+        collection: str = DEFAULT_COLLECTION,
+        batch_size: int = 1,
+    ) -> None:
+        self.put_all(kv_pairs, collection, batch_size)
+
+    def get(self, key: str, collection: str = DEFAULT_COLLECTION) -> dict | None:
+        row = (
+            self._connect()
+            .execute("SELECT value FROM kv WHERE collection = ? AND key = ?", (collection, key))
+            .fetchone()
+        )
+        return None if row is None else json.loads(row[0])
+
+    async def aget(self, key: str, collection: str = DEFAULT_COLLECTION) -> dict | None:
+        return self.get(key, collection)
+
+    def get_all(self, collection: str = DEFAULT_COLLECTION) -> dict[str, dict]:
+        rows = self._connect().execute(
+            "SELECT key, value FROM kv WHERE collection = ?", (collection,)
+        )
+        return {key: json.loads(value) for key, value in rows}
+
+    async def aget_all(self, collection: str = DEFAULT_COLLECTION) -> dict[str, dict]:
+        return self.get_all(collection)
+
+    def delete(self, key: str, collection: str = DEFAULT_COLLECTION) -> bool:
+        conn = self._connect()
+        with conn:
+            cursor = conn.execute(
+                "DELETE FROM kv WHERE collection = ? AND key = ?", (collection, key)
+            )
+        return cursor.rowcount > 0
+
+    async def adelete(self, key: str, collection: str = DEFAULT_COLLECTION) -> bool:
+        return self.delete(key, collection)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

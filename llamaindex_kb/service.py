@@ -1,0 +1,82 @@
+"""Wiring: settings → embedding model → library → API, cached per process.
+
+The plugin daemon creates a new Endpoint object for every request, so everything
+expensive (the embedding runtime, opened knowledge bases) is cached here, keyed by
+the settings that shape it. The API object itself is cheap and built per call, so
+two endpoints with different keys never share one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from werkzeug import Request, Response
+
+from .api import KnowledgeAPI
+from .config import Settings, plugin_settings
+from .embeddings import LocalMiniLMEmbedding
+from .errors import KBError
+from .ingest import ingest
+from .layout import KBLayout
+from .library import DEMO_KB, DEMO_SOURCE, Library, demo_fingerprint
+
+log = logging.getLogger(__name__)
+
+_libraries: dict[tuple[object, ...], Library] = {}
+_lock = threading.Lock()
+
+
+@functools.cache
+def local_embedding() -> LocalMiniLMEmbedding:
+    return LocalMiniLMEmbedding()
+
+
+def embedding_for(settings: Settings) -> BaseEmbedding:
+    return local_embedding()
+
+
+def library_for(settings: Settings) -> Library:
+    key = (settings.data_dir.resolve(), settings.retrieval_mode, settings.semantic_weight)
+    library = _libraries.get(key)
+    if library is None:
+        with _lock:
+            library = _libraries.get(key)
+            if library is None:
+                library = Library(settings, embedding_for(settings))
+                if settings.demo:
+                    ensure_demo(settings.data_dir, library.embed_model)
+                _libraries[key] = library
+    return library
+
+
+def api_for(settings: Settings) -> KnowledgeAPI:
+    return KnowledgeAPI(settings, library_for(settings))
+
+
+def ensure_demo(data_dir: Path, embed_model: BaseEmbedding | None) -> None:
+    """(Re)build the bundled demo knowledge base when it is missing or out of date."""
+    layout = KBLayout(data_dir, DEMO_KB)
+    marker = layout.root / "demo.fingerprint"
+    fingerprint = demo_fingerprint()
+    if layout.current_version() is not None and marker.is_file():
+        if marker.read_text() == fingerprint:
+            return
+    log.info("building the demo knowledge base in %s", layout.root)
+    layout.drop()
+    ingest(data_dir, DEMO_KB, [DEMO_SOURCE], embed_model=embed_model)
+    marker.write_text(fingerprint)
+
+
+def handle_plugin_request(request: Request, form: Mapping[str, Any]) -> Response:
+    """The whole plugin endpoint: settings form → API → response, errors included."""
+    try:
+        settings = plugin_settings(form)
+    except KBError as exc:
+        return KnowledgeAPI.error_response(exc)
+    return api_for(settings).handle(request)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One entry point for people and CI:
+#   scripts/dev.sh demo   set up, then serve the demo knowledge base on http://127.0.0.1:8000
+#   scripts/dev.sh test   set up, then run ruff and the whole test suite
+#   scripts/dev.sh <args> set up, then python -m llamaindex_kb <args>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python312() {
+  local candidate
+  # A pyenv shim named python3.12 exists but fails until a version is selected, so
+  # every candidate is tried for real, and pyenv's own 3.12 binaries directly.
+  for candidate in "${PYTHON:-}" python3.12 \
+      "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.12*/bin/python3.12 \
+      /usr/local/bin/python3.12 /usr/bin/python3.12 python3; do
+    [ -n "$candidate" ] || continue
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+      command -v "$candidate" || echo "$candidate"
+      return 0
+    fi
+  done
+  echo "error: Python 3.12 not found; install it or set PYTHON=/path/to/python3.12" >&2
+  return 1
+}
+
+setup() {
+  if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    rm -rf .venv
+    "$(find_python312)" -m venv .venv
+  fi
+  local stamp=.venv/.requirements.sha256
+  local wanted
+  wanted=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+    echo "$wanted" > "$stamp"
+  fi
+}
+
+setup
+case "${1:-demo}" in
+  demo)
+    key="${LLAMAINDEX_KB_API_KEY:-demo-key}"
+    echo "API key: $key   (set LLAMAINDEX_KB_API_KEY to choose another)"
+    LLAMAINDEX_KB_API_KEY="$key" exec .venv/bin/python -m llamaindex_kb serve --demo "${@:2}"
+    ;;
+  test)
+    .venv/bin/python -m ruff check .
+    exec .venv/bin/python -m pytest "${@:2}"
+    ;;
+  *)
+    exec .venv/bin/python -m llamaindex_kb "$@"
+    ;;
+esac

@@ -1,0 +1,96 @@
+"""The error table, auth edge cases and the settings model, without a transport."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamaindex_kb import errors
+from llamaindex_kb.api import route_path
+from llamaindex_kb.config import default_plugin_data_dir, load_settings, plugin_settings
+from llamaindex_kb.errors import ConfigurationError, KBError, error_status
+
+
+def _all_error_classes() -> list[type[KBError]]:
+    found, todo = [], [KBError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+@pytest.mark.parametrize("cls", _all_error_classes(), ids=lambda c: c.__name__)
+def test_no_error_maps_to_a_status_dify_misreads(cls):
+    status, code = cls.status, cls.error_code
+    assert status != 401, "Dify accepts a wrong key at save time when it sees 401"
+    if status in {429, 500, 502, 503, 504}:
+        # Dify retries these four times: only genuinely transient or unexpected failures.
+        assert cls in {KBError, errors.StoreUnavailableError}
+    assert 1000 <= code < 6000
+
+
+def test_error_codes_are_unique_per_leaf_class():
+    leaves = [c for c in _all_error_classes() if not c.__subclasses__()]
+    codes = [c.error_code for c in leaves]
+    assert len(codes) == len(set(codes))
+
+
+def test_unexpected_exceptions_get_a_generic_500_message():
+    status, code, message = error_status(RuntimeError("password=hunter2"))
+    assert (status, code) == (500, 5000)
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/retrieval", "/retrieval"),
+        ("//retrieval", "/retrieval"),
+        ("/retrieval/", "/retrieval"),
+        ("/retrieval/retrieval", "/retrieval"),
+        ("///retrieval//retrieval", "/retrieval"),
+        ("", "/"),
+    ],
+)
+def test_route_path_normalises_what_dify_concatenates(raw, expected):
+    assert route_path(raw) == expected
+
+
+def test_flags_override_environment_which_overrides_defaults():
+    env = {"LLAMAINDEX_KB_PORT": "9001", "LLAMAINDEX_KB_API_KEY": "from-env"}
+    settings = load_settings({"port": 9002, "host": None}, environ=env)
+    assert settings.port == 9002
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "from-env"
+    assert settings.host == "127.0.0.1"
+
+
+def test_bad_setting_names_the_field():
+    with pytest.raises(ConfigurationError, match="port"):
+        load_settings({"port": 70000}, environ={})
+
+
+def test_api_key_is_never_shown_in_settings_repr():
+    settings = load_settings({"api_key": "s3cret"}, environ={})
+    assert "s3cret" not in repr(settings) and "s3cret" not in settings.model_dump_json()
+
+
+def test_plugin_data_dir_defaults_beside_the_daemons_working_path(tmp_path: Path):
+    working = tmp_path / "storage" / "cwd"
+    working.mkdir(parents=True)
+    expected = tmp_path / "storage" / "plugin_data" / "llamaindex_kb"
+    assert default_plugin_data_dir({"PLUGIN_WORKING_PATH": str(working)}) == expected
+    settings = plugin_settings({"api_key": "k", "data_dir": ""},
+                               environ={"PLUGIN_WORKING_PATH": str(working)})
+    assert settings.data_dir == expected
+
+
+def test_plugin_data_dir_falls_back_to_user_data_outside_the_daemon(tmp_path: Path):
+    env = {"PLUGIN_WORKING_PATH": str(tmp_path / "absent"), "XDG_DATA_HOME": str(tmp_path)}
+    assert default_plugin_data_dir(env) == tmp_path / "llamaindex_kb"
+
+
+def test_explicit_plugin_data_dir_wins(tmp_path: Path):
+    settings = plugin_settings({"api_key": "k", "data_dir": str(tmp_path)}, environ={})
+    assert settings.data_dir == tmp_path

@@ -1,0 +1,545 @@
+"""Dify metadata filters: parsing, the reference semantics, the columnar table, pushdown.
+
+Run as ``.venv/bin/python -m tests.test_filters`` to print mask() timings on 100k rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llama_index.core.vector_stores.types import FilterCondition, FilterOperator, MetadataFilter
+from llama_index.core.vector_stores.utils import build_metadata_filter_fn
+
+from llamaindex_kb.errors import InvalidFilterError
+from llamaindex_kb.filters import (
+    MetadataCondition,
+    MetadataTable,
+    Operator,
+    matches,
+    parse_metadata_condition,
+    to_metadata_filters,
+)
+
+JAN_1_2024 = 1704067200  # 2024-01-01T00:00:00Z in epoch seconds
+
+# Text forms: None, None, "", "[]", "5", "5.0", "5", "abc", "Abc", '["a", "b"]', ...
+RECORDS: list[dict[str, Any]] = [
+    {},  # 0: key missing
+    {"k": None},  # 1
+    {"k": ""},  # 2
+    {"k": []},  # 3
+    {"k": 5},  # 4
+    {"k": 5.0},  # 5
+    {"k": "5"},  # 6
+    {"k": "abc"},  # 7
+    {"k": "Abc"},  # 8
+    {"k": ["a", "b"]},  # 9
+    {"k": "2024-01-01"},  # 10: JAN_1_2024
+    {"k": "2024-01-01T00:00:00+01:00"},  # 11: JAN_1_2024 - 3600
+    {"k": JAN_1_2024},  # 12
+    {"k": True},  # 13
+    {"k": "x, y"},  # 14
+]
+ALL = set(range(len(RECORDS)))
+PRESENT = ALL - {0, 1}
+
+
+def condition(spelling: str, value: Any = None, name: Any = "k") -> MetadataCondition:
+    raw = {"conditions": [{"name": name, "comparison_operator": spelling, "value": value}]}
+    return MetadataCondition.model_validate(raw)
+
+
+OPERATOR_CASES = [
+    ("contains", "a", {7, 9}),
+    ("contains", "A", {8}),
+    ("contains", 5, {4, 5, 6}),
+    ("not contains", "a", PRESENT - {7, 9}),
+    ("start with", "2024", {10, 11}),
+    ("start with", "[", {3, 9}),
+    ("end with", "c", {7, 8}),
+    ("is", "5", {4, 6}),
+    ("is", "abc", {7}),
+    ("is", "true", {13}),
+    ("is not", "abc", PRESENT - {7}),
+    ("empty", None, {0, 1, 2, 3}),
+    ("empty", "ignored", {0, 1, 2, 3}),
+    ("not empty", None, PRESENT - {2, 3}),
+    ("in", ["5", "abc"], {4, 6, 7}),
+    ("in", " abc , x,", {7}),
+    ("in", [5.0, None], {5}),
+    ("in", [], set()),
+    ("not in", ["abc"], PRESENT - {7}),
+    ("not in", "", ALL),
+    ("=", 5, {4, 5, 6}),
+    ("=", "2024-01-01", {10}),
+    ("≠", 5, {10, 11, 12}),
+    ("!=", "5", PRESENT - {4, 6}),
+    (">", 5, {10, 11, 12}),
+    ("<", 6, {4, 5, 6}),
+    ("≥", "2024-01-01T00:00:00", {10, 12}),
+    (">=", JAN_1_2024, {10, 12}),
+    ("≤", " 5 ", {4, 5, 6}),
+    ("<=", JAN_1_2024 - 3600, {4, 5, 6, 11}),
+    ("before", "2024-01-01", {4, 5, 6, 11}),
+    ("after", "2023-12-31T23:30:00Z", {10, 12}),
+]
+
+
+def test_every_operator_spelling_is_covered() -> None:
+    covered = {spelling for spelling, _, _ in OPERATOR_CASES}
+    assert covered == {op.value for op in Operator} | {"!=", ">=", "<="}
+
+
+@pytest.mark.parametrize(("spelling", "value", "expected"), OPERATOR_CASES)
+def test_operator_matches_dify_semantics(spelling: str, value: Any, expected: set[int]) -> None:
+    cond = condition(spelling, value)
+    assert {i for i, record in enumerate(RECORDS) if matches(cond, record)} == expected
+    assert set(np.flatnonzero(MetadataTable(RECORDS).mask(cond))) == expected
+
+
+def test_aliases_become_canonical_operators() -> None:
+    spellings = {"!=": Operator.NE, ">=": Operator.GE, "<=": Operator.LE, "≠": Operator.NE}
+    for spelling, canonical in spellings.items():
+        assert condition(spelling, 1).conditions[0].comparison_operator is canonical
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        {},
+        {"logical_operator": "and", "conditions": []},
+        {"logical_operator": None, "conditions": None},
+        {"conditions": [{"name": "k", "comparison_operator": "is", "value": None}]},
+        {"conditions": [{"name": "k", "comparison_operator": "contains"}]},
+    ],
+)
+def test_absent_empty_or_fully_skipped_condition_means_no_filter(raw: Any) -> None:
+    assert parse_metadata_condition(raw) is None
+
+
+def test_name_may_be_a_one_element_list() -> None:
+    parsed = parse_metadata_condition(
+        {"conditions": [{"name": ["category"], "comparison_operator": "is", "value": "a"}]}
+    )
+    assert parsed is not None
+    assert parsed.conditions[0].name == "category"
+
+
+def test_null_logical_operator_means_and() -> None:
+    parsed = parse_metadata_condition(
+        {
+            "logical_operator": None,
+            "conditions": [{"name": "k", "comparison_operator": "not empty"}],
+        }
+    )
+    assert parsed is not None
+    assert parsed.logical_operator == "and"
+
+
+def test_condition_without_value_is_skipped_for_and_and_or() -> None:
+    for logical_operator in ("and", "or"):
+        parsed = parse_metadata_condition(
+            {
+                "logical_operator": logical_operator,
+                "conditions": [
+                    {"name": "k", "comparison_operator": "is"},
+                    {"name": "k", "comparison_operator": "is", "value": "abc"},
+                ],
+            }
+        )
+        assert parsed is not None
+        assert [c.value for c in parsed.effective_conditions] == ["abc"]
+        assert [i for i, r in enumerate(RECORDS) if matches(parsed, r)] == [7]
+
+
+def test_only_skipped_conditions_match_everything() -> None:
+    for logical_operator in ("and", "or"):
+        cond = MetadataCondition.model_validate(
+            {
+                "logical_operator": logical_operator,
+                "conditions": [{"name": "k", "comparison_operator": "<", "value": None}],
+            }
+        )
+        assert all(matches(cond, record) for record in RECORDS)
+        assert MetadataTable(RECORDS).mask(cond).all()
+
+
+def test_or_matches_either_condition() -> None:
+    cond = MetadataCondition.model_validate(
+        {
+            "logical_operator": "or",
+            "conditions": [
+                {"name": "k", "comparison_operator": "is", "value": "abc"},
+                {"name": "k", "comparison_operator": "empty"},
+            ],
+        }
+    )
+    assert {i for i, r in enumerate(RECORDS) if matches(cond, r)} == {0, 1, 2, 3, 7}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {
+                "conditions": [
+                    {"name": "k", "comparison_operator": "is", "value": "a"},
+                    {"name": "k", "comparison_operator": "is", "value": "a"},
+                    {"name": "k", "comparison_operator": "like", "value": "a"},
+                ]
+            },
+            "metadata_condition.conditions[2].comparison_operator: unknown operator 'like';"
+            " expected one of 'contains',",
+        ),
+        ("and", "metadata_condition: expected an object, got 'and'"),
+        ({"conditions": {"name": "k"}}, "metadata_condition.conditions: expected an array"),
+        ({"conditions": ["k"]}, "metadata_condition.conditions[0]: expected an object"),
+        ({"logical_operator": "xor"}, "metadata_condition.logical_operator: expected 'and', 'or'"),
+        (
+            {"conditions": [{"comparison_operator": "is", "value": "a"}]},
+            "metadata_condition.conditions[0].name: required",
+        ),
+        (
+            {"conditions": [{"name": ["a", "b"], "comparison_operator": "is", "value": "a"}]},
+            "metadata_condition.conditions[0].name: expected a string or a one-element list",
+        ),
+        (
+            {"conditions": [{"name": "k", "comparison_operator": None, "value": "a"}]},
+            "metadata_condition.conditions[0].comparison_operator: unknown operator null",
+        ),
+        (
+            {"conditions": [{"name": "k", "comparison_operator": "in", "value": 5}]},
+            "metadata_condition.conditions[0].value: 'in' needs an array or a comma-separated",
+        ),
+        (
+            {"conditions": [{"name": "k", "comparison_operator": "not in", "value": [["a"]]}]},
+            "metadata_condition.conditions[0].value: item 0 must be a string or a number",
+        ),
+        (
+            {"conditions": [{"name": "k", "comparison_operator": ">", "value": "soon"}]},
+            "metadata_condition.conditions[0].value: '>' needs a number, a numeric string or",
+        ),
+        (
+            {"conditions": [{"name": "k", "comparison_operator": "=", "value": True}]},
+            "metadata_condition.conditions[0].value: '=' needs a string or a finite number",
+        ),
+        (
+            {"conditions": [{"name": "k", "comparison_operator": "contains", "value": {}}]},
+            "metadata_condition.conditions[0].value: 'contains' needs a string or a number",
+        ),
+    ],
+)
+def test_malformed_condition_is_an_invalid_filter_error_naming_the_place(
+    raw: Any, message: str
+) -> None:
+    with pytest.raises(InvalidFilterError) as caught:
+        parse_metadata_condition(raw)
+    assert caught.value.message.startswith(message), caught.value.message
+    assert caught.value.status == 400
+
+
+def test_table_answers_keys_no_record_has() -> None:
+    table = MetadataTable(RECORDS)
+    assert not table.mask(condition("is", "abc", name="other")).any()
+    assert table.mask(condition("empty", name="other")).all()
+    assert table.mask(condition("not in", [], name="other")).all()
+
+
+def test_table_masks_are_cached_read_only_and_refreshed_by_extend() -> None:
+    table = MetadataTable(RECORDS[:8])
+    cond = condition("is", "abc")
+    first = table.mask(cond)
+    assert table.mask(cond) is first
+    assert not first.flags.writeable
+    table.extend(RECORDS[8:])
+    assert len(table) == len(RECORDS)
+    assert list(np.flatnonzero(table.mask(cond))) == [7]
+    table.extend([{"k": "abc", "new": 1}])
+    assert list(np.flatnonzero(table.mask(cond))) == [7, len(RECORDS)]
+    assert list(np.flatnonzero(table.mask(condition("=", 1, name="new")))) == [len(RECORDS)]
+
+
+def test_table_survives_save_and_load(tmp_path: Any) -> None:
+    table = MetadataTable(RECORDS)
+    table.save(tmp_path / "metadata.json")
+    loaded = MetadataTable.load(tmp_path / "metadata.json")
+    assert loaded.to_columns() == table.to_columns()
+    for spelling, value, expected in OPERATOR_CASES:
+        assert set(np.flatnonzero(loaded.mask(condition(spelling, value)))) == expected
+
+
+def test_from_columns_rejects_ragged_columns() -> None:
+    with pytest.raises(ValueError, match="column 'k' has 1 values for 2 rows"):
+        MetadataTable.from_columns(2, {"k": [1]})
+
+
+def _eq(key: str, value: str) -> MetadataFilter:
+    return MetadataFilter(key=key, operator=FilterOperator.EQ, value=value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {"conditions": [{"name": "k", "comparison_operator": "is", "value": "abc"}]},
+            [_eq("k", "abc")],
+        ),
+        (
+            {"conditions": [{"name": "k", "comparison_operator": "=", "value": "abc"}]},
+            [_eq("k", "abc")],
+        ),
+        (
+            {"conditions": [{"name": "k", "comparison_operator": "in", "value": "b, a"}]},
+            [MetadataFilter(key="k", operator=FilterOperator.IN, value=["a", "b"])],
+        ),
+        # Text equality also matches numbers, booleans and lists by their JSON text.
+        ({"conditions": [{"name": "k", "comparison_operator": "is", "value": "5"}]}, None),
+        ({"conditions": [{"name": "k", "comparison_operator": "is", "value": "true"}]}, None),
+        ({"conditions": [{"name": "k", "comparison_operator": "is", "value": "[]"}]}, None),
+        ({"conditions": [{"name": "k", "comparison_operator": "in", "value": ["a", 5]}]}, None),
+        # Numeric forms include numeric strings and ISO times.
+        ({"conditions": [{"name": "k", "comparison_operator": "=", "value": 5}]}, None),
+        ({"conditions": [{"name": "k", "comparison_operator": ">", "value": 5}]}, None),
+        # SQL NULL: a missing key never matches these, LlamaIndex's NE / NIN match it.
+        ({"conditions": [{"name": "k", "comparison_operator": "is not", "value": "a"}]}, None),
+        ({"conditions": [{"name": "k", "comparison_operator": "not in", "value": ["a"]}]}, None),
+        ({"conditions": [{"name": "k", "comparison_operator": "contains", "value": "a"}]}, None),
+        ({"conditions": [{"name": "k", "comparison_operator": "empty"}]}, None),
+        ({"conditions": [{"name": "k", "comparison_operator": "in", "value": []}]}, None),
+        # Unsafe for stores that build SQL text or read dotted keys as paths.
+        ({"conditions": [{"name": "k", "comparison_operator": "is", "value": "it's"}]}, None),
+        ({"conditions": [{"name": "a.b", "comparison_operator": "is", "value": "x"}]}, None),
+        (
+            {
+                "logical_operator": "and",
+                "conditions": [
+                    {"name": "k", "comparison_operator": "is", "value": "abc"},
+                    {"name": "n", "comparison_operator": ">", "value": 1},
+                    {"name": "k", "comparison_operator": "is"},
+                ],
+            },
+            [_eq("k", "abc")],
+        ),
+        (
+            {
+                "logical_operator": "or",
+                "conditions": [
+                    {"name": "k", "comparison_operator": "is", "value": "abc"},
+                    {"name": "n", "comparison_operator": ">", "value": 1},
+                ],
+            },
+            None,
+        ),
+    ],
+)
+def test_pushdown_keeps_only_exactly_expressible_conditions(
+    raw: dict[str, Any], expected: list[MetadataFilter] | None
+) -> None:
+    filters = to_metadata_filters(MetadataCondition.model_validate(raw))
+    if expected is None:
+        assert filters is None
+    else:
+        assert filters is not None
+        assert filters.filters == expected
+
+
+def test_pushdown_of_or_keeps_or() -> None:
+    cond = MetadataCondition.model_validate(
+        {
+            "logical_operator": "or",
+            "conditions": [
+                {"name": "k", "comparison_operator": "is", "value": "abc"},
+                {"name": "j", "comparison_operator": "in", "value": ["x"]},
+            ],
+        }
+    )
+    filters = to_metadata_filters(cond)
+    assert filters is not None
+    assert filters.condition == FilterCondition.OR
+    assert len(filters.filters) == 2
+
+
+# --- generated records and conditions -------------------------------------------
+
+KEYS = ["a", "b"]
+SHARED_VALUES: list[Any] = [
+    0, 1, 5, -3, 5.0, 2.5, JAN_1_2024, "5", "5.0", " 5 ", "1e3", "abc", "a", "Abc", "",
+    "x, y", "true", "2024-01-01", "2024-01-01T00:00:00+01:00", "2024-01-01T00:00:00",
+    [], ["a", "b"], [1], True, False, {"a": 1},
+]  # fmt: skip
+metadata_values = st.one_of(
+    st.sampled_from(SHARED_VALUES),
+    st.one_of(
+        st.integers(-10, 10),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(alphabet="ab5 ,.-", max_size=4),
+        st.lists(st.sampled_from(["a", "b", 1, 5.0]), max_size=2),
+    ),
+)
+TEXTS = st.sampled_from(
+    [v for v in SHARED_VALUES if isinstance(v, str)] + ["b", "[", '"', "[]", "false"]
+)
+NUMBERS = st.one_of(
+    st.integers(-10, 10),
+    st.sampled_from([5.0, 2.5, JAN_1_2024, JAN_1_2024 - 3600]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+TIMES = st.sampled_from(["5", " 5 ", "2024-01-01", "2023-12-31T23:30:00Z", "1e3"])
+STRING_OPERATORS = ("contains", "not contains", "start with", "end with")
+EQUALITY_OPERATORS = ("is", "is not", "=", "≠", "!=")
+ORDER_OPERATORS = (">", "<", "≥", "≤", ">=", "<=", "before", "after")
+MEMBERSHIP_OPERATORS = ("in", "not in")
+ALL_SPELLINGS = (
+    *STRING_OPERATORS, *EQUALITY_OPERATORS, *ORDER_OPERATORS, *MEMBERSHIP_OPERATORS,
+    "empty", "not empty",
+)  # fmt: skip
+
+
+def value_strategy(
+    spelling: str, texts: st.SearchStrategy[str], numbers: st.SearchStrategy[Any]
+) -> st.SearchStrategy[Any]:
+    """Values that fit the operator, drawn from ``texts`` and ``numbers`` where they can be."""
+    if spelling in STRING_OPERATORS:
+        return st.one_of(texts, st.integers(0, 6))
+    if spelling in EQUALITY_OPERATORS:
+        return st.one_of(texts, numbers)
+    if spelling in ORDER_OPERATORS:
+        return st.one_of(numbers, TIMES)
+    if spelling in MEMBERSHIP_OPERATORS:
+        return st.one_of(
+            st.lists(st.one_of(texts, numbers, st.none()), max_size=3),
+            st.sampled_from(["a, b", "5,abc", "", " , ", "x, y"]),
+        )
+    return texts  # empty / not empty ignore it
+
+
+@st.composite
+def records_and_condition(
+    draw: st.DrawFn, pushable: bool = False
+) -> tuple[list[dict[str, Any]], MetadataCondition]:
+    """Records over a small universe of values, and a condition often naming those values.
+
+    With ``pushable``, half the conditions take the shapes ``to_metadata_filters``
+    can push (``is`` / ``=`` / ``in`` with strings), the others every shape.
+    """
+    universe = draw(st.lists(metadata_values, min_size=1, max_size=6))
+    records = draw(
+        st.lists(
+            st.dictionaries(st.sampled_from(KEYS), st.sampled_from(universe), max_size=2),
+            min_size=2,
+            max_size=25,
+        )
+    )
+    # The universe's text forms ("5" for 5, "true" for True) are the interesting strings.
+    own_texts = sorted({v if isinstance(v, str) else json.dumps(v) for v in universe})
+    texts = st.one_of(TEXTS, st.sampled_from(own_texts))
+    own_numbers = [v for v in universe if isinstance(v, int | float) and not isinstance(v, bool)]
+    numbers = st.one_of(NUMBERS, st.sampled_from(own_numbers)) if own_numbers else NUMBERS
+    items = []
+    for _ in range(draw(st.integers(1, 3))):
+        if pushable and draw(st.booleans()):
+            spelling = draw(st.sampled_from(["is", "=", "in"]))
+            values = st.lists(texts, max_size=3) if spelling == "in" else texts
+        else:
+            spelling = draw(st.sampled_from(ALL_SPELLINGS))
+            values = value_strategy(spelling, texts, numbers)
+        skipped = draw(st.integers(0, 5)) == 0
+        items.append(
+            {
+                "name": draw(st.sampled_from([*KEYS, "absent"])),
+                "comparison_operator": spelling,
+                "value": None if skipped else draw(values),
+            }
+        )
+    logical_operator = draw(st.sampled_from(["and", "or", None]))
+    cond = MetadataCondition.model_validate(
+        {"logical_operator": logical_operator, "conditions": items}
+    )
+    return records, cond
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=records_and_condition())
+def test_table_mask_equals_reference_evaluator(
+    case: tuple[list[dict[str, Any]], MetadataCondition],
+) -> None:
+    records, cond = case
+    expected = [matches(cond, record) for record in records]
+    table = MetadataTable(records)
+    assert table.mask(cond).tolist() == expected
+    assert table.mask(cond).tolist() == expected  # from the cache
+
+    grown = MetadataTable(records[: len(records) // 2])
+    grown.mask(cond)
+    grown.extend(records[len(records) // 2 :])
+    assert grown.mask(cond).tolist() == expected
+
+    rows, columns = table.to_columns()
+    reloaded = MetadataTable.from_columns(rows, json.loads(json.dumps(columns)))
+    assert reloaded.mask(cond).tolist() == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=records_and_condition(pushable=True))
+def test_pushdown_never_drops_a_matching_record(
+    case: tuple[list[dict[str, Any]], MetadataCondition],
+) -> None:
+    records, cond = case
+    filters = to_metadata_filters(cond)
+    if filters is None:
+        return
+    keep = build_metadata_filter_fn(lambda node_id: records[int(node_id)], filters)
+    reference = {i for i, record in enumerate(records) if matches(cond, record)}
+    pushed = {i for i in range(len(records)) if keep(str(i))}
+    assert reference <= pushed
+    if len(filters.filters) == len(cond.effective_conditions):
+        assert reference == pushed  # everything was pushed, so exactly
+
+
+# --- timing, by hand -------------------------------------------------------------
+
+
+def _print_timings(rows: int = 100_000) -> None:
+    rng = np.random.default_rng(0)
+    metadatas = [
+        {
+            "category": f"cat{rng.integers(20)}",
+            "year": int(rng.integers(1990, 2025)),
+            "title": f"Document {i // 40} about topic {i % 97}",
+            "created": f"2024-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}T10:00:00Z",
+            "tags": ["a", "b"] if i % 3 else [],
+        }
+        for i in range(rows)
+    ]
+    start = time.perf_counter()
+    table = MetadataTable(metadatas)
+    print(f"build {rows} rows: {1000 * (time.perf_counter() - start):.0f} ms")
+    uncached = MetadataTable(metadatas, cache_size=0)
+    cases = {
+        "= 'cat3'": condition("=", "cat3", name="category"),
+        "> 2010": condition(">", 2010, name="year"),
+        "after ISO": condition("after", "2024-06-01", name="created"),
+        "contains 'topic 5'": condition("contains", "topic 5", name="title"),
+        "in [3 cats]": condition("in", ["cat1", "cat2", "cat3"], name="category"),
+    }
+    for label, cond in cases.items():
+        timings = []
+        for target in (uncached, uncached, table, table):  # cold, warm, fill cache, cached
+            start = time.perf_counter()
+            target.mask(cond)
+            timings.append(1000 * (time.perf_counter() - start))
+        print(
+            f"{label:>20}: first use {timings[0]:7.2f} ms, uncached {timings[1]:6.2f} ms,"
+            f" cached {timings[3]:6.3f} ms"
+        )
+
+
+if __name__ == "__main__":
+    _print_timings()
