@@ -15,7 +15,7 @@ The hierarchy::
     │   ├── MalformedBodyError   3001  not JSON, or not a JSON object
     │   ├── InvalidFieldError    3002  a field has the wrong type or value (names the field)
     │   ├── InvalidFilterError   3003  metadata_condition cannot be evaluated (names the condition)
-    │   └── EmbeddingMismatchError 3004  query embedding differs from the one the knowledge base was built with
+    │   └── EmbeddingMismatchError 3004  knowledge base was built with another embedding
     ├── ConfigurationError       400  3005  settings or store URL are wrong (actionable message)
     ├── PayloadTooLargeError     413  3006
     └── StoreUnavailableError    503  5003  a transient outage, after retries
