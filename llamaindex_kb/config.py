@@ -37,6 +37,11 @@ class Settings(BaseModel):
     retrieval_mode: RetrievalMode | None = None
     semantic_weight: float | None = Field(default=None, ge=0.0, le=1.0)
 
+    @field_validator("retrieval_mode", mode="before")
+    @classmethod
+    def _as_built_means_unset(cls, value: object) -> object:
+        return None if value == "as_built" else value
+
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:

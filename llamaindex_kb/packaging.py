@@ -61,8 +61,15 @@ PLUGIN_TAGS = frozenset(
 ARCHES = frozenset({"amd64", "arm64"})
 ENDPOINT_METHODS = frozenset({"HEAD", "GET", "POST", "PUT", "DELETE", "OPTIONS"})
 SETTING_TYPES = frozenset(
-    {"secret-input", "text-input", "select", "boolean", "app-selector", "model-selector",
-     "array[tools]"}
+    {
+        "secret-input",
+        "text-input",
+        "select",
+        "boolean",
+        "app-selector",
+        "model-selector",
+        "array[tools]",
+    }
 )
 # model-selector: the is_scope tag also allows document/tool-call, but ValidateProviderConfigs
 # then rejects every value at endpoint creation, so only the intersection is usable.
@@ -72,7 +79,7 @@ SETTING_SCOPES = {
         {"llm", "text-embedding", "rerank", "tts", "speech2text", "moderation", "vision"}
     ),
 }
-# Both the manifest's `plugins` keys that cannot sit next to `endpoints` (ManifestValidate).
+# The `plugins` keys that ManifestValidate forbids next to `endpoints` (tools are allowed).
 EXCLUSIVE_CATEGORIES = ("models", "agent_strategies", "datasources", "triggers")
 PLUGIN_CATEGORIES = ("tools", "endpoints", *EXCLUSIVE_CATEGORIES)
 PERMISSION_SECTIONS = ("tool", "model", "node", "endpoint", "app", "storage")
@@ -407,10 +414,17 @@ class _StrictLoader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark,
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)
+
+
+def _one_of(value: Any, allowed: frozenset[str]) -> bool:
+    """Membership that also survives YAML lists and mappings (unhashable) in scalar fields."""
+    return isinstance(value, str) and value in allowed
 
 
 def _type_name(value: Any) -> str:
@@ -452,9 +466,11 @@ def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
     """Statements that bind module globals, including those under if/try/with."""
     for stmt in body:
         yield stmt
-        if isinstance(stmt, ast.If | ast.With):
+        if isinstance(stmt, ast.If):
             yield from _module_level(stmt.body)
-            yield from _module_level(getattr(stmt, "orelse", []))
+            yield from _module_level(stmt.orelse)
+        elif isinstance(stmt, ast.With):
+            yield from _module_level(stmt.body)
         elif isinstance(stmt, ast.Try):
             yield from _module_level(stmt.body)
             yield from _module_level(stmt.orelse)
@@ -528,8 +544,9 @@ class _Validator:
                 self.add(file, field, "is required")
             return None
         if not isinstance(value, str):
-            self.add(file, field, f"must be a string; quote it (got {value!r}, a "
-                                  f"{_type_name(value)})")
+            self.add(
+                file, field, f"must be a string; quote it (got {value!r}, a {_type_name(value)})"
+            )
             return None
         if not value:
             self.add(file, field, "must not be empty")
@@ -576,8 +593,12 @@ class _Validator:
                 self.add(file, field, "is required: a mapping with at least en_US")
             return
         if not isinstance(value, dict):
-            self.add(file, field, f"must be a mapping of language to text, with at least en_US "
-                                  f"(got {_type_name(value)})")
+            self.add(
+                file,
+                field,
+                f"must be a mapping of language to text, with at least en_US "
+                f"(got {_type_name(value)})",
+            )
             return
         for language in I18N_LANGUAGES:
             text = value.get(language)
@@ -586,9 +607,12 @@ class _Validator:
             self.string(file, f"{field}.{language}", text, max_len=1023)
         for key in value:
             if key not in I18N_LANGUAGES:
-                self.add(file, f"{field}.{key}", f"unknown language key, ignored by Dify "
-                                                 f"(known: {', '.join(I18N_LANGUAGES)})",
-                         "warning")
+                self.add(
+                    file,
+                    f"{field}.{key}",
+                    f"unknown language key, ignored by Dify (known: {', '.join(I18N_LANGUAGES)})",
+                    "warning",
+                )
 
     def reference(
         self, file: str, field: str, value: Any, *, max_len: int | None = None, suffix: str = ""
@@ -601,8 +625,12 @@ class _Validator:
             self.add(file, field, f"must be at most {max_len} characters (got {len(value)})")
             return None
         if not _valid_path(value):
-            self.add(file, field, "must be a plain relative path with '/' separators: no leading "
-                                  f"'/', no './', no '..', no empty segments (got {value!r})")
+            self.add(
+                file,
+                field,
+                "must be a plain relative path with '/' separators: no leading "
+                f"'/', no './', no '..', no empty segments (got {value!r})",
+            )
             return None
         if suffix and not value.endswith(suffix):
             self.add(file, field, f"must name a {suffix} file (got {value!r})")
@@ -659,8 +687,11 @@ class _Validator:
         if manifest is not None:
             self.check_root(manifest)
             permission = self.check_resource(manifest)
+            checked: set[str] = set()
             for index, group in self.check_plugins(manifest):
-                self.check_group(group, f"plugins.endpoints[{index}]")
+                if group not in checked:
+                    checked.add(group)
+                    self.check_group(group, f"plugins.endpoints[{index}]")
             self.check_meta(manifest)
             self.check_permissions_used(permission)
         self.check_package()
@@ -673,8 +704,9 @@ class _Validator:
         self.pattern(f, "version", m.get("version"), VERSION_RE)
         author = self.pattern(f, "author", m.get("author"), AUTHOR_RE)
         if author is not None and _is_uuid_like(author):
-            self.add(f, "author", f"must not look like a UUID: the daemon refuses it (got "
-                                  f"{author!r})")
+            self.add(
+                f, "author", f"must not look like a UUID: the daemon refuses it (got {author!r})"
+            )
         self.pattern(f, "name", m.get("name"), NAME_RE)
         self.i18n(f, "label", m.get("label"), required=True)
         self.i18n(f, "description", m.get("description"), required=True)
@@ -687,16 +719,24 @@ class _Validator:
         if repo is not None:
             parsed = urlparse(repo) if isinstance(repo, str) else None
             if parsed is None or not parsed.scheme or not (parsed.netloc or parsed.path):
-                self.add(f, "repo", f"must be a URL such as https://github.com/org/repo (got "
-                                    f"{repo!r})")
+                self.add(
+                    f, "repo", f"must be a URL such as https://github.com/org/repo (got {repo!r})"
+                )
         for index, tag in enumerate(self.listing(f, "tags", m.get("tags"))):
-            if tag not in PLUGIN_TAGS:
-                self.add(f, f"tags[{index}]", f"must be one of {', '.join(sorted(PLUGIN_TAGS))} "
-                                              f"(got {tag!r})")
+            if not _one_of(tag, PLUGIN_TAGS):
+                self.add(
+                    f,
+                    f"tags[{index}]",
+                    f"must be one of {', '.join(sorted(PLUGIN_TAGS))} (got {tag!r})",
+                )
         privacy = m.get("privacy")
         if privacy is not None and (not isinstance(privacy, str) or privacy not in self.packaged):
-            self.add(f, "privacy", f"should name a packaged file; the Marketplace shows it (got "
-                                   f"{privacy!r})", "warning")
+            self.add(
+                f,
+                "privacy",
+                f"should name a packaged file; the Marketplace shows it (got {privacy!r})",
+                "warning",
+            )
 
     def check_created_at(self, value: Any) -> None:
         f, field = "manifest.yaml", "created_at"
@@ -727,13 +767,10 @@ class _Validator:
         f = "manifest.yaml"
         resource = self.mapping(f, "resource", m.get("resource"), required=True)
         memory = resource.get("memory")
-        if (
-            not isinstance(memory, int)
-            or isinstance(memory, bool)
-            or not 0 < memory <= _INT64_MAX
-        ):
-            self.add(f, "resource.memory", f"must be a positive integer number of bytes (got "
-                                           f"{memory!r})")
+        if not isinstance(memory, int) or isinstance(memory, bool) or not 0 < memory <= _INT64_MAX:
+            self.add(
+                f, "resource.memory", f"must be a positive integer number of bytes (got {memory!r})"
+            )
         permission = self.mapping(
             f, "resource.permission", resource.get("permission"), required=False
         )
@@ -752,14 +789,20 @@ class _Validator:
                 or isinstance(size, bool)
                 or not 1024 <= size <= 1_073_741_824
             ):
-                self.add(f, "resource.permission.storage.size",
-                         f"must be an integer from 1024 to 1073741824 bytes when storage is "
-                         f"declared (got {size!r})")
+                self.add(
+                    f,
+                    "resource.permission.storage.size",
+                    f"must be an integer from 1024 to 1073741824 bytes when storage is "
+                    f"declared (got {size!r})",
+                )
         endpoint = permission.get("endpoint")
         if not isinstance(endpoint, dict) or endpoint.get("enabled") is not True:
-            self.add(f, "resource.permission.endpoint.enabled",
-                     "must be true: otherwise Dify refuses to create the endpoint ('permission "
-                     "denied, you need to enable endpoint access in plugin manifest')")
+            self.add(
+                f,
+                "resource.permission.endpoint.enabled",
+                "must be true: otherwise Dify refuses to create the endpoint ('permission "
+                "denied, you need to enable endpoint access in plugin manifest')",
+            )
         return permission
 
     def check_plugins(self, m: dict[str, Any]) -> list[tuple[int, str]]:
@@ -774,16 +817,26 @@ class _Validator:
                 if rel is not None and category == "endpoints":
                     groups.append((index, rel))
             if entries and category in EXCLUSIVE_CATEGORIES:
-                self.add(f, f"plugins.{category}", "cannot be declared together with endpoints: "
-                                                   "the daemon allows only tools next to them")
+                self.add(
+                    f,
+                    f"plugins.{category}",
+                    "cannot be declared together with endpoints: "
+                    "the daemon allows only tools next to them",
+                )
         declared = plugins.get("endpoints")
         if not declared:
-            self.add(f, "plugins.endpoints", "must list the endpoint group file of this endpoint "
-                                             "plugin")
+            self.add(
+                f, "plugins.endpoints", "must list the endpoint group file of this endpoint plugin"
+            )
         elif isinstance(declared, list) and len(declared) > 1:
-            self.add(f, "plugins.endpoints", f"declares {len(declared)} groups: install keeps "
-                                             "the last and remote debugging the first; declare "
-                                             "one", "warning")
+            self.add(
+                f,
+                "plugins.endpoints",
+                f"declares {len(declared)} groups: install keeps "
+                "the last and remote debugging the first; declare "
+                "one",
+                "warning",
+            )
         return groups
 
     def check_meta(self, m: dict[str, Any]) -> None:
@@ -792,27 +845,34 @@ class _Validator:
         self.pattern(f, "meta.version", meta.get("version"), VERSION_RE)
         arch = meta.get("arch")
         if not isinstance(arch, list) or not arch:
-            self.add(f, "meta.arch", f"must be a non-empty list of {', '.join(sorted(ARCHES))} "
-                                     f"(got {arch!r})")
+            self.add(
+                f,
+                "meta.arch",
+                f"must be a non-empty list of {', '.join(sorted(ARCHES))} (got {arch!r})",
+            )
         else:
             for index, value in enumerate(arch):
-                if value not in ARCHES:
+                if not _one_of(value, ARCHES):
                     self.add(f, f"meta.arch[{index}]", f"must be amd64 or arm64 (got {value!r})")
         runner = self.mapping(f, "meta.runner", meta.get("runner"), required=True)
         if runner.get("language") != "python":
-            self.add(f, "meta.runner.language", f"must be 'python' (got "
-                                                f"{runner.get('language')!r})")
+            self.add(
+                f, "meta.runner.language", f"must be 'python' (got {runner.get('language')!r})"
+            )
         self.string(f, "meta.runner.version", runner.get("version"), max_len=128)
-        entrypoint = self.string(f, "meta.runner.entrypoint", runner.get("entrypoint"),
-                                 max_len=256)
+        entrypoint = self.string(f, "meta.runner.entrypoint", runner.get("entrypoint"), max_len=256)
         if entrypoint is not None:
             if all(part.isidentifier() for part in entrypoint.split(".")):
                 # the daemon runs `python -m <entrypoint>` from the plugin root
-                self.packaged_file(f, "meta.runner.entrypoint",
-                                   entrypoint.replace(".", "/") + ".py")
+                self.packaged_file(
+                    f, "meta.runner.entrypoint", entrypoint.replace(".", "/") + ".py"
+                )
             else:
-                self.add(f, "meta.runner.entrypoint", f"must be a module name for `python -m` "
-                                                      f"(got {entrypoint!r})")
+                self.add(
+                    f,
+                    "meta.runner.entrypoint",
+                    f"must be a module name for `python -m` (got {entrypoint!r})",
+                )
         minimum = meta.get("minimum_dify_version")
         if minimum is not None:
             try:
@@ -820,8 +880,11 @@ class _Validator:
                     raise InvalidVersion
                 Version(minimum)
             except InvalidVersion:
-                self.add(f, "meta.minimum_dify_version",
-                         f"must be a quoted PEP 440 version such as '1.0.0' (got {minimum!r})")
+                self.add(
+                    f,
+                    "meta.minimum_dify_version",
+                    f"must be a quoted PEP 440 version such as '1.0.0' (got {minimum!r})",
+                )
 
     # -- endpoint group and endpoints ------------------------------------------------------------
 
@@ -843,8 +906,12 @@ class _Validator:
             self.check_setting(rel, field, setting)
         endpoints = self.listing(rel, "endpoints", group.get("endpoints"))
         if not endpoints:
-            self.add(rel, "endpoints", f"declares no endpoint, so {manifest_field} serves "
-                                       "nothing", "warning")
+            self.add(
+                rel,
+                "endpoints",
+                f"declares no endpoint, so {manifest_field} serves nothing",
+                "warning",
+            )
         for index, entry in enumerate(endpoints):
             field = f"endpoints[{index}]"
             if isinstance(entry, dict):
@@ -858,9 +925,12 @@ class _Validator:
 
     def check_setting(self, rel: str, field: str, setting: dict[str, Any]) -> None:
         kind = setting.get("type")
-        if kind not in SETTING_TYPES:
-            self.add(rel, f"{field}.type", f"must be one of {', '.join(sorted(SETTING_TYPES))} "
-                                           f"(got {kind!r})")
+        if not _one_of(kind, SETTING_TYPES):
+            self.add(
+                rel,
+                f"{field}.type",
+                f"must be one of {', '.join(sorted(SETTING_TYPES))} (got {kind!r})",
+            )
         self.i18n(rel, f"{field}.label", setting.get("label"), required=True)
         for key in ("help", "placeholder"):
             self.i18n(rel, f"{field}.{key}", setting.get(key), required=False)
@@ -872,39 +942,60 @@ class _Validator:
         if scope is not None:
             allowed = SETTING_SCOPES.get(kind) if isinstance(kind, str) else None
             if allowed is None:
-                self.add(rel, f"{field}.scope", "is only allowed on app-selector and "
-                                                f"model-selector settings (type is {kind!r})")
+                self.add(
+                    rel,
+                    f"{field}.scope",
+                    "is only allowed on app-selector and "
+                    f"model-selector settings (type is {kind!r})",
+                )
             elif not isinstance(scope, str) or not all(
                 part in allowed for part in scope.split("&")
             ):
-                self.add(rel, f"{field}.scope", f"must be one of {', '.join(sorted(allowed))}, "
-                                                f"optionally joined with '&' (got {scope!r})")
+                self.add(
+                    rel,
+                    f"{field}.scope",
+                    f"must be one of {', '.join(sorted(allowed))}, "
+                    f"optionally joined with '&' (got {scope!r})",
+                )
             elif kind == "model-selector":
                 self._model_selectors.append((rel, f"{field}.scope", scope))
         default = setting.get("default")
         if default is not None and not isinstance(default, str | int | float | bool):
-            self.add(rel, f"{field}.default", f"must be a string, number or boolean (got "
-                                              f"{_type_name(default)})")
+            self.add(
+                rel,
+                f"{field}.default",
+                f"must be a string, number or boolean (got {_type_name(default)})",
+            )
         values = self.check_options(rel, field, setting.get("options"))
         if kind == "select":
             if not values:
-                self.add(rel, f"{field}.options", "a select setting needs options: every value "
-                                                  "is checked against them")
-            elif default is not None and default not in values:
-                self.add(rel, f"{field}.default", f"must be one of the option values "
-                                                  f"{sorted(values)} (got {default!r})")
+                self.add(
+                    rel,
+                    f"{field}.options",
+                    "a select setting needs options: every value is checked against them",
+                )
+            elif default is not None and not _one_of(default, frozenset(values)):
+                self.add(
+                    rel,
+                    f"{field}.default",
+                    f"must be one of the option values {sorted(values)} (got {default!r})",
+                )
 
     def check_options(self, rel: str, field: str, options: Any) -> set[str]:
         values: set[str] = set()
         entries = self.listing(rel, f"{field}.options", options)
         if len(entries) >= 128:
-            self.add(rel, f"{field}.options", f"must have fewer than 128 entries (got "
-                                              f"{len(entries)})")
+            self.add(
+                rel, f"{field}.options", f"must have fewer than 128 entries (got {len(entries)})"
+            )
         for index, option in enumerate(entries):
             option_field = f"{field}.options[{index}]"
             if not isinstance(option, dict):
-                self.add(rel, option_field, f"must be a mapping with value and label (got "
-                                            f"{_type_name(option)})")
+                self.add(
+                    rel,
+                    option_field,
+                    f"must be a mapping with value and label (got {_type_name(option)})",
+                )
                 continue
             value = self.string(rel, f"{option_field}.value", option.get("value"), max_len=127)
             if value is not None:
@@ -918,9 +1009,13 @@ class _Validator:
         if not isinstance(path, str) or not path.startswith("/"):
             self.add(rel, f"{prefix}path", f"must be a URL rule starting with '/' (got {path!r})")
             path = None
-        if method not in ENDPOINT_METHODS:
-            self.add(rel, f"{prefix}method", f"must be one of {', '.join(sorted(ENDPOINT_METHODS))}"
-                                             f" in upper case (got {method!r})")
+        if not _one_of(method, ENDPOINT_METHODS):
+            self.add(
+                rel,
+                f"{prefix}method",
+                f"must be one of {', '.join(sorted(ENDPOINT_METHODS))}"
+                f" in upper case (got {method!r})",
+            )
             method = None
         if path is not None:
             try:
@@ -930,10 +1025,15 @@ class _Validator:
                 self.add(rel, f"{prefix}path", f"is not a valid werkzeug URL rule: {exc}")
             else:
                 if method is not None:
-                    earlier = self._routes.setdefault((method, path), rel)
-                    if earlier != rel:
-                        self.add(rel, f"{prefix}path", f"{method} {path} is already declared in "
-                                                       f"{earlier}; only the first is reachable")
+                    where = f"{rel} {prefix.rstrip('.')}".rstrip()
+                    earlier = self._routes.setdefault((method, path), where)
+                    if earlier != where:
+                        self.add(
+                            rel,
+                            f"{prefix}path",
+                            f"{method} {path} is already declared in "
+                            f"{earlier}; only the first is reachable",
+                        )
         self.boolean(rel, f"{prefix}hidden", declaration.get("hidden"))
         extra = self.mapping(rel, f"{prefix}extra", declaration.get("extra"), required=True)
         python = self.mapping(rel, f"{prefix}extra.python", extra.get("python"), required=True)
@@ -945,16 +1045,24 @@ class _Validator:
     def check_endpoint_source(self, rel: str, field: str, source: str) -> None:
         module = Path(source).with_suffix("").parts
         if not all(part.isidentifier() and not keyword.iskeyword(part) for part in module):
-            self.add(rel, field, f"{source!r} becomes the module {'.'.join(module)!r}; use "
-                                 "identifier-safe names", "warning")
+            self.add(
+                rel,
+                field,
+                f"{source!r} becomes the module {'.'.join(module)!r}; use identifier-safe names",
+                "warning",
+            )
         found = self.endpoint_classes(source, follow_imports=True)
         if found is None:
             return
         if len(found) != 1:
             listed = f" ({', '.join(found)})" if found else ""
-            self.add(rel, field, f"{source} exposes {len(found)} subclasses of dify_plugin's "
-                                 f"Endpoint{listed}; the SDK requires exactly one in the module "
-                                 "namespace (import shared code as a module or use a mixin)")
+            self.add(
+                rel,
+                field,
+                f"{source} exposes {len(found)} subclasses of dify_plugin's "
+                f"Endpoint{listed}; the SDK requires exactly one in the module "
+                "namespace (import shared code as a module or use a mixin)",
+            )
 
     def endpoint_classes(self, rel: str, *, follow_imports: bool) -> list[str] | None:
         """Module-level names bound to an Endpoint subclass, found statically.
@@ -1026,35 +1134,52 @@ class _Validator:
         for rel, field, scope in self._model_selectors:
             for part in scope.split("&"):
                 if part in SCOPE_PERMISSIONS:
-                    needs.setdefault(f"model.{SCOPE_PERMISSIONS[part]}",
-                                     (f"{rel} {field} selects a {part} model", "warning"))
+                    needs.setdefault(
+                        f"model.{SCOPE_PERMISSIONS[part]}",
+                        (f"{rel} {field} selects a {part} model", "warning"),
+                    )
         for flag, (reason, severity) in sorted(needs.items()):
             section, key = flag.split(".")
             block = permission.get(section)
             block = block if isinstance(block, dict) else {}
             missing = [k for k in dict.fromkeys(("enabled", key)) if block.get(k) is not True]
             for k in missing:
-                self.add("manifest.yaml", f"resource.permission.{section}.{k}",
-                         f"must be true because {reason}; otherwise the daemon answers "
-                         "'permission denied'", severity)
+                self.add(
+                    "manifest.yaml",
+                    f"resource.permission.{section}.{k}",
+                    f"must be true because {reason}; otherwise the daemon answers "
+                    "'permission denied'",
+                    severity,
+                )
 
     # -- package ---------------------------------------------------------------------------------
 
     def check_package(self) -> None:
         assets = self.root / "_assets"
         if not assets.is_dir():
-            self.add("_assets", "(directory)", "must exist: the SDK scans it at start-up and the "
-                                               "icon lives in it")
+            self.add(
+                "_assets",
+                "(directory)",
+                "must exist: the SDK scans it at start-up and the icon lives in it",
+            )
         elif not any(rel.startswith("_assets/") for rel in self.files):
             reason = self.rules.why_excluded("_assets/icon.svg") or "it is empty"
             self.add("_assets", "(directory)", f"no file under it is packaged: {reason}")
         if not {"requirements.txt", "pyproject.toml"} & self.packaged:
-            self.add("requirements.txt", "(file)", "neither requirements.txt nor pyproject.toml "
-                                                   "is packaged, so the daemon cannot install "
-                                                   "the plugin's dependencies")
+            self.add(
+                "requirements.txt",
+                "(file)",
+                "neither requirements.txt nor pyproject.toml "
+                "is packaged, so the daemon cannot install "
+                "the plugin's dependencies",
+            )
         if "README.md" not in self.packaged:
-            self.add("README.md", "(file)", "is recommended: Dify shows it as the plugin's "
-                                            "readme", "warning")
+            self.add(
+                "README.md",
+                "(file)",
+                "is recommended: Dify shows it as the plugin's readme",
+                "warning",
+            )
         leaked: dict[str, None] = {}
         for rel in self.files:
             parts = rel.split("/")
@@ -1063,8 +1188,12 @@ class _Validator:
                     leaked["/".join(parts[:depth])] = None
                     break
         for rel in leaked:
-            self.add(rel, "(file)", f"must not be packaged (secrets or local environment); add "
-                                    f"it to {self.rules.source or '.difyignore'}")
+            self.add(
+                rel,
+                "(file)",
+                f"must not be packaged (secrets or local environment); add "
+                f"it to {self.rules.source or '.difyignore'}",
+            )
         self.check_size()
 
     def check_size(self) -> None:
@@ -1076,8 +1205,11 @@ class _Validator:
                 self.add(rel, "(file)", f"cannot be read: {exc.strerror or exc}")
                 continue
             if stat.S_ISDIR(status.st_mode):
-                self.add(rel, "(file)", "is a symlink to a directory, which the daemon's "
-                                        "packager cannot read")
+                self.add(
+                    rel,
+                    "(file)",
+                    "is a symlink to a directory, which the daemon's packager cannot read",
+                )
             else:
                 sizes.append((status.st_size, rel))
         total = sum(size for size, _ in sizes)
@@ -1087,10 +1219,12 @@ class _Validator:
 
 def _size_message(total: int, sizes: list[tuple[int, str]]) -> str:
     biggest = sorted(sizes, key=lambda item: (-item[0], item[1]))[:5]
-    listing = "; ".join(f"{i}. {rel} ({size} bytes)" for i, (size, rel) in
-                        enumerate(biggest, start=1))
-    return (f"the uncompressed size {total} bytes exceeds {MAX_PACKAGE_SIZE}; biggest files: "
-            f"{listing}")
+    listing = "; ".join(
+        f"{i}. {rel} ({size} bytes)" for i, (size, rel) in enumerate(biggest, start=1)
+    )
+    return (
+        f"the uncompressed size {total} bytes exceeds {MAX_PACKAGE_SIZE}; biggest files: {listing}"
+    )
 
 
 def validate_plugin(root: Path) -> list[Problem]:
@@ -1123,12 +1257,14 @@ def package_identity(zip_path: Path) -> str:
     """``author/name:version@checksum``, the plugin's unique identifier once uploaded."""
     with zipfile.ZipFile(zip_path) as archive:
         manifest = yaml.safe_load(archive.read("manifest.yaml"))
-    return (f"{manifest['author']}/{manifest['name']}:{manifest['version']}"
-            f"@{package_checksum(zip_path)}")
+    return (
+        f"{manifest['author']}/{manifest['name']}:{manifest['version']}"
+        f"@{package_checksum(zip_path)}"
+    )
 
 
 @dataclass(frozen=True)
-class BuildResult:
+class _BuildResult:
     path: Path
     size: int
     identity: str
@@ -1141,9 +1277,14 @@ def _output_problems(root: Path, final: Path, rules: IgnoreRules) -> list[Proble
     except ValueError:
         return []
     if rules.why_excluded(rel) is None:
-        return [Problem(rules.source or ".difyignore", rel,
-                        "the package would be written inside the plugin without being ignored, "
-                        "so the next package would contain this one; ignore it (e.g. 'dist')")]
+        return [
+            Problem(
+                rules.source or ".difyignore",
+                rel,
+                "the package would be written inside the plugin without being ignored, "
+                "so the next package would contain this one; ignore it (e.g. 'dist')",
+            )
+        ]
     return []
 
 
@@ -1164,7 +1305,7 @@ def _write_zip(root: Path, files: list[str], target: Path) -> None:
             archive.writestr(info, content)
 
 
-def _build(root: Path, out_dir: Path) -> BuildResult:
+def _build(root: Path, out_dir: Path) -> _BuildResult:
     root = root.resolve()
     out_dir = out_dir.resolve()
     validator = _Validator(root)
@@ -1185,16 +1326,23 @@ def _build(root: Path, out_dir: Path) -> BuildResult:
         _write_zip(root, validator.files, temp)
         identity = package_identity(temp)
         if IDENTITY_RE.fullmatch(identity) is None:
-            raise PackagingError([Problem("manifest.yaml", "author, name, version",
-                                          f"the package identity {identity!r} does not match "
-                                          f"the daemon's {IDENTITY_RE.pattern}")])
+            raise PackagingError(
+                [
+                    Problem(
+                        "manifest.yaml",
+                        "author, name, version",
+                        f"the package identity {identity!r} does not match "
+                        f"the daemon's {IDENTITY_RE.pattern}",
+                    )
+                ]
+            )
         temp.chmod(0o644)  # mkstemp creates 0600
         os.replace(temp, final)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     warnings = [p for p in problems if p.severity == "warning"]
-    return BuildResult(final, final.stat().st_size, identity, warnings)
+    return _BuildResult(final, final.stat().st_size, identity, warnings)
 
 
 def build_package(root: Path, out_dir: Path) -> Path:

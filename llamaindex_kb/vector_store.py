@@ -30,10 +30,12 @@ def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest finite scores, best first, ties broken by row order."""
     candidates = np.flatnonzero(np.isfinite(scores))
     if candidates.size > k:
-        part = np.argpartition(-scores[candidates], k - 1)[:k]
-        candidates = candidates[part]
+        kth = np.partition(scores[candidates], candidates.size - k)[candidates.size - k]
+        # Keep every row tied with the k-th score, so the row-order tie-break below
+        # decides, not argpartition's arbitrary choice.
+        candidates = candidates[scores[candidates] >= kth]
     order = np.lexsort((candidates, -scores[candidates]))
-    return candidates[order]
+    return candidates[order][:k]
 
 
 class NumpyVectorStore(BasePydanticVectorStore):

@@ -94,3 +94,17 @@ def test_plugin_data_dir_falls_back_to_user_data_outside_the_daemon(tmp_path: Pa
 def test_explicit_plugin_data_dir_wins(tmp_path: Path):
     settings = plugin_settings({"api_key": "k", "data_dir": str(tmp_path)}, environ={})
     assert settings.data_dir == tmp_path
+
+
+def test_plugin_form_retrieval_overrides_are_parsed():
+    as_built = plugin_settings({"api_key": "k", "retrieval_mode": "as_built",
+                                "semantic_weight": ""}, environ={})
+    assert (as_built.retrieval_mode, as_built.semantic_weight) == (None, None)
+    chosen = plugin_settings({"api_key": "k", "retrieval_mode": "keyword",
+                              "semantic_weight": "0.4"}, environ={})
+    assert (chosen.retrieval_mode, chosen.semantic_weight) == ("keyword", 0.4)
+
+
+def test_semantic_weight_outside_unit_range_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="semantic_weight"):
+        plugin_settings({"api_key": "k", "semantic_weight": "1.5"}, environ={})

@@ -43,7 +43,7 @@ ENDPOINT = _load(GROUP)["endpoints"][0]
 SOURCE = _load(ENDPOINT)["extra"]["python"]["source"]
 PACKAGE_NAME = f"{MANIFEST['name']}-{MANIFEST['version']}.difypkg"
 
-MINIMAL_ENDPOINT = '''from collections.abc import Mapping
+MINIMAL_ENDPOINT = """from collections.abc import Mapping
 
 from dify_plugin import Endpoint
 from werkzeug import Request, Response
@@ -52,7 +52,7 @@ from werkzeug import Request, Response
 class RetrievalEndpoint(Endpoint):
     def _invoke(self, r: Request, values: Mapping, settings: Mapping) -> Response:
         return Response("{}", content_type="application/json")
-'''
+"""
 
 Mutation = Callable[[Path], None]
 
@@ -160,8 +160,9 @@ def unignore(pattern: str) -> Mutation:
     def mutate(root: Path) -> None:
         path = root / ".difyignore"
         lines = path.read_text(encoding="utf-8").splitlines()
-        path.write_text("\n".join(line for line in lines if line.strip() != pattern) + "\n",
-                        encoding="utf-8")
+        path.write_text(
+            "\n".join(line for line in lines if line.strip() != pattern) + "\n", encoding="utf-8"
+        )
 
     return mutate
 
@@ -203,188 +204,425 @@ BROKEN: list[Any] = [
     # manifest: root fields
     ("type is not plugin", manifest_set("type", "tool"), "manifest.yaml", "type"),
     ("version is not x.y.z", manifest_set("version", "1.0"), "manifest.yaml", "version"),
-    ("version suffix over 16 chars", manifest_set("version", "1.0.0-" + "a" * 17),
-     "manifest.yaml", "version"),
+    (
+        "version suffix over 16 chars",
+        manifest_set("version", "1.0.0-" + "a" * 17),
+        "manifest.yaml",
+        "version",
+    ),
     ("author has upper case", manifest_set("author", "Acme"), "manifest.yaml", "author"),
-    ("author is a hyphenated UUID", manifest_set("author", "123e4567-e89b-12d3-a456-426614174000"),
-     "manifest.yaml", "author"),
-    ("author is 32 hex characters", manifest_set("author", "0123456789abcdef0123456789abcdef"),
-     "manifest.yaml", "author"),
+    (
+        "author is a hyphenated UUID",
+        manifest_set("author", "123e4567-e89b-12d3-a456-426614174000"),
+        "manifest.yaml",
+        "author",
+    ),
+    (
+        "author is 32 hex characters",
+        manifest_set("author", "0123456789abcdef0123456789abcdef"),
+        "manifest.yaml",
+        "author",
+    ),
     ("name has spaces", manifest_set("name", "LlamaIndex KB"), "manifest.yaml", "name"),
-    ("label without en_US", manifest_set("label", {"zh_Hans": "知识库"}), "manifest.yaml",
-     "label.en_US"),
-    ("label en_US over 1023 chars", manifest_set("label.en_US", "x" * 1024), "manifest.yaml",
-     "label.en_US"),
-    ("description zh_Hans over 1023 chars", manifest_set("description.zh_Hans", "长" * 1024),
-     "manifest.yaml", "description.zh_Hans"),
+    (
+        "label without en_US",
+        manifest_set("label", {"zh_Hans": "知识库"}),
+        "manifest.yaml",
+        "label.en_US",
+    ),
+    (
+        "label en_US over 1023 chars",
+        manifest_set("label.en_US", "x" * 1024),
+        "manifest.yaml",
+        "label.en_US",
+    ),
+    (
+        "description zh_Hans over 1023 chars",
+        manifest_set("description.zh_Hans", "长" * 1024),
+        "manifest.yaml",
+        "description.zh_Hans",
+    ),
     ("description missing", manifest_del("description"), "manifest.yaml", "description"),
     ("icon not in _assets", manifest_set("icon", "missing.svg"), "manifest.yaml", "icon"),
-    ("icon name over 128 chars", manifest_set("icon", "i" * 125 + ".svg"), "manifest.yaml",
-     "icon"),
-    ("icon_dark not in _assets", manifest_set("icon_dark", "dark.svg"), "manifest.yaml",
-     "icon_dark"),
+    ("icon name over 128 chars", manifest_set("icon", "i" * 125 + ".svg"), "manifest.yaml", "icon"),
+    (
+        "icon_dark not in _assets",
+        manifest_set("icon_dark", "dark.svg"),
+        "manifest.yaml",
+        "icon_dark",
+    ),
     ("icon excluded by .difyignore", append(".difyignore", "\n*.svg\n"), "manifest.yaml", "icon"),
-    ("created_at is not a timestamp", manifest_set("created_at", "yesterday"), "manifest.yaml",
-     "created_at"),
-    ("created_at string is not RFC 3339", manifest_set("created_at", "2026-11-21 06:00"),
-     "manifest.yaml", "created_at"),
-    ("created_at is the zero time", manifest_set("created_at", "0001-01-01T00:00:00Z"),
-     "manifest.yaml", "created_at"),
+    (
+        "created_at is not a timestamp",
+        manifest_set("created_at", "yesterday"),
+        "manifest.yaml",
+        "created_at",
+    ),
+    (
+        "created_at string is not RFC 3339",
+        manifest_set("created_at", "2026-11-21 06:00"),
+        "manifest.yaml",
+        "created_at",
+    ),
+    (
+        "created_at is the zero time",
+        manifest_set("created_at", "0001-01-01T00:00:00Z"),
+        "manifest.yaml",
+        "created_at",
+    ),
     ("created_at missing", manifest_del("created_at"), "manifest.yaml", "created_at"),
     ("repo is not a URL", manifest_set("repo", "github.com/acme/kb"), "manifest.yaml", "repo"),
-    ("tag not in the allowed list", manifest_set("tags", ["knowledge"]), "manifest.yaml",
-     "tags[0]"),
+    (
+        "tag not in the allowed list",
+        manifest_set("tags", ["knowledge"]),
+        "manifest.yaml",
+        "tags[0]",
+    ),
     # manifest: resource
     ("memory is zero", manifest_set("resource.memory", 0), "manifest.yaml", "resource.memory"),
-    ("memory is not an integer", manifest_set("resource.memory", "1G"), "manifest.yaml",
-     "resource.memory"),
-    ("storage size under 1024", manifest_set("resource.permission.storage",
-                                             {"enabled": True, "size": 100}),
-     "manifest.yaml", "resource.permission.storage.size"),
-    ("storage declared without size", manifest_set("resource.permission.storage",
-                                                   {"enabled": True}),
-     "manifest.yaml", "resource.permission.storage.size"),
-    ("endpoint permission disabled", manifest_set("resource.permission.endpoint.enabled", False),
-     "manifest.yaml", "resource.permission.endpoint.enabled"),
-    ("permission flag is not a boolean", manifest_set("resource.permission.tool",
-                                                      {"enabled": "sure"}),
-     "manifest.yaml", "resource.permission.tool.enabled"),
-    ("rerank invoked without permission",
-     chain(manifest_set("resource.permission.model", {"enabled": True, "rerank": False}),
-           write("llamaindex_kb/uses_rerank.py",
-                 "def rerank(session, config, docs, query):\n"
-                 "    return session.model.rerank.invoke(config, docs, query)\n")),
-     "manifest.yaml", "resource.permission.model.rerank"),
-    ("storage invoked without permission",
-     write("llamaindex_kb/uses_storage.py",
-           "class Cache:\n    def get(self):\n        return self.session.storage.get('k')\n"),
-     "manifest.yaml", "resource.permission.storage.enabled"),
+    (
+        "memory is not an integer",
+        manifest_set("resource.memory", "1G"),
+        "manifest.yaml",
+        "resource.memory",
+    ),
+    (
+        "storage size under 1024",
+        manifest_set("resource.permission.storage", {"enabled": True, "size": 100}),
+        "manifest.yaml",
+        "resource.permission.storage.size",
+    ),
+    (
+        "storage declared without size",
+        manifest_set("resource.permission.storage", {"enabled": True}),
+        "manifest.yaml",
+        "resource.permission.storage.size",
+    ),
+    (
+        "endpoint permission disabled",
+        manifest_set("resource.permission.endpoint.enabled", False),
+        "manifest.yaml",
+        "resource.permission.endpoint.enabled",
+    ),
+    (
+        "permission flag is not a boolean",
+        manifest_set("resource.permission.tool", {"enabled": "sure"}),
+        "manifest.yaml",
+        "resource.permission.tool.enabled",
+    ),
+    (
+        "rerank invoked without permission",
+        chain(
+            manifest_set("resource.permission.model", {"enabled": True, "rerank": False}),
+            write(
+                "llamaindex_kb/uses_rerank.py",
+                "def rerank(session, config, docs, query):\n"
+                "    return session.model.rerank.invoke(config, docs, query)\n",
+            ),
+        ),
+        "manifest.yaml",
+        "resource.permission.model.rerank",
+    ),
+    (
+        "storage invoked without permission",
+        write(
+            "llamaindex_kb/uses_storage.py",
+            "class Cache:\n    def get(self):\n        return self.session.storage.get('k')\n",
+        ),
+        "manifest.yaml",
+        "resource.permission.storage.enabled",
+    ),
     # manifest: plugins
-    ("no endpoint group", manifest_set("plugins.endpoints", []), "manifest.yaml",
-     "plugins.endpoints"),
-    ("models declared with endpoints", manifest_set("plugins.models", [GROUP]), "manifest.yaml",
-     "plugins.models"),
-    ("group path starts with ./", manifest_set("plugins.endpoints", [f"./{GROUP}"]),
-     "manifest.yaml", "plugins.endpoints[0]"),
-    ("group path contains ..", manifest_set("plugins.endpoints", [f"x/../{GROUP}"]),
-     "manifest.yaml", "plugins.endpoints[0]"),
-    ("group path is absolute", manifest_set("plugins.endpoints", [f"/{GROUP}"]),
-     "manifest.yaml", "plugins.endpoints[0]"),
-    ("group path over 128 chars", manifest_set("plugins.endpoints", ["p/" + "x" * 127 + ".yaml"]),
-     "manifest.yaml", "plugins.endpoints[0]"),
-    ("group file missing", manifest_set("plugins.endpoints", ["provider/missing.yaml"]),
-     "manifest.yaml", "plugins.endpoints[0]"),
-    ("group file excluded by .difyignore", append(".difyignore", f"\n{GROUP}\n"),
-     "manifest.yaml", "plugins.endpoints[0]"),
+    (
+        "no endpoint group",
+        manifest_set("plugins.endpoints", []),
+        "manifest.yaml",
+        "plugins.endpoints",
+    ),
+    (
+        "models declared with endpoints",
+        manifest_set("plugins.models", [GROUP]),
+        "manifest.yaml",
+        "plugins.models",
+    ),
+    (
+        "group path starts with ./",
+        manifest_set("plugins.endpoints", [f"./{GROUP}"]),
+        "manifest.yaml",
+        "plugins.endpoints[0]",
+    ),
+    (
+        "group path contains ..",
+        manifest_set("plugins.endpoints", [f"x/../{GROUP}"]),
+        "manifest.yaml",
+        "plugins.endpoints[0]",
+    ),
+    (
+        "group path is absolute",
+        manifest_set("plugins.endpoints", [f"/{GROUP}"]),
+        "manifest.yaml",
+        "plugins.endpoints[0]",
+    ),
+    (
+        "group path over 128 chars",
+        manifest_set("plugins.endpoints", ["p/" + "x" * 127 + ".yaml"]),
+        "manifest.yaml",
+        "plugins.endpoints[0]",
+    ),
+    (
+        "group file missing",
+        manifest_set("plugins.endpoints", ["provider/missing.yaml"]),
+        "manifest.yaml",
+        "plugins.endpoints[0]",
+    ),
+    (
+        "group file excluded by .difyignore",
+        append(".difyignore", f"\n{GROUP}\n"),
+        "manifest.yaml",
+        "plugins.endpoints[0]",
+    ),
     # manifest: meta
-    ("meta.version is not x.y.z", manifest_set("meta.version", "1"), "manifest.yaml",
-     "meta.version"),
+    (
+        "meta.version is not x.y.z",
+        manifest_set("meta.version", "1"),
+        "manifest.yaml",
+        "meta.version",
+    ),
     ("meta.arch empty", manifest_set("meta.arch", []), "manifest.yaml", "meta.arch"),
     ("meta.arch unknown", manifest_set("meta.arch", ["x86"]), "manifest.yaml", "meta.arch[0]"),
-    ("runner language is not python", manifest_set("meta.runner.language", "nodejs"),
-     "manifest.yaml", "meta.runner.language"),
-    ("runner version is an unquoted float", manifest_set("meta.runner.version", 3.12),
-     "manifest.yaml", "meta.runner.version"),
-    ("runner version over 128 chars", manifest_set("meta.runner.version", "3" * 129),
-     "manifest.yaml", "meta.runner.version"),
-    ("entrypoint module missing", manifest_set("meta.runner.entrypoint", "app"),
-     "manifest.yaml", "meta.runner.entrypoint"),
-    ("entrypoint over 256 chars", manifest_set("meta.runner.entrypoint", "m" * 257),
-     "manifest.yaml", "meta.runner.entrypoint"),
-    ("minimum_dify_version not PEP 440", manifest_set("meta.minimum_dify_version", "latest"),
-     "manifest.yaml", "meta.minimum_dify_version"),
-    ("minimum_dify_version is a float", manifest_set("meta.minimum_dify_version", 1.0),
-     "manifest.yaml", "meta.minimum_dify_version"),
+    (
+        "runner language is not python",
+        manifest_set("meta.runner.language", "nodejs"),
+        "manifest.yaml",
+        "meta.runner.language",
+    ),
+    (
+        "runner version is an unquoted float",
+        manifest_set("meta.runner.version", 3.12),
+        "manifest.yaml",
+        "meta.runner.version",
+    ),
+    (
+        "runner version over 128 chars",
+        manifest_set("meta.runner.version", "3" * 129),
+        "manifest.yaml",
+        "meta.runner.version",
+    ),
+    (
+        "entrypoint module missing",
+        manifest_set("meta.runner.entrypoint", "app"),
+        "manifest.yaml",
+        "meta.runner.entrypoint",
+    ),
+    (
+        "entrypoint over 256 chars",
+        manifest_set("meta.runner.entrypoint", "m" * 257),
+        "manifest.yaml",
+        "meta.runner.entrypoint",
+    ),
+    (
+        "minimum_dify_version not PEP 440",
+        manifest_set("meta.minimum_dify_version", "latest"),
+        "manifest.yaml",
+        "meta.minimum_dify_version",
+    ),
+    (
+        "minimum_dify_version is a float",
+        manifest_set("meta.minimum_dify_version", 1.0),
+        "manifest.yaml",
+        "meta.minimum_dify_version",
+    ),
     # endpoint group: settings
     ("setting name empty", add_setting(name=""), GROUP, "settings[0].name"),
     ("setting name over 1023 chars", add_setting(name="n" * 1024), GROUP, "settings[0].name"),
-    ("setting name duplicated", chain(add_setting(name="dup"), add_setting(name="dup")), GROUP,
-     "settings[1].name"),
+    (
+        "setting name duplicated",
+        chain(add_setting(name="dup"), add_setting(name="dup")),
+        GROUP,
+        "settings[1].name",
+    ),
     ("setting type unknown", add_setting(type="string"), GROUP, "settings[0].type"),
     ("setting label missing", add_setting(label=None), GROUP, "settings[0].label"),
     ("scope on a text-input", add_setting(scope="llm"), GROUP, "settings[0].scope"),
-    ("model-selector scope unknown", add_setting(type="model-selector", scope="all"), GROUP,
-     "settings[0].scope"),
+    (
+        "model-selector scope unknown",
+        add_setting(type="model-selector", scope="all"),
+        GROUP,
+        "settings[0].scope",
+    ),
     ("default is a list", add_setting(default=["a"]), GROUP, "settings[0].default"),
-    ("128 options", add_setting(type="select", options=options(128)), GROUP,
-     "settings[0].options"),
-    ("option value empty", add_setting(type="select", options=[{"value": "",
-                                                                "label": {"en_US": "E"}}]),
-     GROUP, "settings[0].options[0].value"),
-    ("option value over 127 chars", add_setting(type="select", options=[
-        {"value": "v" * 128, "label": {"en_US": "V"}}]), GROUP, "settings[0].options[0].value"),
-    ("option value unquoted number", add_setting(type="select", options=[
-        {"value": 1, "label": {"en_US": "One"}}]), GROUP, "settings[0].options[0].value"),
-    ("option label missing", add_setting(type="select", options=[{"value": "a"}]), GROUP,
-     "settings[0].options[0].label"),
+    ("128 options", add_setting(type="select", options=options(128)), GROUP, "settings[0].options"),
+    (
+        "option value empty",
+        add_setting(type="select", options=[{"value": "", "label": {"en_US": "E"}}]),
+        GROUP,
+        "settings[0].options[0].value",
+    ),
+    (
+        "option value over 127 chars",
+        add_setting(type="select", options=[{"value": "v" * 128, "label": {"en_US": "V"}}]),
+        GROUP,
+        "settings[0].options[0].value",
+    ),
+    (
+        "option value unquoted number",
+        add_setting(type="select", options=[{"value": 1, "label": {"en_US": "One"}}]),
+        GROUP,
+        "settings[0].options[0].value",
+    ),
+    (
+        "option label missing",
+        add_setting(type="select", options=[{"value": "a"}]),
+        GROUP,
+        "settings[0].options[0].label",
+    ),
     ("select without options", add_setting(type="select"), GROUP, "settings[0].options"),
-    ("select default not an option", add_setting(type="select", options=options(2),
-                                                 default="v9"),
-     GROUP, "settings[0].default"),
+    (
+        "select default not an option",
+        add_setting(type="select", options=options(2), default="v9"),
+        GROUP,
+        "settings[0].default",
+    ),
     ("help is not an I18nObject", add_setting(help="plain text"), GROUP, "settings[0].help"),
-    ("placeholder without en_US", add_setting(placeholder={"zh_Hans": "占位"}), GROUP,
-     "settings[0].placeholder.en_US"),
+    (
+        "placeholder without en_US",
+        add_setting(placeholder={"zh_Hans": "占位"}),
+        GROUP,
+        "settings[0].placeholder.en_US",
+    ),
     ("url is not a string", add_setting(url=["https://example.com"]), GROUP, "settings[0].url"),
     ("required is not a boolean", add_setting(required="sure"), GROUP, "settings[0].required"),
     # endpoint group: endpoint list
-    ("endpoint file missing", edit_yaml(GROUP, lambda d: _assign(d, "endpoints",
-                                                                 ["endpoints/missing.yaml"])),
-     GROUP, "endpoints[0]"),
-    ("endpoint path starts with ./", edit_yaml(GROUP, lambda d: _assign(d, "endpoints",
-                                                                        [f"./{ENDPOINT}"])),
-     GROUP, "endpoints[0]"),
-    ("endpoint file excluded by .difyignore", append(".difyignore", f"\n{ENDPOINT}\n"), GROUP,
-     "endpoints[0]"),
+    (
+        "endpoint file missing",
+        edit_yaml(GROUP, lambda d: _assign(d, "endpoints", ["endpoints/missing.yaml"])),
+        GROUP,
+        "endpoints[0]",
+    ),
+    (
+        "endpoint path starts with ./",
+        edit_yaml(GROUP, lambda d: _assign(d, "endpoints", [f"./{ENDPOINT}"])),
+        GROUP,
+        "endpoints[0]",
+    ),
+    (
+        "endpoint file excluded by .difyignore",
+        append(".difyignore", f"\n{ENDPOINT}\n"),
+        GROUP,
+        "endpoints[0]",
+    ),
     # each endpoint YAML
     ("route path empty", endpoint_set("path", ""), ENDPOINT, "path"),
     ("route path without leading slash", endpoint_set("path", "retrieval"), ENDPOINT, "path"),
     ("route path malformed rule", endpoint_set("path", "/x/<int:"), ENDPOINT, "path"),
     ("route path unknown converter", endpoint_set("path", "/x/<uuid4:n>"), ENDPOINT, "path"),
-    ("route declared twice",
-     chain(write("endpoints/again.yaml", yaml.safe_dump(_load(ENDPOINT))),
-           edit_yaml(GROUP, lambda d: d["endpoints"].append("endpoints/again.yaml"))),
-     "endpoints/again.yaml", "path"),
+    (
+        "route declared twice",
+        chain(
+            write("endpoints/again.yaml", yaml.safe_dump(_load(ENDPOINT))),
+            edit_yaml(GROUP, lambda d: d["endpoints"].append("endpoints/again.yaml")),
+        ),
+        "endpoints/again.yaml",
+        "path",
+    ),
     ("method lower case", endpoint_set("method", "post"), ENDPOINT, "method"),
     ("method PATCH", endpoint_set("method", "PATCH"), ENDPOINT, "method"),
     ("hidden is not a boolean", endpoint_set("hidden", "sometimes"), ENDPOINT, "hidden"),
     ("extra missing", edit_yaml(ENDPOINT, lambda d: _remove(d, "extra")), ENDPOINT, "extra"),
-    ("source missing", endpoint_set("extra.python.source", "endpoints/missing.py"), ENDPOINT,
-     "extra.python.source"),
-    ("source is not .py", endpoint_set("extra.python.source", "endpoints/retrieval.txt"),
-     ENDPOINT, "extra.python.source"),
-    ("source excluded by .difyignore", append(".difyignore", f"\n{SOURCE}\n"), ENDPOINT,
-     "extra.python.source"),
-    ("source has two Endpoint subclasses", append(SOURCE, SECOND_ENDPOINT_CLASS), ENDPOINT,
-     "extra.python.source"),
-    ("source has no Endpoint subclass", write(SOURCE, NO_ENDPOINT_CLASS), ENDPOINT,
-     "extra.python.source"),
-    ("source imports another Endpoint subclass",
-     chain(write(str(Path(SOURCE).parent / "shared.py"), BASE_MODULE),
-           lambda root: (root / SOURCE).write_text(
-               BASE_IMPORT + (root / SOURCE).read_text(encoding="utf-8"), encoding="utf-8")),
-     ENDPOINT, "extra.python.source"),
-    ("source aliases its Endpoint subclass",
-     write(SOURCE, MINIMAL_ENDPOINT + "\n\nAlias = RetrievalEndpoint\n"), ENDPOINT,
-     "extra.python.source"),
+    (
+        "source missing",
+        endpoint_set("extra.python.source", "endpoints/missing.py"),
+        ENDPOINT,
+        "extra.python.source",
+    ),
+    (
+        "source is not .py",
+        endpoint_set("extra.python.source", "endpoints/retrieval.txt"),
+        ENDPOINT,
+        "extra.python.source",
+    ),
+    (
+        "source excluded by .difyignore",
+        append(".difyignore", f"\n{SOURCE}\n"),
+        ENDPOINT,
+        "extra.python.source",
+    ),
+    (
+        "source has two Endpoint subclasses",
+        append(SOURCE, SECOND_ENDPOINT_CLASS),
+        ENDPOINT,
+        "extra.python.source",
+    ),
+    (
+        "source has no Endpoint subclass",
+        write(SOURCE, NO_ENDPOINT_CLASS),
+        ENDPOINT,
+        "extra.python.source",
+    ),
+    (
+        "source imports another Endpoint subclass",
+        chain(
+            write(str(Path(SOURCE).parent / "shared.py"), BASE_MODULE),
+            lambda root: (root / SOURCE).write_text(
+                BASE_IMPORT + (root / SOURCE).read_text(encoding="utf-8"), encoding="utf-8"
+            ),
+        ),
+        ENDPOINT,
+        "extra.python.source",
+    ),
+    (
+        "source aliases its Endpoint subclass",
+        write(SOURCE, MINIMAL_ENDPOINT + "\n\nAlias = RetrievalEndpoint\n"),
+        ENDPOINT,
+        "extra.python.source",
+    ),
     ("source does not compile", append(SOURCE, "\ndef broken(:\n"), SOURCE, "(python)"),
     # the YAML files themselves
-    ("manifest is not YAML", write("manifest.yaml", "name: [unclosed\n"), "manifest.yaml",
-     "(yaml)"),
-    ("manifest repeats a key", append("manifest.yaml", "\nname: other\n"), "manifest.yaml",
-     "(yaml)"),
-    ("manifest excluded by .difyignore", append(".difyignore", "\nmanifest.yaml\n"),
-     "manifest.yaml", "(file)"),
+    (
+        "manifest is not YAML",
+        write("manifest.yaml", "name: [unclosed\n"),
+        "manifest.yaml",
+        "(yaml)",
+    ),
+    (
+        "manifest repeats a key",
+        append("manifest.yaml", "\nname: other\n"),
+        "manifest.yaml",
+        "(yaml)",
+    ),
+    (
+        "manifest excluded by .difyignore",
+        append(".difyignore", "\nmanifest.yaml\n"),
+        "manifest.yaml",
+        "(file)",
+    ),
     ("group is a list, not a mapping", write(GROUP, "- a\n- b\n"), GROUP, "(yaml)"),
     # package level
     ("_assets missing", remove("_assets"), "_assets", "(directory)"),
-    ("no requirements.txt or pyproject.toml",
-     chain(remove("requirements.txt"), remove("pyproject.toml")), "requirements.txt", "(file)"),
-    (".env packaged", chain(unignore(".env"), write(".env", "REMOTE_INSTALL_KEY=secret\n")),
-     ".env", "(file)"),
-    (".venv packaged", chain(unignore(".venv"), write(".venv/pyvenv.cfg", "home = /usr\n")),
-     ".venv", "(file)"),
-    (".git packaged", chain(unignore(".git"), write(".git/HEAD", "ref: refs/heads/main\n")),
-     ".git", "(file)"),
+    (
+        "no requirements.txt or pyproject.toml",
+        chain(remove("requirements.txt"), remove("pyproject.toml")),
+        "requirements.txt",
+        "(file)",
+    ),
+    (
+        ".env packaged",
+        chain(unignore(".env"), write(".env", "REMOTE_INSTALL_KEY=secret\n")),
+        ".env",
+        "(file)",
+    ),
+    (
+        ".venv packaged",
+        chain(unignore(".venv"), write(".venv/pyvenv.cfg", "home = /usr\n")),
+        ".venv",
+        "(file)",
+    ),
+    (
+        ".git packaged",
+        chain(unignore(".git"), write(".git/HEAD", "ref: refs/heads/main\n")),
+        ".git",
+        "(file)",
+    ),
     ("file cannot be read", symlink("dangling.txt", "nowhere.txt"), "dangling.txt", "(file)"),
     ("symlink to a directory", symlink("linked", "_assets"), "linked", "(file)"),
 ]
@@ -410,22 +648,38 @@ def test_each_broken_rule_is_reported_with_its_file_and_field(
 
 ADVICE: list[Any] = [
     ("README.md missing", remove("README.md"), "README.md", "(file)"),
-    ("two endpoint groups", edit_yaml("manifest.yaml",
-                                      lambda d: d["plugins"]["endpoints"].append(GROUP)),
-     "manifest.yaml", "plugins.endpoints"),
-    ("unknown language key", manifest_set("label.ja_Jp", "typo"), "manifest.yaml",
-     "label.ja_Jp"),
-    ("embedding model selected without permission",
-     chain(manifest_set("resource.permission.model.text_embedding", False),
-           add_setting(type="model-selector", scope="text-embedding")),
-     "manifest.yaml", "resource.permission.model.text_embedding"),
-    ("source module name is not an identifier",
-     chain(write("endpoints/retrieval-v2.py", MINIMAL_ENDPOINT),
-           endpoint_set("extra.python.source", "endpoints/retrieval-v2.py")),
-     ENDPOINT, "extra.python.source"),
+    (
+        "two endpoint groups",
+        edit_yaml("manifest.yaml", lambda d: d["plugins"]["endpoints"].append(GROUP)),
+        "manifest.yaml",
+        "plugins.endpoints",
+    ),
+    ("unknown language key", manifest_set("label.ja_Jp", "typo"), "manifest.yaml", "label.ja_Jp"),
+    (
+        "embedding model selected without permission",
+        chain(
+            manifest_set("resource.permission.model.text_embedding", False),
+            add_setting(type="model-selector", scope="text-embedding"),
+        ),
+        "manifest.yaml",
+        "resource.permission.model.text_embedding",
+    ),
+    (
+        "source module name is not an identifier",
+        chain(
+            write("endpoints/retrieval-v2.py", MINIMAL_ENDPOINT),
+            endpoint_set("extra.python.source", "endpoints/retrieval-v2.py"),
+        ),
+        ENDPOINT,
+        "extra.python.source",
+    ),
     ("privacy file missing", manifest_set("privacy", "MISSING.md"), "manifest.yaml", "privacy"),
-    ("group without endpoints", edit_yaml(GROUP, lambda d: _assign(d, "endpoints", [])), GROUP,
-     "endpoints"),
+    (
+        "group without endpoints",
+        edit_yaml(GROUP, lambda d: _assign(d, "endpoints", [])),
+        GROUP,
+        "endpoints",
+    ),
 ]
 
 
@@ -438,9 +692,9 @@ def test_recommendations_are_warnings_not_errors(
 ) -> None:
     mutate(plugin)
     problems = validate_plugin(plugin)
-    assert any(
-        p.file == file and field in p.field and p.severity == "warning" for p in problems
-    ), f"{description}: got {[str(p) for p in problems]}"
+    assert any(p.file == file and field in p.field and p.severity == "warning" for p in problems), (
+        f"{description}: got {[str(p) for p in problems]}"
+    )
     assert errors(problems) == []
 
 
@@ -512,9 +766,9 @@ def test_checksum_follows_the_daemon_formula_whatever_the_entry_order(tmp_path: 
     def sha(data: bytes) -> bytes:
         return hashlib.sha256(data).digest()
 
-    expected = hashlib.sha256(b"".join(
-        sha(name.encode()) + sha(entries[name]) for name in sorted(entries)
-    )).hexdigest()
+    expected = hashlib.sha256(
+        b"".join(sha(name.encode()) + sha(entries[name]) for name in sorted(entries))
+    ).hexdigest()
     assert package_checksum(forward) == expected
     assert package_checksum(backward) == expected
 
@@ -557,8 +811,13 @@ def test_trimmed_lines_comments_and_any_depth_names(plugin: Path) -> None:
     (plugin / ".difyignore").write_text(
         "# notes are private\n   notes   \r\n\n/top.txt\n", encoding="utf-8"
     )
-    for rel in ("notes", "llamaindex_kb/notes/a.txt", "top.txt", "llamaindex_kb/top.txt",
-                "# notes are private"):
+    for rel in (
+        "notes",
+        "llamaindex_kb/notes/a.txt",
+        "top.txt",
+        "llamaindex_kb/top.txt",
+        "# notes are private",
+    ):
         write(rel, "x\n")(plugin)
     packaged = collect_files(plugin)
     assert "notes" not in packaged

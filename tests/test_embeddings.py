@@ -1,0 +1,176 @@
+"""The offline MiniLM embedding, its tokenizer helpers and EmbeddingSpec, on the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from llamaindex_kb import embeddings
+from llamaindex_kb.embeddings import (
+    DIMENSION,
+    MAX_TOKENS,
+    EmbeddingSpec,
+    LocalMiniLMEmbedding,
+    minilm_token_count,
+    minilm_tokenizer,
+)
+
+# Words that are one WordPiece token each, so n words are exactly n tokens.
+HEAD_WORDS = "the cat sat on a mat and looked at small red bird near old house".split()
+TAIL_WORDS = "music guitar song piano concert band rock jazz dance stage".split()
+
+
+@pytest.fixture(scope="module")
+def model() -> LocalMiniLMEmbedding:
+    return LocalMiniLMEmbedding()
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def words(vocabulary: list[str], n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(vocabulary) for _ in range(n))
+
+
+def test_vectors_are_384_dimensional_and_unit_length(model: LocalMiniLMEmbedding) -> None:
+    vectors = [model.get_query_embedding("What is a vector database?")]
+    vectors += model.get_text_embedding_batch(["A vector database stores embeddings.", "Hi"])
+    for vector in vectors:
+        assert len(vector) == DIMENSION == 384
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_model_card_similarities_are_reproduced(model: LocalMiniLMEmbedding) -> None:
+    # sentence-transformers' documented similarities for all-MiniLM-L6-v2 (fp32);
+    # the int8 weights may move them by about 0.01.
+    anchor = model.get_text_embedding("That is a happy person")
+    dog, very_happy, sunny = model.get_text_embedding_batch(
+        ["That is a happy dog", "That is a very happy person", "Today is a sunny day"]
+    )
+    similarities = [cosine(anchor, v) for v in (very_happy, dog, sunny)]
+    assert similarities == sorted(similarities, reverse=True)
+    assert similarities == pytest.approx([0.943, 0.695, 0.257], abs=0.02)
+
+
+def test_query_and_text_embeddings_are_the_same(model: LocalMiniLMEmbedding) -> None:
+    text = "Retrieval augmented generation"
+    assert cosine(model.get_query_embedding(text), model.get_text_embedding(text)) > 0.99999
+
+
+def test_batch_equals_single_whatever_the_order_and_lengths() -> None:
+    # A micro-batch of 3 forces several length-sorted batches with padding in each.
+    model = LocalMiniLMEmbedding(micro_batch_size=3)
+    texts = [words(HEAD_WORDS, n, seed=n) for n in (1, 40, 3, 120, 7, 300, 15, 2)]
+    texts += ["", "向量数据库支持元数据过滤"]
+    random.Random(0).shuffle(texts)
+    batch = model.get_text_embedding_batch(texts)
+    for text, vector in zip(texts, batch, strict=True):
+        assert cosine(vector, model.get_text_embedding(text)) > 0.9999
+    reversed_batch = model.get_text_embedding_batch(texts[::-1])[::-1]
+    for a, b in zip(batch, reversed_batch, strict=True):
+        assert cosine(a, b) > 0.9999
+
+
+def test_texts_longer_than_256_tokens_are_truncated(model: LocalMiniLMEmbedding) -> None:
+    head = words(HEAD_WORDS, MAX_TOKENS - 2, seed=1)  # [CLS] and [SEP] take the other two
+    tail = words(TAIL_WORDS, 500, seed=2)
+    long_text = f"{head} {tail}"
+    assert minilm_token_count(long_text) == MAX_TOKENS - 2 + 500
+    long_vector = model.get_text_embedding(long_text)
+    assert cosine(long_vector, model.get_text_embedding(head)) > 0.9999
+    assert cosine(long_vector, model.get_text_embedding(tail)) < 0.9
+
+
+def test_empty_and_blank_texts_give_a_unit_vector(model: LocalMiniLMEmbedding) -> None:
+    for text in ("", "   \n"):
+        vector = model.get_text_embedding(text)
+        assert len(vector) == DIMENSION
+        assert np.all(np.isfinite(vector))
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    assert model.get_text_embedding_batch([]) == []
+
+
+def test_chinese_text_embeds_as_known_characters(model: LocalMiniLMEmbedding) -> None:
+    text = "向量数据库支持元数据过滤和混合检索"
+    unknown_id = 100  # [UNK]
+    ids = minilm_tokenizer()(text)
+    assert len(ids) == len(text) and unknown_id not in ids
+    vector = model.get_text_embedding(text)
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    assert cosine(vector, model.get_text_embedding("")) < 0.9
+
+
+def test_async_methods_match_sync(model: LocalMiniLMEmbedding) -> None:
+    texts = ["first text", "a somewhat longer second text to embed"]
+
+    async def embed() -> tuple[list[float], list[list[float]]]:
+        return (
+            await model.aget_query_embedding("a query"),
+            await model.aget_text_embedding_batch(texts),
+        )
+
+    query, batch = asyncio.run(embed())
+    assert cosine(query, model.get_query_embedding("a query")) > 0.99999
+    for a, b in zip(batch, model.get_text_embedding_batch(texts), strict=True):
+        assert cosine(a, b) > 0.99999
+
+
+def test_eight_threads_share_one_session_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Start without a session so the threads race to create it.
+    monkeypatch.setattr(embeddings, "_session", None)
+    texts = [words(HEAD_WORDS, n, seed=n) for n in (5, 50, 200)] + ["并发调用"]
+
+    def embed(_: int) -> tuple[int, list[list[float]]]:
+        model = LocalMiniLMEmbedding()
+        vectors = model.get_text_embedding_batch(texts)
+        return id(model._session), vectors
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(embed, range(8)))
+    assert len({session_id for session_id, _ in results}) == 1
+    expected = results[0][1]
+    for _, vectors in results[1:]:
+        np.testing.assert_allclose(vectors, expected, atol=1e-6)
+
+
+def test_spec_id_is_stable() -> None:
+    spec = LocalMiniLMEmbedding().spec
+    assert spec.id == "local:all-MiniLM-L6-v2-int8:384"
+    assert spec == LocalMiniLMEmbedding(micro_batch_size=4).spec
+    assert EmbeddingSpec.model_validate(spec.model_dump()) == spec
+    assert spec.model_dump()["id"] == spec.id
+    assert spec != EmbeddingSpec(kind="local", model="all-MiniLM-L6-v2-int8", dimension=768)
+
+
+def test_spec_is_frozen_and_rejects_an_ambiguous_kind() -> None:
+    spec = EmbeddingSpec(kind="openai", model="nomic-embed-text:latest", dimension=768)
+    assert spec.id == "openai:nomic-embed-text:latest:768"
+    with pytest.raises(ValidationError):
+        spec.dimension = 384  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        EmbeddingSpec(kind="open:ai", model="m", dimension=8)
+
+
+def test_token_count_of_a_known_sentence() -> None:
+    assert minilm_tokenizer()("That is a happy person") == [2008, 2003, 1037, 3407, 2711]
+    assert minilm_token_count("That is a happy person") == 5
+    assert minilm_token_count("") == 0
+    # Counting is neither truncated nor padded, unlike the vendored file's defaults.
+    assert minilm_token_count(words(HEAD_WORDS, 600, seed=3)) == 600
+
+
+def test_sentence_splitter_sizes_chunks_in_minilm_tokens() -> None:
+    from llama_index.core.node_parser import SentenceSplitter
+
+    text = " ".join(f"Sentence {i} mentions 检索增强生成 and tokenisation." for i in range(200))
+    splitter = SentenceSplitter(chunk_size=120, chunk_overlap=0, tokenizer=minilm_tokenizer())
+    chunks = splitter.split_text(text)
+    assert len(chunks) > 1
+    assert max(minilm_token_count(chunk) for chunk in chunks) <= 120

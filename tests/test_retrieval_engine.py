@@ -1,0 +1,247 @@
+"""The retrieval engine on real knowledge bases built by real ingestion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import PLUGIN_ROOT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from llama_index.core.schema import TextNode
+
+from llamaindex_kb import load_settings
+from llamaindex_kb.builder import write_version
+from llamaindex_kb.contract import RetrievalRequest
+from llamaindex_kb.embeddings import EmbeddingSpec
+from llamaindex_kb.errors import EmbeddingMismatchError, InvalidFieldError, KnowledgeBaseNotFound
+from llamaindex_kb.filters import matches, parse_metadata_condition
+from llamaindex_kb.ingest import IngestSummary, add_nodes, ingest
+from llamaindex_kb.knowledge_base import KBManifest
+from llamaindex_kb.layout import KBLayout
+from llamaindex_kb.library import Library
+from llamaindex_kb.service import local_embedding
+
+DOCS = {
+    "solar.md": "Solar panels convert sunlight into electricity using photovoltaic cells.",
+    "wind.md": "Wind turbines turn the kinetic energy of moving air into electric power.",
+    "tea.txt": "Green tea is brewed at a lower temperature than black tea to avoid bitterness.",
+    "bread.md": "Sourdough bread rises thanks to wild yeast and lactic acid bacteria.",
+    "zh_simplified.md": "向量数据库支持元数据过滤和混合检索，适合大规模语义搜索。",
+    "zh_traditional.md": "向量資料庫支援中繼資料過濾，適合大規模語意搜尋。",
+    "mixed.md": "LlamaIndex 的混合检索结合了 BM25 关键词检索与向量检索。",
+}
+
+
+@pytest.fixture(scope="module")
+def kb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tmp_path_factory.mktemp("docs")
+    for name, text in DOCS.items():
+        (source / name).write_text(text, encoding="utf-8")
+    data_dir = tmp_path_factory.mktemp("data")
+    summary = ingest(data_dir, "energy", [source], embed_model=local_embedding())
+    assert summary.documents == len(DOCS) and not summary.failed
+    return data_dir
+
+
+def library(data_dir: Path, **overrides: Any) -> Library:
+    return Library(load_settings({"data_dir": data_dir, **overrides}, environ={}),
+                   local_embedding())
+
+
+def ask(lib: Library, text: str, top_k: int = 3, threshold: float = 0.0,
+        condition: dict[str, Any] | None = None, kb: str = "energy") -> list[Any]:
+    return lib.retrieve(RetrievalRequest(
+        knowledge_id=kb, query=text, top_k=top_k, score_threshold=threshold,
+        condition=parse_metadata_condition(condition)))
+
+
+@pytest.mark.parametrize("mode", ["vector", "keyword", "hybrid"])
+def test_each_mode_finds_the_relevant_document_with_bounded_sorted_scores(kb_dir, mode):
+    found = ask(library(kb_dir, retrieval_mode=mode), "photovoltaic solar electricity")
+    assert found[0].metadata["file_name"] == "solar.md"
+    scores = [r.score for r in found]
+    assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+
+
+def test_vector_search_matches_meaning_without_shared_words(kb_dir):
+    found = ask(library(kb_dir, retrieval_mode="vector"), "how do windmills make power")
+    assert found[0].metadata["file_name"] == "wind.md"
+
+
+def test_keyword_mode_returns_nothing_for_unrelated_words(kb_dir):
+    assert ask(library(kb_dir, retrieval_mode="keyword"), "quantum chromodynamics") == []
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("元数据过滤", "zh_simplified.md"), ("資料庫", "zh_traditional.md"),
+     ("混合检索 BM25", "mixed.md")],
+    ids=["simplified", "traditional", "mixed"],
+)
+def test_chinese_sub_phrases_match_in_keyword_mode(kb_dir, query, expected):
+    found = ask(library(kb_dir, retrieval_mode="keyword"), query)
+    assert found and found[0].metadata["file_name"] == expected
+
+
+def test_scores_are_absolute_so_a_weak_best_match_stays_low(kb_dir):
+    lib = library(kb_dir, retrieval_mode="keyword")
+    strong = ask(lib, "sourdough wild yeast lactic bacteria")[0].score
+    weak = ask(lib, "sourdough pizza oven chimney")[0].score
+    assert strong > 0.8 and weak < 0.5
+
+
+def test_hybrid_weight_moves_between_the_two_pure_modes(kb_dir):
+    text = "wind electric power"
+    vector = ask(library(kb_dir, retrieval_mode="vector"), text)[0].score
+    keyword = ask(library(kb_dir, retrieval_mode="keyword"), text)[0].score
+    hybrid = ask(library(kb_dir, retrieval_mode="hybrid", semantic_weight=0.5), text)[0].score
+    assert hybrid == pytest.approx(0.5 * vector + 0.5 * keyword, abs=1e-6)
+
+
+def test_records_carry_source_file_name_path_and_stable_ids(kb_dir):
+    first = ask(library(kb_dir), "green tea temperature")[0]
+    again = ask(library(kb_dir), "green tea temperature")[0]
+    assert first.metadata["file_name"] == "tea.txt"
+    assert first.metadata["file_path"] == "tea.txt"
+    assert first.metadata["document_id"] == again.metadata["document_id"]
+    assert first.title == "tea.txt"
+
+
+def test_several_knowledge_bases_answer_independently(kb_dir, tmp_path):
+    (tmp_path / "only.md").write_text("Kombucha is fermented sweet tea.", encoding="utf-8")
+    ingest(kb_dir, "drinks", [tmp_path / "only.md"], embed_model=local_embedding())
+    lib = library(kb_dir)
+    assert ask(lib, "fermented tea", kb="drinks")[0].metadata["file_name"] == "only.md"
+    assert all(r.metadata["file_name"] != "only.md" for r in ask(lib, "fermented tea"))
+    with pytest.raises(KnowledgeBaseNotFound):
+        ask(lib, "tea", kb="nope")
+
+
+def test_reingesting_a_changed_file_replaces_its_chunks(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    note = source / "note.md"
+    note.write_text("The launch code is apple.", encoding="utf-8")
+    data = tmp_path / "data"
+    ingest(data, "kb", [source], embed_model=local_embedding(), mode="keyword")
+    note.write_text("The launch code is banana.", encoding="utf-8")
+    ingest(data, "kb", [source], embed_model=local_embedding(), mode="keyword")
+    lib = library(data)
+    assert ask(lib, "apple", kb="kb") == []
+    assert len(ask(lib, "banana launch code", kb="kb")) == 1
+
+
+def test_knowledge_base_survives_a_process_restart(kb_dir):
+    before = [(r.metadata["chunk_id"], round(r.score, 5))
+              for r in ask(library(kb_dir), "wind turbines")]
+    script = (
+        "import json, sys; from pathlib import Path;"
+        "from llamaindex_kb import load_settings, Library, RetrievalRequest;"
+        "from llamaindex_kb.service import local_embedding;"
+        "lib = Library(load_settings({'data_dir': Path(sys.argv[1])}, environ={}),"
+        " local_embedding());"
+        "hits = lib.retrieve(RetrievalRequest(knowledge_id='energy', query='wind turbines',"
+        " top_k=3));"
+        "print(json.dumps([[h.metadata['chunk_id'], round(h.score, 5)] for h in hits]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(kb_dir)], cwd=PLUGIN_ROOT,
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert [tuple(x) for x in json.loads(out.stdout.strip().splitlines()[-1])] == before
+
+
+def test_concurrent_queries_agree_with_sequential_ones(kb_dir):
+    lib = library(kb_dir)
+    queries = ["solar", "wind power", "tea", "bread yeast", "向量数据库", "混合检索"] * 10
+    expected = [[r.model_dump() for r in ask(lib, q)] for q in queries]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda q: [r.model_dump() for r in ask(lib, q)], queries))
+    assert got == expected
+
+
+def test_query_embedding_mismatch_is_a_clear_400_class_error(tmp_path):
+    other = EmbeddingSpec(kind="openai", model="text-embedding-3-small", dimension=3)
+    layout = KBLayout(tmp_path, "foreign")
+    node = TextNode(text="hello world", metadata={"document_id": "d1"})
+    with layout.write_lock():
+        write_version(layout, KBManifest(knowledge_id="foreign", embedding=other),
+                      [node], np.ones((1, 3), dtype=np.float32))
+    with pytest.raises(EmbeddingMismatchError, match="text-embedding-3-small"):
+        ask(library(tmp_path, retrieval_mode="vector"), "hello", kb="foreign")
+    assert ask(library(tmp_path, retrieval_mode="keyword"), "hello", kb="foreign")
+
+
+def test_keyword_only_knowledge_base_refuses_vector_mode_clearly(tmp_path):
+    (tmp_path / "a.md").write_text("keyword only corpus", encoding="utf-8")
+    ingest(tmp_path / "d", "kw", [tmp_path / "a.md"], embed_model=None, mode="keyword")
+    assert ask(library(tmp_path / "d"), "corpus", kb="kw")
+    with pytest.raises(InvalidFieldError, match="keyword search only"):
+        ask(library(tmp_path / "d", retrieval_mode="vector"), "corpus", kb="kw")
+
+
+# --- metadata filters: the engine's answer equals the reference evaluator's -------------
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon"]
+FILTER_KEYS = ["color", "size", "year", "tags"]
+
+
+def _filtered_kb(data_dir: Path) -> tuple[Library, list[TextNode]]:
+    rng = np.random.default_rng(7)
+    nodes = []
+    for i in range(120):
+        metadata: dict[str, Any] = {"document_id": f"doc-{i}"}
+        if rng.random() < 0.8:
+            metadata["color"] = str(rng.choice(["red", "green", "blue", ""]))
+        if rng.random() < 0.8:
+            metadata["size"] = int(rng.integers(0, 10))
+        if rng.random() < 0.7:
+            metadata["year"] = f"20{rng.integers(10, 25)}-0{rng.integers(1, 9)}-01T00:00:00"
+        if rng.random() < 0.5:
+            metadata["tags"] = [str(t) for t in rng.choice(WORDS, 2, replace=False)]
+        text = " ".join(rng.choice(WORDS, 6))
+        nodes.append(TextNode(id_=f"n{i}", text=text, metadata=metadata))
+    add_nodes(data_dir, "filtered", nodes, IngestSummary(knowledge_id="filtered"),
+              embed_model=None, mode="keyword", semantic_weight=0.7)
+    return library(data_dir), nodes
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Library, list[TextNode]]:
+    return _filtered_kb(tmp_path_factory.mktemp("filtered"))
+
+
+conditions = st.fixed_dictionaries({
+    "name": st.sampled_from(FILTER_KEYS),
+    "comparison_operator": st.sampled_from([
+        "contains", "not contains", "start with", "end with", "is", "is not", "empty",
+        "not empty", "in", "not in", "=", "≠", ">", "<", "≥", "≤", "before", "after"]),
+    "value": st.one_of(st.sampled_from(["red", "re", "", "blue,green", "alpha"]),
+                       st.integers(0, 10), st.just(None),
+                       st.just("2018-01-01T00:00:00"), st.just(["red", "blue"])),
+})
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(conditions, min_size=1, max_size=3), st.sampled_from(["and", "or"]),
+       st.integers(1, 30))
+def test_filtered_answer_equals_reference_top_k_over_every_chunk(filtered, raw, logic, top_k):
+    lib, nodes = filtered
+    try:
+        condition = parse_metadata_condition({"logical_operator": logic, "conditions": raw})
+    except Exception:
+        return  # invalid combinations are the parser's tests' business
+    query = "alpha gamma"
+    got = ask(lib, query, top_k=top_k, condition={"logical_operator": logic, "conditions": raw},
+              kb="filtered")
+    unfiltered = ask(lib, query, top_k=len(nodes), kb="filtered")
+    reference = [r for r in unfiltered
+                 if condition is None or matches(condition, r.metadata)][:top_k]
+    assert [r.metadata["chunk_id"] for r in got] == [r.metadata["chunk_id"] for r in reference]
+
