@@ -607,7 +607,7 @@ class _Column:
             codes, texts, _ = self.encoding()
             per_text = [_numeric_of_text(text) for text in texts]
             # The extra last slot is what code -1 (no value) picks.
-            lookup = np.array([0.0 if n is None else n for n in per_text] + [np.nan])
+            lookup = np.array([np.nan if n is None else n for n in per_text] + [np.nan])
             self._numeric = lookup[codes]
         return self._numeric
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
-from concurrent.futures import ThreadPoolExecutor
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from llamaindex_kb import embeddings
 from llamaindex_kb.embeddings import (
     DIMENSION,
     MAX_TOKENS,
@@ -23,6 +25,7 @@ from llamaindex_kb.embeddings import (
 # Words that are one WordPiece token each, so n words are exactly n tokens.
 HEAD_WORDS = "the cat sat on a mat and looked at small red bird near old house".split()
 TAIL_WORDS = "music guitar song piano concert band rock jazz dance stage".split()
+UNKNOWN_TOKEN_ID = 100  # [UNK]
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +100,14 @@ def test_empty_and_blank_texts_give_a_unit_vector(model: LocalMiniLMEmbedding) -
     assert model.get_text_embedding_batch([]) == []
 
 
-def test_chinese_text_embeds_as_known_characters(model: LocalMiniLMEmbedding) -> None:
+def test_chinese_text_embeds_but_mostly_as_unknown_tokens(model: LocalMiniLMEmbedding) -> None:
     text = "向量数据库支持元数据过滤和混合检索"
-    unknown_id = 100  # [UNK]
     ids = minilm_tokenizer()(text)
-    assert len(ids) == len(text) and unknown_id not in ids
+    # One token per character, so chunk sizing holds for Chinese too. But the
+    # English vocabulary knows only 244 CJK characters: most become [UNK], so
+    # Chinese semantic search needs another embedding model (or leans on BM25).
+    assert len(ids) == len(text)
+    assert ids.count(UNKNOWN_TOKEN_ID) > len(ids) // 2
     vector = model.get_text_embedding(text)
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
     assert cosine(vector, model.get_text_embedding("")) < 0.9
@@ -122,22 +128,40 @@ def test_async_methods_match_sync(model: LocalMiniLMEmbedding) -> None:
         assert cosine(a, b) > 0.99999
 
 
-def test_eight_threads_share_one_session_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Start without a session so the threads race to create it.
-    monkeypatch.setattr(embeddings, "_session", None)
-    texts = [words(HEAD_WORDS, n, seed=n) for n in (5, 50, 200)] + ["并发调用"]
+# conftest imports dify_plugin, whose gevent patching turns threads into greenlets
+# in this process; a fresh interpreter gives eight real OS threads racing to create
+# the session and then running inference at the same time.
+CONCURRENCY_SCRIPT = """
+import json
+from concurrent.futures import ThreadPoolExecutor
+from llamaindex_kb.embeddings import LocalMiniLMEmbedding
 
-    def embed(_: int) -> tuple[int, list[list[float]]]:
-        model = LocalMiniLMEmbedding()
-        vectors = model.get_text_embedding_batch(texts)
-        return id(model._session), vectors
+texts = ["the cat sat on the mat " * n for n in (1, 5, 20)] + ["并发调用"]
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(embed, range(8)))
-    assert len({session_id for session_id, _ in results}) == 1
-    expected = results[0][1]
-    for _, vectors in results[1:]:
-        np.testing.assert_allclose(vectors, expected, atol=1e-6)
+def embed(_):
+    model = LocalMiniLMEmbedding()
+    vectors = model.get_text_embedding_batch(texts)
+    return id(model._session), vectors
+
+with ThreadPoolExecutor(max_workers=8) as pool:
+    results = list(pool.map(embed, range(8)))
+print(json.dumps({
+    "sessions": len({session for session, _ in results}),
+    "identical": all(vectors == results[0][1] for _, vectors in results),
+}))
+"""
+
+
+def test_eight_os_threads_share_one_session_and_agree() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CONCURRENCY_SCRIPT],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(done.stdout) == {"sessions": 1, "identical": True}
 
 
 def test_spec_id_is_stable() -> None:

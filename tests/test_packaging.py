@@ -197,8 +197,7 @@ def options(count: int) -> list[dict[str, Any]]:
 SECOND_ENDPOINT_CLASS = "\n\nclass OtherEndpoint(Endpoint):\n    pass\n"
 NO_ENDPOINT_CLASS = "from dify_plugin import Endpoint\n\n\nclass Helper:\n    pass\n"
 BASE_MODULE = "from dify_plugin import Endpoint\n\n\nclass BaseEndpoint(Endpoint):\n    pass\n"
-SOURCE_MODULE = SOURCE.removesuffix(".py").replace("/", ".")
-BASE_IMPORT = f"from {SOURCE_MODULE.rpartition('.')[0] or 'endpoints'}.shared import BaseEndpoint\n"
+BASE_IMPORT = "from endpoints.shared import BaseEndpoint\n"
 
 BROKEN: list[Any] = [
     # manifest: root fields
@@ -562,7 +561,7 @@ BROKEN: list[Any] = [
     (
         "source imports another Endpoint subclass",
         chain(
-            write(str(Path(SOURCE).parent / "shared.py"), BASE_MODULE),
+            write("endpoints/shared.py", BASE_MODULE),
             lambda root: (root / SOURCE).write_text(
                 BASE_IMPORT + (root / SOURCE).read_text(encoding="utf-8"), encoding="utf-8"
             ),
