@@ -161,7 +161,8 @@ def unignore(pattern: str) -> Mutation:
         path = root / ".difyignore"
         lines = path.read_text(encoding="utf-8").splitlines()
         path.write_text(
-            "\n".join(line for line in lines if line.strip() != pattern) + "\n", encoding="utf-8"
+            "\n".join(line for line in lines if line.strip().lstrip("/") != pattern) + "\n",
+            encoding="utf-8",
         )
 
     return mutate
