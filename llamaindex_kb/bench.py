@@ -1,0 +1,319 @@
+"""``python -m llamaindex_kb bench``: retrieval quality and latency, through the real HTTP path.
+
+Quality: for each BEIR-layout data set (corpus.jsonl, queries.jsonl, qrels/test.tsv)
+one knowledge base is built (one node per document, title + text, embedded with the
+local model; cached in the work directory), a standalone server answers every test
+query over HTTP in each mode, and nDCG@10 and Recall@100 are printed beside a
+whitespace-tokenised BM25 baseline.
+
+Scale: a synthetic knowledge base of N chunks (sentences of the first data set's
+corpus recombined, random unit vectors recorded as the local model's, so query
+embedding is real work) is served by a fresh ``python -m llamaindex_kb serve``
+process; the time from process start to the first answer, its peak memory, and the
+server-side (Server-Timing) and round-trip latency percentiles are printed, with
+and without a metadata filter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from llama_index.core.schema import TextNode
+
+from .config import load_settings
+from .ingest import embed_nodes
+from .layout import KBLayout
+
+DEFAULT_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+SETS = ["scifact", "nfcorpus", "cmrc2018_retrieval"]
+MODES = ["keyword", "vector", "hybrid"]
+_NS = uuid.UUID("0b0e7a52-6a39-4d59-8c0f-3c6f2f7d9e11")
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8") as handle:
+        next(handle)
+        for line in handle:
+            parts = line.strip().split("\t")
+            if len(parts) == 3 and int(parts[2]) > 0:
+                qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
+    return qrels
+
+
+def ndcg_at_10(ranking: list[str], relevant: dict[str, int]) -> float:
+    gains = [relevant.get(doc, 0) for doc in ranking[:10]]
+    dcg = sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(gains))
+    ideal = sorted(relevant.values(), reverse=True)[:10]
+    idcg = sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg if idcg else 0.0
+
+
+def recall_at_100(ranking: list[str], relevant: dict[str, int]) -> float:
+    return len(set(ranking[:100]) & relevant.keys()) / len(relevant)
+
+
+def percentiles(values: list[float]) -> str:
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return f"p50 {p50:6.1f}  p95 {p95:6.1f}  p99 {p99:6.1f} ms"
+
+
+class Dataset:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.name = root.name
+        self.corpus = {d["_id"]: d for d in read_jsonl(root / "corpus.jsonl")}
+        self.qrels = read_qrels(root / "qrels" / "test.tsv")
+        queries = {q["_id"]: q["text"] for q in read_jsonl(root / "queries.jsonl")}
+        self.queries = {qid: queries[qid] for qid in self.qrels if qid in queries}
+
+    def text(self, doc: dict[str, Any]) -> str:
+        return f"{doc.get('title') or ''}\n{doc.get('text') or ''}".strip()
+
+
+def build_dataset_kb(dataset: Dataset, data_dir: Path) -> None:
+    """One node per document, so a record's document_id is the BEIR corpus id."""
+    if KBLayout(data_dir, dataset.name).current_version() is not None:
+        return
+    from .service import local_embedding
+
+    nodes = [
+        TextNode(id_=str(uuid.uuid5(_NS, f"{dataset.name}/{doc_id}")), text=dataset.text(doc),
+                 metadata={"document_id": doc_id, "title": doc.get("title") or doc_id})
+        for doc_id, doc in dataset.corpus.items()
+    ]
+    for node in nodes:
+        node.excluded_embed_metadata_keys = list(node.metadata)
+    print(f"  embedding {len(nodes)} documents of {dataset.name} (cached afterwards)…",
+          flush=True)
+    started = time.perf_counter()
+    vectors = embed_nodes(nodes, local_embedding())
+    print(f"  embedded in {time.perf_counter() - started:.0f} s", flush=True)
+    _publish(data_dir, dataset.name, nodes, vectors)
+
+
+def _publish(data_dir: Path, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray) -> None:
+    from .builder import write_version
+    from .knowledge_base import KBManifest
+    from .service import local_embedding
+
+    layout = KBLayout(data_dir, knowledge_id)
+    manifest = KBManifest(knowledge_id=knowledge_id, embedding=local_embedding().spec,
+                          documents=len({n.metadata["document_id"] for n in nodes}))
+    with layout.write_lock():
+        write_version(layout, manifest, nodes, vectors)
+
+
+def whitespace_bm25(dataset: Dataset) -> float:
+    """The baseline the CJK analyzer must beat: bm25s over str.split() tokens."""
+    import bm25s
+
+    ids = list(dataset.corpus)
+    retriever = bm25s.BM25()
+    retriever.index([dataset.text(dataset.corpus[i]).lower().split() for i in ids],
+                    show_progress=False)
+    total = 0.0
+    for qid, text in dataset.queries.items():
+        tokens = [t for t in text.lower().split() if t in retriever.vocab_dict]
+        if not tokens:
+            continue
+        scores = retriever.get_scores(tokens)
+        top = np.argsort(-scores)[:10]
+        total += ndcg_at_10([ids[i] for i in top if scores[i] > 0], dataset.qrels[qid])
+    return total / len(dataset.queries)
+
+
+class InProcessServer:
+    """The standalone server on a free port, in a thread of this process."""
+
+    def __init__(self, data_dir: Path, mode: str | None, api_key: str) -> None:
+        from .server import create_server
+
+        settings = load_settings({"data_dir": data_dir, "api_key": api_key, "port": 0,
+                                  "retrieval_mode": mode}, environ={})
+        self.server = create_server(settings)
+        host, port = self.server.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def retrieve(
+    client: httpx.Client, url: str, key: str, knowledge_id: str, query: str, top_k: int,
+    condition: dict[str, Any] | None = None,
+) -> tuple[list[dict], float, float]:
+    """(records, server-side ms, round-trip ms) for one Dify-shaped request."""
+    payload: dict[str, Any] = {"knowledge_id": knowledge_id, "query": query,
+                               "retrieval_setting": {"top_k": top_k, "score_threshold": 0.0}}
+    if condition is not None:
+        payload["metadata_condition"] = condition
+    started = time.perf_counter()
+    response = client.post(f"{url}/retrieval", content=json.dumps(payload),
+                           headers={"Authorization": f"Bearer {key}",
+                                    "Content-Type": "application/json"})
+    round_trip = (time.perf_counter() - started) * 1000
+    response.raise_for_status()
+    server = float(response.headers["Server-Timing"].split("dur=")[1])
+    return response.json()["records"], server, round_trip
+
+
+def quality(datasets_dir: Path, work_dir: Path, sets: list[str], modes: list[str]) -> None:
+    key = secrets.token_hex(8)
+    print("\n== quality: nDCG@10 / Recall@100, through POST /retrieval ==")
+    for name in sets:
+        root = datasets_dir / name
+        if not (root / "corpus.jsonl").is_file():
+            print(f"{name}: skipped, no data at {root}")
+            continue
+        dataset = Dataset(root)
+        print(f"{name}: {len(dataset.corpus)} documents, {len(dataset.queries)} test queries")
+        build_dataset_kb(dataset, work_dir)
+        print(f"  {'whitespace BM25 baseline':<26} nDCG@10 {whitespace_bm25(dataset):.4f}")
+        for mode in modes:
+            server = InProcessServer(work_dir, mode, key)
+            ndcg, recall, server_ms, trip_ms = [], [], [], []
+            with httpx.Client(timeout=5.0) as client:
+                for qid, text in dataset.queries.items():
+                    records, s_ms, t_ms = retrieve(client, server.url, key, name, text, 100)
+                    ranking = [r["metadata"]["document_id"] for r in records]
+                    ndcg.append(ndcg_at_10(ranking, dataset.qrels[qid]))
+                    recall.append(recall_at_100(ranking, dataset.qrels[qid]))
+                    server_ms.append(s_ms)
+                    trip_ms.append(t_ms)
+            server.close()
+            print(f"  {mode:<26} nDCG@10 {np.mean(ndcg):.4f}  Recall@100 {np.mean(recall):.4f}"
+                  f"  server {percentiles(server_ms)}  round trip p50 "
+                  f"{np.percentile(trip_ms, 50):.1f} ms", flush=True)
+
+
+def build_synthetic_kb(datasets_dir: Path, data_dir: Path, knowledge_id: str, size: int) -> None:
+    if KBLayout(data_dir, knowledge_id).current_version() is not None:
+        return
+    rng = np.random.default_rng(42)
+    sentences: list[str] = []
+    for doc in read_jsonl(datasets_dir / "scifact" / "corpus.jsonl"):
+        sentences.extend(s.strip() for s in doc["text"].split(". ") if len(s.split()) > 3)
+    if not sentences:
+        raise SystemExit("no sentences to build the synthetic corpus from")
+    print(f"  building a {size}-chunk synthetic knowledge base (cached afterwards)…", flush=True)
+    started = time.perf_counter()
+    picks = rng.integers(0, len(sentences), size=(size, 4))
+    nodes = []
+    for i in range(size):
+        nodes.append(TextNode(
+            id_=str(uuid.uuid5(_NS, f"synthetic/{i}")),
+            text=". ".join(sentences[j] for j in picks[i]) + ".",
+            metadata={"document_id": f"doc-{i // 5}", "category": f"c{i % 10}",
+                      "year": 2000 + int(i % 25), "file_type": "md" if i % 3 else "txt"},
+        ))
+    vectors = rng.standard_normal((size, 384)).astype(np.float32)
+    _publish(data_dir, knowledge_id, nodes, vectors)
+    print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale(datasets_dir: Path, work_dir: Path, size: int, queries: int) -> None:
+    print(f"\n== scale: {size} chunks, hybrid, fresh `serve` process ==")
+    knowledge_id = f"synthetic-{size}"
+    build_synthetic_kb(datasets_dir, work_dir, knowledge_id, size)
+    texts = [q["text"] for q in read_jsonl(datasets_dir / "scifact" / "queries.jsonl")][:queries]
+    key, port = secrets.token_hex(8), _free_port()
+    env = {**os.environ, "LLAMAINDEX_KB_API_KEY": key}
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamaindex_kb", "serve", "--data-dir", str(work_dir),
+         "--port", str(port), "--retrieval-mode", "hybrid"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                try:
+                    retrieve(client, url, key, knowledge_id, texts[0], 10)
+                    break
+                except httpx.TransportError:
+                    if time.perf_counter() - started > 120 or proc.poll() is not None:
+                        raise SystemExit("the server did not come up") from None
+                    time.sleep(0.02)
+            ready = time.perf_counter() - started
+            print(f"  ready to answer {ready:.2f} s after process start")
+            condition = {"logical_operator": "and", "conditions": [
+                {"name": "category", "comparison_operator": "is", "value": "c3"},
+                {"name": "year", "comparison_operator": ">", "value": 2010}]}
+            for label, cond in (("no filter", None), ("filter", condition)):
+                server_ms, trip_ms = [], []
+                for text in texts:
+                    records, s_ms, t_ms = retrieve(client, url, key, knowledge_id, text, 10, cond)
+                    assert len(records) == 10, "top_k must be filled"
+                    server_ms.append(s_ms)
+                    trip_ms.append(t_ms)
+                print(f"  {label:<10} server {percentiles(server_ms)}   "
+                      f"round trip {percentiles(trip_ms)}", flush=True)
+        print(f"  peak memory of the server process: {_peak_rss_mb(proc.pid):.0f} MB")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llamaindex_kb bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
+                        help="folder of BEIR-layout data sets [../shared/datasets]")
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated data set names")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--work-dir", type=Path, default=Path(".bench"),
+                        help="where benchmark knowledge bases are cached [.bench]")
+    parser.add_argument("--scale", type=int, default=100_000, help="chunks for the latency run")
+    parser.add_argument("--queries", type=int, default=300, help="queries for the latency run")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-scale", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.datasets.is_dir():
+        print(f"no data sets at {args.datasets}: pass --datasets DIR", file=sys.stderr)
+        return 2
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if not args.skip_quality:
+        quality(args.datasets, args.work_dir, args.sets.split(","), args.modes.split(","))
+    if not args.skip_scale:
+        scale(args.datasets, args.work_dir, args.scale, args.queries)
+    return 0
+
