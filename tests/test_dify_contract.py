@@ -214,3 +214,31 @@ def test_errors_are_never_statuses_dify_misreads_or_retries(transport):
         transport.post("/retrieval", b"{", AUTH).status,
     }
     assert statuses.isdisjoint({401, 429, 500, 502, 503, 504})
+
+
+def test_bad_plugin_settings_are_a_400_naming_the_setting(demo_data_dir):
+    from conftest import PluginTransport
+
+    plugin = PluginTransport({"api_key": API_KEY, "data_dir": str(demo_data_dir),
+                              "semantic_weight": "heavy"})
+    reply = ask(plugin, query("knowledge base"))
+    assert (reply.status, reply.json()["error_code"]) == (400, 3005)
+    assert "semantic_weight" in reply.json()["error_msg"]
+
+
+def test_unexpected_failure_is_a_short_500_with_a_logged_traceback(demo_data_dir, tmp_path,
+                                                                    caplog):
+    import shutil
+
+    from conftest import PluginTransport
+
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_data_dir, broken)
+    for keyword_dir in broken.glob("kbs/demo/v*/keyword"):
+        shutil.rmtree(keyword_dir)
+    plugin = PluginTransport({"api_key": API_KEY, "data_dir": str(broken)})
+    with caplog.at_level("ERROR"):
+        reply = ask(plugin, query("knowledge base"))
+    assert (reply.status, reply.json()["error_code"]) == (500, 5000)
+    assert str(broken) not in reply.json()["error_msg"] and API_KEY not in reply.body.decode()
+    assert any(record.exc_info for record in caplog.records), "the traceback must be logged"
