@@ -10,4 +10,4 @@ class RetrievalEndpoint(Endpoint):
     """Dify's External Knowledge API, POST /retrieval: answered by the core."""
 
     def _invoke(self, r: Request, values: Mapping, settings: Mapping) -> Response:
-        return handle_plugin_request(r, settings)
+        return handle_plugin_request(r, settings, self.session)

@@ -27,6 +27,7 @@ from .errors import (
     error_status,
 )
 from .library import Library
+from .models import Models
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,10 @@ def json_response(payload: object, status: int = 200) -> Response:
 class KnowledgeAPI:
     """Authenticates, routes and renders; the knowledge work happens in ``Library``."""
 
-    def __init__(self, settings: Settings, library: Library) -> None:
+    def __init__(self, settings: Settings, library: Library, models: Models) -> None:
         self.settings = settings
         self.library = library
+        self.models = models
         self._routes: dict[tuple[str, str], Handler] = {
             ("POST", "/retrieval"): self._retrieval,
         }
@@ -117,7 +119,7 @@ class KnowledgeAPI:
         parsed = parse_retrieval_request(request.get_data(cache=False))
         if parsed.is_probe:
             return json_response(RetrievalResponse(records=[]).model_dump())
-        records = self.library.retrieve(parsed)
+        records = self.library.retrieve(parsed, self.models)
         return json_response(RetrievalResponse(records=records).model_dump())
 
     @staticmethod

@@ -99,10 +99,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "ingest":
         from .ingest import ingest
-        from .service import embedding_for
+        from .service import models_for
 
         settings = load_settings(_explicit(args, "data_dir"))
-        embed_model = embedding_for(settings) if args.mode != "keyword" else None
+        embed_model = models_for(settings).embed_model if args.mode != "keyword" else None
         summary = ingest(settings.data_dir, args.kb, args.paths, embed_model=embed_model,
                          mode=args.mode, semantic_weight=args.semantic_weight)
         print(json.dumps(summary.model_dump(), indent=2, ensure_ascii=False))
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         from .library import Library
 
         settings = load_settings(_explicit(args, "data_dir"))
-        for manifest in Library(settings, embed_model=None).manifests():
+        for manifest in Library(settings).manifests():
             print(f"{manifest.knowledge_id}\t{manifest.documents} documents\t"
                   f"{manifest.chunks} chunks\t{manifest.retrieval_mode}")
         return 0

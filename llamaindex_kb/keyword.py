@@ -278,17 +278,9 @@ class KeywordIndex:
         """
         if allowed is not None and (allowed.dtype != np.bool_ or allowed.shape != (len(self),)):
             raise ValueError(f"allowed must be a bool array of shape ({len(self)},)")
-        if self._bm25 is None or top_k <= 0:
+        if top_k <= 0:
             return _empty()
-        vocab = self._bm25.vocab_dict
-        terms = tokenize(query)
-        term_ids = np.array([vocab[t] for t in terms if t in vocab], dtype=np.int64)
-        if term_ids.size == 0:
-            return _empty()
-        absent = len(terms) - term_ids.size
-        attainable = float(self._token_max[term_ids].sum(dtype=np.float64))
-        attainable += absent * self._absent_term_weight
-        scores = self._raw_scores(term_ids)
+        scores = self.scores(query)
         if allowed is not None:
             scores[~allowed] = 0.0
         rows = np.flatnonzero(scores)
@@ -297,8 +289,22 @@ class KeywordIndex:
             rows = rows[scores[rows] >= kth]
         # rows is ascending, so a stable sort breaks ties by row number.
         rows = rows[np.argsort(-scores[rows], kind="stable")[:top_k]]
+        return rows, scores[rows]
+
+    def scores(self, query: str) -> np.ndarray:
+        """Every row's score for ``query`` on the absolute scale of ``search`` (0: no match)."""
+        if self._bm25 is None:
+            return np.zeros(len(self), dtype=np.float64)
+        vocab = self._bm25.vocab_dict
+        terms = tokenize(query)
+        term_ids = np.array([vocab[t] for t in terms if t in vocab], dtype=np.int64)
+        if term_ids.size == 0:
+            return np.zeros(len(self), dtype=np.float64)
+        absent = len(terms) - term_ids.size
+        attainable = float(self._token_max[term_ids].sum(dtype=np.float64))
+        attainable += absent * self._absent_term_weight
         # Clipped because the row sums and the maximum add up in different orders.
-        return rows, np.clip(scores[rows] / attainable, 0.0, 1.0)
+        return np.clip(self._raw_scores(term_ids) / attainable, 0.0, 1.0)
 
     def _raw_scores(self, term_ids: np.ndarray) -> np.ndarray:
         # Each term's column of the CSC matrix holds its weight in every row

@@ -127,17 +127,11 @@ class KnowledgeBase:
         self, query: str, mode: RetrievalMode, weight: float, embed_model: BaseEmbedding | None
     ) -> np.ndarray:
         if mode == "keyword" or (mode == "hybrid" and weight == 0.0):
-            return self._keyword_scores(query)
+            return self.keyword.scores(query)
         semantic = self._semantic_scores(query, mode, embed_model)
         if mode == "vector" or weight == 1.0:
             return semantic
-        return weight * semantic + (1.0 - weight) * self._keyword_scores(query)
-
-    def _keyword_scores(self, query: str) -> np.ndarray:
-        rows, found = self.keyword.search(query, len(self))
-        scores = np.zeros(len(self), dtype=np.float64)
-        scores[rows] = found
-        return scores
+        return weight * semantic + (1.0 - weight) * self.keyword.scores(query)
 
     def _semantic_scores(
         self, query: str, mode: RetrievalMode, embed_model: BaseEmbedding | None

@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import NodeWithScore
 
 from .config import Settings
@@ -21,6 +20,8 @@ from .contract import Record, RetrievalRequest
 from .errors import KnowledgeBaseNotFound
 from .knowledge_base import KBManifest, KnowledgeBase, QueryPlan
 from .layout import KBLayout, all_layouts
+from .models import Models
+from .rerank import candidate_count, rerank_hits
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,9 @@ DEMO_SOURCE = Path(__file__).parent / "demo"
 class Library:
     """Knowledge bases by ``knowledge_id``, opened lazily and cached."""
 
-    def __init__(self, settings: Settings, embed_model: BaseEmbedding | None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.data_dir = settings.data_dir
-        self.embed_model = embed_model
         self._open: dict[str, KnowledgeBase] = {}
         self._lock = threading.Lock()
 
@@ -63,7 +63,7 @@ class Library:
                 continue
         return found
 
-    def retrieve(self, request: RetrievalRequest) -> list[Record]:
+    def retrieve(self, request: RetrievalRequest, models: Models) -> list[Record]:
         kb = self.open(request.knowledge_id)
         plan = QueryPlan(
             query=request.query,
@@ -73,7 +73,14 @@ class Library:
             mode=self.settings.retrieval_mode,
             semantic_weight=self.settings.semantic_weight,
         )
-        return [to_record(hit) for hit in kb.retrieve(plan, self.embed_model)]
+        if models.reranker is None:
+            hits = kb.retrieve(plan, models.embed_model)
+        else:
+            wider = plan.model_copy(update={"top_k": candidate_count(plan.top_k),
+                                            "score_threshold": 0.0})
+            hits = rerank_hits(models.reranker, plan.query, kb.retrieve(wider, models.embed_model),
+                               plan.top_k, plan.score_threshold)
+        return [to_record(hit) for hit in hits]
 
 
 def _current(root: Path) -> Path:

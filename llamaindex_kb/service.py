@@ -25,6 +25,7 @@ from .errors import KBError
 from .ingest import ingest
 from .layout import KBLayout
 from .library import DEMO_KB, DEMO_SOURCE, Library, demo_fingerprint
+from .models import Models
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,12 @@ def local_embedding() -> LocalMiniLMEmbedding:
     return LocalMiniLMEmbedding()
 
 
-def embedding_for(settings: Settings) -> BaseEmbedding:
-    return local_embedding()
+def models_for(settings: Settings, session: object | None = None) -> Models:
+    """The embedding model (and reranker) for one request.
+
+    ``session`` is the Dify plugin session of the request, if any.
+    """
+    return Models(embed_model=local_embedding())
 
 
 def library_for(settings: Settings) -> Library:
@@ -48,15 +53,15 @@ def library_for(settings: Settings) -> Library:
         with _lock:
             library = _libraries.get(key)
             if library is None:
-                library = Library(settings, embedding_for(settings))
+                library = Library(settings)
                 if settings.demo:
-                    ensure_demo(settings.data_dir, library.embed_model)
+                    ensure_demo(settings.data_dir, local_embedding())
                 _libraries[key] = library
     return library
 
 
-def api_for(settings: Settings) -> KnowledgeAPI:
-    return KnowledgeAPI(settings, library_for(settings))
+def api_for(settings: Settings, session: object | None = None) -> KnowledgeAPI:
+    return KnowledgeAPI(settings, library_for(settings), models_for(settings, session))
 
 
 def ensure_demo(data_dir: Path, embed_model: BaseEmbedding | None) -> None:
@@ -73,10 +78,12 @@ def ensure_demo(data_dir: Path, embed_model: BaseEmbedding | None) -> None:
     marker.write_text(fingerprint)
 
 
-def handle_plugin_request(request: Request, form: Mapping[str, Any]) -> Response:
+def handle_plugin_request(
+    request: Request, form: Mapping[str, Any], session: object | None = None
+) -> Response:
     """The whole plugin endpoint: settings form → API → response, errors included."""
     try:
-        settings = plugin_settings(form)
+        api = api_for(plugin_settings(form), session)
     except KBError as exc:
         return KnowledgeAPI.error_response(exc)
-    return api_for(settings).handle(request)
+    return api.handle(request)

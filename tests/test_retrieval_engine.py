@@ -26,6 +26,7 @@ from llamaindex_kb.ingest import IngestSummary, add_nodes, ingest
 from llamaindex_kb.knowledge_base import KBManifest
 from llamaindex_kb.layout import KBLayout
 from llamaindex_kb.library import Library
+from llamaindex_kb.models import Models
 from llamaindex_kb.service import local_embedding
 
 DOCS = {
@@ -51,15 +52,14 @@ def kb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def library(data_dir: Path, **overrides: Any) -> Library:
-    return Library(load_settings({"data_dir": data_dir, **overrides}, environ={}),
-                   local_embedding())
+    return Library(load_settings({"data_dir": data_dir, **overrides}, environ={}))
 
 
 def ask(lib: Library, text: str, top_k: int = 3, threshold: float = 0.0,
         condition: dict[str, Any] | None = None, kb: str = "energy") -> list[Any]:
     return lib.retrieve(RetrievalRequest(
         knowledge_id=kb, query=text, top_k=top_k, score_threshold=threshold,
-        condition=parse_metadata_condition(condition)))
+        condition=parse_metadata_condition(condition)), Models(local_embedding()))
 
 
 @pytest.mark.parametrize("mode", ["vector", "keyword", "hybrid"])
@@ -144,11 +144,10 @@ def test_knowledge_base_survives_a_process_restart(kb_dir):
     script = (
         "import json, sys; from pathlib import Path;"
         "from llamaindex_kb import load_settings, Library, RetrievalRequest;"
-        "from llamaindex_kb.service import local_embedding;"
-        "lib = Library(load_settings({'data_dir': Path(sys.argv[1])}, environ={}),"
-        " local_embedding());"
-        "hits = lib.retrieve(RetrievalRequest(knowledge_id='energy', query='wind turbines',"
-        " top_k=3));"
+        "from llamaindex_kb.service import models_for;"
+        "settings = load_settings({'data_dir': Path(sys.argv[1])}, environ={});"
+        "hits = Library(settings).retrieve(RetrievalRequest(knowledge_id='energy',"
+        " query='wind turbines', top_k=3), models_for(settings));"
         "print(json.dumps([[h.metadata['chunk_id'], round(h.score, 5)] for h in hits]))"
     )
     out = subprocess.run([sys.executable, "-c", script, str(kb_dir)], cwd=PLUGIN_ROOT,
