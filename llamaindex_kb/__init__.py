@@ -8,7 +8,7 @@ from .api import KnowledgeAPI
 from .config import Settings, load_settings, plugin_settings
 from .contract import Record, RetrievalRequest, parse_retrieval_request
 from .errors import KBError, error_status
-from .ingest import IngestSummary, ingest
+from .ingest import IngestSummary, ingest_paths
 from .library import Library
 from .service import api_for, handle_plugin_request, library_for
 
@@ -23,7 +23,7 @@ __all__ = [
     "api_for",
     "error_status",
     "handle_plugin_request",
-    "ingest",
+    "ingest_paths",
     "library_for",
     "load_settings",
     "parse_retrieval_request",

@@ -15,7 +15,10 @@ import time
 from collections.abc import Callable
 
 from werkzeug import Request, Response
+from werkzeug import exceptions as werkzeug_exceptions
+from werkzeug.routing import Map, Rule
 
+from . import documents
 from .config import Settings
 from .contract import RetrievalResponse, error_body, parse_retrieval_request
 from .errors import (
@@ -26,12 +29,13 @@ from .errors import (
     WrongKeyError,
     error_status,
 )
+from .ingest import delete_document
 from .library import Library
 from .models import Models
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Request], Response]
+Handler = Callable[..., Response]
 
 _SLASHES = re.compile(r"/{2,}")
 
@@ -64,17 +68,27 @@ class KnowledgeAPI:
         self.settings = settings
         self.library = library
         self.models = models
-        self._routes: dict[tuple[str, str], Handler] = {
-            ("POST", "/retrieval"): self._retrieval,
-        }
+        self._routes = Map(
+            [
+                Rule("/retrieval", methods=["POST"], endpoint=self._retrieval),
+                Rule("/documents", methods=["POST"], endpoint=self._upload),
+                Rule("/knowledge-bases", methods=["GET"], endpoint=self._knowledge_bases),
+                Rule("/knowledge-bases/<knowledge_id>/documents", methods=["GET"],
+                     endpoint=self._documents),
+                Rule("/knowledge-bases/<knowledge_id>/documents/<document_id>",
+                     methods=["DELETE"], endpoint=self._delete_document),
+            ],
+            strict_slashes=False,
+            merge_slashes=False,
+        )
 
     def handle(self, request: Request) -> Response:
         started = time.perf_counter()
         path = route_path(request.path)
         try:
-            handler = self._route(request.method, path)
+            handler, values = self._route(request.method, path)
             self.authenticate(request.headers.get("Authorization"))
-            response = handler(request)
+            response = handler(request, **values)
         except KBError as exc:
             response = self.error_response(exc)
         except Exception as exc:  # the one place an unexpected failure becomes a 500
@@ -86,13 +100,16 @@ class KnowledgeAPI:
         log.info("%s %s -> %d in %.1f ms", request.method, path, response.status_code, elapsed_ms)
         return response
 
-    def _route(self, method: str, path: str) -> Handler:
-        handler = self._routes.get((method, path))
-        if handler is not None:
-            return handler
-        if any(known == path for _, known in self._routes):
-            raise MethodNotAllowed(f"{method} is not allowed on {path}")
-        raise RouteNotFound(f"no route {path}; the External Knowledge API is POST /retrieval")
+    def _route(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        try:
+            return self._routes.bind("localhost").match(path, method=method)
+        except werkzeug_exceptions.MethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.valid_methods or []))
+            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}") from exc
+        except werkzeug_exceptions.HTTPException as exc:
+            raise RouteNotFound(
+                f"no route {path}; the External Knowledge API is POST /retrieval"
+            ) from exc
 
     def authenticate(self, header: str | None) -> None:
         """403 for anything but the configured key (never 401: Dify would save a wrong key)."""
@@ -121,6 +138,27 @@ class KnowledgeAPI:
             return json_response(RetrievalResponse(records=[]).model_dump())
         records = self.library.retrieve(parsed, self.models)
         return json_response(RetrievalResponse(records=records).model_dump())
+
+    def _upload(self, request: Request) -> Response:
+        info, summary = documents.upload(request, self.settings.data_dir, self.models)
+        return json_response({"knowledge_id": summary.knowledge_id,
+                              "document": info.model_dump(exclude={"parent_ids", "source_root"}),
+                              "total_documents": summary.total_documents,
+                              "total_chunks": summary.total_chunks}, status=201)
+
+    def _knowledge_bases(self, request: Request) -> Response:
+        return json_response({"knowledge_bases": [
+            manifest.model_dump(mode="json") for manifest in self.library.manifests()]})
+
+    def _documents(self, request: Request, knowledge_id: str) -> Response:
+        infos = self.library.open(knowledge_id).documents.values()
+        return json_response({"knowledge_id": knowledge_id, "documents": [
+            info.model_dump(exclude={"parent_ids", "source_root"}) for info in infos]})
+
+    def _delete_document(self, request: Request, knowledge_id: str, document_id: str) -> Response:
+        info = delete_document(self.settings.data_dir, knowledge_id, document_id)
+        return json_response({"knowledge_id": knowledge_id, "deleted": info.document_id,
+                              "chunks": info.chunks})
 
     @staticmethod
     def error_response(exc: BaseException) -> Response:

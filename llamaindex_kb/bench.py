@@ -36,7 +36,7 @@ import numpy as np
 from llama_index.core.schema import TextNode
 
 from .config import load_settings
-from .ingest import embed_nodes
+from .ingest import embed_nodes, publish_nodes
 from .layout import KBLayout
 
 DEFAULT_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
@@ -115,15 +115,9 @@ def build_dataset_kb(dataset: Dataset, data_dir: Path) -> None:
 
 
 def _publish(data_dir: Path, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray) -> None:
-    from .builder import write_version
-    from .knowledge_base import KBManifest
     from .service import local_embedding
 
-    layout = KBLayout(data_dir, knowledge_id)
-    manifest = KBManifest(knowledge_id=knowledge_id, embedding=local_embedding().spec,
-                          documents=len({n.metadata["document_id"] for n in nodes}))
-    with layout.write_lock():
-        write_version(layout, manifest, nodes, vectors)
+    publish_nodes(data_dir, knowledge_id, nodes, vectors, local_embedding().spec)
 
 
 def whitespace_bm25(dataset: Dataset) -> float:

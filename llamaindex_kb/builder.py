@@ -20,7 +20,9 @@ from .knowledge_base import (
     METADATA_FILE,
     NODE_IDS_FILE,
     VECTOR_DIR,
+    DocumentInfo,
     KBManifest,
+    write_documents,
 )
 from .kvstore import SQLiteKVStore
 from .layout import KBLayout
@@ -32,8 +34,13 @@ def write_version(
     manifest: KBManifest,
     nodes: Sequence[BaseNode],
     vectors: np.ndarray | None,
+    documents: dict[str, DocumentInfo],
+    parents: Sequence[BaseNode] = (),
 ) -> Path:
     """Build every index for ``nodes`` (row i = nodes[i] = vectors[i]) and make it live.
+
+    ``parents`` (parent-child chunking) go to the docstore only: they are returned,
+    never matched.
 
     Call with ``layout.write_lock()`` held. On any failure the half-built folder is
     removed and the previous version stays live.
@@ -55,7 +62,8 @@ def write_version(
             )
             store.persist(str(version / VECTOR_DIR))
         kv = SQLiteKVStore(version / DOCSTORE_FILE)
-        KVDocumentStore(kv).add_documents(list(nodes), store_text=True)
+        KVDocumentStore(kv).add_documents([*nodes, *parents], store_text=True)
+        write_documents(version, documents)
         kv.close()
         manifest.model_copy(
             update={"chunks": len(nodes), "updated_at": time.time()}

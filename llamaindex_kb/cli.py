@@ -42,17 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--semantic-weight", dest="semantic_weight", type=float,
                        help="hybrid weight of the semantic score, 0..1 [as built, 0.7]")
 
-    ingest = commands.add_parser("ingest", help="add text and Markdown files to a knowledge base")
+    ingest = commands.add_parser(
+        "ingest", help="add files and folders to a knowledge base (only what changed)")
     _settings_flags(ingest)
     ingest.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     ingest.add_argument("--kb", required=True, help="knowledge_id of the knowledge base")
+    ingest.add_argument("--sync", action="store_true",
+                        help="also remove documents whose files disappeared from PATH")
     ingest.add_argument("--mode", choices=["vector", "keyword", "hybrid"], default="hybrid",
                         help="retrieval mode recorded for a new knowledge base [hybrid]")
     ingest.add_argument("--semantic-weight", dest="semantic_weight", type=float, default=0.7,
                         help="hybrid weight recorded for a new knowledge base [0.7]")
+    ingest.add_argument("--chunking", type=json.loads, metavar="JSON",
+                        help='chunking for a new knowledge base, e.g. \'{"mode": "parent_child"}\' '
+                             "(see README, Chunking)")
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    listing = commands.add_parser("list", help="list knowledge bases")
+    listing = commands.add_parser("list", help="list knowledge bases, or one's documents")
     _settings_flags(listing)
+    listing.add_argument("--kb", help="list this knowledge base's documents")
+
+    delete = commands.add_parser("delete", help="delete a document from a knowledge base")
+    _settings_flags(delete)
+    delete.add_argument("--kb", required=True)
+    delete.add_argument("document_id")
+
+    drop = commands.add_parser("drop", help="delete a whole knowledge base")
+    _settings_flags(drop)
+    drop.add_argument("--kb", required=True)
 
     package = commands.add_parser("package", help="build dist/<name>-<version>.difypkg")
     package.add_argument("--out", type=Path, default=PROJECT_ROOT / "dist")
@@ -98,22 +115,22 @@ def _run(args: argparse.Namespace) -> int:
         serve(settings)
         return 0
     if args.command == "ingest":
-        from .ingest import ingest
-        from .service import models_for
-
-        settings = load_settings(_explicit(args, "data_dir"))
-        embed_model = models_for(settings).embed_model if args.mode != "keyword" else None
-        summary = ingest(settings.data_dir, args.kb, args.paths, embed_model=embed_model,
-                         mode=args.mode, semantic_weight=args.semantic_weight)
-        print(json.dumps(summary.model_dump(), indent=2, ensure_ascii=False))
-        return 1 if summary.failed else 0
+        return _ingest(args)
     if args.command == "list":
-        from .library import Library
+        return _list(args)
+    if args.command == "delete":
+        from .ingest import delete_document
 
         settings = load_settings(_explicit(args, "data_dir"))
-        for manifest in Library(settings).manifests():
-            print(f"{manifest.knowledge_id}\t{manifest.documents} documents\t"
-                  f"{manifest.chunks} chunks\t{manifest.retrieval_mode}")
+        info = delete_document(settings.data_dir, args.kb, args.document_id)
+        print(f"deleted {info.document_id} ({info.file_path or info.title}, {info.chunks} chunks)")
+        return 0
+    if args.command == "drop":
+        from .ingest import drop_knowledge_base
+
+        settings = load_settings(_explicit(args, "data_dir"))
+        drop_knowledge_base(settings.data_dir, args.kb)
+        print(f"dropped knowledge base {args.kb}")
         return 0
     if args.command == "package":
         from .packaging import main_package
@@ -124,3 +141,59 @@ def _run(args: argparse.Namespace) -> int:
 
         return bench_main(args.rest)
     raise AssertionError(args.command)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .chunking import ChunkingConfig
+    from .ingest import ingest_paths
+    from .service import models_for
+
+    settings = load_settings(_explicit(args, "data_dir"))
+    chunking = None
+    if args.chunking is not None:
+        try:
+            chunking = ChunkingConfig.model_validate(args.chunking)
+        except ValueError as exc:
+            print(f"error: --chunking: {exc}", file=sys.stderr)
+            return 2
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if args.no_progress:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="chunk"
+                                     if stage == "embedding" else "file", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    embed_model = models_for(settings).embed_model if args.mode != "keyword" else None
+    summary = ingest_paths(settings.data_dir, args.kb, args.paths, embed_model=embed_model,
+                           mode=args.mode, semantic_weight=args.semantic_weight,
+                           chunking=chunking, sync=args.sync, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    print(f"{summary.knowledge_id}: {summary.documents} documents added or changed "
+          f"({summary.chunks} chunks), {summary.unchanged} unchanged, {summary.removed} removed; "
+          f"now {summary.total_documents} documents, {summary.total_chunks} chunks")
+    for path in summary.skipped:
+        print(f"  skipped (unsupported type): {path}")
+    for path, reason in summary.failed.items():
+        print(f"  FAILED {path}: {reason}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .library import Library
+
+    library = Library(load_settings(_explicit(args, "data_dir")))
+    if args.kb:
+        for info in library.open(args.kb).documents.values():
+            print(f"{info.document_id}\t{info.chunks} chunks\t{info.file_path or info.title}")
+        return 0
+    for manifest in library.manifests():
+        print(f"{manifest.knowledge_id}\t{manifest.documents} documents\t"
+              f"{manifest.chunks} chunks\t{manifest.retrieval_mode}")
+    return 0

@@ -36,6 +36,17 @@ class Settings(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port
     retrieval_mode: RetrievalMode | None = None
     semantic_weight: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Which models a request uses (service.models_for): in the plugin, a Dify workspace
+    # model; else an OpenAI-compatible embeddings server; else the bundled local model.
+    # The plugin form's model-selector value: {"provider", "model", "model_type"}.
+    embedding_model: dict[str, Any] | None = None
+    # Text inputs, not a rerank model-selector: the daemon refuses to save a rerank
+    # selector value without score_threshold and top_n, which Dify's form never adds.
+    rerank_provider: str | None = None
+    rerank_model: str | None = None
+    embedding_base_url: str | None = None
+    embedding_api_key: SecretStr | None = None
+    embedding_model_name: str | None = None
 
     @field_validator("retrieval_mode", mode="before")
     @classmethod

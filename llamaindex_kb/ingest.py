@@ -1,132 +1,199 @@
-"""Files → LlamaIndex documents → chunks → embeddings → a new knowledge base version.
+"""Sources → LlamaIndex documents → chunks → embeddings → a new knowledge base version.
 
-Re-ingesting a file replaces its chunks (a file's ``document_id`` is derived from
-its path relative to the ingested folder); other documents are carried over with
-their embeddings, so only new or changed text is embedded.
+Every change (ingest, upload, delete) publishes a complete new version, so a crash
+at any point leaves the knowledge base answering as before. Work is split so that
+the slow part (reading, chunking, embedding) happens before the write lock is
+taken, and the previous version's chunks and embeddings are carried over: only
+new or changed documents are embedded. A file's content hash is recorded, so
+re-ingesting an unchanged folder does nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import uuid
-from collections.abc import Iterable, Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from llama_index.core import SimpleDirectoryReader
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.schema import BaseNode, Document, TextNode
 from pydantic import BaseModel, Field
 
 from .builder import write_version
-from .embeddings import minilm_tokenizer
-from .errors import ConfigurationError, InvalidFieldError
-from .knowledge_base import KBManifest, KnowledgeBase, RetrievalMode
+from .chunking import ChunkingConfig, chunk
+from .embeddings import EmbeddingSpec, minilm_tokenizer
+from .errors import ConfigurationError, DocumentNotFound, InvalidFieldError, KnowledgeBaseNotFound
+from .knowledge_base import DocumentInfo, KBManifest, KnowledgeBase, RetrievalMode
 from .layout import KBLayout, validate_knowledge_id
+from .readers import SUPPORTED_SUFFIXES, read_bytes, read_file
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = {".txt", ".md", ".markdown"}
-CHUNK_TOKENS = 200
-CHUNK_OVERLAP = 20
 EMBED_BATCH = 64
-_NODE_NAMESPACE = uuid.UUID("6f1c0a3e-4f0e-4d55-9a57-3d1f7f2b8c11")
+RESERVED_METADATA = frozenset(
+    {"document_id", "chunk_id", "parent_id", "file_name", "file_path", "file_type", "file_size",
+     "last_modified", "title"}
+)
+
+Progress = Callable[[str, int, int], None]
 
 
 class IngestSummary(BaseModel):
     knowledge_id: str
     documents: int = 0
+    unchanged: int = 0
+    removed: int = 0
     chunks: int = 0
+    total_documents: int = 0
     total_chunks: int = 0
     skipped: list[str] = Field(default_factory=list)
     failed: dict[str, str] = Field(default_factory=dict)
 
 
-def document_id_for(relative_path: str) -> str:
-    return hashlib.sha256(relative_path.encode()).hexdigest()[:20]
+@dataclass
+class Source:
+    """One document to (re)index: its LlamaIndex documents and what we record about it."""
+
+    info: DocumentInfo
+    documents: list[Document] = field(default_factory=list)
 
 
-def collect_files(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(file, path relative to what the user named) for supported files, and skipped ones."""
-    found: list[tuple[Path, str]] = []
+def document_id_for(file_path: str) -> str:
+    return hashlib.sha256(file_path.encode()).hexdigest()[:20]
+
+
+def _base_metadata(info: DocumentInfo) -> dict[str, Any]:
+    metadata = {
+        "document_id": info.document_id,
+        "title": info.title,
+        "file_name": info.file_name,
+        "file_path": info.file_path,
+        "file_type": info.file_type,
+        "file_size": info.file_size,
+        "last_modified": info.last_modified,
+    }
+    return {**info.metadata, **{k: v for k, v in metadata.items() if v is not None}}
+
+
+def _attach(source: Source, documents: list[Document]) -> Source:
+    metadata = _base_metadata(source.info)
+    for document in documents:
+        document.metadata = {**document.metadata, **metadata}
+        # Metadata is for filters and citations: keep it out of the chunk budget and
+        # out of the embedded and BM25-indexed text.
+        document.excluded_embed_metadata_keys = list(document.metadata)
+        document.excluded_llm_metadata_keys = list(document.metadata)
+    source.documents = documents
+    return source
+
+
+def check_user_metadata(metadata: object, field_name: str = "metadata") -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidFieldError(field_name, "must be a JSON object")
+    for key, value in metadata.items():
+        if key in RESERVED_METADATA:
+            raise InvalidFieldError(f"{field_name}.{key}", "is set by the knowledge base itself")
+        if not isinstance(value, str | int | float | bool | list | type(None)):
+            raise InvalidFieldError(f"{field_name}.{key}", "must be a string, number, boolean, "
+                                    "list or null")
+    return dict(metadata)
+
+
+def file_source(file: Path, file_path: str, source_root: str | None) -> Source:
+    data = file.read_bytes()
+    stat = file.stat()
+    info = DocumentInfo(
+        document_id=document_id_for(file_path), title=file.name, file_name=file.name,
+        file_path=file_path, file_type=file.suffix.lower().lstrip("."), file_size=stat.st_size,
+        last_modified=int(stat.st_mtime), content_hash=hashlib.sha256(data).hexdigest(),
+        source_root=source_root,
+    )
+    return Source(info)
+
+
+def upload_source(data: bytes, filename: str, metadata: dict[str, Any]) -> Source:
+    name = Path(filename).name
+    if not name:
+        raise InvalidFieldError("file", "the upload has no file name")
+    digest = hashlib.sha256(data + json.dumps(metadata, sort_keys=True).encode()).hexdigest()
+    info = DocumentInfo(
+        document_id=document_id_for(f"upload/{name}"), title=name, file_name=name,
+        file_path=f"upload/{name}", file_type=Path(name).suffix.lower().lstrip("."),
+        file_size=len(data), last_modified=int(time.time()), content_hash=digest,
+        metadata=metadata,
+    )
+    return _attach(Source(info), read_bytes(data, name))
+
+
+def text_source(title: str, text: str, metadata: dict[str, Any],
+                document_id: str | None = None) -> Source:
+    if not text.strip():
+        raise InvalidFieldError("text", "is empty")
+    key = json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False)
+    info = DocumentInfo(
+        document_id=document_id or document_id_for(f"text/{title}"), title=title,
+        file_name=title, file_path=f"text/{title}", file_type="text",
+        file_size=len(text.encode()), last_modified=int(time.time()),
+        content_hash=hashlib.sha256(key.encode()).hexdigest(), metadata=metadata,
+    )
+    return _attach(Source(info), [Document(text=text)])
+
+
+def scan(paths: Sequence[Path]) -> tuple[list[tuple[Path, str, str]], list[str]]:
+    """(file, file_path, source root) for supported files under ``paths``, and skipped ones.
+
+    ``file_path`` starts with the named folder's own name, so two folders with the same
+    relative layout never collide, and moving a folder keeps its documents' ids.
+    """
+    found: list[tuple[Path, str, str]] = []
     skipped: list[str] = []
     for root in paths:
         if not root.exists():
             raise InvalidFieldError("PATH", f"{root} does not exist")
+        root = root.resolve()
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        base = root.parent if root.is_file() else root
+        base = root.parent
         for file in files:
-            relative = file.relative_to(base).as_posix()
-            if any(part.startswith(".") for part in Path(relative).parts):
+            file_path = file.relative_to(base).as_posix()
+            if any(part.startswith(".") for part in Path(file_path).parts):
                 continue
-            if file.suffix.lower() in TEXT_SUFFIXES:
-                found.append((file, relative))
+            if file.suffix.lower() in SUPPORTED_SUFFIXES:
+                found.append((file, file_path, str(root)))
             else:
-                skipped.append(relative)
+                skipped.append(file_path)
     return found, skipped
 
 
-def load_documents(file: Path, relative: str) -> list[Document]:
-    stat = file.stat()
-    metadata = {
-        "document_id": document_id_for(relative),
-        "file_name": file.name,
-        "file_path": relative,
-        "file_type": file.suffix.lower().lstrip("."),
-        "file_size": stat.st_size,
-        "last_modified": int(stat.st_mtime),
-    }
-    reader = SimpleDirectoryReader(
-        input_files=[file], file_metadata=lambda _: dict(metadata), raise_on_error=True
-    )
-    documents = reader.load_data()
-    for document in documents:
-        # Metadata is for filters and citations: keep it out of the chunk budget and
-        # out of the embedded and BM25-indexed text.
-        document.excluded_embed_metadata_keys = list(metadata)
-        document.excluded_llm_metadata_keys = list(metadata)
-    return documents
-
-
-def chunk_documents(documents: Iterable[Document]) -> list[TextNode]:
-    splitter = SentenceSplitter(
-        chunk_size=CHUNK_TOKENS,
-        chunk_overlap=CHUNK_OVERLAP,
-        tokenizer=minilm_tokenizer(),
-        include_prev_next_rel=False,
-    )
-    nodes: list[TextNode] = []
-    per_document: dict[str, int] = {}
-    for node in splitter.get_nodes_from_documents(list(documents)):
-        if not node.get_content().strip():
-            continue
-        document_id = node.metadata["document_id"]
-        index = per_document.get(document_id, 0)
-        per_document[document_id] = index + 1
-        chunk = TextNode(
-            id_=str(uuid.uuid5(_NODE_NAMESPACE, f"{document_id}/{index}")),
-            text=node.get_content(),
-            metadata=dict(node.metadata),
-        )
-        chunk.excluded_embed_metadata_keys = list(chunk.metadata)
-        chunk.excluded_llm_metadata_keys = list(chunk.metadata)
-        nodes.append(chunk)
-    return nodes
+def embed_texts(texts: Sequence[str], embed_model: BaseEmbedding,
+                progress: Progress | None = None) -> np.ndarray:
+    rows: list[list[float]] = []
+    for start in range(0, len(texts), EMBED_BATCH):
+        rows.extend(embed_model.get_text_embedding_batch(list(texts[start : start + EMBED_BATCH])))
+        if progress is not None:
+            progress("embedding", min(start + EMBED_BATCH, len(texts)), len(texts))
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.asarray(rows, dtype=np.float32)
 
 
 def embed_nodes(nodes: Sequence[BaseNode], embed_model: BaseEmbedding) -> np.ndarray:
-    texts = [node.get_content() for node in nodes]
-    rows: list[list[float]] = []
-    for start in range(0, len(texts), EMBED_BATCH):
-        rows.extend(embed_model.get_text_embedding_batch(texts[start : start + EMBED_BATCH]))
-    dimension = embed_model.spec.dimension if hasattr(embed_model, "spec") else 0
-    return np.asarray(rows, dtype=np.float32).reshape(len(texts), -1 if texts else dimension)
+    return embed_texts([node.get_content() for node in nodes], embed_model)
 
 
-def ingest(
+def current_kb(data_dir: Path, knowledge_id: str) -> KnowledgeBase | None:
+    version = KBLayout(data_dir, knowledge_id).current_version()
+    return KnowledgeBase(version) if version is not None else None
+
+
+def ingest_paths(
     data_dir: Path,
     knowledge_id: str,
     paths: Sequence[Path],
@@ -134,83 +201,183 @@ def ingest(
     embed_model: BaseEmbedding | None,
     mode: RetrievalMode = "hybrid",
     semantic_weight: float = 0.7,
+    chunking: ChunkingConfig | None = None,
+    sync: bool = False,
+    progress: Progress | None = None,
 ) -> IngestSummary:
-    """Add or replace the given files' documents in ``knowledge_id``."""
+    """Add new and changed files under ``paths``; with ``sync``, remove vanished ones."""
     validate_knowledge_id(knowledge_id, field="--kb")
-    if mode != "keyword" and embed_model is None:
-        raise ConfigurationError(f"{mode} retrieval needs an embedding model")
-    files, skipped = collect_files(paths)
+    files, skipped = scan(paths)
     summary = IngestSummary(knowledge_id=knowledge_id, skipped=skipped)
-    documents: list[Document] = []
-    for file, relative in files:
+    existing = current_kb(data_dir, knowledge_id)
+    known = existing.documents if existing is not None else {}
+    sources: list[Source] = []
+    seen: set[str] = set()
+    for number, (file, file_path, root) in enumerate(files, start=1):
         try:
-            documents.extend(load_documents(file, relative))
-        except Exception as exc:  # a bad file is reported, never aborts the others
-            summary.failed[relative] = f"{type(exc).__name__}: {exc}"
-    new_nodes = chunk_documents(documents)
-    summary.documents = len({d.metadata["document_id"] for d in documents})
-    summary.chunks = len(new_nodes)
-    return add_nodes(
-        data_dir, knowledge_id, new_nodes, summary,
-        embed_model=embed_model if mode != "keyword" else None,
-        mode=mode, semantic_weight=semantic_weight,
-    )
+            source = file_source(file, file_path, root)
+            seen.add(source.info.document_id)
+            previous = known.get(source.info.document_id)
+            if previous is not None and previous.content_hash == source.info.content_hash:
+                summary.unchanged += 1
+            else:
+                sources.append(_attach(source, read_file(file, source_name=file_path)))
+        except (InvalidFieldError, OSError) as exc:
+            summary.failed[file_path] = getattr(exc, "message", None) or str(exc)
+        if progress is not None:
+            progress("reading", number, len(files))
+    roots = {str(p.resolve()) for p in paths}
+    removed = set()
+    if sync:
+        removed = {doc_id for doc_id, info in known.items()
+                   if info.source_root in roots and doc_id not in seen}
+    return apply_changes(data_dir, knowledge_id, sources, removed, summary,
+                         embed_model=embed_model, mode=mode, semantic_weight=semantic_weight,
+                         chunking=chunking, progress=progress)
 
 
-def add_nodes(
+def apply_changes(
     data_dir: Path,
     knowledge_id: str,
-    new_nodes: list[TextNode],
+    sources: Sequence[Source],
+    removed: set[str],
     summary: IngestSummary,
     *,
     embed_model: BaseEmbedding | None,
-    mode: RetrievalMode,
-    semantic_weight: float,
-    chunking: dict[str, Any] | None = None,
+    mode: RetrievalMode = "hybrid",
+    semantic_weight: float = 0.7,
+    chunking: ChunkingConfig | None = None,
+    progress: Progress | None = None,
 ) -> IngestSummary:
-    """Publish a version holding the previous chunks (minus replaced documents) plus these."""
+    """Publish a version with ``sources`` added or replaced and ``removed`` deleted."""
+    validate_knowledge_id(knowledge_id)
     layout = KBLayout(data_dir, knowledge_id)
-    new_vectors = embed_nodes(new_nodes, embed_model) if embed_model is not None else None
-    replaced = {node.metadata["document_id"] for node in new_nodes}
+    existing = current_kb(data_dir, knowledge_id)
+    manifest = _manifest_for(existing, knowledge_id, embed_model, mode, semantic_weight, chunking)
+    config = ChunkingConfig.model_validate(manifest.chunking)
+    result = chunk([d for s in sources for d in s.documents], config, minilm_tokenizer())
+    new_vectors = None
+    if manifest.embedding is not None and result.chunks:
+        using = getattr(embed_model, "spec", None)
+        if embed_model is None or using is None or using.id != manifest.embedding.id:
+            raise ConfigurationError(
+                f"knowledge base {knowledge_id!r} was built with embedding "
+                f"{manifest.embedding.id}, but {using.id if using else 'none'} is configured: "
+                "use the same embedding model, or drop and rebuild the knowledge base"
+            )
+        new_vectors = embed_texts([n.get_content() for n in result.chunks], embed_model, progress)
+    counts: dict[str, int] = {}
+    for node in result.chunks:
+        counts[node.metadata["document_id"]] = counts.get(node.metadata["document_id"], 0) + 1
+    parent_ids: dict[str, list[str]] = {}
+    for node in result.parents:
+        parent_ids.setdefault(node.metadata["document_id"], []).append(node.node_id)
+    new_infos = {
+        s.info.document_id: s.info.model_copy(update={
+            "chunks": counts.get(s.info.document_id, 0),
+            "parent_ids": parent_ids.get(s.info.document_id, [])})
+        for s in sources
+    }
+    if not new_infos and not removed:
+        summary.total_documents = len(existing.documents) if existing else 0
+        summary.total_chunks = len(existing) if existing else 0
+        return summary
+
     with layout.write_lock():
-        previous = layout.current_version()
+        existing = current_kb(data_dir, knowledge_id)  # another writer may have published
+        replaced = set(new_infos) | removed
         kept_nodes: list[BaseNode] = []
-        kept_vectors: np.ndarray | None = None
-        manifest = KBManifest(
-            knowledge_id=knowledge_id,
-            embedding=embed_model.spec if embed_model is not None else None,
-            retrieval_mode=mode,
-            semantic_weight=semantic_weight,
-            chunking=chunking or {"chunk_tokens": CHUNK_TOKENS, "chunk_overlap": CHUNK_OVERLAP},
-        )
-        if previous is not None:
-            old = KnowledgeBase(previous)
-            _check_same_embedding(old.manifest, manifest)
-            manifest = old.manifest.model_copy(update={"updated_at": manifest.updated_at})
-            keep_rows = np.flatnonzero(~np.isin(old.document_ids, list(replaced)))
-            kept_nodes = old.nodes(old.node_ids[keep_rows].tolist())
-            if old.vectors is not None:
-                kept_vectors = np.asarray(old.vectors.rows(keep_rows))
-        nodes = kept_nodes + list(new_nodes)
+        kept_parents: list[BaseNode] = []
+        kept_vectors = None
+        documents: dict[str, DocumentInfo] = {}
+        if existing is not None:
+            summary.removed = len(removed & existing.documents.keys())
+            keep_rows = np.flatnonzero(~np.isin(existing.document_ids, list(replaced)))
+            kept_nodes = existing.nodes(existing.node_ids[keep_rows].tolist())
+            documents = {k: v for k, v in existing.documents.items() if k not in replaced}
+            kept_parents = existing.nodes([p for info in documents.values()
+                                           for p in info.parent_ids])
+            if existing.vectors is not None:
+                kept_vectors = existing.vectors.rows(keep_rows)
+        documents.update(new_infos)
+        nodes = kept_nodes + list(result.chunks)
         vectors = None
         if manifest.embedding is not None:
             parts = [v for v in (kept_vectors, new_vectors) if v is not None and len(v)]
-            vectors = np.vstack(parts) if parts else np.zeros((0, manifest.embedding.dimension))
-        documents = {node.metadata.get("document_id") for node in nodes}
+            vectors = (np.vstack(parts) if parts
+                       else np.zeros((0, manifest.embedding.dimension), dtype=np.float32))
         manifest = manifest.model_copy(update={"documents": len(documents)})
-        write_version(layout, manifest, nodes, vectors)
+        write_version(layout, manifest, nodes, vectors, documents,
+                      parents=kept_parents + list(result.parents))
+    summary.documents = len(new_infos)
+    summary.chunks = len(result.chunks)
+    summary.total_documents = len(documents)
     summary.total_chunks = len(nodes)
-    log.info("knowledge base %s: %d chunks", knowledge_id, len(nodes))
+    log.info("knowledge base %s: %d documents, %d chunks", knowledge_id, len(documents),
+             len(nodes))
     return summary
 
 
-def _check_same_embedding(old: KBManifest, new: KBManifest) -> None:
-    if old.embedding is None and new.embedding is None:
-        return
-    if old.embedding is None or new.embedding is None or old.embedding.id != new.embedding.id:
-        raise ConfigurationError(
-            f"knowledge base {old.knowledge_id!r} was built with embedding "
-            f"{old.embedding.id if old.embedding else 'none (keyword only)'}; adding documents "
-            f"with {new.embedding.id if new.embedding else 'none'} would mix vector spaces. "
-            "Use the same embedding or drop and rebuild it"
-        )
+def publish_nodes(
+    data_dir: Path,
+    knowledge_id: str,
+    nodes: Sequence[TextNode],
+    vectors: np.ndarray | None,
+    embedding: EmbeddingSpec | None,
+    mode: RetrievalMode = "hybrid",
+) -> None:
+    """Publish ready-made nodes (row i = nodes[i] = vectors[i]) as a whole knowledge base.
+
+    For corpora that arrive already split and embedded (the benchmark, tests).
+    """
+    counts = Counter(str(node.metadata["document_id"]) for node in nodes)
+    documents = {doc_id: DocumentInfo(document_id=doc_id, title=doc_id, chunks=count)
+                 for doc_id, count in counts.items()}
+    manifest = KBManifest(knowledge_id=knowledge_id, embedding=embedding, retrieval_mode=mode,
+                          documents=len(documents))
+    layout = KBLayout(data_dir, knowledge_id)
+    with layout.write_lock():
+        write_version(layout, manifest, list(nodes), vectors, documents)
+
+
+def delete_document(data_dir: Path, knowledge_id: str, document_id: str) -> DocumentInfo:
+    existing = current_kb(data_dir, knowledge_id)
+    if existing is None:
+        raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+    info = existing.documents.get(document_id)
+    if info is None:
+        raise DocumentNotFound(
+            f"document {document_id!r} is not in knowledge base {knowledge_id!r}")
+    apply_changes(data_dir, knowledge_id, [], {document_id},
+                  IngestSummary(knowledge_id=knowledge_id), embed_model=None)
+    return info
+
+
+def drop_knowledge_base(data_dir: Path, knowledge_id: str) -> None:
+    layout = KBLayout(data_dir, knowledge_id)
+    if layout.current_version() is None:
+        raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+    with layout.write_lock():
+        layout.drop()
+
+
+def _manifest_for(existing: KnowledgeBase | None, knowledge_id: str,
+                  embed_model: BaseEmbedding | None, mode: RetrievalMode,
+                  semantic_weight: float, chunking: ChunkingConfig | None) -> KBManifest:
+    if existing is not None:
+        recorded = ChunkingConfig.model_validate(existing.manifest.chunking)
+        if chunking is not None and chunking != recorded:
+            raise ConfigurationError(
+                f"knowledge base {knowledge_id!r} was built with other chunking settings "
+                f"({recorded.model_dump_json()}); drop it to change them"
+            )
+        return existing.manifest.model_copy(update={"updated_at": time.time()})
+    if mode != "keyword" and embed_model is None:
+        raise ConfigurationError(f"{mode} retrieval needs an embedding model")
+    return KBManifest(
+        knowledge_id=knowledge_id,
+        embedding=embed_model.spec if embed_model is not None and mode != "keyword" else None,
+        retrieval_mode=mode,
+        semantic_weight=semantic_weight,
+        chunking=(chunking or ChunkingConfig()).model_dump(),
+    )

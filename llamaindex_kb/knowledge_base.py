@@ -41,6 +41,7 @@ KEYWORD_DIR = "keyword"
 VECTOR_DIR = "vectors"
 METADATA_FILE = "metadata.json"
 NODE_IDS_FILE = "node_ids.npy"
+DOCUMENTS_FILE = "documents.json"
 DOCUMENT_IDS_FILE = "document_ids.npy"
 FORMAT_VERSION = 1
 
@@ -67,6 +68,28 @@ class KBManifest(BaseModel):
     @classmethod
     def read(cls, version_dir: Path) -> KBManifest:
         return cls.model_validate(json.loads((version_dir / MANIFEST_FILE).read_text()))
+
+
+class DocumentInfo(BaseModel):
+    """What a knowledge base records about one document (listing, re-ingest, delete)."""
+
+    document_id: str
+    title: str
+    file_name: str | None = None
+    file_path: str | None = None
+    file_type: str | None = None
+    file_size: int | None = None
+    last_modified: int | None = None
+    content_hash: str = ""
+    source_root: str | None = None
+    chunks: int = 0
+    parent_ids: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def write_documents(version_dir: Path, documents: dict[str, DocumentInfo]) -> None:
+    payload = {doc_id: info.model_dump() for doc_id, info in documents.items()}
+    (version_dir / DOCUMENTS_FILE).write_text(json.dumps(payload, ensure_ascii=False))
 
 
 class QueryPlan(BaseModel):
@@ -98,6 +121,19 @@ class KnowledgeBase:
         )
         self.metadata = MetadataTable.load(version_dir / METADATA_FILE)
         self.docstore = KVDocumentStore(SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True))
+        self._documents: dict[str, DocumentInfo] | None = None
+
+    @property
+    def documents(self) -> dict[str, DocumentInfo]:
+        """Loaded on first use: queries never need it."""
+        if self._documents is None:
+            raw = json.loads((self.version_dir / DOCUMENTS_FILE).read_text())
+            self._documents = {k: DocumentInfo.model_validate(v) for k, v in raw.items()}
+        return self._documents
+
+    @property
+    def parent_child(self) -> bool:
+        return self.manifest.chunking.get("mode") == "parent_child"
 
     def __len__(self) -> int:
         return int(self.node_ids.shape[0])
@@ -113,12 +149,38 @@ class KnowledgeBase:
         keep = scores >= max(plan.score_threshold, np.finfo(np.float32).tiny)
         if plan.condition is not None:
             keep &= self.metadata.mask(plan.condition)
-        rows = top_rows(np.where(keep, scores, -np.inf), plan.top_k)
+        ranked = np.where(keep, scores, -np.inf)
+        if self.parent_child:
+            return self._parents(ranked, plan.top_k)
+        rows = top_rows(ranked, plan.top_k)
         nodes = self.nodes([str(self.node_ids[row]) for row in rows])
         return [
             NodeWithScore(node=node, score=float(scores[row]))
             for row, node in zip(rows, nodes, strict=True)
         ]
+
+    def _parents(self, ranked: np.ndarray, top_k: int) -> list[NodeWithScore]:
+        """Child chunks are matched; each parent is returned once, with its best child's score.
+
+        Several children may share a parent, so children are taken in growing batches
+        until ``top_k`` distinct parents are found or no matching child is left.
+        """
+        available = int(np.isfinite(ranked).sum())
+        want = top_k * 4
+        while True:
+            rows = top_rows(ranked, min(want, available))
+            children = self.nodes([str(self.node_ids[row]) for row in rows])
+            best: dict[str, float] = {}
+            for row, child in zip(rows, children, strict=True):
+                parent_id = child.metadata.get("parent_id", child.node_id)
+                best.setdefault(parent_id, float(ranked[row]))
+            if len(best) >= top_k or len(rows) >= available:
+                break
+            want *= 4
+        chosen = list(best.items())[:top_k]
+        parents = self.nodes([parent_id for parent_id, _ in chosen])
+        return [NodeWithScore(node=node, score=score)
+                for node, (_, score) in zip(parents, chosen, strict=True)]
 
     def nodes(self, node_ids: list[str]) -> list[BaseNode]:
         return self.docstore.get_nodes(node_ids)

@@ -18,14 +18,16 @@ from typing import Any
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from werkzeug import Request, Response
 
+from . import openai_compat
 from .api import KnowledgeAPI
 from .config import Settings, plugin_settings
 from .embeddings import LocalMiniLMEmbedding
 from .errors import KBError
-from .ingest import ingest
+from .ingest import ingest_paths
 from .layout import KBLayout
 from .library import DEMO_KB, DEMO_SOURCE, Library, demo_fingerprint
 from .models import Models
+from .rerank import Reranker
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,27 @@ def local_embedding() -> LocalMiniLMEmbedding:
     return LocalMiniLMEmbedding()
 
 
-def models_for(settings: Settings, session: object | None = None) -> Models:
+def models_for(settings: Settings, session: Any | None = None) -> Models:
     """The embedding model (and reranker) for one request.
 
-    ``session`` is the Dify plugin session of the request, if any.
+    ``session`` is the Dify plugin session of the request, if any. Precedence: the
+    workspace embedding model chosen in the plugin form, then an OpenAI-compatible
+    server (``embedding_base_url``), then the bundled local model.
     """
-    return Models(embed_model=local_embedding())
+    embed_model: BaseEmbedding | None = None
+    reranker: Reranker | None = None
+    if session is not None:
+        # Imported here: dify_plugin gevent-patches the process on import, which the
+        # standalone server must never get.
+        from . import dify_models
+
+        embed_model = dify_models.workspace_embedding(settings, session)
+        reranker = dify_models.workspace_reranker(settings, session)
+    if embed_model is None:
+        embed_model = openai_compat.embedding_for(settings)
+    if embed_model is None:
+        embed_model = local_embedding()
+    return Models(embed_model=embed_model, reranker=reranker)
 
 
 def library_for(settings: Settings) -> Library:
@@ -74,7 +91,7 @@ def ensure_demo(data_dir: Path, embed_model: BaseEmbedding | None) -> None:
             return
     log.info("building the demo knowledge base in %s", layout.root)
     layout.drop()
-    ingest(data_dir, DEMO_KB, [DEMO_SOURCE], embed_model=embed_model)
+    ingest_paths(data_dir, DEMO_KB, [DEMO_SOURCE], embed_model=embed_model)
     marker.write_text(fingerprint)
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 import dify_plugin  # noqa: F401  isort: skip
 
 import binascii
+import contextlib
 import json
 import os
+import queue
+import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,12 +63,13 @@ def dify_body(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode()
 
 
-def go_raw_request(path: str, body: bytes | None, headers: dict[str, str]) -> bytes:
+def go_raw_request(path: str, body: bytes | None, headers: dict[str, str],
+                   method: str = "POST") -> bytes:
     """The daemon's re-serialisation (Go's Request.Write): Host, User-Agent, Content-Length,
     then the remaining headers in canonical form, sorted, plus Dify-Hook-Id."""
     merged = {"Dify-Hook-Id": "hook-test", **headers}
     lines = [
-        f"POST {path} HTTP/1.1",
+        f"{method} {path} HTTP/1.1",
         "Host: localhost:5002",
         "User-Agent: Go-http-client/1.1",
         f"Content-Length: {len(body or b'')}",
@@ -93,10 +98,13 @@ class PluginTransport:
         self.settings = settings
 
     def post(self, path: str, body: bytes | None, headers: dict[str, str]) -> Reply:
+        return self.send("POST", path, body, headers)
+
+    def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> Reply:
         from dify_plugin.core.entities.plugin.request import EndpointInvokeRequest
         from dify_plugin.core.runtime import Session
 
-        raw = go_raw_request(path, body, headers)
+        raw = go_raw_request(path, body, headers, method)
         request = EndpointInvokeRequest(
             settings=self.settings, raw_http_request=binascii.hexlify(raw).decode()
         )
@@ -116,26 +124,37 @@ class ServerTransport:
         self.client = httpx.Client(timeout=httpx.Timeout(5.0))
 
     def post(self, path: str, body: bytes | None, headers: dict[str, str]) -> Reply:
+        return self.send("POST", path, body, headers)
+
+    def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> Reply:
         # Dify concatenates strings, f"{endpoint}/retrieval", so do the same.
-        response = self.client.post(self.base_url + path, content=body, headers=headers)
+        response = self.client.request(method, self.base_url + path, content=body,
+                                       headers=headers)
         return Reply(response.status_code, response.content, dict(response.headers))
+
+
+@contextlib.contextmanager
+def standalone_server(data_dir: Path, **settings: Any) -> Iterator[str]:
+    """The standalone server on a free port in a thread, as `serve` runs it."""
+    from llamaindex_kb import load_settings
+    from llamaindex_kb.server import create_server
+
+    server = create_server(load_settings(
+        {"api_key": API_KEY, "data_dir": data_dir, "port": 0, **settings}, environ={}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="session")
 def running_server(demo_data_dir: Path) -> Iterator[str]:
-    from llamaindex_kb import load_settings
-    from llamaindex_kb.server import create_server
-
-    settings = load_settings(
-        {"api_key": API_KEY, "data_dir": demo_data_dir, "demo": True, "port": 0}, environ={}
-    )
-    server = create_server(settings)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield f"http://{host}:{port}"
-    server.shutdown()
-    server.server_close()
+    with standalone_server(demo_data_dir, demo=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="session", params=["plugin", "server"])
@@ -145,3 +164,99 @@ def transport(
     if request.param == "plugin":
         return PluginTransport({"api_key": API_KEY, "data_dir": str(demo_data_dir), "demo": True})
     return ServerTransport(request.getfixturevalue("running_server"))
+
+
+# Plays Dify for the plugin's backwards invocations: (invocation type, e.g.
+# "text_embedding" or "rerank"; its request payload) -> the daemon's answer events.
+DaemonAnswer = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
+
+
+def daemon_response(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the daemon sends for a successful model call: the result, then the end."""
+    return [{"event": "response", "message": "struct", "data": data},
+            {"event": "end", "message": "", "data": None}]
+
+
+def daemon_error(message: str) -> list[dict[str, Any]]:
+    """What the daemon sends for a failed call (WriteError, then EndResponse)."""
+    return [{"event": "error", "message": message, "data": None},
+            {"event": "end", "message": "", "data": None}]
+
+
+class PluginProcess:
+    """``python -m main`` as the daemon runs it; the test plays the daemon's side."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "main"],
+            cwd=PLUGIN_ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                self.lines.put(json.loads(raw))
+            except json.JSONDecodeError:
+                continue
+
+    def send(self, line: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(line).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def invoke(self, session_id: str, settings: dict[str, Any], raw: bytes,
+               timeout: float = 60.0, answer: DaemonAnswer | None = None) -> dict[str, Any]:
+        """Send one endpoint request; answer its backwards invocations with ``answer``."""
+        self.send({
+            "session_id": session_id,
+            "event": "request",
+            "data": {
+                "type": "endpoint",
+                "action": "invoke_endpoint",
+                "settings": settings,
+                "raw_http_request": binascii.hexlify(raw).decode(),
+            },
+        })
+        head: dict[str, Any] = {}
+        body = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line.get("event") != "session" or line.get("session_id") != session_id:
+                continue
+            data = line["data"]
+            if data["type"] == "invoke":
+                self._answer(session_id, data["data"], answer)
+            elif data["type"] == "stream":
+                head.update({k: v for k, v in data["data"].items() if k != "result"})
+                body += binascii.unhexlify(data["data"].get("result", ""))
+            elif data["type"] == "end":
+                return {"status": head["status"], "json": json.loads(body)}
+            elif data["type"] == "error":
+                raise AssertionError(f"plugin reported an error: {data}")
+        raise AssertionError("no answer from the plugin process in time")
+
+    def _answer(self, session_id: str, invocation: dict[str, Any],
+                answer: DaemonAnswer | None) -> None:
+        if answer is None:
+            raise AssertionError(f"unexpected backwards invocation: {invocation}")
+        for event in answer(invocation["type"], invocation["request"]):
+            self.send({
+                "session_id": session_id,
+                "event": "backwards_response",
+                "data": {"backwards_request_id": invocation["backwards_request_id"], **event},
+            })
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

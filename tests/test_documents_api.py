@@ -1,0 +1,139 @@
+"""Knowledge-base maintenance over HTTP, through the plugin executor and the standalone server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import API_KEY, PluginTransport, Reply, ServerTransport, standalone_server
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(params=["plugin", "server"])
+def api(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[PluginTransport | ServerTransport]:
+    if request.param == "plugin":
+        yield PluginTransport({"api_key": API_KEY, "data_dir": str(tmp_path)})
+        return
+    with standalone_server(tmp_path) as url:
+        yield ServerTransport(url)
+
+
+def multipart(fields: dict[str, str], file: tuple[str, bytes] | None) -> tuple[bytes, dict]:
+    files = {"file": (file[0], file[1])} if file else None
+    request = httpx.Request("POST", "http://x/documents", data=fields, files=files)
+    return request.read(), {**AUTH, "Content-Type": request.headers["Content-Type"]}
+
+
+def upload(api: Any, kb: str, name: str, content: bytes, metadata: dict | None = None) -> Reply:
+    fields = {"knowledge_id": kb}
+    if metadata is not None:
+        fields["metadata"] = json.dumps(metadata)
+    body, headers = multipart(fields, (name, content))
+    return api.post("/documents", body, headers)
+
+
+def post_json(api: Any, path: str, payload: dict) -> Reply:
+    return api.post(path, json.dumps(payload).encode(),
+                    {**AUTH, "Content-Type": "application/json"})
+
+
+def retrieve(api: Any, kb: str, query: str, condition: dict | None = None) -> list[dict]:
+    payload: dict[str, Any] = {"knowledge_id": kb, "query": query,
+                               "retrieval_setting": {"top_k": 5, "score_threshold": 0.0}}
+    if condition:
+        payload["metadata_condition"] = condition
+    reply = post_json(api, "/retrieval", payload)
+    assert reply.status == 200, reply.body
+    return reply.json()["records"]
+
+
+def test_uploaded_file_with_metadata_is_retrievable_and_filterable(api):
+    reply = upload(api, "handbook", "leave.md", b"# Leave\n\nEmployees get 25 days of paid leave.",
+                   {"department": "hr", "year": 2024})
+    assert reply.status == 201, reply.body
+    document = reply.json()["document"]
+    assert document["file_name"] == "leave.md" and document["chunks"] >= 1
+    found = retrieve(api, "handbook", "paid leave days")
+    assert found[0]["metadata"]["document_id"] == document["document_id"]
+    assert found[0]["metadata"]["department"] == "hr"
+    hr_only = {"conditions": [{"name": "department", "comparison_operator": "is", "value": "it"}]}
+    assert retrieve(api, "handbook", "paid leave days", hr_only) == []
+
+
+def test_posted_text_is_a_document(api):
+    reply = post_json(api, "/documents", {"knowledge_id": "notes", "title": "Wi-Fi",
+                                          "text": "The guest Wi-Fi password is rotated monthly.",
+                                          "metadata": {"team": "it"}})
+    assert reply.status == 201, reply.body
+    assert retrieve(api, "notes", "guest wifi password")[0]["title"] == "Wi-Fi"
+
+
+def test_listing_knowledge_bases_and_documents_then_deleting_one(api):
+    first = upload(api, "kb", "a.txt", b"Apples are red or green.").json()["document"]
+    upload(api, "kb", "b.txt", b"Bananas are yellow.")
+    listed = api.send("GET", "/knowledge-bases", None, AUTH).json()["knowledge_bases"]
+    assert [(kb["knowledge_id"], kb["documents"]) for kb in listed] == [("kb", 2)]
+    documents = api.send("GET", "/knowledge-bases/kb/documents", None, AUTH).json()["documents"]
+    assert sorted(d["file_name"] for d in documents) == ["a.txt", "b.txt"]
+
+    deleted = api.send("DELETE", f"/knowledge-bases/kb/documents/{first['document_id']}",
+                       None, AUTH)
+    assert deleted.status == 200 and deleted.json()["deleted"] == first["document_id"]
+    remaining = retrieve(api, "kb", "apples red green")
+    assert [r["metadata"]["file_name"] for r in remaining] == ["b.txt"]
+    again = api.send("DELETE", f"/knowledge-bases/kb/documents/{first['document_id']}", None, AUTH)
+    assert (again.status, again.json()["error_code"]) == (404, 2002)
+
+
+def test_reuploading_a_file_replaces_its_chunks(api):
+    upload(api, "kb", "code.txt", b"The door code is 1234.")
+    upload(api, "kb", "code.txt", b"The door code is 9876.")
+    found = retrieve(api, "kb", "door code")
+    assert [r["content"] for r in found] == ["The door code is 9876."]
+
+
+@pytest.mark.parametrize(
+    ("fields", "file", "status", "field"),
+    [
+        ({}, ("a.txt", b"x"), 400, "knowledge_id"),
+        ({"knowledge_id": "kb"}, None, 400, "file"),
+        ({"knowledge_id": "kb", "metadata": "{not json"}, ("a.txt", b"text"), 400, "metadata"),
+        ({"knowledge_id": "kb", "metadata": "[1]"}, ("a.txt", b"text"), 400, "metadata"),
+        ({"knowledge_id": "kb", "metadata": '{"document_id": "x"}'}, ("a.txt", b"text"), 400,
+         "metadata.document_id"),
+        ({"knowledge_id": "kb"}, ("broken.pdf", b"%PDF-1.4 garbage"), 400, "broken.pdf"),
+        ({"knowledge_id": "kb"}, ("tool.exe", b"MZ\x00\x01"), 400, ".exe"),
+        ({"knowledge_id": "kb", "chunking": '{"max_tokens": -5}'}, ("a.txt", b"text"), 400,
+         "chunking.max_tokens"),
+    ],
+    ids=["no-kb", "no-file", "metadata-not-json", "metadata-not-object", "reserved-key",
+         "corrupt-pdf", "unsupported-type", "bad-chunking"],
+)
+def test_bad_uploads_are_400_naming_the_problem_and_leave_nothing_behind(
+    api, fields, file, status, field
+):
+    body, headers = multipart(fields, file)
+    reply = api.post("/documents", body, headers)
+    assert reply.status == status, reply.body
+    assert field in reply.json()["error_msg"]
+    listed = api.send("GET", "/knowledge-bases", None, AUTH).json()["knowledge_bases"]
+    assert listed == []
+
+
+def test_wrong_method_and_unknown_route_are_clear(api):
+    wrong = api.send("GET", "/documents", None, AUTH)
+    assert wrong.status in (404, 405)  # the plugin SDK routes by method itself: 404
+    unknown = api.send("GET", "/knowledge-bases/nope/documents", None, AUTH)
+    assert (unknown.status, unknown.json()["error_code"]) == (404, 2001)
+
+
+def test_maintenance_routes_need_the_key(api):
+    reply = api.send("GET", "/knowledge-bases", None, {"Authorization": "Bearer wrong"})
+    assert (reply.status, reply.json()["error_code"]) == (403, 1002)
