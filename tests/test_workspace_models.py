@@ -9,6 +9,7 @@ handling, so the same answer events reach our code.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -240,6 +241,9 @@ def test_documents_are_embedded_as_documents_in_batches_and_queries_as_queries()
     # The dimension is known from the answers: reading the spec costs no extra call.
     assert model.spec.id == f"dify:{PROVIDER}/batching:384"
     assert len(daemon.requests("text_embedding")) == 4
+
+    assert np.allclose(asyncio.run(model.aget_text_embedding_batch(texts)), vectors, atol=1e-7)
+    assert daemon.requests("text_embedding")[-1]["input_type"] == "document"
 
 
 def test_the_spec_probes_once_per_process_then_is_remembered_across_requests():
