@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import secrets
@@ -38,6 +39,7 @@ from llama_index.core.schema import TextNode
 from .config import load_settings
 from .ingest import embed_nodes, publish_nodes
 from .layout import KBLayout
+from .library import Library
 
 DEFAULT_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 SETS = ["scifact", "nfcorpus", "cmrc2018_retrieval"]
@@ -287,6 +289,77 @@ def scale(datasets_dir: Path, work_dir: Path, size: int, queries: int) -> None:
         proc.wait()
 
 
+def _ingest_folder(datasets_dir: Path, root: Path, chunks: int) -> Path:
+    """Text files of about 10 chunks each, from the first data set's sentences (cached)."""
+    folder = root / f"ingest-source-{chunks}"
+    if (folder / ".complete").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    sentences = [s.strip() for doc in read_jsonl(datasets_dir / "scifact" / "corpus.jsonl")
+                 for s in doc["text"].split(". ") if len(s.split()) > 3]
+    rng = np.random.default_rng(7)
+    for file_number in range(chunks // 10):
+        paragraphs = [". ".join(sentences[j] for j in rng.integers(0, len(sentences), 5)) + "."
+                      for _ in range(10)]
+        (folder / f"doc{file_number:06d}.txt").write_text("\n\n".join(paragraphs))
+    (folder / ".complete").write_text("")
+    return folder
+
+
+def ingestion(datasets_dir: Path, work_dir: Path, chunks: int) -> None:
+    import resource
+    import shutil
+
+    print(f"\n== ingestion: `ingest --mode keyword` of ~{chunks} chunks, fresh process ==")
+    folder = _ingest_folder(datasets_dir, work_dir, chunks)
+    target = work_dir / "ingest-target"
+    shutil.rmtree(target, ignore_errors=True)
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "llamaindex_kb", "ingest", str(folder), "--kb", "bench",
+         "--data-dir", str(target), "--mode", "keyword", "--no-progress"],
+        capture_output=True, text=True, check=True,
+    )
+    elapsed = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    made = KBLayout(target, "bench").current_version()
+    total = json.loads((made / "manifest.json").read_text())["chunks"] if made else 0
+    print(f"  {total} chunks in {elapsed:.1f} s = {total / elapsed:,.0f} chunks/s "
+          f"(process start included); peak memory {peak_mb:.0f} MB")
+    print(f"  {result.stdout.strip()}")
+    shutil.rmtree(target, ignore_errors=True)
+
+    from .ingest import ingest_paths
+    from .service import local_embedding
+
+    print("\n== ingestion with the local embedding model vs the raw model ==")
+    small = work_dir / "ingest-embed-source"
+    shutil.rmtree(small, ignore_errors=True)
+    small.mkdir()
+    for path in sorted(folder.glob("*.txt"))[:30]:
+        shutil.copy(path, small / path.name)
+    model = local_embedding()
+    model.get_text_embedding("warm up")
+    started = time.perf_counter()
+    summary = ingest_paths(target, "embed", [small], embed_model=model)
+    pipeline = time.perf_counter() - started
+    texts = [n.get_content() for n in Library(load_settings({"data_dir": target}, environ={}))
+             .open("embed").nodes(list(_node_ids(target, "embed")))]
+    started = time.perf_counter()
+    model.get_text_embedding_batch(texts)
+    raw = time.perf_counter() - started
+    print(f"  {summary.chunks} chunks: pipeline {summary.chunks / pipeline:.1f} chunks/s, "
+          "raw model "
+          f"{len(texts) / raw:.1f} chunks/s, overhead {100 * (pipeline - raw) / raw:.1f} %")
+    shutil.rmtree(target, ignore_errors=True)
+
+
+def _node_ids(data_dir: Path, knowledge_id: str) -> list[str]:
+    version = KBLayout(data_dir, knowledge_id).current_version()
+    assert version is not None
+    return np.load(version / "node_ids.npy").tolist()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m llamaindex_kb bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -300,14 +373,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--queries", type=int, default=300, help="queries for the latency run")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--skip-ingestion", action="store_true")
+    parser.add_argument("--ingest-chunks", type=int, default=100_000,
+                        help="chunks for the ingestion run")
     args = parser.parse_args(argv)
     if not args.datasets.is_dir():
         print(f"no data sets at {args.datasets}: pass --datasets DIR", file=sys.stderr)
         return 2
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    for noisy in ("httpx", "werkzeug", "llamaindex_kb.api", "bm25s"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.skip_quality:
         quality(args.datasets, args.work_dir, args.sets.split(","), args.modes.split(","))
     if not args.skip_scale:
         scale(args.datasets, args.work_dir, args.scale, args.queries)
+    if not args.skip_ingestion:
+        ingestion(args.datasets, args.work_dir, args.ingest_chunks)
     return 0
 

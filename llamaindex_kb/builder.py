@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from llama_index.core.schema import BaseNode
 from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
+from llama_index.core.storage.docstore.utils import doc_to_json
 
 from .filters import MetadataTable
 from .keyword import KeywordIndex
@@ -74,3 +75,15 @@ def write_version(
         raise
     layout.remove_stale_versions(keep={version} | ({previous} if previous else set()))
     return version
+
+
+def _store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:
+    """Write nodes where ``KVDocumentStore.get_nodes`` reads them, in one transaction.
+
+    ``add_documents`` would also maintain ref-doc and hash collections per node
+    (a read per node), which versions never use: documents.json records them.
+    """
+    kv = SQLiteKVStore(path)
+    collection = KVDocumentStore(kv)._node_collection
+    kv.put_all([(node.node_id, doc_to_json(node)) for node in nodes], collection=collection)
+    kv.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -62,6 +63,15 @@ class Source:
 
     info: DocumentInfo
     documents: list[Document] = field(default_factory=list)
+
+
+_APPROXIMATE_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|[^\W\u3040-\u30ff"
+                                r"\u3400-\u9fff\uac00-\ud7af]+|[^\w\s]")
+
+
+def approximate_tokens(text: str) -> list[str]:
+    """Words, CJK characters and punctuation: ~80 % of WordPiece counts at ~1/4 the cost."""
+    return _APPROXIMATE_TOKEN.findall(text)
 
 
 def document_id_for(file_path: str) -> str:
@@ -255,7 +265,10 @@ def apply_changes(
     existing = current_kb(data_dir, knowledge_id)
     manifest = _manifest_for(existing, knowledge_id, embed_model, mode, semantic_weight, chunking)
     config = ChunkingConfig.model_validate(manifest.chunking)
-    result = chunk([d for s in sources for d in s.documents], config, minilm_tokenizer())
+    # Chunks are sized in the embedding model's tokens, so none is silently truncated;
+    # a keyword-only knowledge base has no such limit and uses a far cheaper count.
+    tokenizer = minilm_tokenizer() if manifest.embedding is not None else approximate_tokens
+    result = chunk([d for s in sources for d in s.documents], config, tokenizer)
     new_vectors = None
     if manifest.embedding is not None and result.chunks:
         using = getattr(embed_model, "spec", None)

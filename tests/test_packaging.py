@@ -658,6 +658,8 @@ ADVICE: list[Any] = [
     (
         "embedding model selected without permission",
         chain(
+            # Without the code that invokes the model, only the selector is left to warn about.
+            remove("llamaindex_kb/dify_models.py"),
             manifest_set("resource.permission.model.text_embedding", False),
             add_setting(type="model-selector", scope="text-embedding"),
         ),
