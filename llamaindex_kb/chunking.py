@@ -38,9 +38,10 @@ How this differs from Dify (``api/core/rag``, checked 2026):
   truncates a full-doc parent at 10,000 tokens; here it is kept whole (parents are
   not embedded), so ``parent_max_tokens`` applies to paragraph mode only.
 - Pre-processing is described in ``clean_text``: Dify's rules, except that its
-  control-character pattern also deletes the letters ï, ¿ and ¾, its URL rule eats
-  text that follows a URL without a space (common in Chinese), and its whitespace
-  rule leaves lines holding only spaces, all three fixed here.
+  control-character pattern also deletes the letters ï, ¿ and ¾ and glues the words
+  around a form feed, its URL rule eats text that follows a URL without a space
+  (common in Chinese), and its whitespace rule leaves lines holding only spaces; all
+  of these are fixed here.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ Tokenizer = Callable[[str], Sequence[int]]
 # ids of knowledge bases built before it stay the same).
 NODE_NAMESPACE = uuid.UUID("6f1c0a3e-4f0e-4d55-9a57-3d1f7f2b8c11")
 
-# Parents and full documents are joined with this; children never contain it.
+# Joins the documents (a PDF's pages) of one full-doc parent.
 _DOCUMENT_JOINER = "\n\n"
 
 
@@ -127,8 +128,9 @@ class ChunkResult:
     parents: list[TextNode] = field(default_factory=list)
 
 
-_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
-_HORIZONTAL_SPACE = "\t\f\x20\u00a0\u1680\u180e\u2000-\u200a\u202f\u205f\u3000"
+_LINE_BREAKS = re.compile(r"\r\n?|[\v\f]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f\ufffe\uffff]")
+_HORIZONTAL_SPACE = "\t\x20\u00a0\u1680\u180e\u2000-\u200a\u202f\u205f\u3000"
 _SPACE_RUN = re.compile(f"[{_HORIZONTAL_SPACE}]{{2,}}")
 _SPACE_AROUND_NEWLINE = re.compile(f"[{_HORIZONTAL_SPACE}]*\n[{_HORIZONTAL_SPACE}]*")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -144,10 +146,10 @@ _URL_OR_IMAGE = re.compile(
 def clean_text(text: str, config: ChunkingConfig) -> str:
     """The pre-processing applied to every document before it is split.
 
-    Always: ``\\r\\n`` and ``\\r`` become ``\\n``; control characters other than tab
-    and newline (form feed too) and the non-characters U+FFFE/U+FFFF are deleted;
+    Always: ``\\r\\n``, ``\\r``, vertical tab and form feed become ``\\n``; other
+    control characters except tab, and the non-characters U+FFFE/U+FFFF, are deleted;
     ``<|`` becomes ``<`` and ``|>`` becomes ``>``, so a document cannot carry chat
-    template tokens such as ``<|im_start|>`` into an LLM prompt (as Dify does).
+    template tokens such as ``<|im_start|>`` into an LLM prompt (Dify does the same).
 
     ``remove_urls_emails`` (first, so the whitespace left behind is collapsed):
     email addresses (``name@host.tld``) and ``http://`` / ``https://`` URLs are
@@ -162,8 +164,7 @@ def clean_text(text: str, config: ChunkingConfig) -> str:
     horizontal whitespace at the start and end of lines is removed; three or more
     newlines become two, so paragraph breaks survive.
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROLS.sub("", text).replace("<|", "<").replace("|>", ">")
+    text = _CONTROLS.sub("", _LINE_BREAKS.sub("\n", text)).replace("<|", "<").replace("|>", ">")
     if config.remove_urls_emails:
         text = _EMAIL.sub("", text)
         text = _URL_OR_IMAGE.sub(lambda m: m.group(1) or "", text)

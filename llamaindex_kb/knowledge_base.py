@@ -193,7 +193,11 @@ class KnowledgeBase:
         semantic = self._semantic_scores(query, mode, embed_model)
         if mode == "vector" or weight == 1.0:
             return semantic
-        return weight * semantic + (1.0 - weight) * self.keyword.scores(query)
+        # float32 throughout: at 100k rows every full-length temporary costs real time.
+        keyword = self.keyword.scores(query).astype(np.float32)
+        semantic *= np.float32(weight)
+        keyword *= np.float32(1.0 - weight)
+        return semantic + keyword
 
     def _semantic_scores(
         self, query: str, mode: RetrievalMode, embed_model: BaseEmbedding | None
@@ -214,4 +218,4 @@ class KnowledgeBase:
                 "the same embedding model or rebuild the knowledge base"
             )
         embedding = embed_model.get_query_embedding(query)
-        return np.clip(self.vectors.similarities(embedding), 0.0, 1.0)
+        return np.clip(self.vectors.similarities(embedding), 0.0, 1.0, dtype=np.float32)

@@ -46,10 +46,10 @@ from llama_index.core.schema import Document
 
 from .errors import InvalidFieldError
 
-FIELD = "file"
+_FIELD = "file"
 # Keeps a library's error text readable in an API answer.
 _REASON_CHARS = 200
-# C0 and C1 control characters other than tab, newlines and form feed.
+# C0 and C1 control characters other than tab, line feed, carriage return, form feed.
 _CONTROLS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
 
 
@@ -158,12 +158,21 @@ class PDFReader(BaseReader):
 
         try:
             pdf = PdfReader(file)
-            if pdf.is_encrypted and not pdf.decrypt(""):
-                raise _UnreadableFile("is password-protected")
-            pages = [page.extract_text() or "" for page in pdf.pages]
-        except _UnreadableFile:
-            raise
         except Exception as exc:  # pypdf raises many types for damaged files
+            raise _UnreadableFile(f"is not a valid PDF ({_reason(exc)})") from exc
+        if pdf.is_encrypted:
+            # Many PDFs are encrypted only to restrict printing or copying, with an
+            # empty password for reading.
+            try:
+                readable = pdf.decrypt("")
+            except Exception as exc:  # e.g. AES without the optional cryptography package
+                problem = f"is encrypted and cannot be opened ({_reason(exc)})"
+                raise _UnreadableFile(problem) from exc
+            if not readable:
+                raise _UnreadableFile("is password-protected")
+        try:
+            pages = [page.extract_text() or "" for page in pdf.pages]
+        except Exception as exc:
             raise _UnreadableFile(f"is not a valid PDF ({_reason(exc)})") from exc
         documents = [
             Document(text=text, metadata={**(extra_info or {}), "page": number})
@@ -184,7 +193,10 @@ class DocxReader(BaseReader):
         import docx2txt
 
         try:
-            text = docx2txt.process(str(file))
+            # An open file rather than a path: docx2txt does not close its ZipFile when
+            # the document is damaged, this `with` does.
+            with open(file, "rb") as stream:
+                text = docx2txt.process(stream)
         except Exception as exc:  # zipfile, KeyError (no document.xml), XML parse errors
             raise _UnreadableFile(f"is not a valid Word document ({_reason(exc)})") from exc
         # docx2txt starts every paragraph with a blank line, so empty paragraphs pile up.
@@ -304,7 +316,7 @@ SUPPORTED_SUFFIXES: frozenset[str] = frozenset(_READERS)
 
 
 def _invalid(name: str, problem: str) -> InvalidFieldError:
-    return InvalidFieldError(FIELD, f"{name} {problem}")
+    return InvalidFieldError(_FIELD, f"{name} {problem}")
 
 
 def read_file(path: Path, *, source_name: str | None = None) -> list[Document]:

@@ -28,12 +28,17 @@ IDS_FILE = "vector_ids.npy"
 
 def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest finite scores, best first, ties broken by row order."""
-    candidates = np.flatnonzero(np.isfinite(scores))
-    if candidates.size > k:
-        kth = np.partition(scores[candidates], candidates.size - k)[candidates.size - k]
-        # Keep every row tied with the k-th score, so the row-order tie-break below
-        # decides, not argpartition's arbitrary choice.
-        candidates = candidates[scores[candidates] >= kth]
+    n = scores.shape[0]
+    if k <= 0 or n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < n:
+        kth = np.partition(scores, n - k)[n - k]
+        # Every row tied with the k-th score stays a candidate, so the row-order
+        # tie-break below decides, not the partition's arbitrary choice.
+        candidates = np.flatnonzero(scores >= kth)
+    else:
+        candidates = np.arange(n)
+    candidates = candidates[np.isfinite(scores[candidates])]
     order = np.lexsort((candidates, -scores[candidates]))
     return candidates[order][:k]
 

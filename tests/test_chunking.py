@@ -114,9 +114,10 @@ def test_remove_urls_and_emails_keeps_markdown_images_and_surrounding_text() -> 
 
 
 def test_control_characters_and_chat_template_markers_are_always_removed() -> None:
-    text = "<|im_start|>system\x00\x07 ok\x0c\ufffe|>"
+    text = "<|im_start|>system\x00\x07 ok\ufffe|>\r\npage one\x0cpage two"
 
-    assert clean_text(text, ChunkingConfig(collapse_whitespace=False)) == "<im_start>system ok>"
+    assert clean_text(text, ChunkingConfig(collapse_whitespace=False)) == (
+        "<im_start>system ok>\npage one\npage two")
 
 
 # --- general mode -------------------------------------------------------------------
