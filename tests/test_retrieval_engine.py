@@ -237,3 +237,21 @@ def test_filtered_answer_equals_reference_top_k_over_every_chunk(filtered, raw, 
                  if condition is None or matches(condition, r.metadata)][:top_k]
     assert [r.metadata["chunk_id"] for r in got] == [r.metadata["chunk_id"] for r in reference]
 
+
+
+def test_parent_child_chunking_matches_children_and_returns_each_parent_once(tmp_path):
+    from llamaindex_kb.chunking import ChunkingConfig
+
+    source = tmp_path / "guide.md"
+    baking = ("Ovens must be preheated for twenty minutes before any loaf goes in.\n"
+              "Bread bakes at 230 degrees until the crust is deep brown and sounds hollow.")
+    tools = ("Knives are sharpened weekly on the whetstone kept under the counter.\n"
+             "Cutting boards are oiled monthly with food-safe mineral oil, then dried.")
+    source.write_text(f"{baking}\n\n{tools}", encoding="utf-8")
+    config = ChunkingConfig(mode="parent_child", child_max_tokens=50, parent_max_tokens=50)
+    ingest_paths(tmp_path / "d", "kitchen", [source], embed_model=None, mode="keyword",
+                 chunking=config)
+    found = ask(library(tmp_path / "d"), "bread bakes preheated oven", top_k=5, kb="kitchen")
+    assert [r.content for r in found] == [baking]
+    both = ask(library(tmp_path / "d"), "weekly monthly bread", top_k=5, kb="kitchen")
+    assert len(both) == 2 and len({r.metadata["chunk_id"] for r in both}) == 2
