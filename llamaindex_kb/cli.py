@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import load_settings
+from .config import Settings, load_settings
 from .errors import KBError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +21,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", dest="data_dir", help="knowledge base folder [./data]")
+    parser.add_argument("--embedding-base-url", dest="embedding_base_url",
+                        help="OpenAI-compatible embeddings server, e.g. http://localhost:11434/v1 "
+                             "[the bundled local model]")
+    parser.add_argument("--embedding-model-name", dest="embedding_model_name",
+                        help="model name on that server")
+    parser.add_argument("--embedding-api-key", dest="embedding_api_key",
+                        help="API key for that server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _explicit(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    return {name: getattr(args, name, None) for name in names}
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (argparse leaves the others None)."""
+    return {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .server import serve
 
-        settings = load_settings(
-            _explicit(args, "data_dir", "host", "port", "api_key", "demo",
-                      "retrieval_mode", "semantic_weight")
-        )
+        settings = load_settings(_explicit(args))
         if settings.api_key is None:
             print("error: an API key is required: --api-key KEY or LLAMAINDEX_KB_API_KEY",
                   file=sys.stderr)
@@ -121,14 +126,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "delete":
         from .ingest import delete_document
 
-        settings = load_settings(_explicit(args, "data_dir"))
+        settings = load_settings(_explicit(args))
         info = delete_document(settings.data_dir, args.kb, args.document_id)
         print(f"deleted {info.document_id} ({info.file_path or info.title}, {info.chunks} chunks)")
         return 0
     if args.command == "drop":
         from .ingest import drop_knowledge_base
 
-        settings = load_settings(_explicit(args, "data_dir"))
+        settings = load_settings(_explicit(args))
         drop_knowledge_base(settings.data_dir, args.kb)
         print(f"dropped knowledge base {args.kb}")
         return 0
@@ -150,7 +155,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from .ingest import ingest_paths
     from .service import models_for
 
-    settings = load_settings(_explicit(args, "data_dir"))
+    settings = load_settings(_explicit(args))
     chunking = None
     if args.chunking is not None:
         try:
@@ -188,7 +193,7 @@ def _ingest(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from .library import Library
 
-    library = Library(load_settings(_explicit(args, "data_dir")))
+    library = Library(load_settings(_explicit(args)))
     if args.kb:
         for info in library.open(args.kb).documents.values():
             print(f"{info.document_id}\t{info.chunks} chunks\t{info.file_path or info.title}")

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from .builder import write_version
 from .chunking import ChunkingConfig, chunk
-from .embeddings import EmbeddingSpec, minilm_tokenizer
+from .embeddings import MAX_TOKENS, EmbeddingSpec, LocalMiniLMEmbedding, minilm_tokenizer
 from .errors import ConfigurationError, DocumentNotFound, InvalidFieldError, KnowledgeBaseNotFound
 from .knowledge_base import DocumentInfo, KBManifest, KnowledgeBase, RetrievalMode
 from .layout import KBLayout, validate_knowledge_id
@@ -387,10 +387,18 @@ def _manifest_for(existing: KnowledgeBase | None, knowledge_id: str,
         return existing.manifest.model_copy(update={"updated_at": time.time()})
     if mode != "keyword" and embed_model is None:
         raise ConfigurationError(f"{mode} retrieval needs an embedding model")
+    config = chunking or ChunkingConfig()
+    if (mode != "keyword" and isinstance(embed_model, LocalMiniLMEmbedding)
+            and config.embedded_max_tokens > MAX_TOKENS - 2):
+        raise ConfigurationError(
+            f"chunks of {config.embedded_max_tokens} tokens exceed what the local embedding "
+            f"model reads ({MAX_TOKENS - 2}); the rest would be silently ignored. Use at most "
+            f"{MAX_TOKENS - 2}, or an embedding model with a longer input"
+        )
     return KBManifest(
         knowledge_id=knowledge_id,
         embedding=embed_model.spec if embed_model is not None and mode != "keyword" else None,
         retrieval_mode=mode,
         semantic_weight=semantic_weight,
-        chunking=(chunking or ChunkingConfig()).model_dump(),
+        chunking=config.model_dump(),
     )

@@ -255,3 +255,14 @@ def test_parent_child_chunking_matches_children_and_returns_each_parent_once(tmp
     assert [r.content for r in found] == [baking]
     both = ask(library(tmp_path / "d"), "weekly monthly bread", top_k=5, kb="kitchen")
     assert len(both) == 2 and len({r.metadata["chunk_id"] for r in both}) == 2
+
+
+def test_chunks_longer_than_the_local_model_reads_are_refused(tmp_path):
+    from llamaindex_kb.chunking import ChunkingConfig
+    from llamaindex_kb.errors import ConfigurationError
+
+    (tmp_path / "a.md").write_text("text", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match="254"):
+        ingest_paths(tmp_path / "d", "k", [tmp_path / "a.md"], embed_model=local_embedding(),
+                     chunking=ChunkingConfig(max_tokens=500))
+    assert not (tmp_path / "d" / "kbs" / "k" / "CURRENT").exists()
