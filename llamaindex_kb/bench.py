@@ -38,6 +38,7 @@ from llama_index.core.schema import TextNode
 
 from .config import load_settings
 from .ingest import embed_nodes, publish_nodes
+from .knowledge_base import FORMAT_VERSION, KBManifest
 from .layout import KBLayout
 from .library import Library
 
@@ -95,9 +96,15 @@ class Dataset:
         return f"{doc.get('title') or ''}\n{doc.get('text') or ''}".strip()
 
 
+def _is_current(data_dir: Path, knowledge_id: str) -> bool:
+    """A cached benchmark knowledge base in this version's format."""
+    version = KBLayout(data_dir, knowledge_id).current_version()
+    return version is not None and KBManifest.read(version).format == FORMAT_VERSION
+
+
 def build_dataset_kb(dataset: Dataset, data_dir: Path) -> None:
     """One node per document, so a record's document_id is the BEIR corpus id."""
-    if KBLayout(data_dir, dataset.name).current_version() is not None:
+    if _is_current(data_dir, dataset.name):
         return
     from .service import local_embedding
 
@@ -208,7 +215,7 @@ def quality(datasets_dir: Path, work_dir: Path, sets: list[str], modes: list[str
 
 
 def build_synthetic_kb(datasets_dir: Path, data_dir: Path, knowledge_id: str, size: int) -> None:
-    if KBLayout(data_dir, knowledge_id).current_version() is not None:
+    if _is_current(data_dir, knowledge_id):
         return
     rng = np.random.default_rng(42)
     sentences: list[str] = []

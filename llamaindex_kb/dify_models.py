@@ -22,7 +22,6 @@ probe costs one extra call per process, not per request.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,11 +29,11 @@ from dify_plugin.core.runtime import Session
 from dify_plugin.entities.model import EmbeddingInputType
 from dify_plugin.entities.model.rerank import RerankModelConfig
 from dify_plugin.entities.model.text_embedding import TextEmbeddingModelConfig
-from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+from llama_index.core.base.embeddings.base import Embedding
 from pydantic import Field, PrivateAttr
 
 from .config import Settings
-from .embeddings import EmbeddingSpec
+from .embeddings import BlockingEmbedding, EmbeddingSpec
 from .errors import ConfigurationError, EmbeddingMismatchError, KBError, StoreUnavailableError
 
 SPEC_KIND = "dify"
@@ -72,7 +71,7 @@ def error_from_daemon(what: str, setting: str, exc: Exception) -> KBError:
     )
 
 
-class DifyWorkspaceEmbedding(BaseEmbedding):
+class DifyWorkspaceEmbedding(BlockingEmbedding):
     """A text-embedding model of the Dify workspace, through the request's session.
 
     Queries are sent with ``input_type="query"`` and chunks with ``"document"``, so
@@ -156,16 +155,6 @@ class DifyWorkspaceEmbedding(BaseEmbedding):
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return self._embed(texts, EmbeddingInputType.DOCUMENT)
 
-    # The session's calls block on the daemon's answer; a worker thread keeps an
-    # event loop free meanwhile.
-    async def _aget_query_embedding(self, query: str) -> Embedding:
-        return await asyncio.to_thread(self._get_query_embedding, query)
-
-    async def _aget_text_embedding(self, text: str) -> Embedding:
-        return await asyncio.to_thread(self._get_text_embedding, text)
-
-    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return await asyncio.to_thread(self._get_text_embeddings, texts)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,24 @@ def minilm_token_count(text: str) -> int:
     return len(_encode_ids(text))
 
 
-class LocalMiniLMEmbedding(BaseEmbedding):
+class BlockingEmbedding(BaseEmbedding):
+    """An embedding whose work blocks (a model run, a network call, a daemon round trip).
+
+    The async methods run the sync ones in a worker thread, which keeps an event loop
+    responsive: onnxruntime and sockets release the GIL while they wait.
+    """
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> Embedding:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+class LocalMiniLMEmbedding(BlockingEmbedding):
     """all-MiniLM-L6-v2 on onnxruntime: offline, CPU, 384 dimensions, unit-length vectors.
 
     Queries and documents are embedded the same way (the model has no prefixes).
@@ -189,16 +206,6 @@ class LocalMiniLMEmbedding(BaseEmbedding):
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return self._embed(texts).tolist()
 
-    # onnxruntime releases the GIL while it runs, so a worker thread keeps the
-    # event loop responsive during the ~10 ms to seconds of inference.
-    async def _aget_query_embedding(self, query: str) -> Embedding:
-        return await asyncio.to_thread(self._get_query_embedding, query)
-
-    async def _aget_text_embedding(self, text: str) -> Embedding:
-        return await asyncio.to_thread(self._get_text_embedding, text)
-
-    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return await asyncio.to_thread(self._get_text_embeddings, texts)
 
 
 def _run(session: ort.InferenceSession, encodings: list[Encoding]) -> np.ndarray:

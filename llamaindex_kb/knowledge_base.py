@@ -27,7 +27,7 @@ from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
 from pydantic import BaseModel, ConfigDict, Field
 
 from .embeddings import EmbeddingSpec
-from .errors import EmbeddingMismatchError, InvalidFieldError
+from .errors import ConfigurationError, EmbeddingMismatchError, InvalidFieldError
 from .filters import MetadataCondition, MetadataTable
 from .keyword import KeywordIndex
 from .kvstore import SQLiteKVStore
@@ -43,7 +43,7 @@ METADATA_FILE = "metadata.json"
 NODE_IDS_FILE = "node_ids.npy"
 DOCUMENTS_FILE = "documents.json"
 DOCUMENT_IDS_FILE = "document_ids.npy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class KBManifest(BaseModel):
@@ -111,6 +111,12 @@ class KnowledgeBase:
     def __init__(self, version_dir: Path) -> None:
         self.version_dir = version_dir
         self.manifest = KBManifest.read(version_dir)
+        if self.manifest.format != FORMAT_VERSION:
+            raise ConfigurationError(
+                f"knowledge base {self.manifest.knowledge_id!r} is stored in format "
+                f"{self.manifest.format}, this version reads format {FORMAT_VERSION}: "
+                "drop it and ingest its documents again"
+            )
         self.node_ids: np.ndarray = np.load(version_dir / NODE_IDS_FILE, mmap_mode="r")
         self.document_ids: np.ndarray = np.load(version_dir / DOCUMENT_IDS_FILE, mmap_mode="r")
         self.keyword = KeywordIndex.load(version_dir / KEYWORD_DIR)

@@ -59,12 +59,7 @@ class KBLayout:
         return self.root / "CURRENT"
 
     def current_version(self) -> Path | None:
-        try:
-            name = self.current_file.read_text().strip()
-        except FileNotFoundError:
-            return None
-        version = self.root / name
-        return version if name and version.is_dir() else None
+        return current_version(self.root)
 
     def new_version_dir(self) -> Path:
         path = self.root / f"v{time.time_ns()}-{os.getpid()}"
@@ -105,6 +100,16 @@ class KBLayout:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def current_version(root: Path) -> Path | None:
+    """The live version folder of the knowledge base at ``root``, if it has one."""
+    try:
+        name = (root / "CURRENT").read_text().strip()
+    except FileNotFoundError:
+        return None
+    version = root / name
+    return version if name and version.is_dir() else None
 
 
 def all_layouts(data_dir: Path) -> list[Path]:

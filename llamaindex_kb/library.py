@@ -19,7 +19,7 @@ from .config import Settings
 from .contract import Record, RetrievalRequest
 from .errors import KnowledgeBaseNotFound
 from .knowledge_base import KBManifest, KnowledgeBase, QueryPlan
-from .layout import KBLayout, all_layouts
+from .layout import KBLayout, all_layouts, current_version
 from .models import Models
 from .rerank import candidate_count, rerank_hits
 
@@ -54,14 +54,13 @@ class Library:
         return cached
 
     def manifests(self) -> list[KBManifest]:
+        """Every knowledge base's manifest, without opening its indices."""
         found = []
         for root in all_layouts(self.data_dir):
-            try:
-                knowledge_id = KBManifest.read(_current(root)).knowledge_id
-                found.append(self.open(knowledge_id).manifest)
-            except (FileNotFoundError, KnowledgeBaseNotFound):
-                continue
-        return found
+            version = current_version(root)
+            if version is not None:
+                found.append(KBManifest.read(version))
+        return sorted(found, key=lambda manifest: manifest.knowledge_id)
 
     def retrieve(self, request: RetrievalRequest, models: Models) -> list[Record]:
         kb = self.open(request.knowledge_id)
@@ -81,11 +80,6 @@ class Library:
             hits = rerank_hits(models.reranker, plan.query, kb.retrieve(wider, models.embed_model),
                                plan.top_k, plan.score_threshold)
         return [to_record(hit) for hit in hits]
-
-
-def _current(root: Path) -> Path:
-    name = (root / "CURRENT").read_text().strip()
-    return root / name
 
 
 def to_record(hit: NodeWithScore) -> Record:

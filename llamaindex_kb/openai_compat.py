@@ -21,7 +21,6 @@ reading ``spec`` before any embedding embeds a one-word probe to learn it.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import threading
 import time
@@ -31,11 +30,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+from llama_index.core.base.embeddings.base import Embedding
 from pydantic import Field, PrivateAttr, SecretStr
 
 from .config import Settings
-from .embeddings import EmbeddingSpec
+from .embeddings import BlockingEmbedding, EmbeddingSpec
 from .errors import ConfigurationError, EmbeddingMismatchError, StoreUnavailableError
 
 SPEC_KIND = "openai"
@@ -55,8 +54,8 @@ class _Transient:
     retry_after: float | None = None
 
 
-class OpenAICompatibleEmbedding(BaseEmbedding):
-    """Embeddings from an OpenAI-compatible server, sync (httpx) and async."""
+class OpenAICompatibleEmbedding(BlockingEmbedding):
+    """Embeddings from an OpenAI-compatible server over httpx (async: in a worker thread)."""
 
     base_url: str = Field(
         min_length=1, description="The URL before /embeddings, e.g. http://localhost:11434/v1."
@@ -92,8 +91,6 @@ class OpenAICompatibleEmbedding(BaseEmbedding):
             self._embed([PROBE_TEXT], self.query_timeout)
         assert self._dimension is not None  # set by the successful _embed above
         return EmbeddingSpec(kind=SPEC_KIND, model=self.model_name, dimension=self._dimension)
-
-    # --- sync -------------------------------------------------------------------------
 
     def _get_query_embedding(self, query: str) -> Embedding:
         return self._embed([query], self.query_timeout)[0]
@@ -137,52 +134,6 @@ class OpenAICompatibleEmbedding(BaseEmbedding):
                 raise self._unavailable(failure, attempt + 1, budget)
             time.sleep(delay)
             attempt += 1
-
-    # --- async ------------------------------------------------------------------------
-
-    async def _aget_query_embedding(self, query: str) -> Embedding:
-        return (await self._aembed([query], self.query_timeout))[0]
-
-    async def _aget_text_embedding(self, text: str) -> Embedding:
-        return (await self._aembed([text], self.document_timeout))[0]
-
-    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return await self._aembed(texts, self.document_timeout)
-
-    async def _aembed(self, texts: Sequence[str], budget: float) -> list[Embedding]:
-        # One client per call: an AsyncClient's pool belongs to the event loop it first
-        # ran on, and callers (asyncio.run per call, notebooks) bring their own loops.
-        vectors: list[Embedding] = []
-        async with httpx.AsyncClient() as client:
-            for start in range(0, len(texts), self.embed_batch_size):
-                batch = list(texts[start : start + self.embed_batch_size])
-                vectors.extend(await self._apost(client, batch, budget))
-        return vectors
-
-    async def _apost(
-        self, client: httpx.AsyncClient, texts: list[str], budget: float
-    ) -> list[Embedding]:
-        deadline = time.monotonic() + budget
-        attempt = 0
-        while True:
-            try:
-                response = await client.post(
-                    self.url, json=self._body(texts), headers=self._headers(),
-                    timeout=_timeout(deadline),
-                )
-            except httpx.TransportError as exc:
-                failure = _Transient(_describe(exc))
-            else:
-                failure = self._failure(response)
-                if failure is None:
-                    return self._vectors(response, len(texts))
-            delay = self._retry_delay(failure, attempt, deadline)
-            if delay is None:
-                raise self._unavailable(failure, attempt + 1, budget)
-            await asyncio.sleep(delay)
-            attempt += 1
-
-    # --- shared by both -----------------------------------------------------------------
 
     def _body(self, texts: list[str]) -> dict[str, Any]:
         return {"model": self.model_name, "input": texts}
