@@ -140,7 +140,7 @@ class KnowledgeAPI:
         return json_response(RetrievalResponse(records=records).model_dump())
 
     def _upload(self, request: Request) -> Response:
-        info, summary = documents.upload(request, self.settings.data_dir, self.models)
+        info, summary = documents.upload(request, self.library.store, self.models)
         return json_response({"knowledge_id": summary.knowledge_id,
                               "document": info.model_dump(exclude={"parent_ids", "source_root"}),
                               "total_documents": summary.total_documents,
@@ -156,7 +156,7 @@ class KnowledgeAPI:
             info.model_dump(exclude={"parent_ids", "source_root"}) for info in infos]})
 
     def _delete_document(self, request: Request, knowledge_id: str, document_id: str) -> Response:
-        info = delete_document(self.settings.data_dir, knowledge_id, document_id)
+        info = delete_document(self.library.store, knowledge_id, document_id)
         return json_response({"knowledge_id": knowledge_id, "deleted": info.document_id,
                               "chunks": info.chunks})
 

@@ -21,6 +21,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", dest="data_dir", help="knowledge base folder [./data]")
+    parser.add_argument("--store", dest="store", metavar="URL",
+                        help="where knowledge bases live: local:///path or "
+                             "postgresql://user:password@host:5432/db [local://<data dir>]")
     parser.add_argument("--embedding-base-url", dest="embedding_base_url",
                         help="OpenAI-compatible embeddings server, e.g. http://localhost:11434/v1 "
                              "[the bundled local model]")
@@ -125,16 +128,18 @@ def _run(args: argparse.Namespace) -> int:
         return _list(args)
     if args.command == "delete":
         from .ingest import delete_document
+        from .stores import store_for
 
         settings = load_settings(_explicit(args))
-        info = delete_document(settings.data_dir, args.kb, args.document_id)
+        info = delete_document(store_for(settings), args.kb, args.document_id)
         print(f"deleted {info.document_id} ({info.file_path or info.title}, {info.chunks} chunks)")
         return 0
     if args.command == "drop":
         from .ingest import drop_knowledge_base
+        from .stores import store_for
 
         settings = load_settings(_explicit(args))
-        drop_knowledge_base(settings.data_dir, args.kb)
+        drop_knowledge_base(store_for(settings), args.kb)
         print(f"dropped knowledge base {args.kb}")
         return 0
     if args.command == "package":
@@ -154,6 +159,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from .chunking import ChunkingConfig
     from .ingest import ingest_paths
     from .service import models_for
+    from .stores import store_for
 
     settings = load_settings(_explicit(args))
     chunking = None
@@ -175,7 +181,7 @@ def _ingest(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     embed_model = models_for(settings).embed_model if args.mode != "keyword" else None
-    summary = ingest_paths(settings.data_dir, args.kb, args.paths, embed_model=embed_model,
+    summary = ingest_paths(store_for(settings), args.kb, args.paths, embed_model=embed_model,
                            mode=args.mode, semantic_weight=args.semantic_weight,
                            chunking=chunking, sync=args.sync, progress=progress)
     for bar in bars.values():

@@ -31,6 +31,9 @@ class Settings(BaseModel):
 
     api_key: SecretStr | None = None
     data_dir: Path = STANDALONE_DATA_DIR
+    # Where knowledge bases live (stores.py): None means local://<data_dir>;
+    # postgresql://user:password@host:5432/db shares them between processes.
+    store: str | None = None
     demo: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port
@@ -52,6 +55,11 @@ class Settings(BaseModel):
     @classmethod
     def _as_built_means_unset(cls, value: object) -> object:
         return None if value == "as_built" else value
+
+    @field_validator("store")
+    @classmethod
+    def _store_blank_means_default(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("api_key")
     @classmethod
@@ -111,6 +119,9 @@ def default_plugin_data_dir(environ: Mapping[str, str]) -> Path:
 def plugin_settings(form: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from the plugin's settings form; only the data-dir default reads the env."""
     known = {name: form.get(name) for name in Settings.model_fields if name in form}
+    # The form says store_url: "store" alone reads ambiguously in Dify's settings dialog.
+    if form.get("store_url"):
+        known["store"] = form["store_url"]
     if not known.get("data_dir"):
         known["data_dir"] = default_plugin_data_dir(os.environ if environ is None else environ)
     return load_settings(known, environ={})

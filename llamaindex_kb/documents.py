@@ -8,7 +8,6 @@ knowledge base is touched, so a bad file is a 400 that leaves nothing behind.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,13 +28,16 @@ from .ingest import (
 from .knowledge_base import DocumentInfo
 from .layout import validate_knowledge_id
 from .models import Models
+from .stores import KnowledgeStore
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 # The Dify plugin daemon silently cuts request bodies at 10 MiB.
 DAEMON_BODY_LIMIT = 10 * 1024 * 1024
 
 
-def upload(request: Request, data_dir: Path, models: Models) -> tuple[DocumentInfo, IngestSummary]:
+def upload(
+    request: Request, store: KnowledgeStore, models: Models
+) -> tuple[DocumentInfo, IngestSummary]:
     request.max_content_length = MAX_UPLOAD_BYTES
     try:
         if request.mimetype == "multipart/form-data":
@@ -53,11 +55,11 @@ def upload(request: Request, data_dir: Path, models: Models) -> tuple[DocumentIn
             f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB"
         ) from exc
     summary = apply_changes(
-        data_dir, knowledge_id, [source], set(), IngestSummary(knowledge_id=knowledge_id),
+        store, knowledge_id, [source], set(), IngestSummary(knowledge_id=knowledge_id),
         embed_model=models.embed_model if mode != "keyword" else None, mode=mode,
         chunking=chunking,
     )
-    kb = current_kb(data_dir, knowledge_id)
+    kb = current_kb(store, knowledge_id)
     assert kb is not None
     return kb.documents[source.info.document_id], summary
 

@@ -26,13 +26,13 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, Document, TextNode
 from pydantic import BaseModel, Field
 
-from .builder import write_version
 from .chunking import ChunkingConfig, chunk
 from .embeddings import MAX_TOKENS, EmbeddingSpec, LocalMiniLMEmbedding, minilm_tokenizer
-from .errors import ConfigurationError, DocumentNotFound, InvalidFieldError, KnowledgeBaseNotFound
-from .knowledge_base import DocumentInfo, KBManifest, KnowledgeBase, RetrievalMode
-from .layout import KBLayout, validate_knowledge_id
+from .errors import ConfigurationError, DocumentNotFound, InvalidFieldError
+from .knowledge_base import DocumentInfo, KBManifest, RetrievalMode
+from .layout import validate_knowledge_id
 from .readers import SUPPORTED_SUFFIXES, read_bytes, read_file
+from .stores import Change, KnowledgeBaseHandle, KnowledgeStore, as_store
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +198,12 @@ def embed_nodes(nodes: Sequence[BaseNode], embed_model: BaseEmbedding) -> np.nda
     return embed_texts([node.get_content() for node in nodes], embed_model)
 
 
-def current_kb(data_dir: Path, knowledge_id: str) -> KnowledgeBase | None:
-    version = KBLayout(data_dir, knowledge_id).current_version()
-    return KnowledgeBase(version) if version is not None else None
+def current_kb(where: Path | KnowledgeStore, knowledge_id: str) -> KnowledgeBaseHandle | None:
+    return as_store(where).find(knowledge_id)
 
 
 def ingest_paths(
-    data_dir: Path,
+    where: Path | KnowledgeStore,
     knowledge_id: str,
     paths: Sequence[Path],
     *,
@@ -219,7 +218,8 @@ def ingest_paths(
     validate_knowledge_id(knowledge_id, field="--kb")
     files, skipped = scan(paths)
     summary = IngestSummary(knowledge_id=knowledge_id, skipped=skipped)
-    existing = current_kb(data_dir, knowledge_id)
+    store = as_store(where)
+    existing = store.find(knowledge_id)
     known = existing.documents if existing is not None else {}
     sources: list[Source] = []
     seen: set[str] = set()
@@ -241,13 +241,13 @@ def ingest_paths(
     if sync:
         removed = {doc_id for doc_id, info in known.items()
                    if info.source_root in roots and doc_id not in seen}
-    return apply_changes(data_dir, knowledge_id, sources, removed, summary,
+    return apply_changes(store, knowledge_id, sources, removed, summary,
                          embed_model=embed_model, mode=mode, semantic_weight=semantic_weight,
                          chunking=chunking, progress=progress)
 
 
 def apply_changes(
-    data_dir: Path,
+    where: Path | KnowledgeStore,
     knowledge_id: str,
     sources: Sequence[Source],
     removed: set[str],
@@ -261,8 +261,8 @@ def apply_changes(
 ) -> IngestSummary:
     """Publish a version with ``sources`` added or replaced and ``removed`` deleted."""
     validate_knowledge_id(knowledge_id)
-    layout = KBLayout(data_dir, knowledge_id)
-    existing = current_kb(data_dir, knowledge_id)
+    store = as_store(where)
+    existing = store.find(knowledge_id)
     manifest = _manifest_for(existing, knowledge_id, embed_model, mode, semantic_weight, chunking)
     config = ChunkingConfig.model_validate(manifest.chunking)
     # Chunks are sized in the embedding model's tokens, so none is silently truncated;
@@ -296,43 +296,21 @@ def apply_changes(
         summary.total_chunks = len(existing) if existing else 0
         return summary
 
-    with layout.write_lock():
-        existing = current_kb(data_dir, knowledge_id)  # another writer may have published
-        replaced = set(new_infos) | removed
-        kept_nodes: list[BaseNode] = []
-        kept_parents: list[BaseNode] = []
-        kept_vectors = None
-        documents: dict[str, DocumentInfo] = {}
-        if existing is not None:
-            summary.removed = len(removed & existing.documents.keys())
-            keep_rows = np.flatnonzero(~np.isin(existing.document_ids, list(replaced)))
-            kept_nodes = existing.nodes(existing.node_ids[keep_rows].tolist())
-            documents = {k: v for k, v in existing.documents.items() if k not in replaced}
-            kept_parents = existing.nodes([p for info in documents.values()
-                                           for p in info.parent_ids])
-            if existing.vectors is not None:
-                kept_vectors = existing.vectors.rows(keep_rows)
-        documents.update(new_infos)
-        nodes = kept_nodes + list(result.chunks)
-        vectors = None
-        if manifest.embedding is not None:
-            parts = [v for v in (kept_vectors, new_vectors) if v is not None and len(v)]
-            vectors = (np.vstack(parts) if parts
-                       else np.zeros((0, manifest.embedding.dimension), dtype=np.float32))
-        manifest = manifest.model_copy(update={"documents": len(documents)})
-        write_version(layout, manifest, nodes, vectors, documents,
-                      parents=kept_parents + list(result.parents))
+    published = store.publish(knowledge_id, Change(
+        manifest=manifest, chunks=result.chunks, vectors=new_vectors, documents=new_infos,
+        parents=result.parents, removed=frozenset(removed)))
     summary.documents = len(new_infos)
     summary.chunks = len(result.chunks)
-    summary.total_documents = len(documents)
-    summary.total_chunks = len(nodes)
-    log.info("knowledge base %s: %d documents, %d chunks", knowledge_id, len(documents),
-             len(nodes))
+    summary.removed = published.removed
+    summary.total_documents = published.documents
+    summary.total_chunks = published.chunks
+    log.info("knowledge base %s: %d documents, %d chunks", knowledge_id, published.documents,
+             published.chunks)
     return summary
 
 
 def publish_nodes(
-    data_dir: Path,
+    where: Path | KnowledgeStore,
     knowledge_id: str,
     nodes: Sequence[TextNode],
     vectors: np.ndarray | None,
@@ -348,33 +326,28 @@ def publish_nodes(
                  for doc_id, count in counts.items()}
     manifest = KBManifest(knowledge_id=knowledge_id, embedding=embedding, retrieval_mode=mode,
                           documents=len(documents))
-    layout = KBLayout(data_dir, knowledge_id)
-    with layout.write_lock():
-        write_version(layout, manifest, list(nodes), vectors, documents)
+    as_store(where).publish(knowledge_id, Change(
+        manifest=manifest, chunks=list(nodes), vectors=vectors, documents=documents,
+        replace=True))
 
 
-def delete_document(data_dir: Path, knowledge_id: str, document_id: str) -> DocumentInfo:
-    existing = current_kb(data_dir, knowledge_id)
-    if existing is None:
-        raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
-    info = existing.documents.get(document_id)
+def delete_document(where: Path | KnowledgeStore, knowledge_id: str,
+                    document_id: str) -> DocumentInfo:
+    store = as_store(where)
+    info = store.open(knowledge_id).documents.get(document_id)
     if info is None:
         raise DocumentNotFound(
             f"document {document_id!r} is not in knowledge base {knowledge_id!r}")
-    apply_changes(data_dir, knowledge_id, [], {document_id},
+    apply_changes(store, knowledge_id, [], {document_id},
                   IngestSummary(knowledge_id=knowledge_id), embed_model=None)
     return info
 
 
-def drop_knowledge_base(data_dir: Path, knowledge_id: str) -> None:
-    layout = KBLayout(data_dir, knowledge_id)
-    if layout.current_version() is None:
-        raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
-    with layout.write_lock():
-        layout.drop()
+def drop_knowledge_base(where: Path | KnowledgeStore, knowledge_id: str) -> None:
+    as_store(where).drop(knowledge_id)
 
 
-def _manifest_for(existing: KnowledgeBase | None, knowledge_id: str,
+def _manifest_for(existing: KnowledgeBaseHandle | None, knowledge_id: str,
                   embed_model: BaseEmbedding | None, mode: RetrievalMode,
                   semantic_weight: float, chunking: ChunkingConfig | None) -> KBManifest:
     if existing is not None:

@@ -145,10 +145,7 @@ class KnowledgeBase:
         return int(self.node_ids.shape[0])
 
     def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None) -> list[NodeWithScore]:
-        mode = plan.mode or self.manifest.retrieval_mode
-        weight = (
-            self.manifest.semantic_weight if plan.semantic_weight is None else plan.semantic_weight
-        )
+        mode, weight = effective_mode(plan, self.manifest)
         if len(self) == 0 or not plan.query.strip():
             return []
         scores = self._scores(plan.query, mode, weight, embed_model)
@@ -208,20 +205,37 @@ class KnowledgeBase:
     def _semantic_scores(
         self, query: str, mode: RetrievalMode, embed_model: BaseEmbedding | None
     ) -> np.ndarray:
-        built_with = self.manifest.embedding
-        if self.vectors is None or built_with is None:
-            raise InvalidFieldError(
-                "retrieval_mode",
-                f"knowledge base {self.manifest.knowledge_id!r} was built for keyword search "
-                f"only; {mode} retrieval needs it rebuilt with an embedding model",
-            )
-        spec = getattr(embed_model, "spec", None)
-        if embed_model is None or spec is None or spec.id != built_with.id:
-            using = spec.id if spec is not None else "none"
-            raise EmbeddingMismatchError(
-                f"knowledge base {self.manifest.knowledge_id!r} was built with embedding "
-                f"{built_with.id}, but this server is configured with {using}: configure "
-                "the same embedding model or rebuild the knowledge base"
-            )
+        check_embedding(self.manifest, mode, embed_model)
+        assert self.vectors is not None and embed_model is not None
         embedding = embed_model.get_query_embedding(query)
         return np.clip(self.vectors.similarities(embedding), 0.0, 1.0, dtype=np.float32)
+
+
+def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode, float]:
+    """The retrieval mode and semantic weight a query runs with: the plan's, else as built."""
+    mode = plan.mode or manifest.retrieval_mode
+    weight = manifest.semantic_weight if plan.semantic_weight is None else plan.semantic_weight
+    return mode, weight
+
+
+def check_embedding(manifest: KBManifest, mode: RetrievalMode,
+                    embed_model: BaseEmbedding | None) -> None:
+    """Refuse semantic search on a keyword-only base or with another embedding model.
+
+    Every store calls this before embedding a query, so all give the same errors.
+    """
+    built_with = manifest.embedding
+    if built_with is None:
+        raise InvalidFieldError(
+            "retrieval_mode",
+            f"knowledge base {manifest.knowledge_id!r} was built for keyword search "
+            f"only; {mode} retrieval needs it rebuilt with an embedding model",
+        )
+    spec = getattr(embed_model, "spec", None)
+    if embed_model is None or spec is None or spec.id != built_with.id:
+        using = spec.id if spec is not None else "none"
+        raise EmbeddingMismatchError(
+            f"knowledge base {manifest.knowledge_id!r} was built with embedding "
+            f"{built_with.id}, but this server is configured with {using}: configure "
+            "the same embedding model or rebuild the knowledge base"
+        )

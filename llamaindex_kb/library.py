@@ -1,15 +1,11 @@
-"""All knowledge bases under one data directory: lookup, caching and retrieval.
+"""All knowledge bases of one store: lookup and retrieval (with optional reranking).
 
-A knowledge base is opened on first use and kept open (memory-mapped) across
-requests. Each request checks the tiny ``CURRENT`` pointer, so a version published
-by ``ingest`` in another process is picked up without a restart.
+The store (``stores.py``) decides where they live and keeps them open across
+requests; a version published by another process is picked up without a restart.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,50 +13,28 @@ from llama_index.core.schema import NodeWithScore
 
 from .config import Settings
 from .contract import Record, RetrievalRequest
-from .errors import KnowledgeBaseNotFound
-from .knowledge_base import KBManifest, KnowledgeBase, QueryPlan
-from .layout import KBLayout, all_layouts, current_version
+from .knowledge_base import KBManifest, QueryPlan
 from .models import Models
 from .rerank import candidate_count, rerank_hits
-
-log = logging.getLogger(__name__)
+from .stores import KnowledgeBaseHandle, KnowledgeStore, store_for
 
 DEMO_KB = "demo"
 DEMO_SOURCE = Path(__file__).parent / "demo"
 
 
 class Library:
-    """Knowledge bases by ``knowledge_id``, opened lazily and cached."""
+    """Knowledge bases by ``knowledge_id``, from the store the settings name."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: KnowledgeStore | None = None) -> None:
         self.settings = settings
-        self.data_dir = settings.data_dir
-        self._open: dict[str, KnowledgeBase] = {}
-        self._lock = threading.Lock()
+        self.store = store if store is not None else store_for(settings)
 
-    def open(self, knowledge_id: str) -> KnowledgeBase:
-        version = KBLayout(self.data_dir, knowledge_id).current_version()
-        if version is None:
-            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
-        cached = self._open.get(knowledge_id)
-        if cached is not None and cached.version_dir == version:
-            return cached
-        with self._lock:
-            cached = self._open.get(knowledge_id)
-            if cached is None or cached.version_dir != version:
-                cached = KnowledgeBase(version)
-                self._open[knowledge_id] = cached
-                log.info("opened knowledge base %s (%d chunks)", knowledge_id, len(cached))
-        return cached
+    def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
+        return self.store.open(knowledge_id)
 
     def manifests(self) -> list[KBManifest]:
         """Every knowledge base's manifest, without opening its indices."""
-        found = []
-        for root in all_layouts(self.data_dir):
-            version = current_version(root)
-            if version is not None:
-                found.append(KBManifest.read(version))
-        return sorted(found, key=lambda manifest: manifest.knowledge_id)
+        return self.store.manifests()
 
     def retrieve(self, request: RetrievalRequest, models: Models) -> list[Record]:
         kb = self.open(request.knowledge_id)
@@ -94,11 +68,3 @@ def to_record(hit: NodeWithScore) -> Record:
         metadata=metadata,
     )
 
-
-def demo_fingerprint() -> str:
-    digest = hashlib.sha256()
-    for file in sorted(DEMO_SOURCE.rglob("*")):
-        if file.is_file():
-            digest.update(file.relative_to(DEMO_SOURCE).as_posix().encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]

@@ -23,11 +23,11 @@ from .api import KnowledgeAPI
 from .config import Settings, plugin_settings
 from .embeddings import LocalMiniLMEmbedding
 from .errors import KBError
-from .ingest import ingest_paths
-from .layout import KBLayout
-from .library import DEMO_KB, DEMO_SOURCE, Library, demo_fingerprint
+from .ingest import file_source, ingest_paths, scan
+from .library import DEMO_KB, DEMO_SOURCE, Library
 from .models import Models
 from .rerank import Reranker
+from .stores import KnowledgeStore, as_store, store_url
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def models_for(settings: Settings, session: Any | None = None) -> Models:
 
 
 def library_for(settings: Settings) -> Library:
-    key = (settings.data_dir.resolve(), settings.retrieval_mode, settings.semantic_weight)
+    key = (store_url(settings), settings.retrieval_mode, settings.semantic_weight)
     library = _libraries.get(key)
     if library is None:
         with _lock:
@@ -72,7 +72,7 @@ def library_for(settings: Settings) -> Library:
             if library is None:
                 library = Library(settings)
                 if settings.demo:
-                    ensure_demo(settings.data_dir, local_embedding())
+                    ensure_demo(library.store, local_embedding())
                 _libraries[key] = library
     return library
 
@@ -81,18 +81,23 @@ def api_for(settings: Settings, session: object | None = None) -> KnowledgeAPI:
     return KnowledgeAPI(settings, library_for(settings), models_for(settings, session))
 
 
-def ensure_demo(data_dir: Path, embed_model: BaseEmbedding | None) -> None:
-    """(Re)build the bundled demo knowledge base when it is missing or out of date."""
-    layout = KBLayout(data_dir, DEMO_KB)
-    marker = layout.root / "demo.fingerprint"
-    fingerprint = demo_fingerprint()
-    if layout.current_version() is not None and marker.is_file():
-        if marker.read_text() == fingerprint:
+def ensure_demo(where: Path | KnowledgeStore, embed_model: BaseEmbedding | None) -> None:
+    """(Re)build the bundled demo knowledge base when it is missing or out of date.
+
+    Up to date means it holds exactly the bundled files (ids and content hashes),
+    which every store can answer, so no marker is kept beside it.
+    """
+    store = as_store(where)
+    files, _ = scan([DEMO_SOURCE])
+    wanted = {info.document_id: info.content_hash
+              for info in (file_source(*found).info for found in files)}
+    existing = store.find(DEMO_KB)
+    if existing is not None:
+        if {k: v.content_hash for k, v in existing.documents.items()} == wanted:
             return
-    log.info("building the demo knowledge base in %s", layout.root)
-    layout.drop()
-    ingest_paths(data_dir, DEMO_KB, [DEMO_SOURCE], embed_model=embed_model)
-    marker.write_text(fingerprint)
+        store.drop(DEMO_KB)
+    log.info("building the demo knowledge base in %s", store.url)
+    ingest_paths(store, DEMO_KB, [DEMO_SOURCE], embed_model=embed_model)
 
 
 def handle_plugin_request(

