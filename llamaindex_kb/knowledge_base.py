@@ -24,6 +24,7 @@ import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
+from llama_index.core.storage.docstore.utils import json_to_doc
 from pydantic import BaseModel, ConfigDict, Field
 
 from .embeddings import EmbeddingSpec
@@ -126,7 +127,9 @@ class KnowledgeBase:
             else None
         )
         self.metadata = MetadataTable.load(version_dir / METADATA_FILE)
-        self.docstore = KVDocumentStore(SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True))
+        self._kv = SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True)
+        # Written by builder._store_nodes where KVDocumentStore keeps nodes.
+        self._collection = KVDocumentStore(self._kv)._node_collection
         self._documents: dict[str, DocumentInfo] | None = None
 
     @property
@@ -186,7 +189,16 @@ class KnowledgeBase:
                 for node, (_, score) in zip(parents, chosen, strict=True)]
 
     def nodes(self, node_ids: list[str]) -> list[BaseNode]:
-        return self.docstore.get_nodes(node_ids)
+        """The nodes, in order; read in one query rather than the docstore's one per id."""
+        found = []
+        batch = 500  # SQLite's bound-parameter limit is far above this; keeps queries short
+        for start in range(0, len(node_ids), batch):
+            ids = node_ids[start : start + batch]
+            for node_id, data in zip(ids, self._kv.get_many(ids, self._collection), strict=True):
+                if data is None:
+                    raise KeyError(f"node {node_id} missing from {self.version_dir}")
+                found.append(json_to_doc(data))
+        return found
 
     def _scores(
         self, query: str, mode: RetrievalMode, weight: float, embed_model: BaseEmbedding | None

@@ -81,6 +81,18 @@ class SQLiteKVStore(BaseKVStore):
     async def aget(self, key: str, collection: str = DEFAULT_COLLECTION) -> dict | None:
         return self.get(key, collection)
 
+    def get_many(self, keys: list[str], collection: str = DEFAULT_COLLECTION) -> list[dict | None]:
+        """Values for ``keys`` in their order, in one query (a query returns top_k nodes)."""
+        if not keys:
+            return []
+        marks = ",".join("?" * len(keys))
+        rows = self._connect().execute(
+            f"SELECT key, value FROM kv WHERE collection = ? AND key IN ({marks})",
+            (collection, *keys),
+        )
+        found = dict(rows.fetchall())
+        return [json.loads(found[key]) if key in found else None for key in keys]
+
     def get_all(self, collection: str = DEFAULT_COLLECTION) -> dict[str, dict]:
         rows = self._connect().execute(
             "SELECT key, value FROM kv WHERE collection = ?", (collection,)
