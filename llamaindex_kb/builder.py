@@ -85,5 +85,8 @@ def _store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:
     """
     kv = SQLiteKVStore(path)
     collection = KVDocumentStore(kv)._node_collection
-    kv.put_all([(node.node_id, doc_to_json(node)) for node in nodes], collection=collection)
+    # In batches, so 100k nodes never exist as JSON all at once.
+    for start in range(0, len(nodes), 2000):
+        batch = nodes[start : start + 2000]
+        kv.put_all([(node.node_id, doc_to_json(node)) for node in batch], collection=collection)
     kv.close()

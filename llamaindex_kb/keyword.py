@@ -204,8 +204,11 @@ class KeywordIndex:
     @classmethod
     def build(cls, texts: Sequence[str]) -> KeywordIndex:
         vocab: dict[str, int] = {}
+        # int32 arrays, not lists: at 100k chunks lists of Python ints alone took ~400 MB.
         corpus_ids = [
-            [vocab.setdefault(term, len(vocab)) for term in tokenize(text)] for text in texts
+            np.fromiter((vocab.setdefault(term, len(vocab)) for term in tokenize(text)),
+                        dtype=np.int32)
+            for text in texts
         ]
         if not vocab:
             # bm25s divides by the mean document length, which is 0 here.
