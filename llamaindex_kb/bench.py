@@ -31,16 +31,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 from llama_index.core.schema import TextNode
 
 from .config import load_settings
+from .errors import ConfigurationError
 from .ingest import embed_nodes, publish_nodes
-from .knowledge_base import FORMAT_VERSION, KBManifest
 from .layout import KBLayout
 from .library import Library
+from .stores import store_for
 
 DEFAULT_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 SETS = ["scifact", "nfcorpus", "cmrc2018_retrieval"]
@@ -96,15 +98,33 @@ class Dataset:
         return f"{doc.get('title') or ''}\n{doc.get('text') or ''}".strip()
 
 
-def _is_current(data_dir: Path, knowledge_id: str) -> bool:
-    """A cached benchmark knowledge base in this version's format."""
-    version = KBLayout(data_dir, knowledge_id).current_version()
-    return version is not None and KBManifest.read(version).format == FORMAT_VERSION
+class Target:
+    """Where the benchmark's knowledge bases live: the work directory, or ``--store URL``."""
+
+    def __init__(self, work_dir: Path, store_url: str | None) -> None:
+        self.work_dir = work_dir
+        self.store_url = store_url
+        settings = load_settings({"data_dir": work_dir, "store": store_url}, environ={})
+        self.store = store_for(settings)
+
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        return {"data_dir": self.work_dir, "store": self.store_url, **extra}
+
+    def cli_flags(self) -> list[str]:
+        flags = ["--data-dir", str(self.work_dir)]
+        return flags + (["--store", self.store_url] if self.store_url else [])
+
+    def is_current(self, knowledge_id: str) -> bool:
+        """A cached benchmark knowledge base this version can read."""
+        try:
+            return self.store.find(knowledge_id) is not None
+        except ConfigurationError:  # stored by an older format: rebuild
+            return False
 
 
-def build_dataset_kb(dataset: Dataset, data_dir: Path) -> None:
+def build_dataset_kb(dataset: Dataset, target: Target) -> None:
     """One node per document, so a record's document_id is the BEIR corpus id."""
-    if _is_current(data_dir, dataset.name):
+    if target.is_current(dataset.name):
         return
     from .service import local_embedding
 
@@ -120,13 +140,13 @@ def build_dataset_kb(dataset: Dataset, data_dir: Path) -> None:
     started = time.perf_counter()
     vectors = embed_nodes(nodes, local_embedding())
     print(f"  embedded in {time.perf_counter() - started:.0f} s", flush=True)
-    _publish(data_dir, dataset.name, nodes, vectors)
+    _publish(target, dataset.name, nodes, vectors)
 
 
-def _publish(data_dir: Path, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray) -> None:
+def _publish(target: Target, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray) -> None:
     from .service import local_embedding
 
-    publish_nodes(data_dir, knowledge_id, nodes, vectors, local_embedding().spec)
+    publish_nodes(target.store, knowledge_id, nodes, vectors, local_embedding().spec)
 
 
 def whitespace_bm25(dataset: Dataset) -> float:
@@ -151,11 +171,11 @@ def whitespace_bm25(dataset: Dataset) -> float:
 class InProcessServer:
     """The standalone server on a free port, in a thread of this process."""
 
-    def __init__(self, data_dir: Path, mode: str | None, api_key: str) -> None:
+    def __init__(self, target: Target, mode: str | None, api_key: str) -> None:
         from .server import create_server
 
-        settings = load_settings({"data_dir": data_dir, "api_key": api_key, "port": 0,
-                                  "retrieval_mode": mode}, environ={})
+        settings = load_settings(target.settings(api_key=api_key, port=0, retrieval_mode=mode),
+                                 environ={})
         self.server = create_server(settings)
         host, port = self.server.server_address[:2]
         self.url = f"http://{host}:{port}"
@@ -185,7 +205,7 @@ def retrieve(
     return response.json()["records"], server, round_trip
 
 
-def quality(datasets_dir: Path, work_dir: Path, sets: list[str], modes: list[str]) -> None:
+def quality(datasets_dir: Path, target: Target, sets: list[str], modes: list[str]) -> None:
     key = secrets.token_hex(8)
     print("\n== quality: nDCG@10 / Recall@100, through POST /retrieval ==")
     for name in sets:
@@ -195,10 +215,10 @@ def quality(datasets_dir: Path, work_dir: Path, sets: list[str], modes: list[str
             continue
         dataset = Dataset(root)
         print(f"{name}: {len(dataset.corpus)} documents, {len(dataset.queries)} test queries")
-        build_dataset_kb(dataset, work_dir)
+        build_dataset_kb(dataset, target)
         print(f"  {'whitespace BM25 baseline':<26} nDCG@10 {whitespace_bm25(dataset):.4f}")
         for mode in modes:
-            server = InProcessServer(work_dir, mode, key)
+            server = InProcessServer(target, mode, key)
             ndcg, recall, server_ms, trip_ms = [], [], [], []
             with httpx.Client(timeout=5.0) as client:
                 for qid, text in dataset.queries.items():
@@ -214,8 +234,8 @@ def quality(datasets_dir: Path, work_dir: Path, sets: list[str], modes: list[str
                   f"{np.percentile(trip_ms, 50):.1f} ms", flush=True)
 
 
-def build_synthetic_kb(datasets_dir: Path, data_dir: Path, knowledge_id: str, size: int) -> None:
-    if _is_current(data_dir, knowledge_id):
+def build_synthetic_kb(datasets_dir: Path, target: Target, knowledge_id: str, size: int) -> None:
+    if target.is_current(knowledge_id):
         return
     rng = np.random.default_rng(42)
     sentences: list[str] = []
@@ -235,7 +255,7 @@ def build_synthetic_kb(datasets_dir: Path, data_dir: Path, knowledge_id: str, si
                       "year": 2000 + int(i % 25), "file_type": "md" if i % 3 else "txt"},
         ))
     vectors = rng.standard_normal((size, 384)).astype(np.float32)
-    _publish(data_dir, knowledge_id, nodes, vectors)
+    _publish(target, knowledge_id, nodes, vectors)
     print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -252,16 +272,16 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def scale(datasets_dir: Path, work_dir: Path, size: int, queries: int) -> None:
+def scale(datasets_dir: Path, target: Target, size: int, queries: int) -> None:
     print(f"\n== scale: {size} chunks, hybrid, fresh `serve` process ==")
     knowledge_id = f"synthetic-{size}"
-    build_synthetic_kb(datasets_dir, work_dir, knowledge_id, size)
+    build_synthetic_kb(datasets_dir, target, knowledge_id, size)
     texts = [q["text"] for q in read_jsonl(datasets_dir / "scifact" / "queries.jsonl")][:queries]
     key, port = secrets.token_hex(8), _free_port()
     env = {**os.environ, "LLAMAINDEX_KB_API_KEY": key}
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llamaindex_kb", "serve", "--data-dir", str(work_dir),
+        [sys.executable, "-m", "llamaindex_kb", "serve", *target.cli_flags(),
          "--port", str(port), "--retrieval-mode", "hybrid"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -378,6 +398,7 @@ def main(argv: list[str]) -> int:
                         help="where benchmark knowledge bases are cached [.bench]")
     parser.add_argument("--scale", type=int, default=100_000, help="chunks for the latency run")
     parser.add_argument("--queries", type=int, default=300, help="queries for the latency run")
+    parser.add_argument("--store", help="store URL to benchmark [the embedded store in --work-dir]")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-ingestion", action="store_true")
@@ -390,10 +411,14 @@ def main(argv: list[str]) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     for noisy in ("httpx", "werkzeug", "llamaindex_kb.api", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    target = Target(args.work_dir, args.store)
+    if target.store_url:
+        parts = urlsplit(target.store_url)  # never print the password
+        print(f"store: {parts.scheme}://{parts.hostname or ''}{parts.path}")
     if not args.skip_quality:
-        quality(args.datasets, args.work_dir, args.sets.split(","), args.modes.split(","))
+        quality(args.datasets, target, args.sets.split(","), args.modes.split(","))
     if not args.skip_scale:
-        scale(args.datasets, args.work_dir, args.scale, args.queries)
+        scale(args.datasets, target, args.scale, args.queries)
     if not args.skip_ingestion:
         ingestion(args.datasets, args.work_dir, args.ingest_chunks)
     return 0

@@ -34,6 +34,8 @@ class Settings(BaseModel):
     # Where knowledge bases live (stores.py): None means local://<data_dir>;
     # postgresql://user:password@host:5432/db shares them between processes.
     store: str | None = None
+    # A Qdrant server's API key (qdrant_store.py), unless the store URL has ?api_key=.
+    store_api_key: SecretStr | None = None
     demo: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port

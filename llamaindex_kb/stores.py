@@ -4,6 +4,10 @@
   under a folder, published by an atomic ``CURRENT`` swap (``layout.py``).
 * ``postgresql://…`` / ``postgres://…``: PostgreSQL + pgvector (``pg_store.py``),
   which several plugin processes and CLI runs can share.
+* ``qdrant:///path``, ``qdrant://host:6333``, ``http(s)://host:6333``: Qdrant, local
+  mode or a server (``qdrant_store.py``).
+* ``llamacloud://<api_key>@<host>/?project=…``: LlamaCloud managed indexes, read-only
+  (``llamacloud_store.py``).
 
 Every store answers the same contract: the same ``QueryPlan`` gives the same
 records with the same absolute scores. A new backend (Qdrant, LlamaCloud) is
@@ -146,11 +150,16 @@ def open_store(url: str, settings: Settings) -> KnowledgeStore:
     scheme = urlsplit(url).scheme.lower()
     if scheme in {"postgresql", "postgres"} and scheme not in _registry:
         from . import pg_store  # noqa: F401  (registers itself; psycopg loads only if used)
+    if scheme in {"qdrant", "http", "https"} and scheme not in _registry:
+        from . import qdrant_store  # noqa: F401  (registers itself; qdrant-client too)
+    if scheme == "llamacloud" and scheme not in _registry:
+        from . import llamacloud_store  # noqa: F401  (registers itself)
     factory = _registry.get(scheme)
     if factory is None:
         raise ConfigurationError(
             f"store URL scheme {scheme or '(none)'!r} is not supported: use local:///path "
-            "or postgresql://user:password@host:5432/database"
+            "or postgresql://user:password@host:5432/database "
+            "or llamacloud://<api_key>@api.cloud.llamaindex.ai/?project=<name>"
         )
     return factory(url, settings)
 

@@ -46,7 +46,7 @@ from llamaindex_kb.service import local_embedding
 from llamaindex_kb.stores import KnowledgeStore, LocalStore, open_store
 
 KB = "contract"
-STORES = ["local", "postgresql"]
+STORES = ["local", "postgresql", "qdrant"]
 CATEGORIES = ["guide", "faq", "api"]
 TOPICS = [
     ("Connecting Dify", "Connect Dify to an external knowledge API with an endpoint and a key."),
@@ -115,6 +115,9 @@ def stores(postgres_url: str, tmp_path_factory: pytest.TempPathFactory
     built: dict[str, KnowledgeStore] = {
         "local": LocalStore(tmp_path_factory.mktemp("local-store")),
         "postgresql": open_store(postgres_url, load_settings({}, environ={})),
+        # qdrant-client's local mode: the same store class a Qdrant server gets.
+        "qdrant": open_store(f"qdrant://{tmp_path_factory.mktemp('qdrant-store')}",
+                             load_settings({}, environ={})),
     }
     for store in built.values():
         if store.find(KB) is not None:
@@ -152,7 +155,8 @@ def _same(left: list[Record], right: list[Record]) -> None:
 def test_every_store_gives_the_same_records_and_scores(stores, mode):
     for query in QUERIES:
         local = _retrieve(stores["local"], query, top_k=8, mode=mode)
-        _same(local, _retrieve(stores["postgresql"], query, top_k=8, mode=mode))
+        for other in STORES[1:]:
+            _same(local, _retrieve(stores[other], query, top_k=8, mode=mode))
         assert local or query == "unrelated zebra" or mode != "keyword"
 
 
@@ -230,7 +234,8 @@ def test_parent_child_returns_each_parent_once_alike(stores):
     for query in ("keyword search BM25", "向量数据库"):
         local = _retrieve(stores["local"], query, top_k=3, knowledge_id="parents")
         assert len({r.metadata["chunk_id"] for r in local}) == len(local) > 0
-        _same(local, _retrieve(stores["postgresql"], query, top_k=3, knowledge_id="parents"))
+        for other in STORES[1:]:
+            _same(local, _retrieve(stores[other], query, top_k=3, knowledge_id="parents"))
     for store in stores.values():
         store.drop("parents")
 
@@ -247,10 +252,11 @@ def test_delete_and_replace_documents_alike(stores):
         _build(store, "edits", corpus=[(title, "Entirely new text about sourdough.", metadata)])
         assert len(store.open("edits").documents) == 5
         assert store.open("edits").manifest.documents == 5
-    _same(_retrieve(stores["local"], "sourdough", knowledge_id="edits", mode="keyword"),
-          _retrieve(stores["postgresql"], "sourdough", knowledge_id="edits", mode="keyword"))
-    assert [m.knowledge_id for m in stores["postgresql"].manifests()] == sorted(
-        m.knowledge_id for m in stores["postgresql"].manifests())
+    for other in STORES[1:]:
+        _same(_retrieve(stores["local"], "sourdough", knowledge_id="edits", mode="keyword"),
+              _retrieve(stores[other], "sourdough", knowledge_id="edits", mode="keyword"))
+        assert [m.knowledge_id for m in stores[other].manifests()] == sorted(
+            m.knowledge_id for m in stores[other].manifests())
     for store in stores.values():
         drop_knowledge_base(store, "edits")
         with pytest.raises(KnowledgeBaseNotFound):
@@ -297,6 +303,9 @@ def test_concurrent_writers_both_land(stores):
     ("ftp://example.com/kb", ConfigurationError, "not supported"),
     ("local://relative/path", ConfigurationError, "absolute path"),
     ("postgresql://user@127.0.0.1:1/kb", StoreUnavailableError, "unreachable"),
+    ("qdrant://127.0.0.1:1", StoreUnavailableError, "unreachable"),
+    ("https://127.0.0.1:1?api_key=k", StoreUnavailableError, "unreachable"),
+    ("qdrant:///", ConfigurationError, "absolute folder"),
 ])
 def test_bad_store_urls_fail_fast_with_actionable_messages(url, error, needle):
     started = time.monotonic()

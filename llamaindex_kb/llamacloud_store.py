@@ -1,0 +1,425 @@
+"""LlamaCloud managed indexes (pipelines) as a read-only store.
+
+Store URL::
+
+    llamacloud://<api_key>@api.cloud.llamaindex.ai/?project=Default&organization=<org id>
+    llamacloud://<api_key>@/?region=eu                 (api.cloud.eu.llamaindex.ai)
+    llamacloud://?api_key=<api_key>&region=na          (key as a query parameter instead)
+
+* API key: the URL's user part (percent-encoded if needed) or ``api_key=``; else the
+  ``LLAMA_CLOUD_API_KEY`` environment variable. It is required: no key, no store.
+* Host: ``api.cloud.llamaindex.ai`` (North America, the default) or
+  ``api.cloud.eu.llamaindex.ai``; ``region=na|eu`` picks one without naming it.
+  A host and a region that disagree are refused. ``insecure=true`` speaks plain HTTP
+  (only for a local stand-in of the API, as the tests use).
+* ``project`` (a project name) and ``organization`` (an organization id) narrow
+  where index names are looked up; without them LlamaCloud uses the key's defaults.
+
+A ``knowledge_id`` is a LlamaCloud index (pipeline) name, or a pipeline id (what the
+official LlamaCloud Dify plugin takes). Calls, all with ``Authorization: Bearer <key>``:
+
+* ``GET /api/v1/pipelines/{id}``: is this a pipeline id?
+* ``GET /api/v1/pipelines?pipeline_name=&project_name=&organization_id=``: by name,
+  and (without ``pipeline_name``) the listing behind ``manifests``;
+* ``POST /api/v1/pipelines/{id}/retrieve`` with ``query``, ``dense_similarity_top_k``,
+  ``sparse_similarity_top_k``, ``rerank_top_n``, ``retrieval_mode: "chunks"``,
+  ``alpha`` (only when a retrieval mode is configured: vector 1, keyword 0, hybrid the
+  semantic weight) and ``search_filters`` (the part of ``metadata_condition`` that
+  ``filters.to_metadata_filters`` expresses exactly); the answer's
+  ``retrieval_nodes[].node`` (``id_``, ``text``, ``extra_info``/``metadata``) and
+  ``retrieval_nodes[].score``.
+
+Every answer is checked here: scores clipped to [0, 1] and sorted, ``score_threshold``
+applied to the score reported, ``metadata_condition`` re-checked on every record with
+``filters.matches`` (fetching more, up to LlamaCloud's 100, when that leaves fewer than
+``top_k``), ``top_k`` respected, ``metadata`` an object with a stable ``document_id``
+(``document_id``, else ``file_id``, else the source document's id, else the file
+path or name, else the chunk id).
+
+Errors: LlamaCloud's 401/403 is a wrong key in the store URL, so a 400 naming the fix
+(never our own 403, which means Dify's key to us is wrong); an unknown index is 404
+(2001); 429, 5xx, timeouts and connection failures are retried with backoff and become
+503 (5003) within ``DEADLINE_S``. Indexes are managed in LlamaCloud, so ``publish`` and
+``drop`` (ingest, upload, delete) answer 400.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import httpx
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import NodeWithScore, TextNode
+
+from .config import Settings
+from .errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
+from .filters import _tests, matches, to_metadata_filters
+from .knowledge_base import DocumentInfo, KBManifest, QueryPlan
+from .stores import Change, Published, register
+
+log = logging.getLogger(__name__)
+
+REGIONS = {"na": "api.cloud.llamaindex.ai", "us": "api.cloud.llamaindex.ai",
+           "eu": "api.cloud.eu.llamaindex.ai"}
+DEADLINE_S = 4.0  # per store call, retries included: Dify waits 5 s for the whole answer
+ATTEMPT_TIMEOUT_S = 1.6  # one HTTP attempt; leaves room for a retry inside the deadline
+MAX_TOP_K = 100  # LlamaCloud's limit for dense_similarity_top_k and friends
+RESOLVE_TTL_S = 60.0  # how long an index name → pipeline id lookup is reused
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                   r"[0-9a-fA-F]{12}$")
+# Keys to_record (and this module) add to every record: LlamaCloud's nodes lack them,
+# so a pushed-down filter on them would wrongly match nothing there.
+_SYNTHESIZED_KEYS = frozenset({"document_id", "chunk_id"})
+_TRUE = {"1", "true", "yes", "on"}
+
+KEY_HELP = ("create an API key at https://cloud.llamaindex.ai (API Keys) and put it in the "
+            "store URL: llamacloud://<api_key>@api.cloud.llamaindex.ai/?project=<project>; "
+            "an account in the EU region needs region=eu (api.cloud.eu.llamaindex.ai)")
+
+
+@register("llamacloud")
+def _factory(url: str, settings: Settings) -> LlamaCloudStore:
+    return LlamaCloudStore(url)
+
+
+def _query_value(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[-1].strip() or None if values else None
+
+
+class LlamaCloudStore:
+    """LlamaCloud indexes by name (or pipeline id); read-only, thread-safe."""
+
+    def __init__(self, url: str, *, transport: httpx.BaseTransport | None = None) -> None:
+        parts = urlsplit(url)
+        params = parse_qs(parts.query, keep_blank_values=True)
+        known = {"api_key", "region", "project", "organization", "insecure"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"LlamaCloud store URL: unknown parameter(s) {', '.join(unknown)}; "
+                f"use {', '.join(sorted(known))}")
+        api_key = (unquote(parts.username) if parts.username else None) \
+            or _query_value(params, "api_key") or os.environ.get("LLAMA_CLOUD_API_KEY")
+        if not api_key:
+            raise ConfigurationError(f"LlamaCloud store URL has no API key: {KEY_HELP}")
+        region = (_query_value(params, "region") or "").lower() or None
+        if region is not None and region not in REGIONS:
+            raise ConfigurationError(
+                f"LlamaCloud store URL: region {region!r} is unknown; use region=na or region=eu")
+        host = parts.hostname
+        if host and region and REGIONS[region] != host:
+            raise ConfigurationError(
+                f"LlamaCloud store URL names host {host!r} and region {region!r}, which "
+                f"disagree; give one (region {region} is {REGIONS[region]})")
+        host = host or REGIONS[region or "na"]
+        scheme = "http" if (_query_value(params, "insecure") or "").lower() in _TRUE else "https"
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+        self.base_url = f"{scheme}://{netloc}"
+        self.project = _query_value(params, "project")
+        self.organization = _query_value(params, "organization")
+        # The key never appears in url (logged, shown by the CLI).
+        query = "&".join(f"{k}={quote(v)}" for k, v in
+                         (("project", self.project), ("organization", self.organization))
+                         if v)
+        self.url = f"llamacloud://{netloc}/" + (f"?{query}" if query else "")
+        self._client = httpx.Client(
+            base_url=self.base_url, transport=transport,
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+        )
+        self._resolved: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._lock = threading.Lock()
+
+    # --- KnowledgeStore ----------------------------------------------------------
+
+    def open(self, knowledge_id: str) -> LlamaCloudIndex:
+        found = self.find(knowledge_id)
+        if found is None:
+            where = f" in project {self.project!r}" if self.project else ""
+            raise KnowledgeBaseNotFound(
+                f"knowledge base {knowledge_id!r} does not exist: no LlamaCloud index with "
+                f"that name or pipeline id{where}")
+        return found
+
+    def find(self, knowledge_id: str) -> LlamaCloudIndex | None:
+        deadline = time.monotonic() + DEADLINE_S
+        pipeline = self._pipeline(knowledge_id, deadline)
+        return (None if pipeline is None
+                else LlamaCloudIndex(self, knowledge_id, pipeline, deadline=deadline))
+
+    def manifests(self) -> list[KBManifest]:
+        pipelines = self._request("GET", "/api/v1/pipelines", time.monotonic() + DEADLINE_S,
+                                  params=self._scope())
+        found = [_manifest(str(p.get("name") or p.get("id")), p)
+                 for p in _pipeline_list(pipelines)]
+        return sorted(found, key=lambda manifest: manifest.knowledge_id)
+
+    def publish(self, knowledge_id: str, change: Change) -> Published:
+        raise ConfigurationError(
+            f"the LlamaCloud store is read-only: manage LlamaCloud indexes in LlamaCloud "
+            f"(https://cloud.llamaindex.ai) to add or remove documents of {knowledge_id!r}")
+
+    def drop(self, knowledge_id: str) -> None:
+        raise ConfigurationError(
+            f"the LlamaCloud store is read-only: manage LlamaCloud indexes in LlamaCloud "
+            f"(https://cloud.llamaindex.ai) to delete {knowledge_id!r}")
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- LlamaCloud calls --------------------------------------------------------
+
+    def _scope(self) -> dict[str, str]:
+        scope = {}
+        if self.project:
+            scope["project_name"] = self.project
+        if self.organization:
+            scope["organization_id"] = self.organization
+        return scope
+
+    def _pipeline(self, knowledge_id: str, deadline: float) -> dict[str, Any] | None:
+        """The pipeline a knowledge_id names (cached briefly), None if there is none."""
+        if not knowledge_id:
+            return None
+        cached = self._resolved.get(knowledge_id)
+        if cached is not None and time.monotonic() - cached[0] < RESOLVE_TTL_S:
+            return cached[1]
+        pipeline = None
+        if _UUID.match(knowledge_id):
+            pipeline = self._request("GET", f"/api/v1/pipelines/{knowledge_id}", deadline,
+                                     params=self._scope(), missing_ok=True)
+        if pipeline is None:
+            named = self._request("GET", "/api/v1/pipelines", deadline,
+                                  params={**self._scope(), "pipeline_name": knowledge_id})
+            exact = [p for p in _pipeline_list(named) if p.get("name") == knowledge_id]
+            if len(exact) > 1:
+                raise ConfigurationError(
+                    f"{len(exact)} LlamaCloud indexes are named {knowledge_id!r}: add "
+                    "project=<name> to the store URL, or use the pipeline id as knowledge_id")
+            pipeline = exact[0] if exact else None
+        with self._lock:
+            self._resolved[knowledge_id] = (time.monotonic(), pipeline)
+        return pipeline
+
+    def _request(self, method: str, path: str, deadline: float, *,
+                 params: dict[str, str] | None = None, json: Any = None,
+                 missing_ok: bool = False) -> Any:
+        """One call, retried on 429/5xx/timeouts while the deadline allows."""
+        delay = 0.2
+        problem = "no attempt fit in the time allowed"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining < 0.05:
+                raise StoreUnavailableError(
+                    f"LlamaCloud ({self.base_url}) is unavailable: {problem}; try again shortly")
+            timeout = min(ATTEMPT_TIMEOUT_S, remaining)
+            try:
+                response = self._client.request(method, path, params=params, json=json,
+                                                 timeout=timeout)
+            except httpx.TimeoutException:
+                problem = f"no answer within {timeout:.1f} s"
+            except httpx.TransportError as exc:
+                problem = f"cannot connect ({type(exc).__name__})"
+            else:
+                status = response.status_code
+                if status < 300:
+                    try:
+                        return response.json()
+                    except ValueError as exc:
+                        raise StoreUnavailableError(
+                            f"LlamaCloud ({self.base_url}) answered {path} with non-JSON") \
+                            from exc
+                if status in (401, 403):
+                    raise ConfigurationError(
+                        f"LlamaCloud rejected the API key (HTTP {status}): {KEY_HELP}")
+                if status in (404, 422) and missing_ok:
+                    return None
+                if status == 404:
+                    raise KnowledgeBaseNotFound(
+                        f"LlamaCloud has no such index or pipeline ({method} {path}: 404)")
+                if status == 429 or status >= 500:
+                    problem = f"HTTP {status}"
+                    retry_after = response.headers.get("Retry-After", "")
+                    if retry_after.replace(".", "", 1).isdigit():
+                        delay = max(delay, min(float(retry_after), 1.0))
+                else:
+                    raise ConfigurationError(
+                        f"LlamaCloud refused {method} {path} (HTTP {status}): "
+                        f"{_detail(response)}")
+            log.warning("LlamaCloud %s %s: %s; retrying", method, path, problem)
+            if time.monotonic() + delay >= deadline - 0.05:
+                raise StoreUnavailableError(
+                    f"LlamaCloud ({self.base_url}) is unavailable: {problem}; try again shortly")
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+class LlamaCloudIndex:
+    """One LlamaCloud index opened for reading."""
+
+    def __init__(self, store: LlamaCloudStore, knowledge_id: str,
+                 pipeline: dict[str, Any], *, deadline: float | None = None) -> None:
+        self.store = store
+        # A retrieval right after open (one Dify request) shares open's deadline, so
+        # looking the index up and searching it take DEADLINE_S together, not each.
+        self._open_deadline = deadline
+        self.knowledge_id = knowledge_id
+        self.pipeline_id = str(pipeline["id"])
+        self._manifest = _manifest(knowledge_id, pipeline)
+
+    @property
+    def manifest(self) -> KBManifest:
+        return self._manifest
+
+    @property
+    def documents(self) -> dict[str, DocumentInfo]:
+        return {}  # LlamaCloud lists its files itself; retrieval never needs them
+
+    def __len__(self) -> int:
+        return 0  # unknown without another call; nothing here depends on it
+
+    def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
+                 ) -> list[NodeWithScore]:
+        """LlamaCloud embeds the query itself, so ``embed_model`` is not used."""
+        if not plan.query.strip() or plan.top_k <= 0:
+            return []
+        deadline = time.monotonic() + DEADLINE_S
+        if self._open_deadline is not None and self._open_deadline > time.monotonic():
+            deadline = self._open_deadline
+        body: dict[str, Any] = {"query": plan.query, "retrieval_mode": "chunks"}
+        if plan.mode is not None:
+            body["alpha"] = {"vector": 1.0, "keyword": 0.0}.get(
+                plan.mode, 0.7 if plan.semantic_weight is None else plan.semantic_weight)
+        pushed_everything = True
+        if plan.condition is not None:
+            search_filters, pushed_everything = _search_filters(plan.condition)
+            if search_filters is not None:
+                body["search_filters"] = search_filters
+        want = min(MAX_TOP_K, plan.top_k if pushed_everything else plan.top_k * 4)
+        while True:
+            body.update(dense_similarity_top_k=want, sparse_similarity_top_k=want,
+                        rerank_top_n=want)
+            answer = self.store._request(
+                "POST", f"/api/v1/pipelines/{self.pipeline_id}/retrieve", deadline, json=body)
+            nodes = answer.get("retrieval_nodes") if isinstance(answer, dict) else None
+            if not isinstance(nodes, list):
+                raise StoreUnavailableError(
+                    "LlamaCloud's retrieve answer has no retrieval_nodes list")
+            hits, rejected = self._hits(nodes, plan)
+            # More can help only if LlamaCloud had more to give, the filter (not the
+            # threshold) is what left us short, and the limit allows asking for more.
+            if (len(hits) >= plan.top_k or not rejected or len(nodes) < want
+                    or want >= MAX_TOP_K):
+                break
+            want = min(MAX_TOP_K, want * 4)
+        hits.sort(key=lambda hit: (-(hit.score or 0.0), hit.node.node_id))
+        return hits[: plan.top_k]
+
+    def _hits(self, nodes: list[Any], plan: QueryPlan) -> tuple[list[NodeWithScore], int]:
+        hits: list[NodeWithScore] = []
+        rejected = 0
+        seen: set[str] = set()
+        floor = max(plan.score_threshold, 1e-12)  # a score of 0 means no relation: never shown
+        for position, item in enumerate(nodes):
+            if not isinstance(item, dict) or not isinstance(item.get("node"), dict):
+                continue
+            node = _text_node(item["node"], position)
+            if node.node_id in seen:
+                continue
+            seen.add(node.node_id)
+            if plan.condition is not None and not matches(plan.condition, node.metadata):
+                rejected += 1
+                continue
+            score = _clip(item.get("score"))
+            if score >= floor:
+                hits.append(NodeWithScore(node=node, score=score))
+        return hits, rejected
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _search_filters(condition: Any) -> tuple[dict[str, Any] | None, bool]:
+    """(LlamaCloud search_filters or None, whether they express the whole condition)."""
+    filters = to_metadata_filters(condition)
+    if filters is None:
+        return None, False
+    exact = [f for f in filters.filters if getattr(f, "key", None) not in _SYNTHESIZED_KEYS]
+    conjunction = str(getattr(filters.condition, "value", filters.condition))
+    if not exact or (conjunction == "or" and len(exact) < len(filters.filters)):
+        return None, False
+    # Whether the filters cover every condition that takes part (skipped ones do not).
+    whole = len(exact) == len(_tests(condition))
+    payload = {
+        "filters": [{"key": f.key, "value": f.value, "operator": f.operator.value}
+                    for f in exact],
+        "condition": conjunction,
+    }
+    return payload, whole
+
+
+def _text_node(raw: dict[str, Any], position: int) -> TextNode:
+    metadata: dict[str, Any] = {}
+    for field in ("extra_info", "metadata"):
+        value = raw.get(field)
+        if isinstance(value, dict):
+            metadata.update(value)
+    node_id = str(raw.get("id_") or raw.get("id") or f"llamacloud-{position}")
+    source = raw.get("relationships", {}) if isinstance(raw.get("relationships"), dict) else {}
+    source_node = source.get("1") or source.get("SOURCE")
+    source_id = source_node.get("node_id") if isinstance(source_node, dict) else None
+    document_id = (metadata.get("document_id") or metadata.get("file_id") or source_id
+                   or metadata.get("file_path") or metadata.get("file_name") or node_id)
+    metadata["document_id"] = str(document_id)
+    text = raw.get("text")
+    return TextNode(id_=node_id, text=text if isinstance(text, str) else "", metadata=metadata)
+
+
+def _clip(score: Any) -> float:
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return 0.0
+    if value != value:  # NaN
+        return 0.0
+    return min(1.0, max(0.0, value))
+
+
+def _pipeline_list(answer: Any) -> list[dict[str, Any]]:
+    items = answer.get("items") if isinstance(answer, dict) else answer  # v2 pages
+    return [p for p in items if isinstance(p, dict) and p.get("id")] \
+        if isinstance(items, list) else []
+
+
+def _timestamp(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _manifest(knowledge_id: str, pipeline: dict[str, Any]) -> KBManifest:
+    times = {k: t for k, t in (("created_at", _timestamp(pipeline.get("created_at"))),
+                               ("updated_at", _timestamp(pipeline.get("updated_at"))))
+             if t is not None}
+    return KBManifest(knowledge_id=knowledge_id, embedding=None,
+                      chunking={"store": "llamacloud", "pipeline_id": str(pipeline.get("id"))},
+                      **times)
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    text = str(detail) if detail else response.text
+    return text[:300] or "no details"

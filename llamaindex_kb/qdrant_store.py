@@ -1,0 +1,659 @@
+"""Qdrant: knowledge bases in qdrant-client's local mode (a folder) or a Qdrant server.
+
+Store URLs::
+
+    qdrant:///absolute/path              local mode: qdrant-client's in-process engine,
+                                         one process at a time, slow past ~20k chunks
+    qdrant://host:6333                   a Qdrant server (http)
+    http(s)://host:6333                  a Qdrant server; the API key comes from
+                                         ``?api_key=`` or ``LLAMAINDEX_KB_STORE_API_KEY``
+
+Collections::
+
+    llamaindex_kb_meta          one point per knowledge base (manifest, BM25 corpus
+                                statistics, the live chunk collection: the "CURRENT"
+                                pointer), and per document and parent chunk, tagged with
+                                the chunk collection they belong to
+    llamaindex_kb_<id>_<uuid>   a version's chunks: point id = row, a "dense" cosine
+                                vector, a "sparse" vector of our analyzer's terms
+                                (keyword.tokenize, hashed; never fastembed) with
+                                ``Modifier.IDF``, payload: node JSON, metadata, term counts
+
+A publish writes a new chunk collection (kept chunks copied, new ones added), then
+swaps the pointer with one point upsert: readers see a whole change or none of it.
+
+Scores equal the embedded store's. Both candidate searches run server-side with the
+query API: sparse (every chunk holding a query term, with its term counts and dense
+vector) and dense (exact filter parts pushed down, the window grown until its last
+similarity bounds every unseen row, as pg_store). The store then scores the
+candidates itself: cosine clipped to [0, 1]; BM25 (bm25s "lucene", keyword.py's k1
+and b) from the term counts over the query's attainable maximum incl. the absent-term
+median; hybrid = w·vector + (1−w)·keyword;
+conditions re-checked with ``filters.matches``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import BaseNode, NodeWithScore
+from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
+from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from .config import Settings
+from .errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
+from .filters import matches, to_metadata_filters
+from .keyword import _B, _K1, ANALYZER_VERSION, tokenize
+from .knowledge_base import (
+    DocumentInfo,
+    KBManifest,
+    QueryPlan,
+    check_embedding,
+    effective_mode,
+)
+from .stores import Change, Published, register
+
+TIMEOUT_S = 4  # every request to a server
+META = "llamaindex_kb_meta"
+_PREFIX = "llamaindex_kb_"
+_TINY = float(np.finfo(np.float32).tiny)
+_NS = uuid.UUID("5b0c8a53-3f0e-4f6e-9d5e-6f1f9a3c2b71")
+_BATCH = 256
+
+
+@register("qdrant", "http", "https")
+def _factory(url: str, settings: Settings) -> QdrantStore:
+    key = settings.store_api_key
+    return QdrantStore(url, api_key=key.get_secret_value() if key is not None else None)
+
+
+@dataclass(frozen=True)
+class _Base:
+    """A knowledge base's pointer point: manifest, statistics, live chunk collection."""
+
+    manifest: KBManifest
+    collection: str
+    chunk_count: int
+    total_length: int
+    absent_term_weight: float
+    next_row: int
+
+
+class _Gone(Exception):
+    """The chunk collection was replaced by a concurrent publish: read again."""
+
+
+class QdrantStore:
+    """Knowledge bases in one Qdrant (local folder or server); thread-safe."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        query = parse_qs(parts.query)
+        api_key = (query.get("api_key") or [None])[0] or api_key
+        self._local = scheme == "qdrant" and not parts.netloc
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigurationError(f"store URL {url!r}: invalid port") from exc
+        if self._local:
+            path = unquote(parts.path)
+            if not path.startswith("/") or path == "/":
+                raise ConfigurationError(
+                    f"store URL {url!r}: local Qdrant needs an absolute folder, e.g. "
+                    "qdrant:///srv/kb-qdrant (three slashes), or a server: qdrant://host:6333")
+            self._shown = f"qdrant://{path}"
+            try:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                self._client = QdrantClient(path=path)
+            except (RuntimeError, OSError) as exc:
+                raise ConfigurationError(
+                    f"store {self._shown}: {_first_line(exc)}; local mode allows one process "
+                    "per folder: run a Qdrant server to share knowledge bases") from exc
+        else:
+            if not parts.hostname:
+                raise ConfigurationError(
+                    f"store URL {url!r} names no host: use qdrant://host:6333, "
+                    "https://host:6333?api_key=… or qdrant:///absolute/path")
+            https = scheme == "https"
+            self._shown = f"{'https' if https else 'http'}://{parts.hostname}:{port or 6333}"
+            try:
+                self._client = QdrantClient(
+                    url=f"{'https' if https else 'http'}://{parts.hostname}",
+                    port=port or 6333, api_key=api_key, timeout=TIMEOUT_S,
+                    prefix=parts.path.strip("/") or None, check_compatibility=False)
+            except ValueError as exc:
+                raise ConfigurationError(f"store URL {url!r}: {_first_line(exc)}") from exc
+        # Local mode is not thread-safe; a server serialises nothing for us either, so
+        # writers of this process take the lock (different processes: see README).
+        self._lock = threading.RLock()
+        self._meta_ready = False
+
+    # --- plumbing -------------------------------------------------------------------
+
+    @contextmanager
+    def _calls(self) -> Iterator[QdrantClient]:
+        with self._lock if self._local else _nothing(), self._translated():
+            self._ensure_meta()
+            yield self._client
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except UnexpectedResponse as exc:
+            if exc.status_code in (401, 403):
+                raise ConfigurationError(
+                    f"store {self._shown} refused the API key ({exc.status_code}); set "
+                    "?api_key=… in the store URL or LLAMAINDEX_KB_STORE_API_KEY") from exc
+            if exc.status_code == 404:
+                raise _Gone() from exc
+            raise StoreUnavailableError(
+                f"store {self._shown}: {_first_line(exc)}; try again") from exc
+        except (ResponseHandlingException, ConnectionError, TimeoutError) as exc:
+            raise StoreUnavailableError(
+                f"store {self._shown} is unreachable ({_first_line(exc)}); is Qdrant "
+                "running and reachable from here?") from exc
+        except ValueError as exc:
+            if "not found" in str(exc).lower():  # local mode's missing collection
+                raise _Gone() from exc
+            raise
+
+    def _ensure_meta(self) -> None:
+        if self._meta_ready:
+            return
+        if not self._client.collection_exists(META):
+            self._client.create_collection(META, vectors_config={})
+            if not self._local:  # payload indexes do nothing (and warn) in local mode
+                for key in ("kb", "kind", "version"):
+                    self._client.create_payload_index(META, key, models.PayloadSchemaType.KEYWORD)
+        self._meta_ready = True
+
+    def _load_base(self, client: QdrantClient, knowledge_id: str) -> _Base | None:
+        found = client.retrieve(META, [_meta_id("base", knowledge_id)], with_payload=True)
+        if not found:
+            return None
+        p = found[0].payload or {}
+        if p.get("analyzer_version") != ANALYZER_VERSION:
+            raise ConfigurationError(
+                f"knowledge base {knowledge_id!r} was indexed by keyword analyzer version "
+                f"{p.get('analyzer_version')}, this version uses {ANALYZER_VERSION}: drop it "
+                "and ingest its documents again")
+        return _Base(KBManifest.model_validate(p["manifest"]), p["collection"],
+                     int(p["chunk_count"]), int(p["total_length"]),
+                     float(p["absent_term_weight"]), int(p["next_row"]))
+
+    def _meta_scroll(self, client: QdrantClient, knowledge_id: str, kind: str,
+                     version: str | None = None) -> Iterator[dict[str, Any]]:
+        must = [_eq("kb", knowledge_id), _eq("kind", kind)]
+        if version is not None:
+            must.append(_eq("version", version))
+        offset = None
+        while True:
+            points, offset = client.scroll(META, models.Filter(must=must), limit=_BATCH,
+                                           offset=offset, with_payload=True)
+            for point in points:
+                yield point.payload or {}
+            if offset is None:
+                return
+
+    # --- KnowledgeStore -------------------------------------------------------------
+
+    def open(self, knowledge_id: str) -> QdrantKnowledgeBase:
+        found = self.find(knowledge_id)
+        if found is None:
+            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+        return found
+
+    def find(self, knowledge_id: str) -> QdrantKnowledgeBase | None:
+        with self._calls() as client:
+            base = self._load_base(client, knowledge_id)
+        return None if base is None else QdrantKnowledgeBase(self, knowledge_id, base)
+
+    def manifests(self) -> list[KBManifest]:
+        found = []
+        with self._calls() as client:
+            offset = None
+            while True:
+                points, offset = client.scroll(META, models.Filter(must=[_eq("kind", "base")]),
+                                               limit=_BATCH, offset=offset, with_payload=True)
+                found += [KBManifest.model_validate((p.payload or {})["manifest"])
+                          for p in points]
+                if offset is None:
+                    break
+        return sorted(found, key=lambda manifest: manifest.knowledge_id)
+
+    def publish(self, knowledge_id: str, change: Change) -> Published:
+        with self._lock, self._calls() as client:
+            old = self._load_base(client, knowledge_id)
+            keep_old = old is not None and not change.replace
+            replaced = set(change.documents) | change.removed
+            collection = f"{_collection_prefix(knowledge_id)}_{uuid.uuid4().hex[:12]}"
+            _create_chunks(client, collection, change.manifest)
+            documents: dict[str, DocumentInfo] = {}
+            parents: list[dict[str, Any]] = []
+            next_row = old.next_row if old is not None else 0
+            stats: list[tuple[dict[str, int], int]] = []  # (term counts, length) per chunk
+            removed = 0
+            if keep_old:
+                assert old is not None
+                for info in self._meta_scroll(client, knowledge_id, "document", old.collection):
+                    if info["document_id"] in change.removed:
+                        removed += 1
+                    if info["document_id"] not in replaced:
+                        documents[info["document_id"]] = DocumentInfo.model_validate(
+                            info["info"])
+                kept_parents = {p for info in documents.values() for p in info.parent_ids}
+                parents = [p for p in self._meta_scroll(client, knowledge_id, "parent",
+                                                        old.collection)
+                           if p["node_id"] in kept_parents]
+                _copy_chunks(client, old.collection, collection, replaced, stats)
+            documents.update(change.documents)
+            points = []
+            for offset, node in enumerate(change.chunks):
+                terms = Counter(tokenize(node.get_content()))
+                length = sum(terms.values())
+                stats.append((dict(terms), length))
+                vector: dict[str, Any] = {}
+                if change.vectors is not None:
+                    vector["dense"] = np.asarray(change.vectors[offset], np.float32).tolist()
+                sparse = _sparse(terms)
+                if sparse is not None:
+                    vector["sparse"] = sparse
+                points.append(models.PointStruct(id=next_row + offset, vector=vector, payload={
+                    "document_id": str(node.metadata.get("document_id", node.node_id)),
+                    "metadata": dict(node.metadata), "node": doc_to_json(node),
+                    "tf": dict(terms), "length": length}))
+            next_row += len(change.chunks)
+            for start in range(0, len(points), _BATCH):
+                client.upsert(collection, points[start:start + _BATCH], wait=True)
+            meta_points = [models.PointStruct(
+                id=_meta_id("document", knowledge_id, collection, doc_id), vector={},
+                payload={"kb": knowledge_id, "kind": "document", "version": collection,
+                         "document_id": doc_id, "info": info.model_dump(mode="json")})
+                for doc_id, info in documents.items()]
+            parents += [{"node_id": node.node_id,
+                         "document_id": str(node.metadata.get("document_id", node.ref_doc_id)),
+                         "node": doc_to_json(node)} for node in change.parents]
+            meta_points += [models.PointStruct(
+                id=_meta_id("parent", knowledge_id, collection, p["node_id"]), vector={},
+                payload={"kb": knowledge_id, "kind": "parent", "version": collection,
+                         "node_id": p["node_id"], "document_id": p["document_id"],
+                         "node": p["node"]}) for p in parents]
+            for start in range(0, len(meta_points), _BATCH):
+                client.upsert(META, meta_points[start:start + _BATCH], wait=True)
+            total_length = sum(length for _, length in stats)
+            manifest = change.manifest.model_copy(update={
+                "documents": len(documents), "chunks": len(stats), "updated_at": time.time()})
+            # The switch: one point, so readers see the old version or the new one.
+            client.upsert(META, [models.PointStruct(
+                id=_meta_id("base", knowledge_id), vector={}, payload={
+                    "kb": knowledge_id, "kind": "base", "collection": collection,
+                    "manifest": manifest.model_dump(mode="json"),
+                    "analyzer_version": ANALYZER_VERSION, "chunk_count": len(stats),
+                    "total_length": total_length, "next_row": next_row,
+                    "absent_term_weight": _absent_term_weight(stats)})], wait=True)
+            if old is not None:
+                self._retire(client, knowledge_id, old.collection)
+        return Published(documents=len(documents), chunks=len(stats), removed=removed)
+
+    def _retire(self, client: QdrantClient, knowledge_id: str, collection: str) -> None:
+        client.delete(META, models.FilterSelector(filter=models.Filter(
+            must=[_eq("kb", knowledge_id), _eq("version", collection)])), wait=True)
+        client.delete_collection(collection)
+
+    def drop(self, knowledge_id: str) -> None:
+        with self._lock, self._calls() as client:
+            base = self._load_base(client, knowledge_id)
+            if base is None:
+                raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+            client.delete(META, [_meta_id("base", knowledge_id)], wait=True)
+            self._retire(client, knowledge_id, base.collection)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class QdrantKnowledgeBase:
+    """A handle on one knowledge base; every query follows the live pointer."""
+
+    def __init__(self, store: QdrantStore, knowledge_id: str, base: _Base) -> None:
+        self._store = store
+        self.knowledge_id = knowledge_id
+        self._base = base
+        self._documents: dict[str, DocumentInfo] | None = None
+
+    @property
+    def manifest(self) -> KBManifest:
+        return self._base.manifest
+
+    @property
+    def documents(self) -> dict[str, DocumentInfo]:
+        if self._documents is None:
+            with self._store._calls() as client:
+                self._documents = {
+                    info["document_id"]: DocumentInfo.model_validate(info["info"])
+                    for info in self._store._meta_scroll(client, self.knowledge_id, "document",
+                                                         self._base.collection)}
+        return self._documents
+
+    def __len__(self) -> int:
+        return self._base.chunk_count
+
+    def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
+                 ) -> list[NodeWithScore]:
+        if not plan.query.strip():
+            return []
+        mode, weight = effective_mode(plan, self.manifest)
+        weight = {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
+        query_vector = None
+        if weight > 0.0:
+            check_embedding(self.manifest, mode, embed_model)
+            assert embed_model is not None
+            query_vector = np.asarray(embed_model.get_query_embedding(plan.query), np.float64)
+            norm = float(np.linalg.norm(query_vector))
+            query_vector = query_vector / norm if norm else query_vector
+        for _attempt in range(3):
+            try:
+                with self._store._calls() as client:
+                    base = self._store._load_base(client, self.knowledge_id)
+                    if base is None:
+                        raise KnowledgeBaseNotFound(
+                            f"knowledge base {self.knowledge_id!r} does not exist")
+                    if base.manifest.embedding != self.manifest.embedding:  # rebuilt
+                        return QdrantKnowledgeBase(self._store, self.knowledge_id,
+                                                   base).retrieve(plan, embed_model)
+                    if base.chunk_count == 0:
+                        return []
+                    search = _Search(self._store, client, self.knowledge_id, base, plan,
+                                     weight, query_vector)
+                    if base.manifest.chunking.get("mode") == "parent_child":
+                        return search.parents()
+                    ranked, _ = search.ranked(plan.top_k)
+                    return [NodeWithScore(node=search.node(row), score=score)
+                            for row, score in ranked]
+            except _Gone:
+                continue  # a publish replaced the version we were reading
+        raise StoreUnavailableError(
+            f"knowledge base {self.knowledge_id!r} kept changing while being read; try again")
+
+
+class _Search:
+    """One query's candidates from one chunk collection."""
+
+    def __init__(self, store: QdrantStore, client: QdrantClient, knowledge_id: str,
+                 base: _Base, plan: QueryPlan, weight: float,
+                 query_vector: np.ndarray | None) -> None:
+        self.store, self.client, self.knowledge_id = store, client, knowledge_id
+        self.base, self.plan, self.weight = base, plan, weight
+        self.query_vector = query_vector
+        self.floor = max(plan.score_threshold, _TINY)
+        self.payloads: dict[int, dict[str, Any]] = {}
+        self.similarity: dict[int, float] = {}
+        pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
+        self.filter = _qdrant_filter(pushdown)
+        self.keyword: dict[int, float] = {}
+        if weight < 1.0:
+            self.keyword = self._keyword_scores()
+        self.keyword_order = sorted(self.keyword, key=lambda row: (-self.keyword[row], row))
+
+    def _keyword_scores(self) -> dict[int, float]:
+        """Every chunk holding a query term, scored like KeywordIndex.scores (pg_store)."""
+        terms = Counter(tokenize(self.plan.query))
+        sparse = _sparse(terms)
+        if sparse is None or self.base.total_length == 0:
+            return {}
+        with_vectors: list[str] | bool = ["dense"] if self.query_vector is not None else False
+        found = self.client.query_points(
+            self.base.collection, query=sparse, using="sparse", limit=self.base.chunk_count,
+            with_payload=["tf", "length", "metadata"], with_vectors=with_vectors).points
+        postings: dict[str, list[tuple[int, int, int]]] = {}
+        for point in found:
+            row, payload = int(point.id), point.payload or {}
+            tf = payload.get("tf") or {}
+            hits = [(term, tf[term]) for term in terms if term in tf]
+            if not hits:
+                continue  # a hash collision, or a point the engine returned with score 0
+            self.payloads[row] = payload
+            if self.query_vector is not None and isinstance(point.vector, dict):
+                self.similarity[row] = self._cosine(point.vector.get("dense"))
+            for term, count in hits:
+                postings.setdefault(term, []).append((row, int(count), int(payload["length"])))
+        if not postings:
+            return {}
+        n = self.base.chunk_count
+        average = self.base.total_length / n
+        attainable = sum(count for term, count in terms.items()
+                         if term not in postings) * self.base.absent_term_weight
+        rows_parts, weight_parts = [], []
+        for term, hits_ in postings.items():
+            array = np.asarray(hits_, dtype=np.float64)
+            df = len(hits_)
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            tf_, length = array[:, 1], array[:, 2]
+            weights = (idf * tf_ / (_K1 * ((1 - _B) + _B * length / average) + tf_)).astype(
+                np.float32).astype(np.float64)
+            attainable += terms[term] * float(weights.max())
+            rows_parts.append(array[:, 0].astype(np.int64))
+            weight_parts.append(terms[term] * weights)
+        rows, inverse = np.unique(np.concatenate(rows_parts), return_inverse=True)
+        raw = np.bincount(inverse, weights=np.concatenate(weight_parts))
+        scores = np.clip(raw / attainable, 0.0, 1.0)
+        return {int(row): float(score) for row, score in zip(rows, scores, strict=True)}
+
+    def _cosine(self, vector: Any) -> float:
+        if vector is None or self.query_vector is None:
+            return 0.0
+        stored = np.asarray(vector, np.float64)
+        norm = float(np.linalg.norm(stored))
+        return _clip(float(stored @ self.query_vector) / norm) if norm else 0.0
+
+    def ranked(self, want: int) -> tuple[list[tuple[int, float]], bool]:
+        """The best ``want`` (row, score) passing the filter and threshold, and whether
+        they are all there are. The dense window grows until no unseen row can win."""
+        n = max(2 * want, 20)
+        while True:
+            seen: dict[int, float] = {}
+            vector_bound, vector_done = 0.0, True
+            if self.query_vector is not None:
+                points = self.client.query_points(
+                    self.base.collection, query=self.query_vector.tolist(), using="dense",
+                    query_filter=self.filter, limit=n, with_payload=["metadata"]).points
+                for point in points:
+                    row = int(point.id)
+                    seen[row] = _clip(point.score)
+                    self.payloads.setdefault(row, point.payload or {})
+                vector_done = len(points) < n
+                vector_bound = 0.0 if vector_done else _clip(points[-1].score)
+            keyword_done = len(self.keyword_order) <= n
+            keyword_bound = 0.0 if keyword_done else self.keyword[self.keyword_order[n]]
+            for row in self.keyword_order[:n]:
+                seen.setdefault(row, self.similarity.get(row, 0.0))
+            scored = []
+            for row, similarity in seen.items():
+                score = self.weight * similarity + (1.0 - self.weight) * self.keyword.get(row, 0.0)
+                metadata = (self.payloads.get(row) or {}).get("metadata") or {}
+                if score >= self.floor and (
+                        self.plan.condition is None or matches(self.plan.condition, metadata)):
+                    scored.append((row, score))
+            scored.sort(key=lambda item: (-item[1], item[0]))
+            bound = self.weight * vector_bound + (1.0 - self.weight) * keyword_bound
+            complete = (vector_done and keyword_done) or bound < self.floor
+            if complete or sum(score > bound for _, score in scored) >= want:
+                return scored[:want], complete
+            n *= 4
+
+    def parents(self) -> list[NodeWithScore]:
+        """Children are matched; each parent is returned once, with its best child's score."""
+        top_k = self.plan.top_k
+        want = top_k * 4
+        while True:
+            ranked, complete = self.ranked(want)
+            best: dict[str, float] = {}
+            for row, score in ranked:
+                child = self.node(row)
+                best.setdefault(child.metadata.get("parent_id", child.node_id), score)
+            if len(best) >= top_k or complete or len(ranked) < want:
+                break
+            want *= 4
+        chosen = list(best.items())[:top_k]
+        found = self.client.retrieve(
+            META, [_meta_id("parent", self.knowledge_id, self.base.collection, parent_id)
+                   for parent_id, _ in chosen], with_payload=True)
+        parents = {p.payload["node_id"]: json_to_doc(p.payload["node"])
+                   for p in found if p.payload}
+        return [NodeWithScore(node=parents[parent_id], score=score)
+                for parent_id, score in chosen if parent_id in parents]
+
+    def node(self, row: int) -> BaseNode:
+        payload = self.payloads.get(row) or {}
+        if "node" not in payload:
+            self._fetch_nodes()
+            payload = self.payloads[row]
+        return json_to_doc(payload["node"])
+
+    def _fetch_nodes(self) -> None:
+        rows = [row for row, p in self.payloads.items() if "node" not in p]
+        for point in self.client.retrieve(self.base.collection, rows, with_payload=True):
+            self.payloads[int(point.id)] = point.payload or {}
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+def _create_chunks(client: QdrantClient, collection: str, manifest: KBManifest) -> None:
+    vectors: dict[str, models.VectorParams] = {}
+    if manifest.embedding is not None:
+        vectors["dense"] = models.VectorParams(size=int(manifest.embedding.dimension),
+                                               distance=models.Distance.COSINE)
+    client.create_collection(
+        collection, vectors_config=vectors,
+        sparse_vectors_config={"sparse": models.SparseVectorParams(
+            modifier=models.Modifier.IDF)})
+
+
+def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[str],
+                 stats: list[tuple[dict[str, int], int]]) -> None:
+    """Copy the chunks of documents not replaced, in row order (the tie-break order)."""
+    offset = None
+    kept: list[models.Record] = []
+    while True:
+        points, offset = client.scroll(source, limit=_BATCH, offset=offset,
+                                       with_payload=True, with_vectors=True)
+        kept += [p for p in points if (p.payload or {}).get("document_id") not in replaced]
+        if offset is None:
+            break
+    kept.sort(key=lambda p: int(p.id))
+    for point in kept:
+        payload = point.payload or {}
+        stats.append((payload.get("tf") or {}, int(payload.get("length", 0))))
+    for start in range(0, len(kept), _BATCH):
+        client.upsert(target, [models.PointStruct(
+            id=p.id, vector=p.vector if isinstance(p.vector, dict) else {},
+            payload=p.payload) for p in kept[start:start + _BATCH]], wait=True)
+
+
+def _absent_term_weight(stats: list[tuple[dict[str, int], int]]) -> float:
+    """The median over the vocabulary of each term's best weight (KeywordIndex)."""
+    n = len(stats)
+    total = sum(length for _, length in stats)
+    if total == 0:
+        return 0.0
+    average = total / n
+    df: Counter[str] = Counter()
+    best_saturation: dict[str, float] = {}
+    for terms, length in stats:
+        norm = _K1 * ((1 - _B) + _B * length / average)
+        for term, tf in terms.items():
+            df[term] += 1
+            saturation = tf / (norm + tf)
+            if saturation > best_saturation.get(term, -1.0):
+                best_saturation[term] = saturation
+    best = [math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) * s
+            for t, s in best_saturation.items()]
+    return float(np.median(np.asarray(best, np.float32))) if best else 0.0
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _term_index(term: str) -> int:
+    return int.from_bytes(hashlib.blake2b(term.encode(), digest_size=4).digest(), "big")
+
+
+def _sparse(terms: Counter[str] | dict[str, int]) -> models.SparseVector | None:
+    merged: dict[int, float] = {}
+    for term, count in terms.items():
+        index = _term_index(term)
+        merged[index] = merged.get(index, 0.0) + float(count)
+    if not merged:
+        return None
+    indices = sorted(merged)
+    return models.SparseVector(indices=indices, values=[merged[i] for i in indices])
+
+
+def _collection_prefix(knowledge_id: str) -> str:
+    """A collection name Qdrant accepts, unique per ``knowledge_id``."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", knowledge_id)[:40]
+    digest = hashlib.sha256(knowledge_id.encode()).hexdigest()[:10]
+    return f"{_PREFIX}{safe}_{digest}"
+
+
+def _meta_id(*parts: str) -> str:
+    return str(uuid.uuid5(_NS, "\x00".join(parts)))
+
+
+def _eq(key: str, value: str) -> models.FieldCondition:
+    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+
+def _qdrant_filter(filters: MetadataFilters | None) -> models.Filter | None:
+    """The exact part of a condition; a superset of what it matches (lists match an
+    element in Qdrant), so ``matches`` re-checks every candidate."""
+    if filters is None:
+        return None
+    conditions: list[models.Condition] = []
+    for item in filters.filters:
+        assert not isinstance(item, MetadataFilters), "to_metadata_filters never nests"
+        key = f"metadata.{item.key}"
+        if item.operator == FilterOperator.EQ:
+            conditions.append(models.FieldCondition(
+                key=key, match=models.MatchValue(value=str(item.value))))
+        elif item.operator == FilterOperator.IN:
+            conditions.append(models.FieldCondition(
+                key=key, match=models.MatchAny(any=[str(v) for v in item.value])))
+        else:
+            raise AssertionError(f"no Qdrant filter for pushed-down operator {item.operator}")
+    if filters.condition.value == "and":
+        return models.Filter(must=conditions)
+    return models.Filter(should=conditions)
+
+
+def _clip(similarity: float) -> float:
+    return min(1.0, max(0.0, float(similarity)))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
