@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -202,7 +203,12 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         return vectors
 
     def _get_query_embedding(self, query: str) -> Embedding:
-        return self._embed([query])[0].tolist()
+        key = (self.model_name, query)
+        cached = _query_vectors.get(key)
+        if cached is None:
+            cached = self._embed([query])[0].tolist()
+            _query_vectors.put(key, cached)
+        return list(cached)
 
     def _get_text_embedding(self, text: str) -> Embedding:
         return self._embed([text])[0].tolist()
@@ -210,6 +216,33 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return self._embed(texts).tolist()
 
+
+
+class _LRU:
+    """A small thread-safe LRU map."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> list[float] | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, str], value: list[float]) -> None:
+        with self._lock:
+            self._items[key] = value
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+# Dify sends one question to every selected knowledge base and retries slow answers,
+# so the same query text arrives several times within seconds.
+_query_vectors = _LRU(512)
 
 
 def _run(session: ort.InferenceSession, encodings: list[Encoding]) -> np.ndarray:
