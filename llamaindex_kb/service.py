@@ -32,6 +32,7 @@ from .stores import KnowledgeStore, as_store, store_url
 log = logging.getLogger(__name__)
 
 _libraries: dict[tuple[object, ...], Library] = {}
+_demo_ready: set[str] = set()
 _lock = threading.Lock()
 
 
@@ -64,16 +65,20 @@ def models_for(settings: Settings, session: Any | None = None) -> Models:
 
 
 def library_for(settings: Settings) -> Library:
-    key = (store_url(settings), settings.retrieval_mode, settings.semantic_weight)
+    url = store_url(settings)
+    key = (url, settings.retrieval_mode, settings.semantic_weight)
     library = _libraries.get(key)
-    if library is None:
+    if library is None or (settings.demo and url not in _demo_ready):
         with _lock:
             library = _libraries.get(key)
             if library is None:
                 library = Library(settings)
-                if settings.demo:
-                    ensure_demo(library.store, local_embedding())
                 _libraries[key] = library
+            # Per store, not per library: an endpoint without the demo may have opened
+            # this store first.
+            if settings.demo and url not in _demo_ready:
+                ensure_demo(library.store, local_embedding())
+                _demo_ready.add(url)
     return library
 
 

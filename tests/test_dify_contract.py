@@ -242,3 +242,12 @@ def test_unexpected_failure_is_a_short_500_with_a_logged_traceback(demo_data_dir
     assert (reply.status, reply.json()["error_code"]) == (500, 5000)
     assert str(broken) not in reply.json()["error_msg"] and API_KEY not in reply.body.decode()
     assert any(record.exc_info for record in caplog.records), "the traceback must be logged"
+
+
+def test_demo_is_built_even_when_an_endpoint_without_it_opened_the_store_first(tmp_path):
+    from conftest import PluginTransport
+
+    without = PluginTransport({"api_key": API_KEY, "data_dir": str(tmp_path), "demo": False})
+    assert ask(without, query("knowledge base")).status == 404
+    with_demo = PluginTransport({"api_key": API_KEY, "data_dir": str(tmp_path), "demo": True})
+    assert records(ask(with_demo, query("knowledge base")))
