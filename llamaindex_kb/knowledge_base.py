@@ -230,6 +230,19 @@ def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode
     return mode, weight
 
 
+def query_embedding(plan: QueryPlan, manifest: KBManifest,
+                    embed_model: BaseEmbedding | None) -> tuple[float, np.ndarray | None]:
+    """For stores that search elsewhere: the semantic weight of the fused score (vector
+    mode 1, keyword mode 0) and the query's embedding, when that weight needs one."""
+    mode, weight = effective_mode(plan, manifest)
+    weight = {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
+    if weight == 0.0:
+        return weight, None
+    check_embedding(manifest, mode, embed_model)
+    assert embed_model is not None
+    return weight, np.asarray(embed_model.get_query_embedding(plan.query), dtype=np.float64)
+
+
 def check_embedding(manifest: KBManifest, mode: RetrievalMode,
                     embed_model: BaseEmbedding | None) -> None:
     """Refuse semantic search on a keyword-only base or with another embedding model.

@@ -54,8 +54,7 @@ from .knowledge_base import (
     DocumentInfo,
     KBManifest,
     QueryPlan,
-    check_embedding,
-    effective_mode,
+    query_embedding,
 )
 from .stores import Change, Published, register
 
@@ -303,15 +302,9 @@ class PostgresKnowledgeBase:
                  ) -> list[NodeWithScore]:
         if not plan.query.strip():
             return []
-        mode, weight = effective_mode(plan, self.manifest)
-        # The vector weight of the fused score: the modes are its two ends.
-        weight = {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
-        query_vector = None
-        if weight > 0.0:
-            check_embedding(self.manifest, mode, embed_model)
-            assert embed_model is not None
-            # Embedded before the transaction: a remote model must not hold a connection.
-            query_vector = _vector_text(np.asarray(embed_model.get_query_embedding(plan.query)))
+        # Embedded before the transaction: a remote model must not hold a connection.
+        weight, embedding = query_embedding(plan, self.manifest, embed_model)
+        query_vector = _vector_text(embedding) if embedding is not None else None
         with self._store._transaction() as cur:
             base = _load_base(cur, self.knowledge_id)
             if base is None:

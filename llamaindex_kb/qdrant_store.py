@@ -64,8 +64,7 @@ from .knowledge_base import (
     DocumentInfo,
     KBManifest,
     QueryPlan,
-    check_embedding,
-    effective_mode,
+    query_embedding,
 )
 from .stores import Change, Published, register
 
@@ -361,13 +360,8 @@ class QdrantKnowledgeBase:
                  ) -> list[NodeWithScore]:
         if not plan.query.strip():
             return []
-        mode, weight = effective_mode(plan, self.manifest)
-        weight = {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
-        query_vector = None
-        if weight > 0.0:
-            check_embedding(self.manifest, mode, embed_model)
-            assert embed_model is not None
-            query_vector = np.asarray(embed_model.get_query_embedding(plan.query), np.float64)
+        weight, query_vector = query_embedding(plan, self.manifest, embed_model)
+        if query_vector is not None:
             norm = float(np.linalg.norm(query_vector))
             query_vector = query_vector / norm if norm else query_vector
         for _attempt in range(3):
