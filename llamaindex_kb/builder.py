@@ -62,10 +62,8 @@ def write_version(
                 matrix=normalise(vectors.astype(np.float32, copy=False)), ids=node_ids
             )
             store.persist(str(version / VECTOR_DIR))
-        kv = SQLiteKVStore(version / DOCSTORE_FILE)
-        KVDocumentStore(kv).add_documents([*nodes, *parents], store_text=True)
+        _store_nodes(version / DOCSTORE_FILE, [*nodes, *parents])
         write_documents(version, documents)
-        kv.close()
         manifest.model_copy(
             update={"chunks": len(nodes), "updated_at": time.time()}
         ).write(version)

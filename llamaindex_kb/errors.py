@@ -58,6 +58,10 @@ class NotFoundError(KBError):
 class KnowledgeBaseNotFound(NotFoundError):
     error_code = 2001
 
+    @classmethod
+    def missing(cls, knowledge_id: str) -> KnowledgeBaseNotFound:
+        return cls(f"knowledge base {knowledge_id!r} does not exist")
+
 
 class DocumentNotFound(NotFoundError):
     error_code = 2002

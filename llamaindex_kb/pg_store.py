@@ -56,7 +56,7 @@ from .knowledge_base import (
     QueryPlan,
     query_embedding,
 )
-from .stores import Change, Published, register
+from .stores import Change, FindingStore, Published, register
 
 CONNECT_TIMEOUT_S = 2  # libpq's minimum
 DEADLINE_S = 4.0  # connecting, retries included; and every reader statement
@@ -118,7 +118,7 @@ def _factory(url: str, settings: Settings) -> PostgresStore:
     return PostgresStore(url)
 
 
-class PostgresStore:
+class PostgresStore(FindingStore):
     """Knowledge bases in one PostgreSQL database; a small connection pool per process."""
 
     def __init__(self, url: str) -> None:
@@ -205,12 +205,6 @@ class PostgresStore:
 
     # --- KnowledgeStore -----------------------------------------------------------
 
-    def open(self, knowledge_id: str) -> PostgresKnowledgeBase:
-        found = self.find(knowledge_id)
-        if found is None:
-            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
-        return found
-
     def find(self, knowledge_id: str) -> PostgresKnowledgeBase | None:
         with self._transaction() as cur:
             base = _load_base(cur, knowledge_id)
@@ -262,7 +256,7 @@ class PostgresStore:
             _lock_base(cur, knowledge_id)
             base = _load_base(cur, knowledge_id)
             if base is None:
-                raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+                raise KnowledgeBaseNotFound.missing(knowledge_id)
             _drop_base(cur, base)
 
     def close(self) -> None:
@@ -308,8 +302,7 @@ class PostgresKnowledgeBase:
         with self._store._transaction() as cur:
             base = _load_base(cur, self.knowledge_id)
             if base is None:
-                raise KnowledgeBaseNotFound(
-                    f"knowledge base {self.knowledge_id!r} does not exist")
+                raise KnowledgeBaseNotFound.missing(self.knowledge_id)
             if base.manifest.embedding != self.manifest.embedding:  # rebuilt meanwhile
                 return PostgresKnowledgeBase(self._store, self.knowledge_id, base).retrieve(
                     plan, embed_model)

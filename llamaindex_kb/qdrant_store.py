@@ -66,7 +66,7 @@ from .knowledge_base import (
     QueryPlan,
     query_embedding,
 )
-from .stores import Change, Published, register
+from .stores import Change, FindingStore, Published, register
 
 TIMEOUT_S = 4  # every request to a server
 META = "llamaindex_kb_meta"
@@ -98,7 +98,7 @@ class _Gone(Exception):
     """The chunk collection was replaced by a concurrent publish: read again."""
 
 
-class QdrantStore:
+class QdrantStore(FindingStore):
     """Knowledge bases in one Qdrant (local folder or server); thread-safe."""
 
     def __init__(self, url: str, api_key: str | None = None) -> None:
@@ -215,12 +215,6 @@ class QdrantStore:
 
     # --- KnowledgeStore -------------------------------------------------------------
 
-    def open(self, knowledge_id: str) -> QdrantKnowledgeBase:
-        found = self.find(knowledge_id)
-        if found is None:
-            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
-        return found
-
     def find(self, knowledge_id: str) -> QdrantKnowledgeBase | None:
         with self._calls() as client:
             base = self._load_base(client, knowledge_id)
@@ -322,7 +316,7 @@ class QdrantStore:
         with self._lock, self._calls() as client:
             base = self._load_base(client, knowledge_id)
             if base is None:
-                raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+                raise KnowledgeBaseNotFound.missing(knowledge_id)
             client.delete(META, [_meta_id("base", knowledge_id)], wait=True)
             self._retire(client, knowledge_id, base.collection)
 
@@ -369,8 +363,7 @@ class QdrantKnowledgeBase:
                 with self._store._calls() as client:
                     base = self._store._load_base(client, self.knowledge_id)
                     if base is None:
-                        raise KnowledgeBaseNotFound(
-                            f"knowledge base {self.knowledge_id!r} does not exist")
+                        raise KnowledgeBaseNotFound.missing(self.knowledge_id)
                     if base.manifest.embedding != self.manifest.embedding:  # rebuilt
                         return QdrantKnowledgeBase(self._store, self.knowledge_id,
                                                    base).retrieve(plan, embed_model)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,20 @@ def _local(url: str, settings: Settings) -> KnowledgeStore:
     return LocalStore(Path(path) if path else settings.data_dir)
 
 
-class LocalStore:
+class FindingStore(ABC):
+    """``open`` for stores that implement ``find``: the knowledge base, or a 404."""
+
+    @abstractmethod
+    def find(self, knowledge_id: str) -> KnowledgeBaseHandle | None: ...
+
+    def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
+        found = self.find(knowledge_id)
+        if found is None:
+            raise KnowledgeBaseNotFound.missing(knowledge_id)
+        return found
+
+
+class LocalStore(FindingStore):
     """The embedded store: a folder of knowledge bases, each a series of versions."""
 
     def __init__(self, data_dir: Path) -> None:
@@ -189,12 +203,6 @@ class LocalStore:
         self.url = f"local://{Path(data_dir).resolve()}"
         self._open: dict[str, KnowledgeBase] = {}
         self._lock = threading.Lock()
-
-    def open(self, knowledge_id: str) -> KnowledgeBase:
-        found = self.find(knowledge_id)
-        if found is None:
-            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
-        return found
 
     def find(self, knowledge_id: str) -> KnowledgeBase | None:
         # Checking the tiny CURRENT pointer on every call picks up a version another
@@ -257,7 +265,7 @@ class LocalStore:
     def drop(self, knowledge_id: str) -> None:
         layout = KBLayout(self.data_dir, knowledge_id)
         if layout.current_version() is None:
-            raise KnowledgeBaseNotFound(f"knowledge base {knowledge_id!r} does not exist")
+            raise KnowledgeBaseNotFound.missing(knowledge_id)
         with layout.write_lock():
             layout.drop()
         with self._lock:
