@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,15 +131,12 @@ class KnowledgeBase:
         self._kv = SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True)
         # Written by builder._store_nodes where KVDocumentStore keeps nodes.
         self._collection = KVDocumentStore(self._kv)._node_collection
-        self._documents: dict[str, DocumentInfo] | None = None
 
-    @property
+    @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
         """Loaded on first use: queries never need it."""
-        if self._documents is None:
-            raw = json.loads((self.version_dir / DOCUMENTS_FILE).read_text())
-            self._documents = {k: DocumentInfo.model_validate(v) for k, v in raw.items()}
-        return self._documents
+        raw = json.loads((self.version_dir / DOCUMENTS_FILE).read_text())
+        return {k: DocumentInfo.model_validate(v) for k, v in raw.items()}
 
     @property
     def parent_child(self) -> bool:

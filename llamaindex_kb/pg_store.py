@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -273,21 +274,18 @@ class PostgresKnowledgeBase:
         self._store = store
         self.knowledge_id = knowledge_id
         self._base = base
-        self._documents: dict[str, DocumentInfo] | None = None
 
     @property
     def manifest(self) -> KBManifest:
         return self._base.manifest
 
-    @property
+    @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
-        if self._documents is None:
-            with self._store._transaction() as cur:
-                cur.execute("SELECT document_id, info FROM llamaindex_kb_documents "
-                            "WHERE base = %s", [self._base.id])
-                self._documents = {doc_id: DocumentInfo.model_validate(info)
-                                   for doc_id, info in cur.fetchall()}
-        return self._documents
+        with self._store._transaction() as cur:
+            cur.execute("SELECT document_id, info FROM llamaindex_kb_documents "
+                        "WHERE base = %s", [self._base.id])
+            return {doc_id: DocumentInfo.model_validate(info)
+                    for doc_id, info in cur.fetchall()}
 
     def __len__(self) -> int:
         return self._base.chunk_count

@@ -44,6 +44,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -331,21 +332,18 @@ class QdrantKnowledgeBase:
         self._store = store
         self.knowledge_id = knowledge_id
         self._base = base
-        self._documents: dict[str, DocumentInfo] | None = None
 
     @property
     def manifest(self) -> KBManifest:
         return self._base.manifest
 
-    @property
+    @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
-        if self._documents is None:
-            with self._store._calls() as client:
-                self._documents = {
-                    info["document_id"]: DocumentInfo.model_validate(info["info"])
-                    for info in self._store._meta_scroll(client, self.knowledge_id, "document",
-                                                         self._base.collection)}
-        return self._documents
+        with self._store._calls() as client:
+            return {
+                info["document_id"]: DocumentInfo.model_validate(info["info"])
+                for info in self._store._meta_scroll(client, self.knowledge_id, "document",
+                                                     self._base.collection)}
 
     def __len__(self) -> int:
         return self._base.chunk_count
