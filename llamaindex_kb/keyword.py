@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -26,7 +27,8 @@ import tempfile
 import threading
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,10 @@ import numpy as np
 import Stemmer
 from bm25s.stopwords import STOPWORDS_EN_PLUS
 
-__all__ = ["ANALYZER_VERSION", "KeywordIndex", "tokenize"]
+__all__ = [
+    "ANALYZER_VERSION", "KeywordIndex", "Postings", "best_term_weights", "score_postings",
+    "tokenize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -329,3 +334,58 @@ def _column_maxima(matrix: dict) -> np.ndarray:
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+
+
+# --- scoring from postings: the database stores keep terms, not a bm25s matrix -------
+
+
+@dataclass(frozen=True)
+class Postings:
+    """One term's occurrences: row, term frequency and the row's length (in terms)."""
+
+    rows: np.ndarray
+    tfs: np.ndarray
+    lengths: np.ndarray
+
+
+def _term_weights(postings: Postings, chunk_count: int, average_length: float) -> np.ndarray:
+    """bm25s's "lucene" weight of each occurrence, rounded to float32 as bm25s stores it,
+    so scores equal ``KeywordIndex``'s."""
+    df = postings.rows.size
+    idf = math.log(1 + (chunk_count - df + 0.5) / (df + 0.5))
+    tf = postings.tfs.astype(np.float64)
+    norm = _K1 * ((1 - _B) + _B * postings.lengths.astype(np.float64) / average_length)
+    return (idf * tf / (norm + tf)).astype(np.float32).astype(np.float64)
+
+
+def score_postings(query_terms: Sequence[str], postings: dict[str, Postings],
+                   chunk_count: int, total_length: int, absent_term_weight: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows holding a query term and their scores, as ``KeywordIndex.scores``: BM25 over
+    the query's attainable maximum, with ``absent_term_weight`` for terms no row has."""
+    found = {term: p for term, p in postings.items() if p.rows.size}
+    if not found or total_length == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    average = total_length / chunk_count
+    counts = Counter(query_terms)
+    attainable = sum(c for t, c in counts.items() if t not in found) * absent_term_weight
+    rows_parts, weight_parts = [], []
+    for term, term_postings in found.items():
+        weights = _term_weights(term_postings, chunk_count, average)
+        attainable += counts[term] * float(weights.max())
+        rows_parts.append(term_postings.rows.astype(np.int64))
+        weight_parts.append(counts[term] * weights)
+    rows, inverse = np.unique(np.concatenate(rows_parts), return_inverse=True)
+    raw = np.bincount(inverse, weights=np.concatenate(weight_parts))
+    return rows, np.clip(raw / attainable, 0.0, 1.0)
+
+
+def best_term_weights(postings: Iterable[Postings], chunk_count: int, total_length: int
+                      ) -> float:
+    """The median over the vocabulary of each term's best weight: what
+    ``KeywordIndex`` assumes for a query term that no row holds."""
+    if total_length == 0:
+        return 0.0
+    average = total_length / chunk_count
+    best = [float(_term_weights(p, chunk_count, average).max()) for p in postings if p.rows.size]
+    return float(np.median(np.asarray(best, np.float32))) if best else 0.0

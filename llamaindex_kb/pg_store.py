@@ -7,30 +7,35 @@ Tables (created on first use)::
     llamaindex_kb_parents      parent chunks (parent-child chunking): returned, never matched
     llamaindex_kb_chunks_<id>  searchable chunks: node JSON, metadata (jsonb), embedding
                                (vector(dim), HNSW cosine index)
-    llamaindex_kb_terms_<id>   the keyword index: our analyzer's terms (keyword.tokenize),
-                               pre-segmented, so Chinese works without a PostgreSQL parser
+    llamaindex_kb_postings_<id>  the keyword index: per term of our analyzer
+                               (keyword.tokenize, so Chinese works without a PostgreSQL
+                               parser) and per publish ("segment"), the rows holding it
+                               with their term frequency and length, packed in a bytea
 
 A chunks table per knowledge base because an HNSW index needs one fixed dimension;
 its name comes from the base's serial id, never from the ``knowledge_id``.
 
+Packed postings rather than a row per occurrence: a query reads one value per term
+and segment and scores them with numpy; at 100k chunks, fetching tens of thousands of
+occurrence rows cost 150-500 ms a query.
+
 Scores equal the embedded store's: cosine similarity clipped to [0, 1]; BM25 (bm25s's
 "lucene" variant, same k1 and b) divided by the query's attainable maximum, computed
 from the postings of the query's terms and the corpus statistics kept per base;
-hybrid is the same weighted sum. Writers hold a transaction-scoped advisory lock per
-knowledge base and publish in one transaction, so readers (REPEATABLE READ) see a
-whole change or none of it.
+hybrid is the same weighted sum, its top-k found exactly by candidate_search. Writers
+hold a transaction-scoped advisory lock per knowledge base and publish in one
+transaction, so readers (REPEATABLE READ) see a whole change or none of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,14 +48,21 @@ from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
 from psycopg import sql
 from psycopg.types.json import Json, Jsonb
 
+from .candidate_search import KeywordRanking, Metadata, best_parents, rank
 from .config import Settings
 from .errors import (
     ConfigurationError,
     KnowledgeBaseNotFound,
     StoreUnavailableError,
 )
-from .filters import matches, to_metadata_filters
-from .keyword import _B, _K1, ANALYZER_VERSION, tokenize
+from .filters import to_metadata_filters
+from .keyword import (
+    ANALYZER_VERSION,
+    Postings,
+    best_term_weights,
+    score_postings,
+    tokenize,
+)
 from .knowledge_base import (
     DocumentInfo,
     KBManifest,
@@ -62,8 +74,9 @@ from .stores import Change, FindingStore, Published, register
 CONNECT_TIMEOUT_S = 2  # libpq's minimum
 DEADLINE_S = 4.0  # connecting, retries included; and every reader statement
 POOL_SIZE = 8
-_TINY = float(np.finfo(np.float32).tiny)  # a score of 0 means "no relation": never returned
 _LOCK_CLASS = "llamaindex_kb"
+_KEYWORD_FORMAT = 2  # 1: a row per occurrence (llamaindex_kb_terms_<id>)
+_POSTING = np.dtype([("row", "<i8"), ("tf", "<i4"), ("length", "<i4")])
 
 _SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -92,6 +105,7 @@ CREATE TABLE IF NOT EXISTS llamaindex_kb_parents (
 );
 CREATE INDEX IF NOT EXISTS llamaindex_kb_parents_document
     ON llamaindex_kb_parents (base, document_id);
+ALTER TABLE llamaindex_kb_bases ADD COLUMN IF NOT EXISTS keyword_format int NOT NULL DEFAULT 1;
 """
 
 
@@ -110,8 +124,8 @@ class _Base:
         return sql.Identifier(f"llamaindex_kb_chunks_{self.id}")
 
     @property
-    def terms(self) -> sql.Identifier:
-        return sql.Identifier(f"llamaindex_kb_terms_{self.id}")
+    def postings(self) -> sql.Identifier:
+        return sql.Identifier(f"llamaindex_kb_postings_{self.id}")
 
 
 @register("postgresql", "postgres")
@@ -221,7 +235,7 @@ class PostgresStore(FindingStore):
     def publish(self, knowledge_id: str, change: Change) -> Published:
         with self._transaction(write=True) as cur:
             _lock_base(cur, knowledge_id)
-            base = _load_base(cur, knowledge_id)
+            base = _load_base(cur, knowledge_id, any_format=change.replace)
             if base is not None and change.replace:
                 _drop_base(cur, base)
                 base = None
@@ -255,7 +269,7 @@ class PostgresStore(FindingStore):
     def drop(self, knowledge_id: str) -> None:
         with self._transaction(write=True) as cur:
             _lock_base(cur, knowledge_id)
-            base = _load_base(cur, knowledge_id)
+            base = _load_base(cur, knowledge_id, any_format=True)
             if base is None:
                 raise KnowledgeBaseNotFound.missing(knowledge_id)
             _drop_base(cur, base)
@@ -306,26 +320,24 @@ class PostgresKnowledgeBase:
                     plan, embed_model)
             if base.chunk_count == 0:
                 return []
-            search = _Search(cur, base, plan, weight, query_vector)
+            keyword = (_keyword_ranking(cur, base, plan.query) if weight < 1.0
+                       else KeywordRanking.empty())
+            search = _Search(cur, base, plan, query_vector)
+            ranked = partial(rank, search, keyword, weight, plan)
             if base.manifest.chunking.get("mode") == "parent_child":
-                return search.parents()
-            ranked, _ = search.ranked(plan.top_k)
+                return search.parents(best_parents(ranked, search.parent_ids, plan.top_k))
+            found = ranked(plan.top_k)
             return [NodeWithScore(node=node, score=score)
-                    for node, score in zip(search.nodes([r for r, _ in ranked]),
-                                           [s for _, s in ranked], strict=True)]
+                    for node, (_, score) in zip(search.nodes([row for row, _ in found]), found,
+                                                strict=True)]
 
 
 class _Search:
-    """One query's candidate search inside one read transaction."""
+    """One query's candidates (candidate_search.CandidateSource) in one read transaction."""
 
-    def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan, weight: float,
+    def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan,
                  query_vector: str | None) -> None:
-        self.cur, self.base, self.plan, self.weight = cur, base, plan, weight
-        self.query_vector = query_vector
-        self.floor = max(plan.score_threshold, _TINY)
-        self.keyword = _keyword_scores(cur, base, plan.query) if weight < 1.0 else {}
-        # Keyword candidates best first; ties to the older row, as the embedded store.
-        self.keyword_order = sorted(self.keyword, key=lambda row: (-self.keyword[row], row))
+        self.cur, self.base, self.query_vector = cur, base, query_vector
         pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
         self.where, self.where_params = _where(pushdown)
         if query_vector is not None:
@@ -333,70 +345,25 @@ class _Search:
             # exact distance order so the last row bounds every row not yet seen.
             cur.execute("SET LOCAL hnsw.iterative_scan = strict_order")
 
-    def ranked(self, want: int) -> tuple[list[tuple[int, float]], bool]:
-        """The best ``want`` (row, score) passing the filter and threshold, and whether
-        they are all there are. Candidates widen until no unseen row can outrank them."""
-        n = max(2 * want, 20)
-        while True:
-            seen: dict[int, tuple[float, dict[str, Any]]] = {}  # row -> (similarity, metadata)
-            vector_bound, vector_done = 0.0, True
-            if self.query_vector is not None:
-                self.cur.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(40, n))}")
-                self.cur.execute(
-                    sql.SQL("SELECT row, 1 - (embedding <=> %s::vector), metadata FROM {} "
-                            "WHERE {} ORDER BY embedding <=> %s::vector LIMIT %s").format(
-                        self.base.chunks, self.where),
-                    [self.query_vector, *self.where_params, self.query_vector, n])
-                rows = self.cur.fetchall()
-                seen = {row: (_clip(sim), metadata) for row, sim, metadata in rows}
-                vector_done = len(rows) < n
-                vector_bound = 0.0 if vector_done else _clip(rows[-1][1])
-            top_keyword = self.keyword_order[:n]
-            keyword_done = len(self.keyword_order) <= n
-            keyword_bound = 0.0 if keyword_done else self.keyword[self.keyword_order[n]]
-            missing = [row for row in top_keyword if row not in seen]
-            if missing:
-                similarity = (sql.SQL("1 - (embedding <=> %s::vector)")
-                              if self.query_vector is not None else sql.SQL("0"))
-                self.cur.execute(
-                    sql.SQL("SELECT row, {}, metadata FROM {} WHERE row = ANY(%s)").format(
-                        similarity, self.base.chunks),
-                    [*([self.query_vector] if self.query_vector is not None else []), missing])
-                seen.update({row: (_clip(sim), meta) for row, sim, meta in self.cur.fetchall()})
-            scored = []
-            for row, (similarity, metadata) in seen.items():
-                score = (self.weight * similarity
-                         + (1.0 - self.weight) * self.keyword.get(row, 0.0))
-                if score >= self.floor and (
-                        self.plan.condition is None or matches(self.plan.condition, metadata)):
-                    scored.append((row, score))
-            scored.sort(key=lambda item: (-item[1], item[0]))
-            # No row outside both candidate lists can score above this.
-            bound = self.weight * vector_bound + (1.0 - self.weight) * keyword_bound
-            complete = (vector_done and keyword_done) or bound < self.floor
-            if complete or sum(score > bound for _, score in scored) >= want:
-                return scored[:want], complete
-            n *= 4
+    def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
+        assert self.query_vector is not None, "a vector window needs a query vector"
+        self.cur.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(40, n))}")
+        self.cur.execute(
+            sql.SQL("SELECT row, 1 - (embedding <=> %s::vector), metadata FROM {} "
+                    "WHERE {} ORDER BY embedding <=> %s::vector LIMIT %s").format(
+                self.base.chunks, self.where),
+            [self.query_vector, *self.where_params, self.query_vector, n])
+        return [(row, _clip(similarity), metadata)
+                for row, similarity, metadata in self.cur.fetchall()]
 
-    def parents(self) -> list[NodeWithScore]:
-        """Children are matched; each parent is returned once, with its best child's score."""
-        top_k = self.plan.top_k
-        want = top_k * 4
-        while True:
-            ranked, complete = self.ranked(want)
-            children = self.nodes([row for row, _ in ranked])
-            best: dict[str, float] = {}
-            for (_, score), child in zip(ranked, children, strict=True):
-                best.setdefault(child.metadata.get("parent_id", child.node_id), score)
-            if len(best) >= top_k or complete or len(ranked) < want:
-                break
-            want *= 4
-        chosen = list(best.items())[:top_k]
-        self.cur.execute("SELECT node_id, node FROM llamaindex_kb_parents WHERE base = %s "
-                         "AND node_id = ANY(%s)", [self.base.id, [p for p, _ in chosen]])
-        parents = {node_id: json_to_doc(node) for node_id, node in self.cur.fetchall()}
-        return [NodeWithScore(node=parents[parent_id], score=score)
-                for parent_id, score in chosen if parent_id in parents]
+    def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
+        similarity = (sql.SQL("1 - (embedding <=> %s::vector)")
+                      if self.query_vector is not None else sql.SQL("0"))
+        self.cur.execute(
+            sql.SQL("SELECT row, {}, metadata FROM {} WHERE row = ANY(%s)").format(
+                similarity, self.base.chunks),
+            [*([self.query_vector] if self.query_vector is not None else []), list(rows)])
+        return {row: (_clip(sim), metadata) for row, sim, metadata in self.cur.fetchall()}
 
     def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
         self.cur.execute(sql.SQL("SELECT row, node FROM {} WHERE row = ANY(%s)").format(
@@ -404,55 +371,70 @@ class _Search:
         by_row = {row: json_to_doc(node) for row, node in self.cur.fetchall()}
         return [by_row[row] for row in rows]
 
+    def parent_ids(self, rows: list[int]) -> list[str]:
+        return [child.metadata.get("parent_id", child.node_id) for child in self.nodes(rows)]
 
-# --- keyword scoring -----------------------------------------------------------------
+    def parents(self, chosen: list[tuple[str, float]]) -> list[NodeWithScore]:
+        self.cur.execute("SELECT node_id, node FROM llamaindex_kb_parents WHERE base = %s "
+                         "AND node_id = ANY(%s)", [self.base.id, [p for p, _ in chosen]])
+        parents = {node_id: json_to_doc(node) for node_id, node in self.cur.fetchall()}
+        return [NodeWithScore(node=parents[parent_id], score=score)
+                for parent_id, score in chosen if parent_id in parents]
 
 
-def _keyword_scores(cur: psycopg.Cursor, base: _Base, query: str) -> dict[int, float]:
-    """Every matching row's BM25 score over the query's attainable maximum (keyword.py)."""
-    terms = Counter(tokenize(query))
+# --- keyword index -------------------------------------------------------------------
+
+
+def _keyword_ranking(cur: psycopg.Cursor, base: _Base, query: str) -> KeywordRanking:
+    terms = tokenize(query)
     if not terms or base.total_length == 0:
-        return {}
-    cur.execute(sql.SQL("SELECT term, row, tf, length FROM {} WHERE term = ANY(%s)").format(
-        base.terms), [sorted(terms)])
-    postings: dict[str, list[tuple[int, int, int]]] = {}
-    for term, row, tf, length in cur.fetchall():
-        postings.setdefault(term, []).append((row, tf, length))
-    if not postings:
-        return {}
-    n = base.chunk_count
-    average = base.total_length / n
-    attainable = sum(count for term, count in terms.items()
-                     if term not in postings) * base.absent_term_weight
-    rows_parts, weight_parts = [], []
-    for term, found in postings.items():
-        array = np.asarray(found, dtype=np.float64)
-        df = len(found)
-        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
-        tf, length = array[:, 1], array[:, 2]
-        # bm25s keeps each weight as float32: rounding the same way keeps scores equal.
-        weights = (idf * tf / (_K1 * ((1 - _B) + _B * length / average) + tf)).astype(
-            np.float32).astype(np.float64)
-        attainable += terms[term] * float(weights.max())
-        rows_parts.append(array[:, 0].astype(np.int64))
-        weight_parts.append(terms[term] * weights)
-    rows, inverse = np.unique(np.concatenate(rows_parts), return_inverse=True)
-    raw = np.bincount(inverse, weights=np.concatenate(weight_parts))
-    scores = np.clip(raw / attainable, 0.0, 1.0)
-    return {int(row): float(score) for row, score in zip(rows, scores, strict=True)}
+        return KeywordRanking.empty()
+    cur.execute(sql.SQL("SELECT term, postings FROM {} WHERE term = ANY(%s)").format(
+        base.postings), [sorted(set(terms))], binary=True)
+    rows, scores = score_postings(terms, _unpack(cur.fetchall()), base.chunk_count,
+                                  base.total_length, base.absent_term_weight)
+    return KeywordRanking(rows, scores)
+
+
+def _unpack(stored: Iterable[tuple[str, bytes]]) -> dict[str, Postings]:
+    """Each term's segments joined into one Postings."""
+    packed: dict[str, list[bytes]] = {}
+    for term, blob in stored:
+        packed.setdefault(term, []).append(blob)
+    return {term: _joined(blobs) for term, blobs in packed.items()}
+
+
+def _joined(blobs: list[bytes]) -> Postings:
+    array = np.frombuffer(b"".join(blobs), dtype=_POSTING)
+    return Postings(array["row"], array["tf"], array["length"])
+
+
+def _pack(rows: Sequence[tuple[int, int, int]]) -> bytes:
+    return np.asarray(rows, dtype=_POSTING).tobytes()
 
 
 def _absent_term_weight(cur: psycopg.Cursor, base: _Base, n: int, total_length: int) -> float:
-    """The median over the vocabulary of each term's best weight (KeywordIndex)."""
+    """keyword.best_term_weights over the whole vocabulary, read term by term."""
     if total_length == 0:
         return 0.0
-    cur.execute(sql.SQL(
-        "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY best), 0) FROM ("
-        " SELECT ln(1 + (%(n)s - count(*) + 0.5) / (count(*) + 0.5))"
-        "  * max(tf / (%(k1)s * ((1 - %(b)s) + %(b)s * length / %(avg)s) + tf)) AS best"
-        " FROM {} GROUP BY term) per_term").format(base.terms),
-        {"n": float(n), "k1": _K1, "b": _B, "avg": total_length / n})
-    return float(cur.fetchone()[0])
+    with cur.connection.cursor(name="llamaindex_kb_vocabulary", binary=True) as vocabulary:
+        vocabulary.itersize = 2000
+        vocabulary.execute(sql.SQL("SELECT term, postings FROM {} ORDER BY term").format(
+            base.postings))
+        return best_term_weights(_terms_in_order(vocabulary), n, total_length)
+
+
+def _terms_in_order(stored: Iterable[tuple[str, bytes]]) -> Iterator[Postings]:
+    """Postings term by term from (term, segment blob) rows ordered by term."""
+    term, blobs = None, []
+    for next_term, blob in stored:
+        if next_term != term and blobs:
+            yield _joined(blobs)
+            blobs = []
+        term = next_term
+        blobs.append(blob)
+    if blobs:
+        yield _joined(blobs)
 
 
 # --- writing -----------------------------------------------------------------------
@@ -463,28 +445,33 @@ def _lock_base(cur: psycopg.Cursor, knowledge_id: str) -> None:
                 [_LOCK_CLASS, knowledge_id])
 
 
-def _load_base(cur: psycopg.Cursor, knowledge_id: str) -> _Base | None:
-    cur.execute("SELECT id, manifest, analyzer_version, chunk_count, total_length, "
-                "absent_term_weight FROM llamaindex_kb_bases WHERE knowledge_id = %s",
-                [knowledge_id])
+def _load_base(cur: psycopg.Cursor, knowledge_id: str, *, any_format: bool = False
+               ) -> _Base | None:
+    """The base's row; one indexed by another version is refused unless ``any_format``
+    (dropping or replacing it is how a user moves on)."""
+    cur.execute("SELECT id, manifest, analyzer_version, keyword_format, chunk_count, "
+                "total_length, absent_term_weight FROM llamaindex_kb_bases "
+                "WHERE knowledge_id = %s", [knowledge_id])
     row = cur.fetchone()
     if row is None:
         return None
-    base_id, manifest, analyzer, chunk_count, total_length, absent = row
-    if analyzer != ANALYZER_VERSION:
+    base_id, manifest, analyzer, keyword_format, chunk_count, total_length, absent = row
+    if not any_format and (analyzer, keyword_format) != (ANALYZER_VERSION, _KEYWORD_FORMAT):
         raise ConfigurationError(
-            f"knowledge base {knowledge_id!r} was indexed by keyword analyzer version "
-            f"{analyzer}, this version uses {ANALYZER_VERSION}: drop it and ingest its "
-            "documents again"
+            f"knowledge base {knowledge_id!r} was indexed by an older version of "
+            f"llamaindex_kb (keyword analyzer {analyzer}, index format {keyword_format}; "
+            f"this version uses {ANALYZER_VERSION} and {_KEYWORD_FORMAT}): drop it and "
+            "ingest its documents again"
         )
     return _Base(base_id, KBManifest.model_validate(manifest), chunk_count, total_length,
                  absent)
 
 
 def _create_base(cur: psycopg.Cursor, knowledge_id: str, manifest: KBManifest) -> _Base:
-    cur.execute("INSERT INTO llamaindex_kb_bases (knowledge_id, manifest, analyzer_version) "
-                "VALUES (%s, %s, %s) RETURNING id",
-                [knowledge_id, Jsonb(manifest.model_dump(mode="json")), ANALYZER_VERSION])
+    cur.execute("INSERT INTO llamaindex_kb_bases (knowledge_id, manifest, analyzer_version, "
+                "keyword_format) VALUES (%s, %s, %s, %s) RETURNING id",
+                [knowledge_id, Jsonb(manifest.model_dump(mode="json")), ANALYZER_VERSION,
+                 _KEYWORD_FORMAT])
     base = _Base(int(cur.fetchone()[0]), manifest, 0, 0, 0.0)
     embedding = sql.SQL("")
     if manifest.embedding is not None:
@@ -495,10 +482,9 @@ def _create_base(cur: psycopg.Cursor, knowledge_id: str, manifest: KBManifest) -
         "document_id text NOT NULL, length int NOT NULL, metadata jsonb NOT NULL, "
         "node json NOT NULL{embedding}); "
         "CREATE INDEX ON {chunks} (document_id); "
-        "CREATE TABLE {terms} (term text NOT NULL, row bigint NOT NULL, tf int NOT NULL, "
-        "length int NOT NULL, PRIMARY KEY (term, row)); "
-        "CREATE INDEX ON {terms} (row)").format(
-            chunks=base.chunks, terms=base.terms, embedding=embedding))
+        "CREATE TABLE {postings} (term text NOT NULL, segment bigint NOT NULL, "
+        "postings bytea NOT NULL, PRIMARY KEY (term, segment))").format(
+            chunks=base.chunks, postings=base.postings, embedding=embedding))
     return base
 
 
@@ -511,29 +497,56 @@ def _create_vector_index(cur: psycopg.Cursor, base: _Base) -> None:
 
 
 def _drop_base(cur: psycopg.Cursor, base: _Base) -> None:
-    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(base.terms, base.chunks))
+    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(
+        base.postings, sql.Identifier(f"llamaindex_kb_terms_{base.id}"), base.chunks))
     cur.execute("DELETE FROM llamaindex_kb_bases WHERE id = %s", [base.id])
 
 
 def _remove_documents(cur: psycopg.Cursor, base: _Base, document_ids: list[str]
                       ) -> tuple[int, int]:
-    """Delete the documents' chunks, terms, parents and records; the remaining counts."""
-    cur.execute(sql.SQL("DELETE FROM {} WHERE document_id = ANY(%s) RETURNING row, length")
+    """Delete the documents' chunks, postings, parents and records; the remaining counts."""
+    cur.execute(sql.SQL("DELETE FROM {} WHERE document_id = ANY(%s) RETURNING row, length, node")
                 .format(base.chunks), [document_ids])
     gone = cur.fetchall()
     if gone:
-        cur.execute(sql.SQL("DELETE FROM {} WHERE row = ANY(%s)").format(base.terms),
-                    [[row for row, _ in gone]])
+        # The analyzer is deterministic (and versioned), so a chunk's text tells which
+        # terms' postings hold it.
+        terms = sorted({term for _, _, node in gone
+                        for term in tokenize(json_to_doc(node).get_content())})
+        _rewrite_postings(cur, base, terms, np.array([row for row, _, _ in gone], np.int64))
     for table in ("llamaindex_kb_parents", "llamaindex_kb_documents"):
         cur.execute(sql.SQL("DELETE FROM {} WHERE base = %s AND document_id = ANY(%s)")
                     .format(sql.Identifier(table)), [base.id, document_ids])
     return (base.chunk_count - len(gone),
-            base.total_length - sum(length for _, length in gone))
+            base.total_length - sum(length for _, length, _ in gone))
+
+
+def _rewrite_postings(cur: psycopg.Cursor, base: _Base, terms: list[str],
+                      removed: np.ndarray) -> None:
+    """Take the removed rows out of these terms' segments; empty segments go."""
+    cur.execute(sql.SQL("SELECT term, segment, postings FROM {} WHERE term = ANY(%s)").format(
+        base.postings), [terms], binary=True)
+    updates, emptied = [], []
+    for term, segment, blob in cur.fetchall():
+        postings = np.frombuffer(blob, dtype=_POSTING)
+        kept = postings[~np.isin(postings["row"], removed)]
+        if kept.size == postings.size:
+            continue
+        if kept.size:
+            updates.append((kept.tobytes(), term, segment))
+        else:
+            emptied.append((term, segment))
+    if updates:
+        cur.executemany(sql.SQL("UPDATE {} SET postings = %s WHERE term = %s AND segment = %s")
+                        .format(base.postings), updates)
+    if emptied:
+        cur.executemany(sql.SQL("DELETE FROM {} WHERE term = %s AND segment = %s")
+                        .format(base.postings), emptied)
 
 
 def _add_chunks(cur: psycopg.Cursor, base: _Base, chunks: Sequence[BaseNode],
                 vectors: np.ndarray | None) -> tuple[int, int]:
-    """Insert chunks and their terms (COPY); how many, and their total term count."""
+    """Insert chunks (COPY) and one postings segment; how many, and their total length."""
     if not chunks:
         return 0, 0
     cur.execute("UPDATE llamaindex_kb_bases SET next_row = next_row + %s WHERE id = %s "
@@ -543,25 +556,29 @@ def _add_chunks(cur: psycopg.Cursor, base: _Base, chunks: Sequence[BaseNode],
     if vectors is not None:
         columns.append("embedding")
     total = 0
+    postings: dict[str, list[tuple[int, int, int]]] = {}
     copy_chunks = sql.SQL("COPY {} ({}) FROM STDIN").format(
         base.chunks, sql.SQL(", ").join(map(sql.Identifier, columns)))
-    copy_terms = sql.SQL("COPY {} (term, row, tf, length) FROM STDIN").format(base.terms)
-    term_rows: list[tuple[str, int, int, int]] = []
     with cur.copy(copy_chunks) as copy:
         for offset, node in enumerate(chunks):
             row = first + offset
             terms = Counter(tokenize(node.get_content()))
             length = sum(terms.values())
             total += length
-            term_rows.extend((term, row, tf, length) for term, tf in terms.items())
+            for term, tf in terms.items():
+                postings.setdefault(term, []).append((row, tf, length))
             values = [row, node.node_id, str(node.metadata.get("document_id", node.node_id)),
                       length, Jsonb(dict(node.metadata)), Json(doc_to_json(node))]
             if vectors is not None:
                 values.append(_vector_text(vectors[offset]))
             copy.write_row(values)
-    with cur.copy(copy_terms) as copy:
-        for term_row in term_rows:
-            copy.write_row(term_row)
+    # The segment is named by its first row: unique, and never reused.
+    copy_postings = sql.SQL("COPY {} (term, segment, postings) FROM STDIN (FORMAT BINARY)"
+                            ).format(base.postings)
+    with cur.copy(copy_postings) as copy:
+        copy.set_types(["text", "int8", "bytea"])
+        for term, occurrences in postings.items():
+            copy.write_row((term, first, _pack(occurrences)))
     return len(chunks), total
 
 

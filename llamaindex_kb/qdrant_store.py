@@ -35,16 +35,15 @@ conditions re-checked with ``filters.matches``.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -57,10 +56,17 @@ from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from .candidate_search import KeywordRanking, Metadata, best_parents, rank
 from .config import Settings
 from .errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
-from .filters import matches, to_metadata_filters
-from .keyword import _B, _K1, ANALYZER_VERSION, tokenize
+from .filters import to_metadata_filters
+from .keyword import (
+    ANALYZER_VERSION,
+    Postings,
+    best_term_weights,
+    score_postings,
+    tokenize,
+)
 from .knowledge_base import (
     DocumentInfo,
     KBManifest,
@@ -72,7 +78,6 @@ from .stores import Change, FindingStore, Published, register
 TIMEOUT_S = 4  # every request to a server
 META = "llamaindex_kb_meta"
 _PREFIX = "llamaindex_kb_"
-_TINY = float(np.finfo(np.float32).tiny)
 _NS = uuid.UUID("5b0c8a53-3f0e-4f6e-9d5e-6f1f9a3c2b71")
 _BATCH = 256
 
@@ -368,12 +373,15 @@ class QdrantKnowledgeBase:
                     if base.chunk_count == 0:
                         return []
                     search = _Search(self._store, client, self.knowledge_id, base, plan,
-                                     weight, query_vector)
+                                     query_vector)
+                    keyword = (search.keyword_ranking(plan.query) if weight < 1.0
+                               else KeywordRanking.empty())
+                    ranked = partial(rank, search, keyword, weight, plan)
                     if base.manifest.chunking.get("mode") == "parent_child":
-                        return search.parents()
-                    ranked, _ = search.ranked(plan.top_k)
+                        return search.parents(best_parents(ranked, search.parent_ids,
+                                                           plan.top_k))
                     return [NodeWithScore(node=search.node(row), score=score)
-                            for row, score in ranked]
+                            for row, score in ranked(plan.top_k)]
             except _Gone:
                 continue  # a publish replaced the version we were reading
         raise StoreUnavailableError(
@@ -381,67 +389,46 @@ class QdrantKnowledgeBase:
 
 
 class _Search:
-    """One query's candidates from one chunk collection."""
+    """One query's candidates (candidate_search.CandidateSource) from one chunk collection;
+    payloads and similarities are kept, so no point is fetched twice."""
 
     def __init__(self, store: QdrantStore, client: QdrantClient, knowledge_id: str,
-                 base: _Base, plan: QueryPlan, weight: float,
-                 query_vector: np.ndarray | None) -> None:
+                 base: _Base, plan: QueryPlan, query_vector: np.ndarray | None) -> None:
         self.store, self.client, self.knowledge_id = store, client, knowledge_id
-        self.base, self.plan, self.weight = base, plan, weight
-        self.query_vector = query_vector
-        self.floor = max(plan.score_threshold, _TINY)
+        self.base, self.query_vector = base, query_vector
         self.payloads: dict[int, dict[str, Any]] = {}
         self.similarity: dict[int, float] = {}
         pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
         self.filter = _qdrant_filter(pushdown)
-        self.keyword: dict[int, float] = {}
-        if weight < 1.0:
-            self.keyword = self._keyword_scores()
-        self.keyword_order = sorted(self.keyword, key=lambda row: (-self.keyword[row], row))
 
-    def _keyword_scores(self) -> dict[int, float]:
-        """Every chunk holding a query term, scored like KeywordIndex.scores (pg_store)."""
-        terms = Counter(tokenize(self.plan.query))
-        sparse = _sparse(terms)
+    def keyword_ranking(self, query: str) -> KeywordRanking:
+        """Every chunk holding a query term (a server-side sparse search), scored from
+        its term counts by keyword.score_postings."""
+        terms = tokenize(query)
+        sparse = _sparse(Counter(terms))
         if sparse is None or self.base.total_length == 0:
-            return {}
+            return KeywordRanking.empty()
         with_vectors: list[str] | bool = ["dense"] if self.query_vector is not None else False
         found = self.client.query_points(
             self.base.collection, query=sparse, using="sparse", limit=self.base.chunk_count,
             with_payload=["tf", "length", "metadata"], with_vectors=with_vectors).points
-        postings: dict[str, list[tuple[int, int, int]]] = {}
+        occurrences: dict[str, list[tuple[int, int, int]]] = {}
         for point in found:
             row, payload = int(point.id), point.payload or {}
             tf = payload.get("tf") or {}
-            hits = [(term, tf[term]) for term in terms if term in tf]
+            hits = [(term, tf[term]) for term in set(terms) if term in tf]
             if not hits:
                 continue  # a hash collision, or a point the engine returned with score 0
             self.payloads[row] = payload
             if self.query_vector is not None and isinstance(point.vector, dict):
                 self.similarity[row] = self._cosine(point.vector.get("dense"))
+            length = int(payload["length"])
             for term, count in hits:
-                postings.setdefault(term, []).append((row, int(count), int(payload["length"])))
-        if not postings:
-            return {}
-        n = self.base.chunk_count
-        average = self.base.total_length / n
-        attainable = sum(count for term, count in terms.items()
-                         if term not in postings) * self.base.absent_term_weight
-        rows_parts, weight_parts = [], []
-        for term, hits_ in postings.items():
-            array = np.asarray(hits_, dtype=np.float64)
-            df = len(hits_)
-            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
-            tf_, length = array[:, 1], array[:, 2]
-            weights = (idf * tf_ / (_K1 * ((1 - _B) + _B * length / average) + tf_)).astype(
-                np.float32).astype(np.float64)
-            attainable += terms[term] * float(weights.max())
-            rows_parts.append(array[:, 0].astype(np.int64))
-            weight_parts.append(terms[term] * weights)
-        rows, inverse = np.unique(np.concatenate(rows_parts), return_inverse=True)
-        raw = np.bincount(inverse, weights=np.concatenate(weight_parts))
-        scores = np.clip(raw / attainable, 0.0, 1.0)
-        return {int(row): float(score) for row, score in zip(rows, scores, strict=True)}
+                occurrences.setdefault(term, []).append((row, int(count), length))
+        postings = {term: _postings(found_) for term, found_ in occurrences.items()}
+        rows, scores = score_postings(terms, postings, self.base.chunk_count,
+                                      self.base.total_length, self.base.absent_term_weight)
+        return KeywordRanking(rows, scores)
 
     def _cosine(self, vector: Any) -> float:
         if vector is None or self.query_vector is None:
@@ -450,55 +437,37 @@ class _Search:
         norm = float(np.linalg.norm(stored))
         return _clip(float(stored @ self.query_vector) / norm) if norm else 0.0
 
-    def ranked(self, want: int) -> tuple[list[tuple[int, float]], bool]:
-        """The best ``want`` (row, score) passing the filter and threshold, and whether
-        they are all there are. The dense window grows until no unseen row can win."""
-        n = max(2 * want, 20)
-        while True:
-            seen: dict[int, float] = {}
-            vector_bound, vector_done = 0.0, True
-            if self.query_vector is not None:
-                points = self.client.query_points(
-                    self.base.collection, query=self.query_vector.tolist(), using="dense",
-                    query_filter=self.filter, limit=n, with_payload=["metadata"]).points
-                for point in points:
-                    row = int(point.id)
-                    seen[row] = _clip(point.score)
-                    self.payloads.setdefault(row, point.payload or {})
-                vector_done = len(points) < n
-                vector_bound = 0.0 if vector_done else _clip(points[-1].score)
-            keyword_done = len(self.keyword_order) <= n
-            keyword_bound = 0.0 if keyword_done else self.keyword[self.keyword_order[n]]
-            for row in self.keyword_order[:n]:
-                seen.setdefault(row, self.similarity.get(row, 0.0))
-            scored = []
-            for row, similarity in seen.items():
-                score = self.weight * similarity + (1.0 - self.weight) * self.keyword.get(row, 0.0)
-                metadata = (self.payloads.get(row) or {}).get("metadata") or {}
-                if score >= self.floor and (
-                        self.plan.condition is None or matches(self.plan.condition, metadata)):
-                    scored.append((row, score))
-            scored.sort(key=lambda item: (-item[1], item[0]))
-            bound = self.weight * vector_bound + (1.0 - self.weight) * keyword_bound
-            complete = (vector_done and keyword_done) or bound < self.floor
-            if complete or sum(score > bound for _, score in scored) >= want:
-                return scored[:want], complete
-            n *= 4
+    def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
+        assert self.query_vector is not None, "a vector window needs a query vector"
+        points = self.client.query_points(
+            self.base.collection, query=self.query_vector.tolist(), using="dense",
+            query_filter=self.filter, limit=n, with_payload=["metadata"]).points
+        window = []
+        for point in points:
+            row, similarity = int(point.id), _clip(point.score)
+            self.similarity[row] = similarity
+            metadata = self.payloads.setdefault(row, point.payload or {}).get("metadata")
+            window.append((row, similarity, metadata or {}))
+        return window
 
-    def parents(self) -> list[NodeWithScore]:
-        """Children are matched; each parent is returned once, with its best child's score."""
-        top_k = self.plan.top_k
-        want = top_k * 4
-        while True:
-            ranked, complete = self.ranked(want)
-            best: dict[str, float] = {}
-            for row, score in ranked:
-                child = self.node(row)
-                best.setdefault(child.metadata.get("parent_id", child.node_id), score)
-            if len(best) >= top_k or complete or len(ranked) < want:
-                break
-            want *= 4
-        chosen = list(best.items())[:top_k]
+    def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
+        missing = [row for row in rows if row not in self.payloads]
+        if missing:
+            self._fetch(missing, vectors=self.query_vector is not None)
+        return {row: (self.similarity.get(row, 0.0),
+                      self.payloads[row].get("metadata") or {})
+                for row in rows if row in self.payloads}
+
+    def node(self, row: int) -> BaseNode:
+        if "node" not in self.payloads.get(row, {}):
+            self._fetch([r for r, p in self.payloads.items() if "node" not in p] + [row])
+        return json_to_doc(self.payloads[row]["node"])
+
+    def parent_ids(self, rows: list[int]) -> list[str]:
+        return [(child := self.node(row)).metadata.get("parent_id", child.node_id)
+                for row in rows]
+
+    def parents(self, chosen: list[tuple[str, float]]) -> list[NodeWithScore]:
         found = self.client.retrieve(
             META, [_meta_id("parent", self.knowledge_id, self.base.collection, parent_id)
                    for parent_id, _ in chosen], with_payload=True)
@@ -507,17 +476,14 @@ class _Search:
         return [NodeWithScore(node=parents[parent_id], score=score)
                 for parent_id, score in chosen if parent_id in parents]
 
-    def node(self, row: int) -> BaseNode:
-        payload = self.payloads.get(row) or {}
-        if "node" not in payload:
-            self._fetch_nodes()
-            payload = self.payloads[row]
-        return json_to_doc(payload["node"])
-
-    def _fetch_nodes(self) -> None:
-        rows = [row for row, p in self.payloads.items() if "node" not in p]
-        for point in self.client.retrieve(self.base.collection, rows, with_payload=True):
-            self.payloads[int(point.id)] = point.payload or {}
+    def _fetch(self, rows: list[int], vectors: bool = False) -> None:
+        for point in self.client.retrieve(self.base.collection, sorted(set(rows)),
+                                          with_payload=True,
+                                          with_vectors=["dense"] if vectors else False):
+            row = int(point.id)
+            self.payloads[row] = point.payload or {}
+            if vectors and isinstance(point.vector, dict):
+                self.similarity[row] = self._cosine(point.vector.get("dense"))
 
 
 # --- writing -------------------------------------------------------------------------
@@ -556,24 +522,18 @@ def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[s
 
 
 def _absent_term_weight(stats: list[tuple[dict[str, int], int]]) -> float:
-    """The median over the vocabulary of each term's best weight (KeywordIndex)."""
-    n = len(stats)
-    total = sum(length for _, length in stats)
-    if total == 0:
-        return 0.0
-    average = total / n
-    df: Counter[str] = Counter()
-    best_saturation: dict[str, float] = {}
-    for terms, length in stats:
-        norm = _K1 * ((1 - _B) + _B * length / average)
+    """keyword.best_term_weights over the chunks' term counts and lengths."""
+    occurrences: dict[str, list[tuple[int, int, int]]] = {}
+    for row, (terms, length) in enumerate(stats):
         for term, tf in terms.items():
-            df[term] += 1
-            saturation = tf / (norm + tf)
-            if saturation > best_saturation.get(term, -1.0):
-                best_saturation[term] = saturation
-    best = [math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) * s
-            for t, s in best_saturation.items()]
-    return float(np.median(np.asarray(best, np.float32))) if best else 0.0
+            occurrences.setdefault(term, []).append((row, tf, length))
+    return best_term_weights((_postings(found) for found in occurrences.values()), len(stats),
+                             sum(length for _, length in stats))
+
+
+def _postings(occurrences: list[tuple[int, int, int]]) -> Postings:
+    array = np.asarray(occurrences, np.int64)
+    return Postings(array[:, 0], array[:, 1], array[:, 2])
 
 
 # --- helpers -------------------------------------------------------------------------
