@@ -151,9 +151,9 @@ class KnowledgeAPI:
             manifest.model_dump(mode="json") for manifest in self.library.manifests()]})
 
     def _documents(self, request: Request, knowledge_id: str) -> Response:
-        infos = self.library.open(knowledge_id).documents.values()
         return json_response({"knowledge_id": knowledge_id, "documents": [
-            info.model_dump(exclude={"parent_ids", "source_root"}) for info in infos]})
+            info.model_dump(exclude={"parent_ids", "source_root"})
+            for info in self.library.documents(knowledge_id)]})
 
     def _delete_document(self, request: Request, knowledge_id: str, document_id: str) -> Response:
         info = delete_document(self.library.store, knowledge_id, document_id)

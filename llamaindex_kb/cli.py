@@ -203,7 +203,7 @@ def _list(args: argparse.Namespace) -> int:
 
     library = Library(load_settings(_explicit(args)))
     if args.kb:
-        for info in library.open(args.kb).documents.values():
+        for info in library.documents(args.kb):
             print(f"{info.document_id}\t{info.chunks} chunks\t{info.file_path or info.title}")
         return 0
     for manifest in library.manifests():

@@ -13,7 +13,7 @@ from llama_index.core.schema import NodeWithScore
 
 from .config import Settings
 from .contract import Record, RetrievalRequest
-from .knowledge_base import KBManifest, QueryPlan
+from .knowledge_base import DocumentInfo, KBManifest, QueryPlan
 from .models import Models
 from .rerank import candidate_count, rerank_hits
 from .stores import KnowledgeBaseHandle, KnowledgeStore, store_for
@@ -31,6 +31,12 @@ class Library:
 
     def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
         return self.store.open(knowledge_id)
+
+    def documents(self, knowledge_id: str) -> list[DocumentInfo]:
+        """A knowledge base's documents by path (or title): every store keeps its own
+        order, and a listing should not change with the store."""
+        infos = self.open(knowledge_id).documents.values()
+        return sorted(infos, key=lambda info: (info.file_path or info.title, info.document_id))
 
     def manifests(self) -> list[KBManifest]:
         """Every knowledge base's manifest, without opening its indices."""

@@ -76,12 +76,12 @@ def test_posted_text_is_a_document(api):
 
 
 def test_listing_knowledge_bases_and_documents_then_deleting_one(api):
-    first = upload(api, "kb", "a.txt", b"Apples are red or green.").json()["document"]
     upload(api, "kb", "b.txt", b"Bananas are yellow.")
+    first = upload(api, "kb", "a.txt", b"Apples are red or green.").json()["document"]
     listed = api.send("GET", "/knowledge-bases", None, AUTH).json()["knowledge_bases"]
     assert [(kb["knowledge_id"], kb["documents"]) for kb in listed] == [("kb", 2)]
     documents = api.send("GET", "/knowledge-bases/kb/documents", None, AUTH).json()["documents"]
-    assert sorted(d["file_name"] for d in documents) == ["a.txt", "b.txt"]
+    assert [d["file_name"] for d in documents] == ["a.txt", "b.txt"]  # by path, not by age
 
     deleted = api.send("DELETE", f"/knowledge-bases/kb/documents/{first['document_id']}",
                        None, AUTH)
