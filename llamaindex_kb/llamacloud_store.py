@@ -13,8 +13,8 @@ Store URL::
   A host and a region that disagree are refused. ``insecure=true`` speaks plain HTTP
   (only for a local stand-in of the API, as the tests use).
 * ``project`` (a project name) and ``organization`` (an organization id, a UUID as
-  LlamaCloud requires) narrow where index names are looked up; without them
-  LlamaCloud uses the key's defaults.
+  LlamaCloud requires) narrow where index names are looked up; without them the
+  lookup covers whatever LlamaCloud lists for the key.
 
 A ``knowledge_id`` is a LlamaCloud index (pipeline) name, or a pipeline id (what the
 official LlamaCloud Dify plugin takes). The calls, as LlamaCloud's OpenAPI definition
