@@ -12,22 +12,32 @@ Store URL::
   ``api.cloud.eu.llamaindex.ai``; ``region=na|eu`` picks one without naming it.
   A host and a region that disagree are refused. ``insecure=true`` speaks plain HTTP
   (only for a local stand-in of the API, as the tests use).
-* ``project`` (a project name) and ``organization`` (an organization id) narrow
-  where index names are looked up; without them LlamaCloud uses the key's defaults.
+* ``project`` (a project name) and ``organization`` (an organization id, a UUID as
+  LlamaCloud requires) narrow where index names are looked up; without them the
+  lookup covers whatever LlamaCloud lists for the key.
 
 A ``knowledge_id`` is a LlamaCloud index (pipeline) name, or a pipeline id (what the
-official LlamaCloud Dify plugin takes). Calls, all with ``Authorization: Bearer <key>``:
+official LlamaCloud Dify plugin takes). The calls, as LlamaCloud's OpenAPI definition
+states them, all with ``Authorization: Bearer <key>``:
 
-* ``GET /api/v1/pipelines/{id}``: is this a pipeline id?
-* ``GET /api/v1/pipelines?pipeline_name=&project_name=&organization_id=``: by name,
-  and (without ``pipeline_name``) the listing behind ``manifests``;
-* ``POST /api/v1/pipelines/{id}/retrieve`` with ``query``, ``dense_similarity_top_k``,
-  ``sparse_similarity_top_k``, ``rerank_top_n``, ``retrieval_mode: "chunks"``,
-  ``alpha`` (only when a retrieval mode is configured: vector 1, keyword 0, hybrid the
-  semantic weight) and ``search_filters`` (the part of ``metadata_condition`` that
-  ``filters.to_metadata_filters`` expresses exactly); the answer's
-  ``retrieval_nodes[].node`` (``id_``, ``text``, ``extra_info``/``metadata``) and
-  ``retrieval_nodes[].score``.
+* ``GET /api/v1/pipelines/{pipeline_id}`` (a UUID, else 422; no query parameters):
+  is this a pipeline id? A pipeline id is global, so ``project`` does not narrow it.
+* ``GET /api/v1/pipelines?pipeline_type=MANAGED&pipeline_name=&project_name=&
+  organization_id=``, a JSON array of pipelines (``id``, ``name``, ``project_id``,
+  ``pipeline_type``, ``created_at``...): by name, and (without ``pipeline_name``) the
+  listing behind ``manifests``. ``MANAGED`` leaves out the playground copies a
+  LlamaCloud index may have under the same name (as LlamaIndex's own resolver does).
+* ``POST /api/v1/pipelines/{pipeline_id}/retrieve`` with ``query``,
+  ``dense_similarity_top_k``, ``sparse_similarity_top_k``, ``rerank_top_n`` (each 1 to
+  100; LlamaCloud's defaults 30, 30 and 6 would cap what reranking returns),
+  ``retrieval_mode: "chunks"``, ``alpha`` (0 to 1, only when a retrieval mode is
+  configured: vector 1, keyword 0, hybrid the semantic weight) and ``search_filters``
+  (LlamaIndex ``MetadataFilters`` JSON: ``filters`` of ``{key, value, operator}`` and
+  ``condition``, for the part of ``metadata_condition`` that
+  ``filters.to_metadata_filters`` expresses exactly: ``==`` and ``in``); the answer's
+  ``retrieval_nodes[].node`` (``id_``, ``text``, ``extra_info``, ``relationships``) and
+  ``retrieval_nodes[].score``. ``enable_reranking`` is not sent, so LlamaCloud's
+  default applies.
 
 Every answer is checked here: scores clipped to [0, 1] and sorted, ``score_threshold``
 applied to the score reported, ``metadata_condition`` re-checked on every record with
@@ -36,7 +46,8 @@ applied to the score reported, ``metadata_condition`` re-checked on every record
 (``document_id``, else ``file_id``, else the source document's id, else the file
 path or name, else the chunk id).
 
-Errors: LlamaCloud's 401/403 is a wrong key in the store URL, so a 400 naming the fix
+Errors (FastAPI's: ``{"detail": ...}``, a list of ``{loc, msg, type}`` for 422):
+LlamaCloud's 401/403 is a wrong key in the store URL, so a 400 naming the fix
 (never our own 403, which means Dify's key to us is wrong); an unknown index is 404
 (2001); 429, 5xx, timeouts and connection failures are retried with backoff and become
 503 (5003) within ``DEADLINE_S``. Indexes are managed in LlamaCloud, so ``publish`` and
@@ -125,6 +136,11 @@ class LlamaCloudStore:
         self.base_url = f"{scheme}://{netloc}"
         self.project = _query_value(params, "project")
         self.organization = _query_value(params, "organization")
+        if self.organization is not None and not _UUID.match(self.organization):
+            # LlamaCloud would answer every lookup 422: organization_id is a UUID there.
+            raise ConfigurationError(
+                f"LlamaCloud store URL: organization {self.organization!r} is not an "
+                "organization id (a UUID, shown in LlamaCloud's organization settings)")
         # The key never appears in url (logged, shown by the CLI).
         query = "&".join(f"{k}={quote(v)}" for k, v in
                          (("project", self.project), ("organization", self.organization))
@@ -156,7 +172,7 @@ class LlamaCloudStore:
 
     def manifests(self) -> list[KBManifest]:
         pipelines = self._request("GET", "/api/v1/pipelines", time.monotonic() + DEADLINE_S,
-                                  params=self._scope())
+                                  params=self._search())
         found = [_manifest(str(p.get("name") or p.get("id")), p)
                  for p in _pipeline_list(pipelines)]
         return sorted(found, key=lambda manifest: manifest.knowledge_id)
@@ -176,13 +192,14 @@ class LlamaCloudStore:
 
     # --- LlamaCloud calls --------------------------------------------------------
 
-    def _scope(self) -> dict[str, str]:
-        scope = {}
+    def _search(self, **extra: str) -> dict[str, str]:
+        """Query parameters of ``GET /api/v1/pipelines``: managed indexes in scope."""
+        search = {"pipeline_type": "MANAGED", **extra}
         if self.project:
-            scope["project_name"] = self.project
+            search["project_name"] = self.project
         if self.organization:
-            scope["organization_id"] = self.organization
-        return scope
+            search["organization_id"] = self.organization
+        return search
 
     def _pipeline(self, knowledge_id: str, deadline: float) -> dict[str, Any] | None:
         """The pipeline a knowledge_id names (cached briefly), None if there is none."""
@@ -194,10 +211,10 @@ class LlamaCloudStore:
         pipeline = None
         if _UUID.match(knowledge_id):
             pipeline = self._request("GET", f"/api/v1/pipelines/{knowledge_id}", deadline,
-                                     params=self._scope(), missing_ok=True)
+                                     missing_ok=True)
         if pipeline is None:
             named = self._request("GET", "/api/v1/pipelines", deadline,
-                                  params={**self._scope(), "pipeline_name": knowledge_id})
+                                  params=self._search(pipeline_name=knowledge_id))
             exact = [p for p in _pipeline_list(named) if p.get("name") == knowledge_id]
             if len(exact) > 1:
                 raise ConfigurationError(
@@ -366,14 +383,13 @@ def _search_filters(condition: Any) -> tuple[dict[str, Any] | None, bool]:
 
 
 def _text_node(raw: dict[str, Any], position: int) -> TextNode:
-    metadata: dict[str, Any] = {}
-    for field in ("extra_info", "metadata"):
-        value = raw.get(field)
-        if isinstance(value, dict):
-            metadata.update(value)
-    node_id = str(raw.get("id_") or raw.get("id") or f"llamacloud-{position}")
+    # LlamaCloud's TextNode: metadata in extra_info, relationships keyed by
+    # LlamaIndex's NodeRelationship values ("1" is SOURCE, the source document).
+    extra_info = raw.get("extra_info")
+    metadata: dict[str, Any] = dict(extra_info) if isinstance(extra_info, dict) else {}
+    node_id = str(raw.get("id_") or f"llamacloud-{position}")
     source = raw.get("relationships", {}) if isinstance(raw.get("relationships"), dict) else {}
-    source_node = source.get("1") or source.get("SOURCE")
+    source_node = source.get("1")
     source_id = source_node.get("node_id") if isinstance(source_node, dict) else None
     document_id = (metadata.get("document_id") or metadata.get("file_id") or source_id
                    or metadata.get("file_path") or metadata.get("file_name") or node_id)
@@ -393,9 +409,9 @@ def _clip(score: Any) -> float:
 
 
 def _pipeline_list(answer: Any) -> list[dict[str, Any]]:
-    items = answer.get("items") if isinstance(answer, dict) else answer  # v2 pages
-    return [p for p in items if isinstance(p, dict) and p.get("id")] \
-        if isinstance(items, list) else []
+    """The pipelines of a ``GET /api/v1/pipelines`` answer, a JSON array."""
+    return [p for p in answer if isinstance(p, dict) and p.get("id")] \
+        if isinstance(answer, list) else []
 
 
 def _timestamp(value: Any) -> float | None:
@@ -417,9 +433,14 @@ def _manifest(knowledge_id: str, pipeline: dict[str, Any]) -> KBManifest:
 
 
 def _detail(response: httpx.Response) -> str:
+    """LlamaCloud's reason: FastAPI's ``detail``, a text or (422) a list of problems."""
     try:
         detail = response.json().get("detail")
     except (ValueError, AttributeError):
         detail = None
+    if isinstance(detail, list):
+        detail = "; ".join(
+            f"{'.'.join(str(part) for part in item.get('loc', []))}: {item.get('msg')}"
+            if isinstance(item, dict) else str(item) for item in detail)
     text = str(detail) if detail else response.text
     return text[:300] or "no details"

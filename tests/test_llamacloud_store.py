@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -19,18 +20,35 @@ from werkzeug.serving import make_server
 from llamaindex_kb.errors import ConfigurationError
 
 LLAMA_KEY = "llx-fake-key"
+ORG_ID = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"
+DEFAULT_PROJECT_ID = "1b2c3d4e-5f6a-4b7c-8d9e-0f1a2b3c4d5e"
+OTHER_PROJECT_ID = "2c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e6f"
 HANDBOOK_ID = "7f0c5a4e-1b2c-4d3e-8f90-123456789abc"
+PLAYGROUND_ID = "3d4e5f6a-7b8c-4d9e-8f1a-2b3c4d5e6f7a"
 OTHER_ID = "0a1b2c3d-4e5f-4a7b-8c9d-0e1f2a3b4c5d"
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+                     r"[0-9a-fA-F]{12}$")
+FILTER_OPERATORS = {"==", ">", "<", "!=", ">=", "<=", "in", "nin", "any", "all", "text_match",
+                    "text_match_insensitive", "contains", "is_empty"}
 
 
 def _node(node_id: str, score: float, category: str, year: int | None, **extra: Any
           ) -> dict[str, Any]:
+    """A TextNodeWithScore as LlamaCloud serialises it (every TextNode field)."""
     info = {"file_id": f"file-{node_id}", "file_name": f"{node_id}.md", "category": category,
             **extra}
     if year is not None:
         info["year"] = year
-    return {"node": {"id_": node_id, "text": f"text of {node_id}", "extra_info": info,
-                     "class_name": "TextNode"}, "score": score}
+    node = {"id_": node_id, "embedding": None, "extra_info": info,
+            "excluded_embed_metadata_keys": [], "excluded_llm_metadata_keys": [],
+            "relationships": {"1": {"node_id": f"doc-{node_id}", "node_type": "4",
+                                    "metadata": {}, "hash": None,
+                                    "class_name": "RelatedNodeInfo"}},
+            "metadata_template": "{key}: {value}", "metadata_seperator": "\n",
+            "text": f"text of {node_id}", "mimetype": "text/plain", "start_char_idx": 0,
+            "end_char_idx": 11 + len(node_id), "text_template": "{metadata_str}\n\n{content}",
+            "class_name": "TextNode"}
+    return {"node": node, "score": score, "class_name": "TextNodeWithScore"}
 
 
 NODES = [
@@ -46,26 +64,52 @@ NODES = [
 ]
 
 
+def _invalid(kind: str, loc: list[str | int], msg: str, value: Any) -> dict[str, Any]:
+    """One item of FastAPI's 422 ``detail`` (HTTPValidationError / ValidationError)."""
+    return {"type": kind, "loc": loc, "msg": msg, "input": value}
+
+
 class FakeLlamaCloud:
     """A fake of the remote LlamaCloud SaaS API, for tests only.
 
-    Modelled on LlamaCloud's documented REST API: ``Authorization: Bearer <key>``,
-    ``GET /api/v1/pipelines`` (filtered by ``pipeline_name`` / ``project_name``),
-    ``GET /api/v1/pipelines/{id}`` and ``POST /api/v1/pipelines/{id}/retrieve``
-    answering ``{"retrieval_nodes": [{"node": {...}, "score": ...}]}``, errors as
-    ``{"detail": ...}``. Retrieval applies ``search_filters`` (``==`` and ``in``) and
-    ``dense_similarity_top_k``; scores are fixed per node. ``fail_next`` (statuses) and
-    ``hang`` script outages of the retrieve call; ``requests`` records what arrived.
+    Modelled on LlamaCloud's OpenAPI definition (run-llama/llama_cloud_services
+    ``ts/llama_cloud_services/openapi.json``) and its generated SDK
+    (run-llama/llama-cloud-py): ``Authorization: Bearer <key>`` (401
+    ``{"detail": ...}`` otherwise); ``GET /api/v1/pipelines`` filtered by
+    ``project_id``, ``project_name``, ``pipeline_name``, ``pipeline_type`` and
+    ``organization_id``, answering a JSON array of pipelines; ``GET
+    /api/v1/pipelines/{pipeline_id}`` (no query parameters; a pipeline id is global);
+    ``POST /api/v1/pipelines/{pipeline_id}/retrieve`` taking ``RetrievalParams`` and
+    answering ``RetrieveResults``. Path and query UUIDs, enums, numeric ranges and
+    ``search_filters`` are validated as FastAPI does: 422 with a ``detail`` list.
+    An unknown pipeline is 404 ``{"detail": ...}``.
+
+    Retrieval applies ``search_filters`` (``==`` and ``in``, nested filters and
+    ``and``/``or``), keeps ``dense_similarity_top_k`` (default 30) nodes and, as the
+    index reranks (``enable_reranking`` unset), ``rerank_top_n`` (default 6) of them;
+    scores are fixed per node. ``fail_next`` (statuses) and ``hang`` script outages of
+    the retrieve call; ``requests`` records what arrived.
     """
 
     def __init__(self) -> None:
+        self.projects = {DEFAULT_PROJECT_ID: "Default", OTHER_PROJECT_ID: "Other"}
         self.pipelines = [
-            {"id": HANDBOOK_ID, "name": "handbook", "project_id": "p1",
-             "pipeline_type": "MANAGED", "created_at": "2025-01-02T03:04:05Z"},
-            {"id": OTHER_ID, "name": "other", "project_id": "p2", "pipeline_type": "MANAGED"},
+            {"id": HANDBOOK_ID, "name": "handbook", "project_id": DEFAULT_PROJECT_ID,
+             "pipeline_type": "MANAGED", "managed_pipeline_id": None, "status": "CREATED",
+             "created_at": "2025-01-02T03:04:05Z", "updated_at": "2025-01-03T03:04:05Z",
+             "embedding_config": {"type": "MANAGED_OPENAI_EMBEDDING", "component": {}}},
+            # LlamaCloud's playground copy of the index: same name, same project.
+            {"id": PLAYGROUND_ID, "name": "handbook", "project_id": DEFAULT_PROJECT_ID,
+             "pipeline_type": "PLAYGROUND", "managed_pipeline_id": HANDBOOK_ID,
+             "status": "CREATED", "created_at": "2025-01-02T03:04:05Z",
+             "updated_at": "2025-01-02T03:04:05Z",
+             "embedding_config": {"type": "MANAGED_OPENAI_EMBEDDING", "component": {}}},
+            {"id": OTHER_ID, "name": "other", "project_id": OTHER_PROJECT_ID,
+             "pipeline_type": "MANAGED", "managed_pipeline_id": None, "status": "CREATED",
+             "created_at": None, "updated_at": None,
+             "embedding_config": {"type": "MANAGED_OPENAI_EMBEDDING", "component": {}}},
         ]
-        self.projects = {"p1": "Default", "p2": "Other"}
-        self.nodes = {HANDBOOK_ID: NODES, OTHER_ID: []}
+        self.nodes = {HANDBOOK_ID: NODES, PLAYGROUND_ID: NODES, OTHER_ID: []}
         self.requests: list[dict[str, Any]] = []
         self.fail_next: list[int] = []
         self.hang = threading.Event()
@@ -81,37 +125,72 @@ class FakeLlamaCloud:
         body = request.get_json(silent=True)
         self.requests.append({"method": request.method, "path": request.path,
                               "args": dict(request.args), "json": body})
-        if request.headers.get("Authorization") != f"Bearer {LLAMA_KEY}":
-            return self._json({"detail": "Invalid API Key"}, 401)
-        project = request.args.get("project_name")
-        visible = [p for p in self.pipelines
-                   if project is None or self.projects[p["project_id"]] == project]
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return self._json({"detail": "Not authenticated"}, 401)
+        if token != LLAMA_KEY:
+            return self._json({"detail": "Invalid authentication token"}, 401)
         parts = request.path.strip("/").split("/")
-        if parts[:3] != ["api", "v1", "pipelines"]:
+        if parts[:3] != ["api", "v1", "pipelines"] or len(parts) > 5 or parts[4:] not in (
+                [], ["retrieve"]):
             return self._json({"detail": "Not Found"}, 404)
-        if len(parts) == 3 and request.method == "GET":
-            name = request.args.get("pipeline_name")
-            return self._json([p for p in visible if name is None or p["name"] == name])
-        pipeline = next((p for p in visible if len(parts) > 3 and p["id"] == parts[3]), None)
+        allowed = "GET" if len(parts) < 5 else "POST"
+        if request.method != allowed:
+            return self._json({"detail": "Method Not Allowed"}, 405)
+        if len(parts) == 3:
+            return self._search(request)
+        pipeline_id = parts[3]
+        if not UUID_RE.match(pipeline_id):
+            return self._json({"detail": [_invalid(
+                "uuid_parsing", ["path", "pipeline_id"],
+                "Input should be a valid UUID", pipeline_id)]}, 422)
+        pipeline = next((p for p in self.pipelines if p["id"] == pipeline_id.lower()), None)
         if pipeline is None:
-            return self._json({"detail": "Pipeline not found"}, 404)
-        if len(parts) == 4 and request.method == "GET":
+            return self._json({"detail": f"Pipeline {pipeline_id} not found"}, 404)
+        if len(parts) == 4:
             return self._json(pipeline)
-        if parts[4:] == ["retrieve"] and request.method == "POST":
-            if self.hang.is_set():
-                self.release.wait(10)
-            if self.fail_next:
-                return self._json({"detail": "try later"}, self.fail_next.pop(0))
-            return self._json(self._retrieve(pipeline["id"], body or {}))
-        return self._json({"detail": "Method Not Allowed"}, 405)
+        problems = _retrieval_params_problems(body)
+        if problems:
+            return self._json({"detail": problems}, 422)
+        if self.hang.is_set():
+            self.release.wait(10)
+        if self.fail_next:
+            return self._json({"detail": "Service Unavailable"}, self.fail_next.pop(0))
+        return self._json(self._retrieve(pipeline["id"], body))
+
+    def _search(self, request: Request) -> Response:
+        args = request.args
+        problems = [_invalid("uuid_parsing", ["query", name], "Input should be a valid UUID",
+                             args[name])
+                    for name in ("project_id", "organization_id")
+                    if name in args and not UUID_RE.match(args[name])]
+        if args.get("pipeline_type", "MANAGED") not in ("PLAYGROUND", "MANAGED"):
+            problems.append(_invalid("enum", ["query", "pipeline_type"],
+                                     "Input should be 'PLAYGROUND' or 'MANAGED'",
+                                     args["pipeline_type"]))
+        if problems:
+            return self._json({"detail": problems}, 422)
+        if args.get("organization_id", ORG_ID).lower() != ORG_ID:
+            return self._json([])  # every project of this fake is in ORG_ID
+        found = [p for p in self.pipelines
+                 if args.get("project_id", p["project_id"]).lower() == p["project_id"]
+                 and args.get("project_name", self.projects[p["project_id"]])
+                 == self.projects[p["project_id"]]
+                 and args.get("pipeline_name", p["name"]) == p["name"]
+                 and args.get("pipeline_type", p["pipeline_type"]) == p["pipeline_type"]]
+        return self._json(found)
 
     def _retrieve(self, pipeline_id: str, body: dict[str, Any]) -> dict[str, Any]:
         found = [n for n in self.nodes[pipeline_id]
                  if _passes(body.get("search_filters"), n["node"]["extra_info"])]
         found.sort(key=lambda n: -n["score"])
-        top = found[: body.get("dense_similarity_top_k") or 10]
-        return {"pipeline_id": pipeline_id, "retrieval_nodes": top,
-                "retrieval_latency": {}, "class_name": "RetrievalResult"}
+        found = found[: body.get("dense_similarity_top_k") or 30]
+        if body.get("enable_reranking") is not False:
+            found = found[: body.get("rerank_top_n") or 6]
+        return {"pipeline_id": pipeline_id, "retrieval_nodes": found, "image_nodes": [],
+                "page_figure_nodes": [], "retrieval_latency": {"retrieval": 0.01},
+                "metadata": {}, "inferred_search_filters": None,
+                "class_name": "RetrieveResults"}
 
     @staticmethod
     def _json(payload: Any, status: int = 200) -> Response:
@@ -130,19 +209,76 @@ class FakeLlamaCloud:
         self._server.server_close()
 
 
+def _retrieval_params_problems(body: Any) -> list[dict[str, Any]]:
+    """What FastAPI would reject in a ``RetrievalParams`` body (the fields used here)."""
+    if not isinstance(body, dict):
+        return [_invalid("model_attributes_type", ["body"],
+                         "Input should be a valid dictionary or object", body)]
+    problems = []
+    query = body.get("query")
+    if not isinstance(query, str) or not query:
+        problems.append(_invalid("string_too_short", ["body", "query"],
+                                 "String should have at least 1 character", query))
+    for name, high in (("dense_similarity_top_k", 100), ("sparse_similarity_top_k", 100),
+                       ("rerank_top_n", 100), ("files_top_k", 5)):
+        value = body.get(name)
+        if value is not None and (type(value) is not int or not 1 <= value <= high):
+            problems.append(_invalid("int_range", ["body", name],
+                                     f"Input should be an integer from 1 to {high}", value))
+    alpha = body.get("alpha")
+    if alpha is not None and (type(alpha) not in (int, float) or not 0 <= alpha <= 1):
+        problems.append(_invalid("float_range", ["body", "alpha"],
+                                 "Input should be a number from 0 to 1", alpha))
+    if body.get("retrieval_mode", "chunks") not in (
+            "chunks", "files_via_metadata", "files_via_content", "auto_routed"):
+        problems.append(_invalid("enum", ["body", "retrieval_mode"],
+                                 "Input should be a RetrievalMode", body["retrieval_mode"]))
+    if body.get("search_filters") is not None:
+        problems += _filters_problems(body["search_filters"], ["body", "search_filters"])
+    return problems
+
+
+def _filters_problems(filters: Any, loc: list[str | int]) -> list[dict[str, Any]]:
+    """What FastAPI would reject in a ``MetadataFilters`` object."""
+    if not isinstance(filters, dict) or not isinstance(filters.get("filters"), list):
+        return [_invalid("missing", [*loc, "filters"], "Field required", filters)]
+    problems = []
+    if filters.get("condition") not in (None, "and", "or", "not"):
+        problems.append(_invalid("enum", [*loc, "condition"],
+                                 "Input should be 'and', 'or' or 'not'", filters["condition"]))
+    for i, item in enumerate(filters["filters"]):
+        if isinstance(item, dict) and "filters" in item:
+            problems += _filters_problems(item, [*loc, "filters", i])
+        elif not isinstance(item, dict) or not isinstance(item.get("key"), str) \
+                or "value" not in item:
+            problems.append(_invalid("missing", [*loc, "filters", i],
+                                     "Field required: key and value", item))
+        elif item.get("operator", "==") not in FILTER_OPERATORS:
+            problems.append(_invalid("enum", [*loc, "filters", i, "operator"],
+                                     "Input should be a FilterOperator", item["operator"]))
+    return problems
+
+
 def _passes(search_filters: dict[str, Any] | None, metadata: dict[str, Any]) -> bool:
     if not search_filters:
         return True
     results = []
     for f in search_filters["filters"]:
+        if "filters" in f:
+            results.append(_passes(f, metadata))
+            continue
         value = metadata.get(f["key"])
-        if f["operator"] == "==":
+        operator = f.get("operator", "==")
+        if operator == "==":
             results.append(value == f["value"])
-        elif f["operator"] == "in":
+        elif operator == "in":
             results.append(value in f["value"])
         else:
-            raise AssertionError(f"fake does not implement {f['operator']}")
-    return all(results) if search_filters.get("condition", "and") == "and" else any(results)
+            raise AssertionError(f"fake does not implement {operator}")
+    condition = search_filters.get("condition") or "and"
+    if condition == "not":
+        raise AssertionError("fake does not implement condition 'not'")
+    return all(results) if condition == "and" else any(results)
 
 
 @pytest.fixture
@@ -229,9 +365,39 @@ def test_knowledge_base_listing_and_pipeline_id(fake: FakeLlamaCloud, tmp_path: 
     with server_for(tmp_path, fake.store_url()) as client:
         listed = client.send("GET", "/knowledge-bases", None,
                              {"Authorization": f"Bearer {API_KEY}"})
+        # Only the managed index: its playground copy has the same name.
         assert [kb["knowledge_id"] for kb in listed.json()["knowledge_bases"]] == ["handbook"]
+        searches = [r["args"] for r in fake.requests if r["path"] == "/api/v1/pipelines"]
+        assert searches == [{"pipeline_type": "MANAGED", "project_name": "Default"}]
         reply = ask(client, HANDBOOK_ID, top_k=1)
         assert [r["metadata"]["chunk_id"] for r in reply.json()["records"]] == ["n1"]
+        # A pipeline id is global in LlamaCloud: GET /pipelines/{id} takes no project.
+        by_id = [r for r in fake.requests if r["path"] == f"/api/v1/pipelines/{HANDBOOK_ID}"]
+        assert [r["args"] for r in by_id] == [{}]
+        reply = ask(client, OTHER_ID)
+        assert (reply.status, reply.json()["records"]) == (200, [])
+
+
+def test_organization_narrows_the_lookup(fake: FakeLlamaCloud) -> None:
+    from llamaindex_kb.llamacloud_store import LlamaCloudStore
+
+    store = LlamaCloudStore(f"{fake.store_url()}&organization={ORG_ID}")
+    assert store.open("handbook").pipeline_id == HANDBOOK_ID
+    assert fake.requests[-1]["args"] == {"pipeline_type": "MANAGED", "pipeline_name": "handbook",
+                                         "project_name": "Default", "organization_id": ORG_ID}
+    elsewhere = LlamaCloudStore(f"{fake.store_url()}&organization={OTHER_PROJECT_ID}")
+    assert elsewhere.find("handbook") is None
+    with pytest.raises(ConfigurationError, match="not an organization id"):
+        LlamaCloudStore(f"{fake.store_url()}&organization=acme")
+
+
+def test_validation_errors_are_reported_readably(fake: FakeLlamaCloud) -> None:
+    from llamaindex_kb.llamacloud_store import LlamaCloudStore
+
+    store = LlamaCloudStore(fake.store_url())
+    with pytest.raises(ConfigurationError,
+                       match=r"\(HTTP 422\): path\.pipeline_id: Input should be a valid UUID"):
+        store._request("GET", "/api/v1/pipelines/handbook", time.monotonic() + 4)
 
 
 def test_wrong_llamacloud_key_is_a_configuration_error(
