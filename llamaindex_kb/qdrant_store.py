@@ -123,10 +123,17 @@ class QdrantStore(FindingStore):
             try:
                 Path(path).mkdir(parents=True, exist_ok=True)
                 self._client = QdrantClient(path=path)
-            except (RuntimeError, OSError) as exc:
+            except RuntimeError as exc:
+                # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
+                if "already accessed" not in str(exc):
+                    raise ConfigurationError(f"store {self._shown}: {_first_line(exc)}") from exc
                 raise ConfigurationError(
-                    f"store {self._shown}: {_first_line(exc)}; local mode allows one process "
-                    "per folder: run a Qdrant server to share knowledge bases") from exc
+                    f"store {self._shown} is in use by another process (local mode opens a "
+                    "folder in one process at a time): stop the other server or CLI "
+                    "command, or run a Qdrant server (qdrant://host:6333) to share "
+                    "knowledge bases between processes") from exc
+            except OSError as exc:
+                raise ConfigurationError(f"store {self._shown}: {_first_line(exc)}") from exc
         else:
             if not parts.hostname:
                 raise ConfigurationError(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import PLUGIN_ROOT
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -318,3 +321,38 @@ def test_wrong_database_is_a_configuration_error(postgres_url):
     wrong = postgres_url.replace("/postgres?", "/no_such_database?")
     with pytest.raises(ConfigurationError, match="no_such_database"):
         open_store(wrong, load_settings({}, environ={})).manifests()
+
+
+# --- Qdrant: writers in several processes and threads ---------------------------------
+
+
+def _in_another_process(script: str) -> subprocess.Popen[str]:
+    """A Python process running ``script`` that has printed its first line ("ready")."""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=PLUGIN_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"the other process failed: {line}{proc.communicate()[1]}")
+    return proc
+
+
+def test_qdrant_local_folder_open_in_another_process_is_a_clear_error(tmp_path):
+    url = f"qdrant://{tmp_path}/q"
+    other = _in_another_process(f"""
+import time
+from llamaindex_kb.qdrant_store import QdrantStore
+store = QdrantStore({url!r})
+store.manifests()
+print("ready", flush=True)
+time.sleep(600)
+""")
+    try:
+        with pytest.raises(ConfigurationError, match="in use by another process.*Qdrant server"):
+            open_store(url, load_settings({}, environ={}))
+    finally:
+        other.kill()
+        other.wait()
+    store = open_store(url, load_settings({}, environ={}))  # the folder is free again
+    assert store.manifests() == []
+    store.close()
