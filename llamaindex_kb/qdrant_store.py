@@ -34,6 +34,7 @@ conditions re-checked with ``filters.matches``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -46,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
@@ -122,7 +123,7 @@ class QdrantStore(FindingStore):
             self._shown = f"qdrant://{path}"
             try:
                 Path(path).mkdir(parents=True, exist_ok=True)
-                self._client = QdrantClient(path=path)
+                self._client = _one_call_at_a_time(QdrantClient(path=path))
             except RuntimeError as exc:
                 # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
                 if "already accessed" not in str(exc):
@@ -148,8 +149,8 @@ class QdrantStore(FindingStore):
                     prefix=parts.path.strip("/") or None, check_compatibility=False)
             except ValueError as exc:
                 raise ConfigurationError(f"store URL {url!r}: {_first_line(exc)}") from exc
-        # Local mode is not thread-safe; a server serialises nothing for us either, so
-        # writers of this process take the lock (different processes: see README).
+        # A server serialises nothing for us either, so writers of this process take the
+        # lock (different processes: see README).
         self._lock = threading.RLock()
         self._meta_ready = False
 
@@ -157,7 +158,7 @@ class QdrantStore(FindingStore):
 
     @contextmanager
     def _calls(self) -> Iterator[QdrantClient]:
-        with self._lock if self._local else _nothing(), self._translated():
+        with self._translated():
             self._ensure_meta()
             yield self._client
 
@@ -646,6 +647,29 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+class _OneCallAtATime:
+    """A local-mode client whose calls take turns: its engine is not thread-safe.
+
+    Per call, not per reader or writer, so a query and a publish interleave as on a
+    server (a query that loses its collection to the publish reads again: ``_Gone``).
+    """
+
+    def __init__(self, client: QdrantClient) -> None:
+        self._client = client
+        self._turn = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def in_turn(*args: Any, **kwargs: Any) -> Any:
+            with self._turn:
+                return attribute(*args, **kwargs)
+
+        return in_turn
+
+
+def _one_call_at_a_time(client: QdrantClient) -> QdrantClient:
+    return cast(QdrantClient, _OneCallAtATime(client))
