@@ -22,6 +22,14 @@ Collections::
 A publish writes a new chunk collection (kept chunks copied, new ones added), then
 swaps the pointer with one point upsert: readers see a whole change or none of it.
 
+Writers of one knowledge base, whatever thread, process or machine they run in, take
+turns through a lease point in the meta collection (``_Lease``: taken by a conditional
+upsert, renewed while held, lapsing within ``LEASE_S`` of its holder's death); a
+waiting writer gives up after ``WAIT_S``. The switch is conditional too, so a writer
+whose lease lapsed under it fails rather than overwrite a newer change. Conditional
+updates need Qdrant 1.16 or later to write; local mode has them, and its folder is
+locked to one process by qdrant-client itself.
+
 Scores equal the embedded store's. Both candidate searches run server-side with the
 query API: sparse (every chunk holding a query term, with its term counts and dense
 vector) and dense (exact filter parts pushed down, the window grown until its last
@@ -34,8 +42,12 @@ conditions re-checked with ``filters.matches``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
+import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -45,7 +57,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
@@ -58,7 +70,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from .candidate_search import KeywordRanking, Metadata, best_parents, rank
 from .config import Settings
-from .errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
+from .errors import ConfigurationError, KBError, KnowledgeBaseNotFound, StoreUnavailableError
 from .filters import to_metadata_filters
 from .keyword import (
     ANALYZER_VERSION,
@@ -76,10 +88,20 @@ from .knowledge_base import (
 from .stores import Change, FindingStore, Published, register
 
 TIMEOUT_S = 4  # every request to a server
+LEASE_S = 60.0  # a writer's lease on a knowledge base, renewed every third of it
+WAIT_S = 300.0  # how long a writer waits for another writer of the same knowledge base
 META = "llamaindex_kb_meta"
 _PREFIX = "llamaindex_kb_"
 _NS = uuid.UUID("5b0c8a53-3f0e-4f6e-9d5e-6f1f9a3c2b71")
 _BATCH = 256
+_CONDITIONAL_UPDATES = (1, 16)  # the first Qdrant whose upserts take an update_filter
+_META_INDEXES = {key: models.PayloadSchemaType.KEYWORD
+                 for key in ("kb", "kind", "version", "collection", "holder")}
+_META_INDEXES["expires"] = models.PayloadSchemaType.FLOAT
+_STRONG = models.WriteOrdering.STRONG  # through the shard's permanent leader: one order
+_MAJORITY = models.ReadConsistencyType.MAJORITY
+
+log = logging.getLogger(__name__)
 
 
 @register("qdrant", "http", "https")
@@ -105,10 +127,13 @@ class _Gone(Exception):
 
 
 class QdrantStore(FindingStore):
-    """Knowledge bases in one Qdrant (local folder or server); thread-safe."""
+    """Knowledge bases in one Qdrant (local folder or server); thread-safe, and writers
+    in other processes wait their turn (``_Lease``)."""
 
-    def __init__(self, url: str, api_key: str | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None = None, *, lease_s: float = LEASE_S,
+                 wait_s: float = WAIT_S) -> None:
         self.url = url
+        self._lease_s, self._wait_s = lease_s, wait_s
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         query = parse_qs(parts.query)
@@ -127,11 +152,18 @@ class QdrantStore(FindingStore):
             self._shown = f"qdrant://{path}"
             try:
                 Path(path).mkdir(parents=True, exist_ok=True)
-                self._client = QdrantClient(path=path)
-            except (RuntimeError, OSError) as exc:
+                self._client = _one_call_at_a_time(QdrantClient(path=path))
+            except RuntimeError as exc:
+                # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
+                if "already accessed" not in str(exc):
+                    raise ConfigurationError(f"store {self._shown}: {_first_line(exc)}") from exc
                 raise ConfigurationError(
-                    f"store {self._shown}: {_first_line(exc)}; local mode allows one process "
-                    "per folder: run a Qdrant server to share knowledge bases") from exc
+                    f"store {self._shown} is in use by another process (local mode opens a "
+                    "folder in one process at a time): stop the other server or CLI "
+                    "command, or run a Qdrant server (qdrant://host:6333) to share "
+                    "knowledge bases between processes") from exc
+            except OSError as exc:
+                raise ConfigurationError(f"store {self._shown}: {_first_line(exc)}") from exc
         else:
             if not parts.hostname:
                 raise ConfigurationError(
@@ -146,16 +178,14 @@ class QdrantStore(FindingStore):
                     prefix=parts.path.strip("/") or None, check_compatibility=False)
             except ValueError as exc:
                 raise ConfigurationError(f"store URL {url!r}: {_first_line(exc)}") from exc
-        # Local mode is not thread-safe; a server serialises nothing for us either, so
-        # writers of this process take the lock (different processes: see README).
-        self._lock = threading.RLock()
         self._meta_ready = False
+        self._conditional_updates = self._local  # local mode has them; a server: asked
 
     # --- plumbing -------------------------------------------------------------------
 
     @contextmanager
     def _calls(self) -> Iterator[QdrantClient]:
-        with self._lock if self._local else _nothing(), self._translated():
+        with self._translated():
             self._ensure_meta()
             yield self._client
 
@@ -186,10 +216,43 @@ class QdrantStore(FindingStore):
             return
         if not self._client.collection_exists(META):
             self._client.create_collection(META, vectors_config={})
-            if not self._local:  # payload indexes do nothing (and warn) in local mode
-                for key in ("kb", "kind", "version"):
-                    self._client.create_payload_index(META, key, models.PayloadSchemaType.KEYWORD)
+        if not self._local:  # payload indexes do nothing (and warn) in local mode
+            # A server in strict mode may refuse filtered updates (the lease, the switch)
+            # on keys without an index; a meta collection made before them lacks some.
+            indexed = self._client.get_collection(META).payload_schema
+            for key, schema in _META_INDEXES.items():
+                if key not in indexed:
+                    self._client.create_payload_index(META, key, schema)
         self._meta_ready = True
+
+    @contextmanager
+    def _writing(self, knowledge_id: str) -> Iterator[QdrantClient]:
+        """The client, with ``knowledge_id``'s write lease held throughout (``_Lease``)."""
+        self._require_conditional_updates()
+        lease = _Lease(self, knowledge_id, self._lease_s)
+        lease.acquire(self._wait_s)
+        try:
+            with self._calls() as client:
+                yield client
+        except _Gone as exc:  # another writer retired a collection this one was reading
+            raise _overtaken(knowledge_id) from exc
+        finally:
+            lease.release()
+
+    def _require_conditional_updates(self) -> None:
+        """Refuse to write through a server without ``update_filter``: one that ignored
+        it would let writers silently take each other's lease and overwrite changes."""
+        if self._conditional_updates:
+            return
+        with self._calls() as client:
+            version = client.info().version
+        found = re.match(r"(\d+)\.(\d+)", version)
+        if found is not None and (int(found[1]), int(found[2])) < _CONDITIONAL_UPDATES:
+            raise ConfigurationError(
+                f"store {self._shown} runs Qdrant {version}; writing needs Qdrant "
+                f"{'.'.join(map(str, _CONDITIONAL_UPDATES))} or later (conditional updates "
+                "keep concurrent writers apart): upgrade the server")
+        self._conditional_updates = True
 
     def _load_base(self, client: QdrantClient, knowledge_id: str) -> _Base | None:
         found = client.retrieve(META, [_meta_id("base", knowledge_id)], with_payload=True)
@@ -240,7 +303,9 @@ class QdrantStore(FindingStore):
         return sorted(found, key=lambda manifest: manifest.knowledge_id)
 
     def publish(self, knowledge_id: str, change: Change) -> Published:
-        with self._lock, self._calls() as client:
+        # Counted before taking the lease, which then covers only the store's own work.
+        counted = [Counter(tokenize(node.get_content())) for node in change.chunks]
+        with self._writing(knowledge_id) as client:
             old = self._load_base(client, knowledge_id)
             keep_old = old is not None and not change.replace
             replaced = set(change.documents) | change.removed
@@ -266,8 +331,7 @@ class QdrantStore(FindingStore):
                 _copy_chunks(client, old.collection, collection, replaced, stats)
             documents.update(change.documents)
             points = []
-            for offset, node in enumerate(change.chunks):
-                terms = Counter(tokenize(node.get_content()))
+            for offset, (node, terms) in enumerate(zip(change.chunks, counted, strict=True)):
                 length = sum(terms.values())
                 stats.append((dict(terms), length))
                 vector: dict[str, Any] = {}
@@ -301,14 +365,15 @@ class QdrantStore(FindingStore):
             total_length = sum(length for _, length in stats)
             manifest = change.manifest.model_copy(update={
                 "documents": len(documents), "chunks": len(stats), "updated_at": time.time()})
-            # The switch: one point, so readers see the old version or the new one.
-            client.upsert(META, [models.PointStruct(
-                id=_meta_id("base", knowledge_id), vector={}, payload={
-                    "kb": knowledge_id, "kind": "base", "collection": collection,
-                    "manifest": manifest.model_dump(mode="json"),
-                    "analyzer_version": ANALYZER_VERSION, "chunk_count": len(stats),
-                    "total_length": total_length, "next_row": next_row,
-                    "absent_term_weight": _absent_term_weight(stats)})], wait=True)
+            switched = _switch(client, knowledge_id, old, {
+                "kb": knowledge_id, "kind": "base", "collection": collection,
+                "manifest": manifest.model_dump(mode="json"),
+                "analyzer_version": ANALYZER_VERSION, "chunk_count": len(stats),
+                "total_length": total_length, "next_row": next_row,
+                "absent_term_weight": _absent_term_weight(stats)})
+            if not switched:
+                self._retire(client, knowledge_id, collection)
+                raise _overtaken(knowledge_id)
             if old is not None:
                 self._retire(client, knowledge_id, old.collection)
         return Published(documents=len(documents), chunks=len(stats), removed=removed)
@@ -319,7 +384,7 @@ class QdrantStore(FindingStore):
         client.delete_collection(collection)
 
     def drop(self, knowledge_id: str) -> None:
-        with self._lock, self._calls() as client:
+        with self._writing(knowledge_id) as client:
             base = self._load_base(client, knowledge_id)
             if base is None:
                 raise KnowledgeBaseNotFound.missing(knowledge_id)
@@ -489,6 +554,113 @@ class _Search:
 # --- writing -------------------------------------------------------------------------
 
 
+class _Lease:
+    """One writer's lease on a knowledge base: the point ``lease/<knowledge_id>`` in the
+    meta collection, naming its holder and when it lapses (wall-clock seconds).
+
+    Taking it is one conditional upsert: the point is inserted if absent, replaced only
+    if it has lapsed; reading it back tells who won. Qdrant applies a shard's updates one
+    at a time and checks ``update_filter`` inside the update, so of writers racing for a
+    free lease exactly one wins (with several replicas: writes go in strong order through
+    the shard's leader, the read back asks a majority). The holder renews it every third
+    of its length; one that dies (kill -9, a lost machine) stops renewing, and the lease
+    lapses after at most its length.
+
+    Not guaranteed: exclusion when a live holder misses its renewals for the whole length
+    (a pause, a partition, a gevent worker busy computing) or when clocks disagree by a
+    good part of it. A writer then may lose its lease mid-publish; the switch is
+    conditional too (``_switch``), so it fails instead of overwriting a newer change.
+    """
+
+    def __init__(self, store: QdrantStore, knowledge_id: str, seconds: float) -> None:
+        self._store, self._knowledge_id, self._seconds = store, knowledge_id, seconds
+        self._id = _meta_id("lease", knowledge_id)
+        self._holder = f"{socket.gethostname()} pid {os.getpid()} #{uuid.uuid4().hex[:8]}"
+        self._released = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                         name=f"qdrant-lease-{self._holder}")
+
+    def acquire(self, wait_s: float) -> None:
+        """Take the lease, waiting up to ``wait_s`` for its holder to release it or die."""
+        deadline = time.monotonic() + wait_s
+        pause = 0.05
+        while (holder := self._take()) != self._holder:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreUnavailableError(
+                    f"knowledge base {self._knowledge_id!r} is being written by another "
+                    f"writer ({holder or 'just finished'}); gave up after waiting "
+                    f"{wait_s:g} s: try again when it has finished")
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 1.0)
+        self._renewer.start()
+
+    def release(self) -> None:
+        self._released.set()
+        self._renewer.join()
+        try:
+            with self._store._calls() as client:
+                client.delete(META, models.FilterSelector(filter=self._mine()), wait=True,
+                              ordering=_STRONG)
+        except (KBError, _Gone) as exc:
+            log.warning("could not release the write lease on %r (it lapses within %g s): %s",
+                        self._knowledge_id, self._seconds, exc)
+
+    def _take(self) -> str | None:
+        """One attempt; the holder afterwards (this writer's id if it won)."""
+        now = time.time()
+        point = models.PointStruct(id=self._id, vector={}, payload={
+            "kb": self._knowledge_id, "kind": "lease", "holder": self._holder,
+            "expires": now + self._seconds})
+        lapsed = models.Filter(must=[models.FieldCondition(key="expires",
+                                                           range=models.Range(lt=now))])
+        with self._store._calls() as client:
+            client.upsert(META, [point], update_filter=lapsed, wait=True, ordering=_STRONG)
+            found = client.retrieve(META, [self._id], with_payload=["holder"],
+                                    consistency=_MAJORITY)
+        return (found[0].payload or {}).get("holder") if found else None
+
+    def _renew(self) -> None:
+        # set_payload changes matching points and never inserts: a lease that lapsed and
+        # went to another writer stays theirs.
+        while not self._released.wait(self._seconds / 3):
+            try:
+                with self._store._calls() as client:
+                    client.set_payload(META, {"expires": time.time() + self._seconds},
+                                       points=models.FilterSelector(filter=self._mine()),
+                                       wait=True, ordering=_STRONG)
+            except (KBError, _Gone) as exc:  # the next beat tries again
+                log.warning("could not renew the write lease on %r: %s",
+                            self._knowledge_id, exc)
+
+    def _mine(self) -> models.Filter:
+        return models.Filter(must=[models.HasIdCondition(has_id=[self._id]),
+                                   _eq("holder", self._holder)])
+
+
+def _switch(client: QdrantClient, knowledge_id: str, old: _Base | None,
+            base: dict[str, Any]) -> bool:
+    """Make ``base`` the knowledge base's pointer in one point write, so readers see the
+    old version or the new one; only if no writer moved the pointer since ``old`` was
+    read. Whether it did."""
+    point_id = _meta_id("base", knowledge_id)
+    # update_filter decides whether an existing point is replaced; an absent one is
+    # inserted regardless. A new knowledge base must stay absent: no base matches.
+    unchanged = (models.Filter(must_not=[_eq("kind", "base")]) if old is None
+                 else models.Filter(must=[_eq("collection", old.collection)]))
+    client.upsert(META, [models.PointStruct(id=point_id, vector={}, payload=base)],
+                  update_filter=unchanged, wait=True, ordering=_STRONG)
+    found = client.retrieve(META, [point_id], with_payload=["collection"],
+                            consistency=_MAJORITY)
+    return bool(found) and (found[0].payload or {}).get("collection") == base["collection"]
+
+
+def _overtaken(knowledge_id: str) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"knowledge base {knowledge_id!r} was changed by another writer while this one "
+        "was writing (its lease had lapsed), so this change was not applied; try again")
+
+
 def _create_chunks(client: QdrantClient, collection: str, manifest: KBManifest) -> None:
     vectors: dict[str, models.VectorParams] = {}
     if manifest.embedding is not None:
@@ -599,6 +771,29 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+class _OneCallAtATime:
+    """A local-mode client whose calls take turns: its engine is not thread-safe.
+
+    Per call, not per reader or writer, so a query and a publish interleave as on a
+    server (a query that loses its collection to the publish reads again: ``_Gone``).
+    """
+
+    def __init__(self, client: QdrantClient) -> None:
+        self._client = client
+        self._turn = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def in_turn(*args: Any, **kwargs: Any) -> Any:
+            with self._turn:
+                return attribute(*args, **kwargs)
+
+        return in_turn
+
+
+def _one_call_at_a_time(client: QdrantClient) -> QdrantClient:
+    return cast(QdrantClient, _OneCallAtATime(client))

@@ -8,7 +8,11 @@ tests fail with the reason: they are never skipped silently.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,10 +23,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import PLUGIN_ROOT
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from llamaindex_kb import qdrant_store
 from llamaindex_kb.chunking import ChunkingConfig
 from llamaindex_kb.config import load_settings
 from llamaindex_kb.contract import Record, RetrievalRequest, parse_retrieval_request
@@ -43,6 +49,7 @@ from llamaindex_kb.ingest import (
 )
 from llamaindex_kb.library import Library
 from llamaindex_kb.models import Models
+from llamaindex_kb.qdrant_store import QdrantStore
 from llamaindex_kb.service import local_embedding
 from llamaindex_kb.stores import KnowledgeStore, LocalStore, open_store
 
@@ -282,8 +289,9 @@ def test_missing_knowledge_bases_and_foreign_embeddings_are_refused(store):
         library.retrieve(request, Models(embed_model=Foreign(), reranker=None))
 
 
-def test_concurrent_writers_both_land(stores):
-    store = stores["postgresql"]
+@pytest.mark.parametrize("kind", ["postgresql", "qdrant"])
+def test_concurrent_writers_both_land(stores, kind):
+    store = stores[kind]
     corpus = _corpus()
     errors: list[BaseException] = []
 
@@ -336,3 +344,157 @@ def test_a_postgres_base_from_an_older_version_is_refused_until_rebuilt(stores, 
     _build(store, "old", corpus=_corpus()[:3])
     assert _retrieve(store, "Dify", knowledge_id="old", mode="keyword")
     store.drop("old")
+
+
+# --- Qdrant: writers in several processes and threads ---------------------------------
+
+
+def _in_another_process(script: str) -> subprocess.Popen[str]:
+    """A Python process running ``script`` that has printed its first line ("ready")."""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=PLUGIN_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"the other process failed: {line}{proc.communicate()[1]}")
+    return proc
+
+
+def test_qdrant_local_folder_open_in_another_process_is_a_clear_error(tmp_path):
+    url = f"qdrant://{tmp_path}/q"
+    other = _in_another_process(f"""
+import time
+from llamaindex_kb.qdrant_store import QdrantStore
+store = QdrantStore({url!r})
+store.manifests()
+print("ready", flush=True)
+time.sleep(600)
+""")
+    try:
+        with pytest.raises(ConfigurationError, match="in use by another process.*Qdrant server"):
+            open_store(url, load_settings({}, environ={}))
+    finally:
+        other.kill()
+        other.wait()
+    store = open_store(url, load_settings({}, environ={}))  # the folder is free again
+    assert store.manifests() == []
+    store.close()
+
+
+def _titles(store: KnowledgeStore, knowledge_id: str) -> set[str]:
+    return {info.title for info in store.open(knowledge_id).documents.values()}
+
+
+def test_qdrant_a_publish_longer_than_its_lease_keeps_the_next_writer_waiting(
+        tmp_path, monkeypatch):
+    store = QdrantStore(f"qdrant://{tmp_path}/q", lease_s=0.6, wait_s=30)
+    corpus = _corpus()[:6]
+    halfway = threading.Event()
+    weight = qdrant_store._absent_term_weight
+
+    def slow(stats: list[tuple[dict[str, int], int]]) -> float:
+        if not halfway.is_set():  # the first writer, just before its switch
+            halfway.set()
+            time.sleep(2.0)  # over three lease lengths: only renewals keep the lease
+        return weight(stats)
+
+    monkeypatch.setattr(qdrant_store, "_absent_term_weight", slow)
+    finished: dict[str, float] = {}
+    errors: list[BaseException] = []
+
+    def write(name: str, part: list[tuple[str, str, dict[str, Any]]]) -> None:
+        try:
+            _build(store, "long", corpus=part)
+            finished[name] = time.monotonic()
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    first = threading.Thread(target=write, args=("first", corpus[0::2]))
+    first.start()
+    assert halfway.wait(60)
+    second = threading.Thread(target=write, args=("second", corpus[1::2]))
+    second.start()
+    first.join()
+    second.join()
+    assert not errors
+    assert finished["first"] < finished["second"]
+    assert _titles(store, "long") == {title for title, _, _ in corpus}
+    store.close()
+
+
+def test_qdrant_a_writer_that_waits_too_long_gets_a_clear_error(tmp_path):
+    store = QdrantStore(f"qdrant://{tmp_path}/q", wait_s=0.5)
+    corpus = _corpus()[:2]
+    with store._writing("busy"):  # another writer, holding the lease
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError,
+                           match=r"'busy' is being written by another writer \(.* pid "):
+            _build(store, "busy", corpus=corpus)
+        assert 0.5 <= time.monotonic() - started < 10
+    _build(store, "busy", corpus=corpus)  # released: the next writer goes ahead
+    assert _titles(store, "busy") == {title for title, _, _ in corpus}
+    store.close()
+
+
+def test_qdrant_a_killed_writers_lease_lapses_and_the_next_writer_proceeds(tmp_path):
+    url = f"qdrant://{tmp_path}/q"
+    other = _in_another_process(f"""
+import time
+from llamaindex_kb.qdrant_store import QdrantStore
+store = QdrantStore({url!r}, lease_s=3.0)
+with store._writing("k"):
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+    os.kill(other.pid, signal.SIGKILL)
+    other.wait()
+    killed = time.monotonic()
+    store = QdrantStore(url, wait_s=60)
+    corpus = _corpus()[:3]
+    _build(store, "k", corpus=corpus)
+    waited = time.monotonic() - killed
+    assert _titles(store, "k") == {title for title, _, _ in corpus}
+    # Renewed every second until the kill, so it outlived its holder by about 2-3 s.
+    assert 1.5 < waited < 20
+    store.close()
+
+
+def test_qdrant_a_writer_whose_lease_lapsed_cannot_overwrite_a_newer_change(
+        tmp_path, monkeypatch):
+    store = QdrantStore(f"qdrant://{tmp_path}/q", lease_s=0.5, wait_s=30)
+    corpus = _corpus()[:3]
+    _build(store, "k", corpus=corpus[:1])
+    # Writers stall without renewing: what a long pause or a partition looks like.
+    monkeypatch.setattr(qdrant_store._Lease, "_renew", lambda self: None)
+    stalled, resume = threading.Event(), threading.Event()
+    weight = qdrant_store._absent_term_weight
+
+    def stall(stats: list[tuple[dict[str, int], int]]) -> float:
+        if not stalled.is_set():  # the first writer, just before its switch
+            stalled.set()
+            resume.wait(60)
+        return weight(stats)
+
+    monkeypatch.setattr(qdrant_store, "_absent_term_weight", stall)
+    errors: list[BaseException] = []
+
+    def stale_writer() -> None:
+        try:
+            _build(store, "k", corpus=corpus[1:2])
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=stale_writer)
+    thread.start()
+    assert stalled.wait(60)
+    # Half a publish is invisible: its chunks and documents are written, the pointer not.
+    assert _titles(store, "k") == {corpus[0][0]}
+    assert corpus[1][0] not in {r.title for r in _retrieve(store, corpus[1][0], top_k=8,
+                                                            knowledge_id="k")}
+    _build(store, "k", corpus=corpus[2:3])  # takes the lapsed lease and publishes
+    resume.set()
+    thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], StoreUnavailableError)
+    assert "changed by another writer" in str(errors[0])
+    assert _titles(store, "k") == {corpus[0][0], corpus[2][0]}
+    store.close()
