@@ -17,6 +17,7 @@ store's nearest-neighbour index being approximate.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -45,18 +46,19 @@ class CandidateSource(Protocol):
 
 
 class KeywordRanking:
-    """Every chunk holding a query term, with its keyword score, best first.
+    """Every chunk holding a query term, with its keyword score.
 
-    Ties go to the older row, as in the embedded store.
+    Ordered best first, ties to the older row as in the embedded store; only the part
+    a search reaches is ever sorted (a common term matches half the chunks).
     """
 
     def __init__(self, rows: np.ndarray, scores: np.ndarray) -> None:
-        order = np.lexsort((rows, -scores))
-        self.rows = np.asarray(rows, dtype=np.int64)[order]
-        self.scores = np.asarray(scores, dtype=np.float64)[order]
-        by_row = np.argsort(self.rows, kind="stable")
-        self._sorted_rows = self.rows[by_row]
-        self._sorted_scores = self.scores[by_row]
+        rows = np.asarray(rows, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64)
+        if rows.size > 1 and not np.all(rows[1:] > rows[:-1]):
+            by_row = np.argsort(rows, kind="stable")
+            rows, scores = rows[by_row], scores[by_row]
+        self.rows, self.scores = rows, scores
 
     @classmethod
     def empty(cls) -> KeywordRanking:
@@ -65,15 +67,26 @@ class KeywordRanking:
     def __len__(self) -> int:
         return int(self.rows.size)
 
-    def score(self, row: int) -> float:
-        at = int(np.searchsorted(self._sorted_rows, row))
-        if at < self._sorted_rows.size and self._sorted_rows[at] == row:
-            return float(self._sorted_scores[at])
-        return 0.0
+    def scores_of(self, rows: Sequence[int]) -> np.ndarray:
+        """Each row's keyword score, 0 for rows holding no query term."""
+        wanted = np.asarray(rows, dtype=np.int64)
+        if self.rows.size == 0:
+            return np.zeros(wanted.size)
+        at = np.minimum(np.searchsorted(self.rows, wanted), self.rows.size - 1)
+        return np.where(self.rows[at] == wanted, self.scores[at], 0.0)
 
     def at_least(self, score: float) -> int:
-        """How many chunks (a prefix of ``rows``) score ``score`` or more."""
-        return int(np.searchsorted(-self.scores, -score, side="right"))
+        """How many chunks score ``score`` or more."""
+        return int(np.count_nonzero(self.scores >= score))
+
+    def best(self, count: int) -> list[int]:
+        """The first ``count`` rows in ranking order."""
+        chosen = np.arange(self.rows.size)
+        if count < chosen.size:
+            kth = np.partition(self.scores, self.rows.size - count)[self.rows.size - count]
+            chosen = np.flatnonzero(self.scores >= kth)  # ties at the edge included...
+        order = np.lexsort((self.rows[chosen], -self.scores[chosen]))
+        return self.rows[chosen[order]][:count].tolist()  # ...then cut in order
 
 
 def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: QueryPlan,
@@ -81,46 +94,47 @@ def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: 
     """The best ``want`` (row, score) passing the condition and the threshold, best
     first; fewer only when no more chunks pass."""
     floor = max(plan.score_threshold, TINY_SCORE)
-    known: dict[int, float | None] = {}  # row -> score, None when it fails the condition
+    known: set[int] = set()
+    passing: list[tuple[float, int]] = []  # (-score, row): sorts best first, ties to old
 
-    def admit(row: int, similarity: float, metadata: Metadata | None) -> None:
-        score = weight * similarity + (1.0 - weight) * keyword.score(row)
-        passes = metadata is not None and (
-            plan.condition is None or matches(plan.condition, metadata))
-        known[row] = score if passes else None
+    def admit(found: Sequence[tuple[int, float, Metadata | None]]) -> None:
+        fresh = [item for item in found if item[0] not in known]
+        rows = [row for row, _, _ in fresh]
+        similarity = np.array([sim for _, sim, _ in fresh], dtype=np.float64)
+        scores = weight * similarity + (1.0 - weight) * keyword.scores_of(rows)
+        for (row, _, metadata), score in zip(fresh, scores.tolist(), strict=True):
+            known.add(row)
+            if score >= floor and metadata is not None and (
+                    plan.condition is None or matches(plan.condition, metadata)):
+                passing.append((-score, row))
 
-    looked_up = 0  # keyword.rows[:looked_up] are all known
+    looked_up = 0  # the first `looked_up` keyword rows in ranking order are all known
     n = max(2 * want, 20)
     while True:
         outside, window_done = 0.0, True
         if weight > 0.0:
             window = source.nearest(n)
-            for row, similarity, metadata in window:
-                if row not in known:
-                    admit(row, similarity, metadata)
+            admit(window)
             window_done = len(window) < n
             outside = 0.0 if window_done else weight * window[-1][1]
         batch = max(4 * want, 64)
         while True:
-            scored = sorted(((row, score) for row, score in known.items()
-                             if score is not None and score >= floor),
-                            key=lambda item: (-item[1], item[0]))
-            cutoff = scored[want - 1][1] if len(scored) >= want else floor
+            best = heapq.nsmallest(want, passing)
+            cutoff = -best[-1][0] if len(best) == want else floor
             # Keyword chunks outside the window that could still reach the cutoff.
             reachable = keyword.at_least((cutoff - outside) / (1.0 - weight)) if weight < 1 else 0
             if looked_up >= reachable:
                 break
             end = min(reachable, looked_up + batch)
-            pending = [row for row in keyword.rows[looked_up:end].tolist() if row not in known]
+            pending = [row for row in keyword.best(end)[looked_up:] if row not in known]
             if pending:
                 found = source.lookup(pending)
-                for row in pending:
-                    admit(row, *found.get(row, (0.0, None)))
+                admit([(row, *found.get(row, (0.0, None))) for row in pending])
             looked_up = end
-            batch *= 4
+            batch *= 2
         # A chunk with no keyword score and outside the window scores at most `outside`.
         if window_done or outside < cutoff:
-            return scored[:want]
+            return [(row, -negative) for negative, row in best]
         n *= 4
 
 

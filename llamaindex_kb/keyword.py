@@ -375,8 +375,15 @@ def score_postings(query_terms: Sequence[str], postings: dict[str, Postings],
         attainable += counts[term] * float(weights.max())
         rows_parts.append(term_postings.rows.astype(np.int64))
         weight_parts.append(counts[term] * weights)
-    rows, inverse = np.unique(np.concatenate(rows_parts), return_inverse=True)
-    raw = np.bincount(inverse, weights=np.concatenate(weight_parts))
+    all_rows, all_weights = np.concatenate(rows_parts), np.concatenate(weight_parts)
+    if int(all_rows.max()) < 4 * all_rows.size + 100_000:
+        # Rows are dense enough to sum by row number directly: no sort.
+        raw = np.bincount(all_rows, weights=all_weights)
+        rows = np.flatnonzero(raw)
+        raw = raw[rows]
+    else:
+        rows, inverse = np.unique(all_rows, return_inverse=True)
+        raw = np.bincount(inverse, weights=all_weights)
     return rows, np.clip(raw / attainable, 0.0, 1.0)
 
 
