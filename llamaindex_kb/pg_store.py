@@ -74,6 +74,7 @@ from .stores import Change, FindingStore, Published, register
 CONNECT_TIMEOUT_S = 2  # libpq's minimum
 DEADLINE_S = 4.0  # connecting, retries included; and every reader statement
 POOL_SIZE = 8
+STALE_AFTER_S = 5.0  # a pooled connection idle longer is tested before use
 _LOCK_CLASS = "llamaindex_kb"
 _KEYWORD_FORMAT = 2  # 1: a row per occurrence (llamaindex_kb_terms_<id>)
 _POSTING = np.dtype([("row", "<i8"), ("tf", "<i4"), ("length", "<i4")])
@@ -149,7 +150,7 @@ class PostgresStore(FindingStore):
                 f"store URL is not a valid PostgreSQL URL ({_first_line(exc)}); expected "
                 "postgresql://user:password@host:5432/database"
             ) from exc
-        self._idle: list[psycopg.Connection] = []
+        self._idle: list[tuple[psycopg.Connection, float]] = []  # with when it went idle
         self._lock = threading.Lock()
         self._schema_ready = False
 
@@ -182,10 +183,7 @@ class PostgresStore(FindingStore):
     def _transaction(self, *, write: bool = False) -> Iterator[psycopg.Cursor]:
         """A cursor in one transaction: readers see one snapshot, writers commit at once."""
         self._ensure_schema()
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is None or conn.closed:
-            conn = self._connect()
+        conn = self._checkout()
         try:
             with _translated_errors(self._shown), conn.transaction(), conn.cursor() as cur:
                 if write:
@@ -200,9 +198,31 @@ class PostgresStore(FindingStore):
             if not conn.closed and conn.info.transaction_status == idle:
                 with self._lock:
                     if len(self._idle) < POOL_SIZE:
-                        self._idle.append(conn)
+                        self._idle.append((conn, time.monotonic()))
                         conn = None
             if conn is not None:
+                conn.close()
+
+    def _checkout(self) -> psycopg.Connection:
+        """A pooled connection that still works, else a new one.
+
+        A connection idle for a while may have been closed by the server (a restart,
+        an idle timeout, an administrator): it is tested first, so the request after
+        a database restart succeeds instead of answering 503.
+        """
+        while True:
+            with self._lock:
+                conn, since = self._idle.pop() if self._idle else (None, 0.0)
+            if conn is None:
+                return self._connect()
+            if conn.closed:
+                continue
+            if time.monotonic() - since < STALE_AFTER_S:
+                return conn
+            try:
+                conn.execute("SELECT 1")
+                return conn
+            except psycopg.Error:
                 conn.close()
 
     def _ensure_schema(self) -> None:
@@ -277,7 +297,7 @@ class PostgresStore(FindingStore):
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
 

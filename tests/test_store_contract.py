@@ -498,3 +498,17 @@ def test_qdrant_a_writer_whose_lease_lapsed_cannot_overwrite_a_newer_change(
     assert "changed by another writer" in str(errors[0])
     assert _titles(store, "k") == {corpus[0][0], corpus[2][0]}
     store.close()
+
+
+def test_postgres_answers_again_right_after_the_server_dropped_its_connections(
+        stores, postgres_url, monkeypatch):
+    from llamaindex_kb import pg_store
+
+    store = stores["postgresql"]
+    assert _retrieve(store, "Dify")  # leaves pooled connections behind
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        # What a database restart or an idle timeout does to every pooled connection.
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE pid <> pg_backend_pid() AND datname = current_database()")
+    monkeypatch.setattr(pg_store, "STALE_AFTER_S", 0.0)
+    assert _retrieve(store, "Dify")
