@@ -228,12 +228,18 @@ def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode
     return mode, weight
 
 
+def fused_weight(plan: QueryPlan, manifest: KBManifest) -> float:
+    """The semantic weight of the fused score: vector mode 1, keyword mode 0."""
+    mode, weight = effective_mode(plan, manifest)
+    return {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
+
+
 def query_embedding(plan: QueryPlan, manifest: KBManifest,
                     embed_model: BaseEmbedding | None) -> tuple[float, np.ndarray | None]:
     """For stores that search elsewhere: the semantic weight of the fused score (vector
     mode 1, keyword mode 0) and the query's embedding, when that weight needs one."""
-    mode, weight = effective_mode(plan, manifest)
-    weight = {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
+    mode, _ = effective_mode(plan, manifest)
+    weight = fused_weight(plan, manifest)
     if weight == 0.0:
         return weight, None
     check_embedding(manifest, mode, embed_model)
