@@ -32,12 +32,11 @@ locked to one process by qdrant-client itself.
 
 Scores equal the embedded store's. Both candidate searches run server-side with the
 query API: sparse (every chunk holding a query term, with its term counts and dense
-vector) and dense (exact filter parts pushed down, the window grown until its last
-similarity bounds every unseen row, as pg_store). The store then scores the
-candidates itself: cosine clipped to [0, 1]; BM25 (bm25s "lucene", keyword.py's k1
-and b) from the term counts over the query's attainable maximum incl. the absent-term
-median; hybrid = w·vector + (1−w)·keyword;
-conditions re-checked with ``filters.matches``.
+vector) and dense (exact filter parts pushed down). The store scores the candidates
+itself: cosine clipped to [0, 1]; BM25 from the term counts by
+``keyword.score_postings``; hybrid = w·vector + (1−w)·keyword, its exact top-k found
+by ``candidate_search.rank`` (as pg_store); conditions re-checked with
+``filters.matches``.
 """
 
 from __future__ import annotations
