@@ -268,6 +268,10 @@ def test_delete_and_replace_documents_alike(stores):
                   _retrieve(stores[other], query, knowledge_id="edits", mode="keyword"))
         assert [m.knowledge_id for m in stores[other].manifests()] == sorted(
             m.knowledge_id for m in stores[other].manifests())
+    listings = {name: [info.document_id for info in Library(
+        load_settings({}, environ={}), store=store).documents("edits")]
+        for name, store in stores.items()}
+    assert listings["postgresql"] == listings["qdrant"] == listings["local"]
     for store in stores.values():
         drop_knowledge_base(store, "edits")
         with pytest.raises(KnowledgeBaseNotFound):
