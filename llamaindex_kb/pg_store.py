@@ -76,7 +76,6 @@ from .stores import Change, FindingStore, Published, register
 CONNECT_TIMEOUT_S = 2  # libpq's minimum
 DEADLINE_S = 4.0  # connecting, retries included; and every reader statement
 POOL_SIZE = 8
-_PREFETCH = 192  # keyword rows whose vectors are read while the query is embedded
 _EMBEDDER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llamaindex_kb-embed")
 STALE_AFTER_S = 5.0  # a pooled connection idle longer is tested before use
 _LOCK_CLASS = "llamaindex_kb"
@@ -344,16 +343,11 @@ class PostgresKnowledgeBase:
                     plan, embed_model)
             if base.chunk_count == 0:
                 return []
-            fused = fused_weight(plan, base.manifest)
-            keyword = (_keyword_ranking(cur, base, plan.query) if fused < 1.0
-                       else KeywordRanking.empty())
-            search = _Search(cur, base, plan)
-            if 0.0 < fused < 1.0 and len(keyword):
-                # Still waiting for the embedding: fetch the vectors of the keyword rows a
-                # hybrid search looks up first, and score them here once it arrives.
-                search.prefetch(keyword.best(_PREFETCH))
+            keyword = (_keyword_ranking(cur, base, plan.query)
+                       if fused_weight(plan, base.manifest) < 1.0 else KeywordRanking.empty())
             weight, vector = embedding.result()
-            search.query(vector)
+            query_vector = _vector_text(vector) if vector is not None else None
+            search = _Search(cur, base, plan, query_vector)
             ranked = partial(rank, search, keyword, weight, plan)
             if base.manifest.chunking.get("mode") == "parent_child":
                 return search.parents(best_parents(ranked, search.parent_ids, plan.top_k))
@@ -366,35 +360,12 @@ class PostgresKnowledgeBase:
 class _Search:
     """One query's candidates (candidate_search.CandidateSource) in one read transaction."""
 
-    def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan) -> None:
-        self.cur, self.base = cur, base
-        self.query_vector: str | None = None
-        self.unit_query: np.ndarray | None = None
+    def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan,
+                 query_vector: str | None) -> None:
+        self.cur, self.base, self.query_vector = cur, base, query_vector
         self.needs_metadata = plan.condition is not None
         pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
         self.where, self.where_params = _where(pushdown)
-        self.prefetched: dict[int, tuple[np.ndarray, Metadata]] = {}
-        self.prefetch_asked: set[int] = set()
-
-    def query(self, vector: np.ndarray | None) -> None:
-        if vector is not None:
-            self.query_vector = _vector_text(vector)
-            norm = float(np.linalg.norm(vector))
-            self.unit_query = np.asarray(vector, np.float64) / (norm or 1.0)
-
-    def prefetch(self, rows: list[int]) -> None:
-        """Vectors (pgvector's binary form) and metadata of rows likely to be looked up."""
-        self.cur.execute(
-            sql.SQL("SELECT row, vector_send(embedding), {} FROM {} "
-                    "WHERE row = ANY(%s) AND {}").format(
-                sql.SQL("metadata" if self.needs_metadata else "NULL"), self.base.chunks,
-                self.where),
-            [rows, *self.where_params], binary=True)
-        for row, packed, metadata in self.cur.fetchall():
-            # int16 dimension, int16 unused, then big-endian float4s.
-            vector = np.frombuffer(packed, dtype=">f4", offset=4).astype(np.float64)
-            self.prefetched[row] = (vector, metadata or {})
-        self.prefetch_asked.update(rows)
 
     def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
         assert self.query_vector is not None, "a vector window needs a query vector"
@@ -412,12 +383,6 @@ class _Search:
                 for row, similarity, metadata in self.cur.fetchall()]
 
     def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
-        found = {row: (self._similarity(self.prefetched[row][0]), self.prefetched[row][1])
-                 for row in rows if row in self.prefetched}
-        # Prefetched rows missing from `prefetched` failed the condition's exact part.
-        rest = [row for row in rows if row not in self.prefetch_asked]
-        if not rest:
-            return found
         similarity = (sql.SQL("1 - (embedding <=> %s::vector)")
                       if self.query_vector is not None else sql.SQL("0"))
         # Without a condition nobody reads the metadata: parsing it was a third of the
@@ -427,16 +392,9 @@ class _Search:
         self.cur.execute(
             sql.SQL("SELECT row, {}, {} FROM {} WHERE row = ANY(%s) AND {}").format(
                 similarity, metadata, self.base.chunks, self.where),
-            [*([self.query_vector] if self.query_vector is not None else []), rest,
+            [*([self.query_vector] if self.query_vector is not None else []), list(rows),
              *self.where_params])
-        found.update((row, (_clip(sim), meta or {})) for row, sim, meta in self.cur.fetchall())
-        return found
-
-    def _similarity(self, vector: np.ndarray) -> float:
-        if self.unit_query is None:
-            return 0.0
-        norm = float(np.linalg.norm(vector))
-        return _clip(float(vector @ self.unit_query) / norm) if norm else 0.0
+        return {row: (_clip(sim), found or {}) for row, sim, found in self.cur.fetchall()}
 
     def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
         self.cur.execute(sql.SQL("SELECT row, node FROM {} WHERE row = ANY(%s)").format(
