@@ -301,7 +301,11 @@ def scale(datasets_dir: Path, target: Target, size: int, queries: int) -> None:
             condition = {"logical_operator": "and", "conditions": [
                 {"name": "category", "comparison_operator": "is", "value": "c3"},
                 {"name": "year", "comparison_operator": ">", "value": 2010}]}
-            for label, cond in (("no filter", None), ("filter", condition)):
+            # "repeated" sends the same queries again: their embeddings are cached, as when
+            # Dify asks several knowledge bases the same question, so it shows the store's
+            # own time apart from the query embedding's.
+            for label, cond in (("no filter", None), ("filter", condition),
+                                ("repeated", None)):
                 server_ms, trip_ms = [], []
                 for text in texts:
                     records, s_ms, t_ms = retrieve(client, url, key, knowledge_id, text, 10, cond)
