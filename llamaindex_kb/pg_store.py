@@ -365,6 +365,7 @@ class _Search:
         self.cur, self.base, self.query_vector = cur, base, query_vector
         self.needs_metadata = plan.condition is not None
         pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
+        self.filtered = pushdown is not None
         self.where, self.where_params = _where(pushdown)
 
     def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
@@ -373,11 +374,20 @@ class _Search:
         # exact distance order so the last row bounds every row not yet seen.
         self.cur.execute("SET LOCAL hnsw.iterative_scan = strict_order; "
                          f"SET LOCAL hnsw.ef_search = {min(1000, max(40, n))}")
+        found = self._nearest(n, sql.SQL("embedding <=> %s::vector"))
+        if len(found) < n and self.filtered:
+            # A filtered scan stops after hnsw.max_scan_tuples rows (20k by default), so
+            # a short window may not be the end. An ORDER BY the index cannot serve
+            # makes PostgreSQL rank every matching row exactly instead.
+            found = self._nearest(n, sql.SQL("(embedding <=> %s::vector) + 0"))
+        return found
+
+    def _nearest(self, n: int, order: sql.Composable) -> list[tuple[int, float, Metadata]]:
         self.cur.execute(
             sql.SQL("SELECT row, 1 - (embedding <=> %s::vector), {} FROM {} "
-                    "WHERE {} ORDER BY embedding <=> %s::vector LIMIT %s").format(
+                    "WHERE {} ORDER BY {} LIMIT %s").format(
                 sql.SQL("metadata" if self.needs_metadata else "NULL"), self.base.chunks,
-                self.where),
+                self.where, order),
             [self.query_vector, *self.where_params, self.query_vector, n])
         return [(row, _clip(similarity), metadata or {})
                 for row, similarity, metadata in self.cur.fetchall()]

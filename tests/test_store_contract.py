@@ -21,11 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 from conftest import PLUGIN_ROOT
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from llama_index.core.schema import TextNode
 from pydantic import ValidationError
 
 from llamaindex_kb import qdrant_store
@@ -45,6 +47,7 @@ from llamaindex_kb.ingest import (
     apply_changes,
     delete_document,
     drop_knowledge_base,
+    publish_nodes,
     text_source,
 )
 from llamaindex_kb.library import Library
@@ -516,3 +519,37 @@ def test_postgres_answers_again_right_after_the_server_dropped_its_connections(
                       "WHERE pid <> pg_backend_pid() AND datname = current_database()")
     monkeypatch.setattr(pg_store, "STALE_AFTER_S", 0.0)
     assert _retrieve(store, "Dify")
+
+
+def test_postgres_fills_top_k_when_the_hnsw_scan_gives_up_early(postgres_url):
+    # pgvector stops a filtered HNSW scan after hnsw.max_scan_tuples rows (20k by
+    # default): a database where it stops after 2 shows what a selective filter meets
+    # on a large knowledge base.
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS scan_limited")
+        admin.execute("CREATE DATABASE scan_limited")
+        admin.execute("ALTER DATABASE scan_limited SET hnsw.max_scan_tuples = 2")
+        # At this size PostgreSQL would rather sort the table than walk the index.
+        admin.execute("ALTER DATABASE scan_limited SET enable_seqscan = off")
+    limited = open_store(postgres_url.replace("/postgres?", "/scan_limited?"),
+                         load_settings({}, environ={}))
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((3000, 384)).astype(np.float32)
+    query = np.asarray(local_embedding().get_query_embedding("metadata filter by year"))
+    cosine = vectors @ query / np.linalg.norm(vectors, axis=1) / np.linalg.norm(query)
+    # Matching chunks far from the query: the graph walk starts near it and has to
+    # go on past the scan limit to reach them.
+    by_similarity = np.argsort(-cosine)
+    rare = set(by_similarity[500:560].tolist())
+    nodes = [TextNode(id_=f"chunk-{i}", text=f"chunk {i}", metadata={
+        "document_id": f"doc-{i}", "tag": "rare" if i in rare else "common"})
+        for i in range(3000)]
+    publish_nodes(limited, "scan", nodes, vectors, local_embedding().spec, mode="vector")
+
+    found = _retrieve(limited, "metadata filter by year", top_k=10, knowledge_id="scan",
+                      condition={"conditions": [
+                          {"name": "tag", "comparison_operator": "is", "value": "rare"}]})
+
+    assert [r.metadata["chunk_id"] for r in found] == [
+        f"chunk-{i}" for i in by_similarity[500:510]]
+    limited.close()
