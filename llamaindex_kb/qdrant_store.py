@@ -472,20 +472,21 @@ class _Search:
         sparse = _sparse(Counter(terms))
         if sparse is None or self.base.total_length == 0:
             return KeywordRanking.empty()
-        with_vectors: list[str] | bool = ["dense"] if self.query_vector is not None else False
+        # Only the query terms' counts and the length: their vectors and the rest of
+        # their payload are fetched later for the few rows candidate_search looks up
+        # (fetching them for every match cost 0.7 s a query at 5k chunks in local mode).
+        wanted = sorted(set(terms))
         found = self.client.query_points(
             self.base.collection, query=sparse, using="sparse", limit=self.base.chunk_count,
-            with_payload=["tf", "length", "metadata"], with_vectors=with_vectors).points
+            with_payload=["length", *(f"tf.{term}" for term in wanted)],
+            with_vectors=False).points
         occurrences: dict[str, list[tuple[int, int, int]]] = {}
         for point in found:
             row, payload = int(point.id), point.payload or {}
             tf = payload.get("tf") or {}
-            hits = [(term, tf[term]) for term in set(terms) if term in tf]
+            hits = [(term, tf[term]) for term in wanted if term in tf]
             if not hits:
                 continue  # a hash collision, or a point the engine returned with score 0
-            self.payloads[row] = payload
-            if self.query_vector is not None and isinstance(point.vector, dict):
-                self.similarity[row] = self._cosine(point.vector.get("dense"))
             length = int(payload["length"])
             for term, count in hits:
                 occurrences.setdefault(term, []).append((row, int(count), length))
