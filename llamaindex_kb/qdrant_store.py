@@ -87,6 +87,7 @@ from .knowledge_base import (
 from .stores import Change, FindingStore, Published, register
 
 TIMEOUT_S = 4  # every request to a server
+RETRY_S = 2.0  # how long a read keeps retrying a transient failure
 LEASE_S = 60.0  # a writer's lease on a knowledge base, renewed every third of it
 WAIT_S = 300.0  # how long a writer waits for another writer of the same knowledge base
 META = "llamaindex_kb_meta"
@@ -171,10 +172,10 @@ class QdrantStore(FindingStore):
             https = scheme == "https"
             self._shown = f"{'https' if https else 'http'}://{parts.hostname}:{port or 6333}"
             try:
-                self._client = QdrantClient(
+                self._client = _retrying_reads(QdrantClient(
                     url=f"{'https' if https else 'http'}://{parts.hostname}",
                     port=port or 6333, api_key=api_key, timeout=TIMEOUT_S,
-                    prefix=parts.path.strip("/") or None, check_compatibility=False)
+                    prefix=parts.path.strip("/") or None, check_compatibility=False))
             except ValueError as exc:
                 raise ConfigurationError(f"store URL {url!r}: {_first_line(exc)}") from exc
         self._meta_ready = False
@@ -797,3 +798,43 @@ class _OneCallAtATime:
 
 def _one_call_at_a_time(client: QdrantClient) -> QdrantClient:
     return cast(QdrantClient, _OneCallAtATime(client))
+
+
+_READS = frozenset({"collection_exists", "count", "get_collection", "get_collections", "info",
+                    "query_points", "retrieve", "scroll"})
+_TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+
+
+class _RetryingReads:
+    """A server client whose reads survive a brief outage (a restart, a failover, a
+    proxy's 502): retried with backoff for up to ``RETRY_S``, then the error stands
+    and becomes a 503. Writes are not retried here: a publish reports and is re-run."""
+
+    def __init__(self, client: QdrantClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if name not in _READS:
+            return attribute
+
+        @functools.wraps(attribute)
+        def retried(*args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + RETRY_S
+            pause = 0.1
+            while True:
+                try:
+                    return attribute(*args, **kwargs)
+                except (ResponseHandlingException, UnexpectedResponse) as exc:
+                    transient = (isinstance(exc, ResponseHandlingException)
+                                 or exc.status_code in _TRANSIENT_STATUS)
+                    if not transient or time.monotonic() + pause > deadline:
+                        raise
+                time.sleep(pause)
+                pause *= 2
+
+        return retried
+
+
+def _retrying_reads(client: QdrantClient) -> QdrantClient:
+    return cast(QdrantClient, _RetryingReads(client))

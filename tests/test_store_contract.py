@@ -7,6 +7,7 @@ tests fail with the reason: they are never skipped silently.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -553,3 +554,35 @@ def test_postgres_fills_top_k_when_the_hnsw_scan_gives_up_early(postgres_url):
     assert [r.metadata["chunk_id"] for r in found] == [
         f"chunk-{i}" for i in by_similarity[500:510]]
     limited.close()
+
+
+def test_qdrant_server_reads_are_retried_through_a_brief_outage_then_reported():
+    # A stand-in for a Qdrant server behind a proxy during a restart (no Qdrant server
+    # can run here): every request answers 503.
+    requests: list[str] = []
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            requests.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"status": {"error": "restarting"}}')
+
+        do_GET = do_POST = do_PUT = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = open_store(f"http://127.0.0.1:{server.server_address[1]}",
+                           load_settings({}, environ={}))
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="try again"):
+            store.manifests()
+        assert time.monotonic() - started < 5.0, "Dify gives up after 5 s"
+        assert len(requests) > 1 and len(set(requests)) == 1, requests
+    finally:
+        server.shutdown()
