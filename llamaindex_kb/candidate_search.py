@@ -18,16 +18,15 @@ store's nearest-neighbour index being approximate.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
+from llama_index.core.schema import BaseNode, NodeWithScore
 
 from .filters import matches
-from .knowledge_base import QueryPlan
-
-# A score of 0 means "no relation": such chunks are never returned.
-TINY_SCORE = float(np.finfo(np.float32).tiny)
+from .knowledge_base import TINY_SCORE, QueryPlan, best_parents, parent_id
 
 Metadata = dict[str, Any]
 
@@ -42,6 +41,18 @@ class CandidateSource(Protocol):
 
     def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
         """Similarity (0 without a query vector) and metadata of the given rows."""
+        ...
+
+
+class ChunkSource(CandidateSource, Protocol):
+    """A CandidateSource that also returns the chunks (and their parents) it ranked."""
+
+    def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
+        """The rows' nodes, in order."""
+        ...
+
+    def parents(self, chosen: list[tuple[str, float]]) -> list[NodeWithScore]:
+        """Parent nodes by id, with the scores given, in order."""
         ...
 
 
@@ -63,9 +74,6 @@ class KeywordRanking:
     @classmethod
     def empty(cls) -> KeywordRanking:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.float64))
-
-    def __len__(self) -> int:
-        return int(self.rows.size)
 
     def scores_of(self, rows: Sequence[int]) -> np.ndarray:
         """Each row's keyword score, 0 for rows holding no query term."""
@@ -140,19 +148,16 @@ def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: 
         n *= 4
 
 
-def best_parents(ranked: Callable[[int], list[tuple[int, float]]],
-                 parent_ids: Callable[[list[int]], list[str]], top_k: int
-                 ) -> list[tuple[str, float]]:
-    """Parent-child chunking: children are matched, each parent returned once with its
-    best child's score. Asks for more children until ``top_k`` parents are found or
-    no more children pass."""
-    want = top_k * 4
-    while True:
-        children = ranked(want)
-        best: dict[str, float] = {}
-        for parent_id, (_, score) in zip(parent_ids([row for row, _ in children]), children,
-                                         strict=True):
-            best.setdefault(parent_id, score)
-        if len(best) >= top_k or len(children) < want:
-            return list(best.items())[:top_k]
-        want *= 4
+def retrieve(source: ChunkSource, keyword: KeywordRanking, weight: float, plan: QueryPlan,
+             parent_child: bool) -> list[NodeWithScore]:
+    """The plan's answer: the top chunks, or with parent-child chunking their parents."""
+    ranked = partial(rank, source, keyword, weight, plan)
+    if parent_child:
+        chosen = best_parents(
+            ranked, lambda rows: [parent_id(child) for child in source.nodes(rows)],
+            plan.top_k)
+        return source.parents(chosen)
+    found = ranked(plan.top_k)
+    return [NodeWithScore(node=node, score=score)
+            for node, (_, score) in zip(source.nodes([row for row, _ in found]), found,
+                                        strict=True)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,9 @@ from .filters import MetadataCondition, MetadataTable
 from .keyword import KeywordIndex
 from .kvstore import SQLiteKVStore
 from .vector_store import NumpyVectorStore, top_rows
+
+# A score of 0 means "no relation": such chunks are never returned.
+TINY_SCORE = float(np.finfo(np.float32).tiny)
 
 RetrievalMode = Literal["vector", "keyword", "hybrid"]
 
@@ -150,7 +154,7 @@ class KnowledgeBase:
         if len(self) == 0 or not plan.query.strip():
             return []
         scores = self._scores(plan.query, mode, weight, embed_model)
-        keep = scores >= max(plan.score_threshold, np.finfo(np.float32).tiny)
+        keep = scores >= max(plan.score_threshold, TINY_SCORE)
         if plan.condition is not None:
             keep &= self.metadata.mask(plan.condition)
         ranked = np.where(keep, scores, -np.inf)
@@ -164,25 +168,18 @@ class KnowledgeBase:
         ]
 
     def _parents(self, ranked: np.ndarray, top_k: int) -> list[NodeWithScore]:
-        """Child chunks are matched; each parent is returned once, with its best child's score.
-
-        Several children may share a parent, so children are taken in growing batches
-        until ``top_k`` distinct parents are found or no matching child is left.
-        """
         available = int(np.isfinite(ranked).sum())
-        want = top_k * 4
-        while True:
-            rows = top_rows(ranked, min(want, available))
-            children = self.nodes([str(self.node_ids[row]) for row in rows])
-            best: dict[str, float] = {}
-            for row, child in zip(rows, children, strict=True):
-                parent_id = child.metadata.get("parent_id", child.node_id)
-                best.setdefault(parent_id, float(ranked[row]))
-            if len(best) >= top_k or len(rows) >= available:
-                break
-            want *= 4
-        chosen = list(best.items())[:top_k]
-        parents = self.nodes([parent_id for parent_id, _ in chosen])
+
+        def children(want: int) -> list[tuple[int, float]]:
+            return [(int(row), float(ranked[row]))
+                    for row in top_rows(ranked, min(want, available))]
+
+        def parent_ids(rows: list[int]) -> list[str]:
+            return [parent_id(child)
+                    for child in self.nodes([str(self.node_ids[row]) for row in rows])]
+
+        chosen = best_parents(children, parent_ids, top_k)
+        parents = self.nodes([parent for parent, _ in chosen])
         return [NodeWithScore(node=node, score=score)
                 for node, (_, score) in zip(parents, chosen, strict=True)]
 
@@ -226,6 +223,29 @@ def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode
     mode = plan.mode or manifest.retrieval_mode
     weight = manifest.semantic_weight if plan.semantic_weight is None else plan.semantic_weight
     return mode, weight
+
+
+def parent_id(child: BaseNode) -> str:
+    """The parent a child chunk stands for (parent-child chunking); itself otherwise."""
+    return str(child.metadata.get("parent_id", child.node_id))
+
+
+def best_parents(ranked: Callable[[int], list[tuple[int, float]]],
+                 parent_ids: Callable[[list[int]], list[str]], top_k: int
+                 ) -> list[tuple[str, float]]:
+    """Parent-child chunking: children are matched, each parent returned once with its
+    best child's score. Several children may share a parent, so children are asked for
+    in growing batches until ``top_k`` parents are found or no more children pass."""
+    want = top_k * 4
+    while True:
+        children = ranked(want)
+        best: dict[str, float] = {}
+        for parent, (_, score) in zip(parent_ids([row for row, _ in children]), children,
+                                      strict=True):
+            best.setdefault(parent, score)
+        if len(best) >= top_k or len(children) < want:
+            return list(best.items())[:top_k]
+        want *= 4
 
 
 def fused_weight(plan: QueryPlan, manifest: KBManifest) -> float:

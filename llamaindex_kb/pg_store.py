@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,7 +49,7 @@ from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
 from psycopg import sql
 from psycopg.types.json import Json, Jsonb
 
-from .candidate_search import KeywordRanking, Metadata, best_parents, rank
+from .candidate_search import KeywordRanking, Metadata, retrieve
 from .config import Settings
 from .errors import (
     ConfigurationError,
@@ -347,14 +347,8 @@ class PostgresKnowledgeBase:
                        if fused_weight(plan, base.manifest) < 1.0 else KeywordRanking.empty())
             weight, vector = embedding.result()
             query_vector = _vector_text(vector) if vector is not None else None
-            search = _Search(cur, base, plan, query_vector)
-            ranked = partial(rank, search, keyword, weight, plan)
-            if base.manifest.chunking.get("mode") == "parent_child":
-                return search.parents(best_parents(ranked, search.parent_ids, plan.top_k))
-            found = ranked(plan.top_k)
-            return [NodeWithScore(node=node, score=score)
-                    for node, (_, score) in zip(search.nodes([row for row, _ in found]), found,
-                                                strict=True)]
+            return retrieve(_Search(cur, base, plan, query_vector), keyword, weight, plan,
+                            base.manifest.chunking.get("mode") == "parent_child")
 
 
 class _Search:
@@ -411,9 +405,6 @@ class _Search:
             self.base.chunks), [list(rows)])
         by_row = {row: json_to_doc(node) for row, node in self.cur.fetchall()}
         return [by_row[row] for row in rows]
-
-    def parent_ids(self, rows: list[int]) -> list[str]:
-        return [child.metadata.get("parent_id", child.node_id) for child in self.nodes(rows)]
 
     def parents(self, chosen: list[tuple[str, float]]) -> list[NodeWithScore]:
         self.cur.execute("SELECT node_id, node FROM llamaindex_kb_parents WHERE base = %s "

@@ -54,7 +54,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -67,7 +67,7 @@ from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from .candidate_search import KeywordRanking, Metadata, best_parents, rank
+from .candidate_search import KeywordRanking, Metadata, retrieve
 from .config import Settings
 from .errors import ConfigurationError, KBError, KnowledgeBaseNotFound, StoreUnavailableError
 from .filters import to_metadata_filters
@@ -441,12 +441,8 @@ class QdrantKnowledgeBase:
                                      query_vector)
                     keyword = (search.keyword_ranking(plan.query) if weight < 1.0
                                else KeywordRanking.empty())
-                    ranked = partial(rank, search, keyword, weight, plan)
-                    if base.manifest.chunking.get("mode") == "parent_child":
-                        return search.parents(best_parents(ranked, search.parent_ids,
-                                                           plan.top_k))
-                    return [NodeWithScore(node=search.node(row), score=score)
-                            for row, score in ranked(plan.top_k)]
+                    return retrieve(search, keyword, weight, plan,
+                                    base.manifest.chunking.get("mode") == "parent_child")
             except _Gone:
                 continue  # a publish replaced the version we were reading
         raise StoreUnavailableError(
@@ -519,19 +515,17 @@ class _Search:
     def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
         missing = [row for row in rows if row not in self.payloads]
         if missing:
-            self._fetch(missing, vectors=self.query_vector is not None)
+            # Metadata only: the node JSON is fetched later for the few rows returned.
+            self._fetch(missing, ["metadata"], vectors=self.query_vector is not None)
         return {row: (self.similarity.get(row, 0.0),
                       self.payloads[row].get("metadata") or {})
                 for row in rows if row in self.payloads}
 
-    def node(self, row: int) -> BaseNode:
-        if "node" not in self.payloads.get(row, {}):
-            self._fetch([r for r, p in self.payloads.items() if "node" not in p] + [row])
-        return json_to_doc(self.payloads[row]["node"])
-
-    def parent_ids(self, rows: list[int]) -> list[str]:
-        return [(child := self.node(row)).metadata.get("parent_id", child.node_id)
-                for row in rows]
+    def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
+        missing = [row for row in rows if "node" not in self.payloads.get(row, {})]
+        if missing:
+            self._fetch(missing, True)
+        return [json_to_doc(self.payloads[row]["node"]) for row in rows]
 
     def parents(self, chosen: list[tuple[str, float]]) -> list[NodeWithScore]:
         found = self.client.retrieve(
@@ -542,9 +536,10 @@ class _Search:
         return [NodeWithScore(node=parents[parent_id], score=score)
                 for parent_id, score in chosen if parent_id in parents]
 
-    def _fetch(self, rows: list[int], vectors: bool = False) -> None:
+    def _fetch(self, rows: list[int], payload: list[str] | bool,
+               vectors: bool = False) -> None:
         for point in self.client.retrieve(self.base.collection, sorted(set(rows)),
-                                          with_payload=True,
+                                          with_payload=payload,
                                           with_vectors=["dense"] if vectors else False):
             row = int(point.id)
             self.payloads[row] = point.payload or {}

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from llamaindex_kb.candidate_search import KeywordRanking, Metadata, best_parents, rank
+from llamaindex_kb.candidate_search import KeywordRanking, Metadata, rank
 from llamaindex_kb.filters import matches, parse_metadata_condition
-from llamaindex_kb.knowledge_base import QueryPlan
+from llamaindex_kb.knowledge_base import QueryPlan, best_parents
 
 
 class ArraySource:
