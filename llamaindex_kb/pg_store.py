@@ -357,7 +357,9 @@ class _Search:
     def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan,
                  query_vector: str | None) -> None:
         self.cur, self.base, self.query_vector = cur, base, query_vector
-        self.needs_metadata = plan.condition is not None
+        # Without a condition nobody reads the metadata: parsing it was a third of the
+        # time of a hybrid query that looks up hundreds of keyword rows.
+        self.metadata = sql.SQL("metadata" if plan.condition is not None else "NULL")
         pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
         self.filtered = pushdown is not None
         self.where, self.where_params = _where(pushdown)
@@ -380,8 +382,7 @@ class _Search:
         self.cur.execute(
             sql.SQL("SELECT row, 1 - (embedding <=> %s::vector), {} FROM {} "
                     "WHERE {} ORDER BY {} LIMIT %s").format(
-                sql.SQL("metadata" if self.needs_metadata else "NULL"), self.base.chunks,
-                self.where, order),
+                self.metadata, self.base.chunks, self.where, order),
             [self.query_vector, *self.where_params, self.query_vector, n])
         return [(row, _clip(similarity), metadata or {})
                 for row, similarity, metadata in self.cur.fetchall()]
@@ -389,13 +390,10 @@ class _Search:
     def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
         similarity = (sql.SQL("1 - (embedding <=> %s::vector)")
                       if self.query_vector is not None else sql.SQL("0"))
-        # Without a condition nobody reads the metadata: parsing it was a third of the
-        # time of a hybrid query that looks up hundreds of keyword rows.
-        metadata = sql.SQL("metadata" if self.needs_metadata else "NULL")
         # Rows the condition's exact part rules out are left out: they cannot pass.
         self.cur.execute(
             sql.SQL("SELECT row, {}, {} FROM {} WHERE row = ANY(%s) AND {}").format(
-                similarity, metadata, self.base.chunks, self.where),
+                similarity, self.metadata, self.base.chunks, self.where),
             [*([self.query_vector] if self.query_vector is not None else []), list(rows),
              *self.where_params])
         return {row: (_clip(sim), found or {}) for row, sim, found in self.cur.fetchall()}
