@@ -81,6 +81,10 @@ STALE_AFTER_S = 5.0  # a pooled connection idle longer is tested before use
 _LOCK_CLASS = "llamaindex_kb"
 _KEYWORD_FORMAT = 2  # 1: a row per occurrence (llamaindex_kb_terms_<id>)
 _POSTING = np.dtype([("row", "<i8"), ("tf", "<i4"), ("length", "<i4")])
+# Each connection's hnsw.ef_search: what the first window of a top-10 query needs.
+_SESSION_EF = 60
+# Cosine similarity from pgvector's distance, clipped to [0, 1] like the embedded store's.
+_SIMILARITY = sql.SQL("greatest(0, least(1, 1 - distance))::float8")
 
 _SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -156,6 +160,9 @@ class PostgresStore(FindingStore):
         self._idle: list[tuple[psycopg.Connection, float]] = []  # with when it went idle
         self._lock = threading.Lock()
         self._schema_ready = False
+        # What each base looked like when last read here: ``open`` hands it out without
+        # a transaction of its own, because every query reloads it in its snapshot.
+        self._seen: dict[str, _Base] = {}
 
     # --- connections --------------------------------------------------------------
 
@@ -164,9 +171,12 @@ class PostgresStore(FindingStore):
         deadline = time.monotonic() + DEADLINE_S
         while True:
             try:
+                # The HNSW settings every first window uses are session defaults, so a
+                # query needs no SET statement of its own.
                 return psycopg.connect(
                     self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                    options=f"-c statement_timeout={int(DEADLINE_S * 1000)}",
+                    options=f"-c statement_timeout={int(DEADLINE_S * 1000)} "
+                            f"-c hnsw.iterative_scan=strict_order -c hnsw.ef_search={_SESSION_EF}",
                 )
             except psycopg.OperationalError as exc:
                 problem = _first_line(exc)
@@ -188,12 +198,14 @@ class PostgresStore(FindingStore):
         self._ensure_schema()
         conn = self._checkout()
         try:
+            # Said in the BEGIN itself (no network until then): a SET TRANSACTION would
+            # cost a round trip.
+            conn.isolation_level = None if write else psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = not write
             with _translated_errors(self._shown), conn.transaction(), conn.cursor() as cur:
                 if write:
                     # Writers wait for each other (like flock) and may copy many rows.
                     cur.execute("SET LOCAL statement_timeout = 0")
-                else:
-                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 yield cur
         finally:
             # Reused only when the transaction ended cleanly (committed or rolled back).
@@ -245,8 +257,24 @@ class PostgresStore(FindingStore):
 
     def find(self, knowledge_id: str) -> PostgresKnowledgeBase | None:
         with self._transaction() as cur:
-            base = _load_base(cur, knowledge_id)
+            base = self._reload(cur, knowledge_id)
         return None if base is None else PostgresKnowledgeBase(self, knowledge_id, base)
+
+    def open(self, knowledge_id: str) -> PostgresKnowledgeBase:
+        """The base as last seen, else as found; a query or listing made with it checks
+        in its own snapshot that the base still exists (and is the same one)."""
+        base = self._seen.get(knowledge_id)
+        if base is None:
+            return super().open(knowledge_id)
+        return PostgresKnowledgeBase(self, knowledge_id, base)
+
+    def _reload(self, cur: psycopg.Cursor, knowledge_id: str) -> _Base | None:
+        base = _load_base(cur, knowledge_id)
+        if base is None:
+            self._seen.pop(knowledge_id, None)
+        else:
+            self._seen[knowledge_id] = base
+        return base
 
     def manifests(self) -> list[KBManifest]:
         with self._transaction() as cur:
@@ -287,6 +315,7 @@ class PostgresStore(FindingStore):
                 [Jsonb(manifest.model_dump(mode="json")), chunk_count, total_length,
                  _absent_term_weight(cur, base, chunk_count, total_length), base.id],
             )
+        self._seen.pop(knowledge_id, None)
         return Published(documents=documents, chunks=chunk_count, removed=removed)
 
     def drop(self, knowledge_id: str) -> None:
@@ -296,6 +325,7 @@ class PostgresStore(FindingStore):
             if base is None:
                 raise KnowledgeBaseNotFound.missing(knowledge_id)
             _drop_base(cur, base)
+        self._seen.pop(knowledge_id, None)
 
     def close(self) -> None:
         with self._lock:
@@ -319,13 +349,21 @@ class PostgresKnowledgeBase:
     @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
         with self._store._transaction() as cur:
+            base = self._current(cur)
             cur.execute("SELECT document_id, info FROM llamaindex_kb_documents "
-                        "WHERE base = %s", [self._base.id])
+                        "WHERE base = %s", [base.id])
             return {doc_id: DocumentInfo.model_validate(info)
                     for doc_id, info in cur.fetchall()}
 
     def __len__(self) -> int:
         return self._base.chunk_count
+
+    def _current(self, cur: psycopg.Cursor) -> _Base:
+        """The base as this transaction sees it: the handle may be older."""
+        base = self._store._reload(cur, self.knowledge_id)
+        if base is None:
+            raise KnowledgeBaseNotFound.missing(self.knowledge_id)
+        return base
 
     def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
                  ) -> list[NodeWithScore]:
@@ -335,10 +373,9 @@ class PostgresKnowledgeBase:
         # cores that hid 4 of the 25 ms of a hybrid query at 100k chunks.
         embedding = _EMBEDDER.submit(query_embedding, plan, self.manifest, embed_model)
         with self._store._transaction() as cur:
-            base = _load_base(cur, self.knowledge_id)
-            if base is None:
-                raise KnowledgeBaseNotFound.missing(self.knowledge_id)
-            if base.manifest.embedding != self.manifest.embedding:  # rebuilt meanwhile
+            base = self._current(cur)
+            if base.id != self._base.id or base.manifest.embedding != self.manifest.embedding:
+                # Rebuilt since this handle was made: the query may need another embedding.
                 return PostgresKnowledgeBase(self._store, self.knowledge_id, base).retrieve(
                     plan, embed_model)
             if base.chunk_count == 0:
@@ -366,37 +403,41 @@ class _Search:
 
     def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
         assert self.query_vector is not None, "a vector window needs a query vector"
-        # Keep scanning the HNSW graph past filtered-out rows (pgvector >= 0.8), in
-        # exact distance order so the last row bounds every row not yet seen.
-        self.cur.execute("SET LOCAL hnsw.iterative_scan = strict_order; "
-                         f"SET LOCAL hnsw.ef_search = {min(1000, max(40, n))}")
-        found = self._nearest(n, sql.SQL("embedding <=> %s::vector"))
+        # The connection scans the HNSW graph past filtered-out rows (pgvector >= 0.8)
+        # in exact distance order, so the last row bounds every row not yet seen.
+        if (ef := min(1000, max(40, n))) != _SESSION_EF:
+            self.cur.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+        found = self._nearest(n, sql.SQL("distance"))
         if len(found) < n and self.filtered:
             # A filtered scan stops after hnsw.max_scan_tuples rows (20k by default), so
             # a short window may not be the end. An ORDER BY the index cannot serve
             # makes PostgreSQL rank every matching row exactly instead.
-            found = self._nearest(n, sql.SQL("(embedding <=> %s::vector) + 0"))
+            found = self._nearest(n, sql.SQL("distance + 0"))
         return found
 
     def _nearest(self, n: int, order: sql.Composable) -> list[tuple[int, float, Metadata]]:
         self.cur.execute(
-            sql.SQL("SELECT row, 1 - (embedding <=> %s::vector), {} FROM {} "
-                    "WHERE {} ORDER BY {} LIMIT %s").format(
-                self.metadata, self.base.chunks, self.where, order),
-            [self.query_vector, *self.where_params, self.query_vector, n])
-        return [(row, _clip(similarity), metadata or {})
+            # The subquery names the distance once (the vector is sent once); PostgreSQL
+            # pulls it up, so ORDER BY distance still walks the HNSW index.
+            sql.SQL("SELECT row, {}, metadata FROM (SELECT row, embedding <=> %s::vector "
+                    "AS distance, {} AS metadata FROM {} WHERE {}) chunks ORDER BY {} "
+                    "LIMIT %s").format(_SIMILARITY, self.metadata, self.base.chunks,
+                                       self.where, order),
+            [self.query_vector, *self.where_params, n])
+        return [(row, similarity, metadata or {})
                 for row, similarity, metadata in self.cur.fetchall()]
 
     def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
-        similarity = (sql.SQL("1 - (embedding <=> %s::vector)")
-                      if self.query_vector is not None else sql.SQL("0"))
+        distance = sql.SQL("embedding <=> %s::vector" if self.query_vector is not None
+                           else "1.0")
         # Rows the condition's exact part rules out are left out: they cannot pass.
         self.cur.execute(
-            sql.SQL("SELECT row, {}, {} FROM {} WHERE row = ANY(%s) AND {}").format(
-                similarity, self.metadata, self.base.chunks, self.where),
+            sql.SQL("SELECT row, {}, metadata FROM (SELECT row, {} AS distance, {} AS "
+                    "metadata FROM {} WHERE row = ANY(%s) AND {}) chosen").format(
+                _SIMILARITY, distance, self.metadata, self.base.chunks, self.where),
             [*([self.query_vector] if self.query_vector is not None else []), list(rows),
              *self.where_params])
-        return {row: (_clip(sim), found or {}) for row, sim, found in self.cur.fetchall()}
+        return {row: (sim, found or {}) for row, sim, found in self.cur.fetchall()}
 
     def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
         self.cur.execute(sql.SQL("SELECT row, node FROM {} WHERE row = ANY(%s)").format(
@@ -667,10 +708,6 @@ def _where(filters: MetadataFilters | None) -> tuple[sql.Composable, list[Any]]:
 
 def _vector_text(vector: np.ndarray) -> str:
     return "[" + ",".join(map(repr, np.asarray(vector, dtype=np.float32).tolist())) + "]"
-
-
-def _clip(similarity: float) -> float:
-    return min(1.0, max(0.0, float(similarity)))
 
 
 def _first_line(exc: BaseException) -> str:

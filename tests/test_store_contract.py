@@ -51,6 +51,7 @@ from llamaindex_kb.ingest import (
     publish_nodes,
     text_source,
 )
+from llamaindex_kb.knowledge_base import QueryPlan
 from llamaindex_kb.library import Library
 from llamaindex_kb.models import Models
 from llamaindex_kb.qdrant_store import QdrantStore
@@ -520,6 +521,34 @@ def test_postgres_answers_again_right_after_the_server_dropped_its_connections(
                       "WHERE pid <> pg_backend_pid() AND datname = current_database()")
     monkeypatch.setattr(pg_store, "STALE_AFTER_S", 0.0)
     assert _retrieve(store, "Dify")
+
+
+def test_postgres_queries_see_a_base_another_process_dropped_or_rebuilt(postgres_url):
+    # Two stores on one database stand for two plugin processes: `here` has served
+    # the base before, so it holds a handle on it.
+    here, there = (open_store(postgres_url, load_settings({}, environ={})) for _ in "ab")
+    corpus = _corpus()
+    _build(there, "moving", corpus=corpus[:6])
+    assert _retrieve(here, "Dify", knowledge_id="moving")
+    library = Library(load_settings({}, environ={}), store=here)
+
+    there.drop("moving")
+    with pytest.raises(KnowledgeBaseNotFound):
+        _retrieve(here, "Dify", knowledge_id="moving")
+    with pytest.raises(KnowledgeBaseNotFound):
+        library.documents("moving")
+
+    _build(there, "moving", corpus=corpus[:6])
+    held = here.open("moving")
+    drop_knowledge_base(there, "moving")
+    # Built again as a keyword-only base with other documents: no stale handle shows.
+    nodes = [TextNode(id_="zebra", text="zebra crossings", metadata={"document_id": "z"})]
+    publish_nodes(there, "moving", nodes, None, None, mode="keyword")
+    hits = held.retrieve(QueryPlan(query="zebra", top_k=3), local_embedding())
+    assert [hit.node.get_content() for hit in hits] == ["zebra crossings"]
+    assert [d.document_id for d in held.documents.values()] == ["z"]
+    for store in (here, there):
+        store.close()
 
 
 def test_postgres_fills_top_k_when_the_hnsw_scan_gives_up_early(postgres_url):
