@@ -192,7 +192,10 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         if not texts:
             return np.empty((0, DIMENSION), dtype=np.float32)
         session, tokenizer = self._runtime()
-        encodings = tokenizer.encode_batch(list(texts))
+        # A lone query skips encode_batch's thread pool, whose wake-up took longer than
+        # the encoding and competed with onnxruntime's threads for the cores.
+        encodings = ([tokenizer.encode(texts[0])] if len(texts) == 1
+                     else tokenizer.encode_batch(list(texts)))
         # Sorting by token length keeps padding, i.e. wasted compute, small; the
         # attention mask makes each vector independent of its batch neighbours.
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))

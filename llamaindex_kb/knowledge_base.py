@@ -230,13 +230,17 @@ def parent_id(child: BaseNode) -> str:
     return str(child.metadata.get("parent_id", child.node_id))
 
 
+# Children asked for per parent wanted, at first: several children may share a parent.
+CHILDREN_PER_PARENT = 4
+
+
 def best_parents(ranked: Callable[[int], list[tuple[int, float]]],
                  parent_ids: Callable[[list[int]], list[str]], top_k: int
                  ) -> list[tuple[str, float]]:
     """Parent-child chunking: children are matched, each parent returned once with its
     best child's score. Several children may share a parent, so children are asked for
     in growing batches until ``top_k`` parents are found or no more children pass."""
-    want = top_k * 4
+    want = top_k * CHILDREN_PER_PARENT
     while True:
         children = ranked(want)
         best: dict[str, float] = {}

@@ -34,7 +34,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -49,7 +48,7 @@ from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
 from psycopg import sql
 from psycopg.types.json import Json, Jsonb
 
-from .candidate_search import KeywordRanking, Metadata, retrieve
+from .candidate_search import KeywordRanking, Metadata, first_lookup, first_window, retrieve
 from .config import Settings
 from .errors import (
     ConfigurationError,
@@ -65,10 +64,10 @@ from .keyword import (
     tokenize,
 )
 from .knowledge_base import (
+    CHILDREN_PER_PARENT,
     DocumentInfo,
     KBManifest,
     QueryPlan,
-    fused_weight,
     query_embedding,
 )
 from .stores import Change, FindingStore, Published, register
@@ -76,7 +75,6 @@ from .stores import Change, FindingStore, Published, register
 CONNECT_TIMEOUT_S = 2  # libpq's minimum
 DEADLINE_S = 4.0  # connecting, retries included; and every reader statement
 POOL_SIZE = 8
-_EMBEDDER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llamaindex_kb-embed")
 STALE_AFTER_S = 5.0  # a pooled connection idle longer is tested before use
 _LOCK_CLASS = "llamaindex_kb"
 _KEYWORD_FORMAT = 2  # 1: a row per occurrence (llamaindex_kb_terms_<id>)
@@ -369,9 +367,10 @@ class PostgresKnowledgeBase:
                  ) -> list[NodeWithScore]:
         if not plan.query.strip():
             return []
-        # The query is embedded while the keyword side is read and scored: on two
-        # cores that hid 4 of the 25 ms of a hybrid query at 100k chunks.
-        embedding = _EMBEDDER.submit(query_embedding, plan, self.manifest, embed_model)
+        # Embedded first, alone: on two cores, reading the keyword side meanwhile slowed
+        # the model by more than the read took, and no snapshot is held while a remote
+        # embedding model answers.
+        weight, vector = query_embedding(plan, self.manifest, embed_model)
         with self._store._transaction() as cur:
             base = self._current(cur)
             if base.id != self._base.id or base.manifest.embedding != self.manifest.embedding:
@@ -380,12 +379,19 @@ class PostgresKnowledgeBase:
                     plan, embed_model)
             if base.chunk_count == 0:
                 return []
-            keyword = (_keyword_ranking(cur, base, plan.query)
-                       if fused_weight(plan, base.manifest) < 1.0 else KeywordRanking.empty())
-            weight, vector = embedding.result()
-            query_vector = _vector_text(vector) if vector is not None else None
-            return retrieve(_Search(cur, base, plan, query_vector), keyword, weight, plan,
-                            base.manifest.chunking.get("mode") == "parent_child")
+            terms = tokenize(plan.query) if weight < 1.0 else []
+            postings = _postings(cur, base, terms)
+            search = _Search(cur, base, plan, _vector_text(vector) if vector is not None else None)
+            parent_child = base.manifest.chunking.get("mode") == "parent_child"
+            want = plan.top_k * (CHILDREN_PER_PARENT if parent_child else 1)
+            # The keyword side is scored while the database walks the HNSW graph.
+            with cur.connection.pipeline():
+                if weight > 0.0:
+                    search.send_window(first_window(want))
+                keyword = _keyword_ranking(base, terms, postings)
+                if weight < 1.0:
+                    search.send_lookup(keyword.best(first_lookup(want)))
+            return retrieve(search, keyword, weight, plan, parent_child)
 
 
 class _Search:
@@ -400,44 +406,70 @@ class _Search:
         pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
         self.filtered = pushdown is not None
         self.where, self.where_params = _where(pushdown)
+        # Queries sent ahead (send_window, send_lookup), read when rank asks for them.
+        self._window: tuple[int, psycopg.Cursor] | None = None
+        self._lookup: tuple[set[int], psycopg.Cursor] | None = None
+        self._looked_up: dict[int, tuple[float, Metadata]] = {}  # answers to send_lookup
+        self._sent: set[int] = set()  # the rows send_lookup asked for
+
+    def send_window(self, n: int) -> None:
+        """Send the query of ``nearest(n)`` now (in pipeline mode: without waiting)."""
+        self._window = (n, self._send_nearest(self.cur.connection.cursor(), n, "distance"))
+
+    def send_lookup(self, rows: Sequence[int]) -> None:
+        """Send the query of ``lookup(rows)`` now (in pipeline mode: without waiting)."""
+        self._lookup = (set(rows), self._send_lookup(self.cur.connection.cursor(), rows))
 
     def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
         assert self.query_vector is not None, "a vector window needs a query vector"
-        # The connection scans the HNSW graph past filtered-out rows (pgvector >= 0.8)
-        # in exact distance order, so the last row bounds every row not yet seen.
-        if (ef := min(1000, max(40, n))) != _SESSION_EF:
-            self.cur.execute(f"SET LOCAL hnsw.ef_search = {ef}")
-        found = self._nearest(n, sql.SQL("distance"))
+        if self._window is not None and self._window[0] == n:
+            found = _window_rows(self._window[1])
+            self._window = None
+        else:
+            found = _window_rows(self._send_nearest(self.cur, n, "distance"))
         if len(found) < n and self.filtered:
             # A filtered scan stops after hnsw.max_scan_tuples rows (20k by default), so
             # a short window may not be the end. An ORDER BY the index cannot serve
             # makes PostgreSQL rank every matching row exactly instead.
-            found = self._nearest(n, sql.SQL("distance + 0"))
+            found = _window_rows(self._send_nearest(self.cur, n, "distance + 0"))
         return found
 
-    def _nearest(self, n: int, order: sql.Composable) -> list[tuple[int, float, Metadata]]:
-        self.cur.execute(
+    def _send_nearest(self, cur: psycopg.Cursor, n: int, order: str) -> psycopg.Cursor:
+        # The connection scans the HNSW graph past filtered-out rows (pgvector >= 0.8)
+        # in exact distance order, so the last row bounds every row not yet seen.
+        if (ef := min(1000, max(40, n))) != _SESSION_EF:
+            cur.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+        cur.execute(
             # The subquery names the distance once (the vector is sent once); PostgreSQL
             # pulls it up, so ORDER BY distance still walks the HNSW index.
             sql.SQL("SELECT row, {}, metadata FROM (SELECT row, embedding <=> %s::vector "
                     "AS distance, {} AS metadata FROM {} WHERE {}) chunks ORDER BY {} "
                     "LIMIT %s").format(_SIMILARITY, self.metadata, self.base.chunks,
-                                       self.where, order),
-            [self.query_vector, *self.where_params, n])
-        return [(row, similarity, metadata or {})
-                for row, similarity, metadata in self.cur.fetchall()]
+                                       self.where, sql.SQL(order)),
+            [self.query_vector, *self.where_params, n], binary=True)
+        return cur
 
     def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
+        if self._lookup is not None:
+            self._sent, cur = self._lookup
+            self._looked_up = _lookup_rows(cur)
+            self._lookup = None
+        found = {row: self._looked_up[row] for row in rows if row in self._looked_up}
+        if rest := [row for row in rows if row not in self._sent]:
+            found.update(_lookup_rows(self._send_lookup(self.cur, rest)))
+        return found
+
+    def _send_lookup(self, cur: psycopg.Cursor, rows: Sequence[int]) -> psycopg.Cursor:
         distance = sql.SQL("embedding <=> %s::vector" if self.query_vector is not None
                            else "1.0")
         # Rows the condition's exact part rules out are left out: they cannot pass.
-        self.cur.execute(
+        cur.execute(
             sql.SQL("SELECT row, {}, metadata FROM (SELECT row, {} AS distance, {} AS "
                     "metadata FROM {} WHERE row = ANY(%s) AND {}) chosen").format(
                 _SIMILARITY, distance, self.metadata, self.base.chunks, self.where),
             [*([self.query_vector] if self.query_vector is not None else []), list(rows),
-             *self.where_params])
-        return {row: (sim, found or {}) for row, sim, found in self.cur.fetchall()}
+             *self.where_params], binary=True)
+        return cur
 
     def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
         self.cur.execute(sql.SQL("SELECT row, node FROM {} WHERE row = ANY(%s)").format(
@@ -456,15 +488,28 @@ class _Search:
 # --- keyword index -------------------------------------------------------------------
 
 
-def _keyword_ranking(cur: psycopg.Cursor, base: _Base, query: str) -> KeywordRanking:
-    terms = tokenize(query)
+def _window_rows(cur: psycopg.Cursor) -> list[tuple[int, float, Metadata]]:
+    return [(row, similarity, metadata or {}) for row, similarity, metadata in cur.fetchall()]
+
+
+def _lookup_rows(cur: psycopg.Cursor) -> dict[int, tuple[float, Metadata]]:
+    return {row: (similarity, metadata or {}) for row, similarity, metadata in cur.fetchall()}
+
+
+def _postings(cur: psycopg.Cursor, base: _Base, terms: list[str]) -> dict[str, Postings]:
     if not terms or base.total_length == 0:
-        return KeywordRanking.empty()
+        return {}
     cur.execute(sql.SQL("SELECT term, postings FROM {} WHERE term = ANY(%s)").format(
         base.postings), [sorted(set(terms))], binary=True)
-    rows, scores = score_postings(terms, _unpack(cur.fetchall()), base.chunk_count,
-                                  base.total_length, base.absent_term_weight)
-    return KeywordRanking(rows, scores)
+    return _unpack(cur.fetchall())
+
+
+def _keyword_ranking(base: _Base, terms: list[str], postings: dict[str, Postings]
+                     ) -> KeywordRanking:
+    if not postings:
+        return KeywordRanking.empty()
+    return KeywordRanking(*score_postings(terms, postings, base.chunk_count,
+                                          base.total_length, base.absent_term_weight))
 
 
 def _unpack(stored: Iterable[tuple[str, bytes]]) -> dict[str, Postings]:
