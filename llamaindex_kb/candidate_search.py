@@ -70,6 +70,7 @@ class KeywordRanking:
             by_row = np.argsort(rows, kind="stable")
             rows, scores = rows[by_row], scores[by_row]
         self.rows, self.scores = rows, scores
+        self._ranked: list[int] = []  # the first rows in ranking order, grown on demand
 
     @classmethod
     def empty(cls) -> KeywordRanking:
@@ -89,6 +90,13 @@ class KeywordRanking:
 
     def best(self, count: int) -> list[int]:
         """The first ``count`` rows in ranking order."""
+        if count > len(self._ranked) and len(self._ranked) < self.rows.size:
+            # A search asks for more and more: sorting twice as many as asked keeps the
+            # partial sorts of a common term's tens of thousands of rows few.
+            self._ranked = self._first(max(count, 2 * len(self._ranked)))
+        return self._ranked[:count]
+
+    def _first(self, count: int) -> list[int]:
         chosen = np.arange(self.rows.size)
         if count < chosen.size:
             kth = np.partition(self.scores, self.rows.size - count)[self.rows.size - count]
