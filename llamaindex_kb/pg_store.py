@@ -79,8 +79,6 @@ STALE_AFTER_S = 5.0  # a pooled connection idle longer is tested before use
 _LOCK_CLASS = "llamaindex_kb"
 _KEYWORD_FORMAT = 2  # 1: a row per occurrence (llamaindex_kb_terms_<id>)
 _POSTING = np.dtype([("row", "<i8"), ("tf", "<i4"), ("length", "<i4")])
-# Each connection's hnsw.ef_search: what the first window of a top-10 query needs.
-_SESSION_EF = 60
 # Cosine similarity from pgvector's distance, clipped to [0, 1] like the embedded store's.
 _SIMILARITY = sql.SQL("greatest(0, least(1, 1 - distance))::float8")
 
@@ -437,7 +435,7 @@ class _Search:
     def _send_nearest(self, cur: psycopg.Cursor, n: int, order: str) -> psycopg.Cursor:
         # The connection scans the HNSW graph past filtered-out rows (pgvector >= 0.8)
         # in exact distance order, so the last row bounds every row not yet seen.
-        if (ef := min(1000, max(40, n))) != _SESSION_EF:
+        if (ef := _ef_search(n)) != _SESSION_EF:
             cur.execute(f"SET LOCAL hnsw.ef_search = {ef}")
         cur.execute(
             # The subquery names the distance once (the vector is sent once); PostgreSQL
@@ -749,6 +747,15 @@ def _where(filters: MetadataFilters | None) -> tuple[sql.Composable, list[Any]]:
             raise AssertionError(f"no SQL for pushed-down operator {item.operator}")
     joiner = sql.SQL(" AND " if filters.condition.value == "and" else " OR ")
     return sql.SQL("({})").format(joiner.join(parts)), params
+
+
+def _ef_search(window: int) -> int:
+    """hnsw.ef_search for a window of ``window`` rows, within pgvector's range."""
+    return min(1000, max(40, window))
+
+
+# Each connection's hnsw.ef_search: what the first window of a top-10 query needs.
+_SESSION_EF = _ef_search(first_window(10))
 
 
 def _array_text(rows: Sequence[int]) -> str:
