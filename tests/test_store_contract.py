@@ -551,6 +551,38 @@ def test_postgres_queries_see_a_base_another_process_dropped_or_rebuilt(postgres
         store.close()
 
 
+def test_postgres_keyword_scores_follow_documents_another_process_adds_or_deletes(
+        postgres_url):
+    # `here` keeps its query terms' BM25 weights between queries; each change `there`
+    # publishes must show at once: new rows, and new weights for the rows it had.
+    here, there = (open_store(postgres_url, load_settings({}, environ={})) for _ in "ab")
+
+    def keyword_hits(store: KnowledgeStore) -> list[Record]:
+        return _retrieve(store, "Dify item part", mode="keyword", top_k=12,
+                         knowledge_id="growing")
+
+    def as_a_new_process_sees_it() -> list[Record]:
+        fresh = open_store(postgres_url, load_settings({}, environ={}))
+        try:
+            return keyword_hits(fresh)
+        finally:
+            fresh.close()
+
+    corpus = _corpus()
+    _build(there, "growing", corpus=corpus[:4])
+    assert len(keyword_hits(here)) == 4
+    _build(there, "growing", corpus=corpus[4:10])
+    grown = keyword_hits(here)
+    assert len(grown) == 10
+    _same(grown, as_a_new_process_sees_it())
+    delete_document(there, "growing", sorted(there.open("growing").documents)[0])
+    shrunk = keyword_hits(here)
+    assert len(shrunk) == 9
+    _same(shrunk, as_a_new_process_sees_it())
+    for store in (here, there):
+        store.close()
+
+
 def test_postgres_fills_top_k_when_the_hnsw_scan_gives_up_early(postgres_url):
     # pgvector stops a filtered HNSW scan after hnsw.max_scan_tuples rows (20k by
     # default): a database where it stops after 2 shows what a selective filter meets
