@@ -30,6 +30,7 @@ transaction, so readers (REPEATABLE READ) see a whole change or none of it.
 from __future__ import annotations
 
 import contextlib
+import struct
 import threading
 import time
 from collections import Counter
@@ -45,7 +46,8 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
-from psycopg import sql
+from psycopg import pq, sql
+from psycopg.adapt import Dumper
 from psycopg.types.json import Json, Jsonb
 
 from .candidate_search import KeywordRanking, Metadata, first_lookup, first_window, retrieve
@@ -180,11 +182,13 @@ class PostgresStore(FindingStore):
             try:
                 # The HNSW settings every first window uses are session defaults, so a
                 # query needs no SET statement of its own.
-                return psycopg.connect(
+                conn = psycopg.connect(
                     self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                     options=f"-c statement_timeout={int(DEADLINE_S * 1000)} "
                             f"-c hnsw.iterative_scan=strict_order -c hnsw.ef_search={_SESSION_EF}",
                 )
+                conn.adapters.register_dumper(_QueryVector, _QueryVectorDumper)
+                return conn
             except psycopg.OperationalError as exc:
                 problem = _first_line(exc)
                 if _is_configuration_problem(exc, problem):
@@ -388,7 +392,7 @@ class PostgresKnowledgeBase:
                     plan, embed_model)
             if base.chunk_count == 0:
                 return []
-            search = _Search(cur, base, plan, _vector_text(vector) if vector is not None else None)
+            search = _Search(cur, base, plan, _QueryVector(vector) if vector is not None else None)
             parent_child = base.manifest.chunking.get("mode") == "parent_child"
             want = plan.top_k * (CHILDREN_PER_PARENT if parent_child else 1)
             keyword_side = _KeywordSide(self._store._term_weights, cur, base,
@@ -407,7 +411,7 @@ class _Search:
     """One query's candidates (candidate_search.CandidateSource) in one read transaction."""
 
     def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan,
-                 query_vector: str | None) -> None:
+                 query_vector: _QueryVector | None) -> None:
         self.cur, self.base, self.query_vector = cur, base, query_vector
         # Without a condition nobody reads the metadata: parsing it was a third of the
         # time of a hybrid query that looks up hundreds of keyword rows.
@@ -802,6 +806,22 @@ def _array_text(rows: Sequence[int]) -> str:
     """An int array literal: psycopg checks every element of a list it adapts, a
     quarter of the time of a 200-row look-up (0.52 ms against 0.38)."""
     return "{" + ",".join(map(str, rows)) + "}"
+
+
+class _QueryVector:
+    """A query vector, sent in pgvector's binary format: as text (17 digits a float)
+    it took 0.4 ms to format, a few percent of a query."""
+
+    def __init__(self, vector: np.ndarray) -> None:
+        self.payload = struct.pack(">HH", vector.size, 0) + vector.astype(">f4").tobytes()
+
+
+class _QueryVectorDumper(Dumper):
+    format = pq.Format.BINARY
+    oid = 0  # unknown: the statement's ``::vector`` cast gives the parameter its type
+
+    def dump(self, obj: _QueryVector) -> bytes:
+        return obj.payload
 
 
 def _vector_text(vector: np.ndarray) -> str:
