@@ -1,6 +1,6 @@
 """Dify's ``metadata_condition``, with the semantics of Dify's own knowledge base.
 
-Four parts, all agreeing on one definition of what a condition means:
+Five parts, all agreeing on one definition of what a condition means:
 
 * ``parse_metadata_condition``: the request edge (pydantic), turning anything
   malformed into an ``InvalidFilterError`` that names the offending place;
@@ -9,6 +9,8 @@ Four parts, all agreeing on one definition of what a condition means:
   ``mask`` equals ``[matches(condition, m) for m in metadatas]`` exactly;
 * ``to_metadata_filters``: the part LlamaIndex ``MetadataFilters`` express
   exactly, for pushing down to an external store as a pre-filter.
+* ``sql_prefilter``: the same for PostgreSQL, where our own SQL can also push
+  numeric comparisons down.
 
 Dify evaluates conditions in SQL over its JSON metadata column
 (``dataset_retrieval.process_metadata_filter_func``); everything below mirrors
@@ -113,6 +115,16 @@ Pushdown (``to_metadata_filters``)
     dropped, so the result is a superset); for ``or`` all of them or nothing.
     The translation assumes JSON-typed metadata (what an external store holds),
     and callers always re-check results with ``matches``.
+
+Pushdown to PostgreSQL (``sql_prefilter``)
+    Text equality and membership as above, compared by ``metadata ->> key``. Numeric
+    comparisons too (``is``/``is not`` with a number, ``<``, ``>``, ``≤``, ``≥``,
+    ``before``, ``after``): a value whose text form is a plain decimal of at most 40
+    characters with an exponent of at most two digits is compared as ``float8``, which
+    reads it exactly as Python's ``float`` does and can never reject it; any other
+    present value passes (ISO times, odd numbers, words: ``matches`` decides), a
+    missing one never does. The test sits in ``CASE``, which alone fixes the order in
+    which PostgreSQL evaluates it, so the cast never sees a text that is not a number.
 
 ``MetadataTable``
     Per key: the raw values (an object array, ``None`` where missing or null),
@@ -805,3 +817,61 @@ def _plain(text: str) -> bool:
     except ValueError:
         return True
     return False
+
+
+# --- pushdown to PostgreSQL ------------------------------------------------------
+
+# A decimal that PostgreSQL's float8 input reads exactly as Python's float() does and
+# can never reject: _NUMBER's whitespace, a two-digit exponent, and (checked beside
+# it) at most 40 characters. Other numeric texts are left to ``matches``.
+_SQL_NUMBER = (r"^[ \t\n\r\f\v]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)"
+               r"([eE][+-]?[0-9]{1,2})?[ \t\n\r\f\v]*$")
+_SQL_COMPARE = {
+    _Kind.NUM_EQ: "=",
+    _Kind.NUM_NE: "<>",
+    _Kind.LT: "<",
+    _Kind.GT: ">",
+    _Kind.LE: "<=",
+    _Kind.GE: ">=",
+}
+
+
+def sql_prefilter(condition: MetadataCondition) -> tuple[str, list[Any]] | None:
+    """A PostgreSQL condition over a jsonb column ``metadata`` that every record
+    ``condition`` matches satisfies, with ``%s`` placeholders and their values;
+    ``None``: none exists. Callers re-check what it lets through with ``matches``.
+
+    Text equality and membership go as in ``to_metadata_filters``. Numeric tests go
+    too, which LlamaIndex filters cannot express: a value whose text is a short plain
+    decimal is compared as float8; any other present value passes (an ISO time, an odd
+    number, a word: ``matches`` decides); a missing one never does.
+    """
+    tests = _tests(condition)
+    parts: list[str] = []
+    params: list[Any] = []
+    for test in tests:
+        translated = _sql_test(test)
+        if translated is not None:
+            parts.append(translated[0])
+            params += translated[1]
+    if not parts or (condition.logical_operator == "or" and len(parts) < len(tests)):
+        return None  # nothing to push, or an `or` branch that could match anything
+    joiner = " AND " if condition.logical_operator == "and" else " OR "
+    return "(" + joiner.join(parts) + ")", params
+
+
+def _sql_test(test: _Test) -> tuple[str, list[Any]] | None:
+    compare = _SQL_COMPARE.get(test.kind)
+    value = "(metadata ->> %s)"
+    if compare is not None:
+        # CASE, not AND: PostgreSQL may evaluate AND's operands in any order, and the
+        # cast would abort the query on a text that is not a number.
+        return (f"CASE WHEN length({value}) <= 40 AND {value} ~ %s "
+                f"THEN {value}::float8 {compare} %s ELSE {value} IS NOT NULL END",
+                [test.key, test.key, _SQL_NUMBER, test.key, test.number, test.key])
+    if _pushdown(test) is None:
+        return None
+    if test.kind is _Kind.TEXT_EQ:
+        return f"{value} = %s", [test.key, test.text]
+    return f"{value} = ANY(%s)", [test.key, sorted(test.items)]
+

@@ -37,7 +37,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -45,7 +44,6 @@ import psycopg
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
-from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
 from psycopg import pq, sql
 from psycopg.adapt import Dumper
 from psycopg.types.json import Json, Jsonb
@@ -57,7 +55,7 @@ from .errors import (
     KnowledgeBaseNotFound,
     StoreUnavailableError,
 )
-from .filters import to_metadata_filters
+from .filters import sql_prefilter
 from .keyword import (
     ANALYZER_VERSION,
     Postings,
@@ -416,9 +414,10 @@ class _Search:
         # Without a condition nobody reads the metadata: parsing it was a third of the
         # time of a hybrid query that looks up hundreds of keyword rows.
         self.metadata = sql.SQL("metadata" if plan.condition is not None else "NULL")
-        pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
+        pushdown = sql_prefilter(plan.condition) if plan.condition is not None else None
         self.filtered = pushdown is not None
-        self.where, self.where_params = _where(pushdown)
+        self.where, self.where_params = (sql.SQL(pushdown[0]), pushdown[1]) if pushdown \
+            else (sql.SQL("TRUE"), [])
         # Queries sent ahead (send_window, send_lookup), read when rank asks for them.
         self._window: tuple[int, psycopg.Cursor] | None = None
         self._lookup: tuple[set[int], psycopg.Cursor] | None = None
@@ -452,6 +451,12 @@ class _Search:
         # in exact distance order, so the last row bounds every row not yet seen.
         if (ef := _ef_search(n)) != _SESSION_EF:
             cur.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+        if self.filtered:
+            # A filtered window walks the graph (its cost bounded by hnsw.max_scan_tuples
+            # at any size), unless the planner, guessing the filter rare, prefers to
+            # read and sort the whole table. The exact fallback has no other way.
+            scan = "off" if order == "distance" else "on"
+            cur.execute(f"SET LOCAL enable_seqscan = {scan}")
         cur.execute(
             # The subquery names the distance once (the vector is sent once); PostgreSQL
             # pulls it up, so ORDER BY distance still walks the HNSW index.
@@ -767,30 +772,6 @@ def _add_parents_and_documents(cur: psycopg.Cursor, base: _Base, parents: Sequen
 
 
 # --- helpers -----------------------------------------------------------------------
-
-
-def _where(filters: MetadataFilters | None) -> tuple[sql.Composable, list[Any]]:
-    """The exact part of a condition as SQL over jsonb, values bound, never inlined.
-
-    ``to_metadata_filters`` only yields text equality and membership on values whose
-    text form only a JSON string has, which ``metadata ->> key`` compares exactly.
-    """
-    if filters is None:
-        return sql.SQL("TRUE"), []
-    parts: list[sql.Composable] = []
-    params: list[Any] = []
-    for item in filters.filters:
-        assert not isinstance(item, MetadataFilters), "to_metadata_filters never nests"
-        if item.operator == FilterOperator.EQ:
-            parts.append(sql.SQL("metadata ->> %s = %s"))
-            params += [item.key, item.value]
-        elif item.operator == FilterOperator.IN:
-            parts.append(sql.SQL("metadata ->> %s = ANY(%s)"))
-            params += [item.key, list(item.value)]
-        else:
-            raise AssertionError(f"no SQL for pushed-down operator {item.operator}")
-    joiner = sql.SQL(" AND " if filters.condition.value == "and" else " OR ")
-    return sql.SQL("({})").format(joiner.join(parts)), params
 
 
 def _ef_search(window: int) -> int:

@@ -29,6 +29,7 @@ from conftest import PLUGIN_ROOT
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from llama_index.core.schema import TextNode
+from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 
 from llamaindex_kb import qdrant_store
@@ -42,7 +43,7 @@ from llamaindex_kb.errors import (
     KnowledgeBaseNotFound,
     StoreUnavailableError,
 )
-from llamaindex_kb.filters import MetadataCondition, Operator, matches
+from llamaindex_kb.filters import MetadataCondition, Operator, matches, sql_prefilter
 from llamaindex_kb.ingest import (
     IngestSummary,
     apply_changes,
@@ -549,6 +550,42 @@ def test_postgres_queries_see_a_base_another_process_dropped_or_rebuilt(postgres
     assert [d.document_id for d in held.documents.values()] == ["z"]
     for store in (here, there):
         store.close()
+
+
+# Texts PostgreSQL's float8 input might read differently from Python, or reject.
+_ODD_VALUES: list[Any] = [
+    " 5 ", "5.", ".5", "+5", "-5e1", "5E-2", "\t5\n", "5e999", "1" * 50, "0." + "0" * 45 + "1",
+    "1_000", "\u00a05", "\u0665", "Infinity", "NaN", "5 5", "0x5", "", "abc", "2015-06-01",
+    "2015-06-01T12:00:00+08:00", 5, -5.5, 0.05, 1e300, 10**400, True, [5], {"a": 5}, None,
+]
+
+
+def test_postgres_numeric_prefilter_never_loses_a_match_nor_fails(postgres_url):
+    # sql_prefilter pushes Dify's numeric comparisons into SQL: it must let through
+    # every record `matches` accepts, never abort on an odd text, and be exact on
+    # plain numbers (else filtered HNSW windows would fill with rows that fail).
+    conditions = [
+        MetadataCondition.model_validate({"conditions": [
+            {"name": "k", "comparison_operator": op, "value": value}]})
+        for op in (">", "<", "≥", "≤", "=", "≠", "is", "is not", "before", "after")
+        for value in (5, -50, 0.05, 1e300, "2015-06-01") if not (
+            op in ("=", "≠", "is", "is not") and isinstance(value, str))]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for condition in conditions:
+            pushed = sql_prefilter(condition)
+            assert pushed is not None, condition
+            where, params = pushed
+            for value in _ODD_VALUES:
+                metadata = {} if value is None else {"k": value}
+                passes = conn.execute(
+                    f"SELECT {where} FROM (SELECT %s::jsonb AS metadata) AS record",
+                    [*params, Jsonb(metadata)]).fetchone()[0]
+                expected = matches(condition, metadata)
+                if expected:
+                    assert passes, (condition, value)
+                if isinstance(value, int | float) and not isinstance(value, bool) \
+                        and abs(value) < 1e100:
+                    assert passes == expected, (condition, value)
 
 
 def test_postgres_keyword_scores_follow_documents_another_process_adds_or_deletes(
