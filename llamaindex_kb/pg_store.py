@@ -207,15 +207,15 @@ class PostgresStore(FindingStore):
         self._ensure_schema()
         conn = self._checkout()
         try:
-            # Said in the BEGIN itself (no network until then): a SET TRANSACTION would
-            # cost a round trip.
-            conn.isolation_level = None if write else psycopg.IsolationLevel.REPEATABLE_READ
-            conn.read_only = not write
-            with _translated_errors(self._shown), conn.transaction(), conn.cursor() as cur:
+            with _translated_errors(self._shown):
                 if write:
-                    # Writers wait for each other (like flock) and may copy many rows.
-                    cur.execute("SET LOCAL statement_timeout = 0")
-                yield cur
+                    with conn.transaction(), conn.cursor() as cur:
+                        # Writers wait for each other (like flock) and may copy many rows.
+                        cur.execute("SET LOCAL statement_timeout = 0")
+                        yield cur
+                else:
+                    with conn.pipeline(), conn.cursor() as cur:
+                        yield from _reading(cur)
         finally:
             # Reused only when the transaction ended cleanly (committed or rolled back).
             idle = psycopg.pq.TransactionStatus.IDLE
@@ -501,6 +501,21 @@ class _Search:
         parents = {node_id: json_to_doc(node) for node_id, node in self.cur.fetchall()}
         return [NodeWithScore(node=parents[parent_id], score=score)
                 for parent_id, score in chosen if parent_id in parents]
+
+
+def _reading(cur: psycopg.Cursor) -> Iterator[psycopg.Cursor]:
+    """A read-only transaction on a connection in pipeline mode, said in statements of
+    its own so they share round trips: the BEGIN travels with the first query, the
+    COMMIT with the Sync that ends the pipeline."""
+    cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        yield cur
+    except BaseException:
+        # Skipped if a statement failed: the pipeline is aborted, the connection is left
+        # in a failed transaction and is closed rather than pooled.
+        cur.execute("ROLLBACK")
+        raise
+    cur.execute("COMMIT")
 
 
 # --- keyword index -------------------------------------------------------------------
