@@ -206,13 +206,20 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
             vectors[batch] = _run(session, [encodings[i] for i in batch])
         return vectors
 
-    def _get_query_embedding(self, query: str) -> Embedding:
+    def query_vector(self, query: str) -> np.ndarray:
+        """``get_query_embedding`` as a read-only float32 array, skipping LlamaIndex's
+        per-call instrumentation (spans, events, callbacks nobody here listens to):
+        0.4 ms of a query whose embedding is cached, and a tenth of its store time."""
         key = (self.model_name, query)
-        cached = _query_vectors.get(key)
-        if cached is None:
-            cached = self._embed([query])[0].tolist()
-            _query_vectors.put(key, cached)
-        return list(cached)
+        vector = _query_vectors.get(key)
+        if vector is None:
+            vector = self._embed([query])[0]
+            vector.setflags(write=False)
+            _query_vectors.put(key, vector)
+        return vector
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return self.query_vector(query).tolist()
 
     def _get_text_embedding(self, text: str) -> Embedding:
         return self._embed([text])[0].tolist()
@@ -223,7 +230,7 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
 
 # Dify sends one question to every selected knowledge base and retries slow answers,
 # so the same query text arrives several times within seconds.
-_query_vectors: LRU[tuple[str, str], list[float]] = LRU(512)
+_query_vectors: LRU[tuple[str, str], np.ndarray] = LRU(512)
 
 
 def _run(session: ort.InferenceSession, encodings: list[Encoding]) -> np.ndarray:

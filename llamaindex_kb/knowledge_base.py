@@ -214,7 +214,7 @@ class KnowledgeBase:
     ) -> np.ndarray:
         check_embedding(self.manifest, mode, embed_model)
         assert self.vectors is not None and embed_model is not None
-        embedding = embed_model.get_query_embedding(query)
+        embedding = embed_query(embed_model, query)
         return np.clip(self.vectors.similarities(embedding), 0.0, 1.0, dtype=np.float32)
 
 
@@ -268,7 +268,13 @@ def query_embedding(plan: QueryPlan, manifest: KBManifest,
         return weight, None
     check_embedding(manifest, mode, embed_model)
     assert embed_model is not None
-    return weight, np.asarray(embed_model.get_query_embedding(plan.query), dtype=np.float64)
+    return weight, np.asarray(embed_query(embed_model, plan.query), dtype=np.float64)
+
+
+def embed_query(embed_model: BaseEmbedding, query: str) -> np.ndarray | list[float]:
+    """The query's embedding, by the model's fast path when it has one."""
+    fast = getattr(embed_model, "query_vector", None)
+    return fast(query) if fast is not None else embed_model.get_query_embedding(query)
 
 
 def check_embedding(manifest: KBManifest, mode: RetrievalMode,

@@ -67,6 +67,16 @@ def test_query_and_text_embeddings_are_the_same(model: LocalMiniLMEmbedding) -> 
     assert cosine(model.get_query_embedding(text), model.get_text_embedding(text)) > 0.99999
 
 
+def test_query_vector_is_the_query_embedding_and_cannot_be_changed(
+        model: LocalMiniLMEmbedding) -> None:
+    query = "which store answers fastest?"
+    vector = model.query_vector(query)
+    assert vector.tolist() == model.get_query_embedding(query)
+    assert model.query_vector(query) is vector  # cached, so it must be read-only
+    with pytest.raises(ValueError):
+        vector[0] = 0.0
+
+
 def test_batch_equals_single_whatever_the_order_and_lengths() -> None:
     # A micro-batch of 3 forces several length-sorted batches with padding in each.
     model = LocalMiniLMEmbedding(micro_batch_size=3)
