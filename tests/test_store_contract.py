@@ -654,6 +654,39 @@ def test_postgres_fills_top_k_when_the_hnsw_scan_gives_up_early(postgres_url):
     limited.close()
 
 
+def test_postgres_fills_top_k_right_after_the_nearest_chunks_are_deleted(postgres_url):
+    # Deleted rows stay in the HNSW index until VACUUM: a plain graph walk then finds
+    # mostly dead rows, and the window must go on past them.
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS dead_rows")
+        admin.execute("CREATE DATABASE dead_rows")
+        # At this size PostgreSQL would rather sort the table than walk the index.
+        admin.execute("ALTER DATABASE dead_rows SET enable_seqscan = off")
+    dead_rows_url = postgres_url.replace("/postgres?", "/dead_rows?")
+    store = open_store(dead_rows_url, load_settings({}, environ={}))
+    rng = np.random.default_rng(7)
+    query = np.asarray(local_embedding().get_query_embedding("deleted neighbours"))
+    # 200 chunks huddled around the query, so the walk's candidates are all of them.
+    vectors = rng.standard_normal((600, 384)).astype(np.float32)
+    vectors[:200] = query + 0.002 * vectors[:200]
+    by_similarity = np.argsort(-(vectors @ query / np.linalg.norm(vectors, axis=1)))
+    nearest = set(range(200))
+    nodes = [TextNode(id_=f"chunk-{i}", text=f"chunk {i}", metadata={
+        "document_id": "near" if i in nearest else f"doc-{i}"}) for i in range(600)]
+    publish_nodes(store, "thinned", nodes, vectors, local_embedding().spec, mode="vector")
+    with psycopg.connect(dead_rows_url, autocommit=True) as admin:
+        admin.execute("ALTER TABLE llamaindex_kb_chunks_" + str(admin.execute(
+            "SELECT id FROM llamaindex_kb_bases WHERE knowledge_id = 'thinned'"
+        ).fetchone()[0]) + " SET (autovacuum_enabled = off)")
+    delete_document(store, "thinned", "near")
+
+    found = _retrieve(store, "deleted neighbours", top_k=10, knowledge_id="thinned")
+
+    assert [r.metadata["chunk_id"] for r in found] == [
+        f"chunk-{i}" for i in by_similarity[200:210]]
+    store.close()
+
+
 def test_qdrant_server_reads_are_retried_through_a_brief_outage_then_reported():
     # A stand-in for a Qdrant server behind a proxy during a restart (no Qdrant server
     # can run here): every request answers 503.
