@@ -91,8 +91,9 @@ class KeywordRanking:
     def best(self, count: int) -> list[int]:
         """The first ``count`` rows in ranking order."""
         if count > len(self._ranked) and len(self._ranked) < self.rows.size:
-            # A search asks for more and more: sorting twice as many as asked keeps the
-            # partial sorts of a common term's tens of thousands of rows few.
+            # A search asks for more and more: sorting at least twice as many as were
+            # sorted before keeps the partial sorts of a common term's tens of thousands
+            # of rows few.
             self._ranked = self._first(max(count, 2 * len(self._ranked)))
         return self._ranked[:count]
 
