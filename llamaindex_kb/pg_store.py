@@ -151,6 +151,8 @@ def _factory(url: str, settings: Settings) -> PostgresStore:
 class PostgresStore(FindingStore):
     """Knowledge bases in one PostgreSQL database; a small connection pool per process."""
 
+    searches_in_process = False
+
     def __init__(self, url: str) -> None:
         self.url = url
         parts = urlsplit(url)

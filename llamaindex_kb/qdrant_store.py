@@ -139,6 +139,7 @@ class QdrantStore(FindingStore):
         query = parse_qs(parts.query)
         api_key = (query.get("api_key") or [None])[0] or api_key
         self._local = scheme == "qdrant" and not parts.netloc
+        self.searches_in_process = self._local
         try:
             port = parts.port
         except ValueError as exc:

@@ -37,16 +37,23 @@ _lock = threading.Lock()
 
 
 @functools.cache
-def local_embedding() -> LocalMiniLMEmbedding:
-    return LocalMiniLMEmbedding()
+def local_embedding(spin_threads: bool = False) -> LocalMiniLMEmbedding:
+    return LocalMiniLMEmbedding(spin_threads=spin_threads)
 
 
-def models_for(settings: Settings, session: Any | None = None) -> Models:
+def local_embedding_for(store: KnowledgeStore) -> LocalMiniLMEmbedding:
+    """The local model, its threads tuned to where ``store`` searches."""
+    return local_embedding(spin_threads=not store.searches_in_process)
+
+
+def models_for(settings: Settings, session: Any | None = None,
+               store: KnowledgeStore | None = None) -> Models:
     """The embedding model (and reranker) for one request.
 
-    ``session`` is the Dify plugin session of the request, if any. Precedence: the
-    workspace embedding model chosen in the plugin form, then an OpenAI-compatible
-    server (``embedding_base_url``), then the bundled local model.
+    ``session`` is the Dify plugin session of the request, if any; ``store`` the store
+    it searches, if known. Precedence: the workspace embedding model chosen in the
+    plugin form, then an OpenAI-compatible server (``embedding_base_url``), then the
+    bundled local model.
     """
     embed_model: BaseEmbedding | None = None
     reranker: Reranker | None = None
@@ -60,7 +67,7 @@ def models_for(settings: Settings, session: Any | None = None) -> Models:
     if embed_model is None:
         embed_model = openai_compat.embedding_for(settings)
     if embed_model is None:
-        embed_model = local_embedding()
+        embed_model = local_embedding() if store is None else local_embedding_for(store)
     return Models(embed_model=embed_model, reranker=reranker)
 
 
@@ -77,13 +84,14 @@ def library_for(settings: Settings) -> Library:
             # Per store, not per library: an endpoint without the demo may have opened
             # this store first.
             if settings.demo and url not in _demo_ready:
-                ensure_demo(library.store, local_embedding())
+                ensure_demo(library.store, local_embedding_for(library.store))
                 _demo_ready.add(url)
     return library
 
 
 def api_for(settings: Settings, session: object | None = None) -> KnowledgeAPI:
-    return KnowledgeAPI(settings, library_for(settings), models_for(settings, session))
+    library = library_for(settings)
+    return KnowledgeAPI(settings, library, models_for(settings, session, library.store))
 
 
 def ensure_demo(where: Path | KnowledgeStore, embed_model: BaseEmbedding | None) -> None:

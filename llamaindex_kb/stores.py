@@ -90,6 +90,10 @@ class KnowledgeStore(Protocol):
     """Knowledge bases by ``knowledge_id``; safe to share between threads."""
 
     url: str
+    # Whether a query's search runs in this process (the embedded store's numpy scans,
+    # Qdrant's local mode) rather than in a server: the local embedding model must
+    # then leave the cores free after each run (LocalMiniLMEmbedding.spin_threads).
+    searches_in_process: bool
 
     def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
         """The live knowledge base; ``KnowledgeBaseNotFound`` if there is none."""
@@ -197,6 +201,8 @@ class FindingStore(ABC):
 
 class LocalStore(FindingStore):
     """The embedded store: a folder of knowledge bases, each a series of versions."""
+
+    searches_in_process = True
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir

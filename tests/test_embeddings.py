@@ -174,6 +174,21 @@ def test_eight_os_threads_share_one_session_and_agree() -> None:
     assert json.loads(done.stdout) == {"sessions": 1, "identical": True}
 
 
+def test_spinning_threads_change_no_vector_and_get_a_session_of_their_own() -> None:
+    texts = ["the cat sat on the mat", words(HEAD_WORDS, 200, seed=5), "自旋线程"]
+    quiet, spinning = LocalMiniLMEmbedding(), LocalMiniLMEmbedding(spin_threads=True)
+    assert np.allclose(spinning.get_text_embedding_batch(texts),
+                       quiet.get_text_embedding_batch(texts), atol=1e-6)
+    assert spinning._session is not quiet._session
+
+    def spins(model: LocalMiniLMEmbedding) -> str:
+        assert model._session is not None
+        return model._session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")
+
+    assert (spins(quiet), spins(spinning)) == ("0", "1")
+
+
 def test_spec_id_is_stable() -> None:
     spec = LocalMiniLMEmbedding().spec
     assert spec.id == "local:all-MiniLM-L6-v2-int8:384"

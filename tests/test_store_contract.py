@@ -56,7 +56,7 @@ from llamaindex_kb.knowledge_base import QueryPlan
 from llamaindex_kb.library import Library
 from llamaindex_kb.models import Models
 from llamaindex_kb.qdrant_store import QdrantStore
-from llamaindex_kb.service import local_embedding
+from llamaindex_kb.service import api_for, local_embedding, local_embedding_for
 from llamaindex_kb.stores import KnowledgeStore, LocalStore, open_store
 
 KB = "contract"
@@ -558,6 +558,14 @@ _ODD_VALUES: list[Any] = [
     "1_000", "\u00a05", "\u0665", "Infinity", "NaN", "5 5", "0x5", "", "abc", "2015-06-01",
     "2015-06-01T12:00:00+08:00", 5, -5.5, 0.05, 1e300, 10**400, True, [5], {"a": 5}, None,
 ]
+
+
+def test_the_local_model_spins_its_threads_only_where_the_search_runs_elsewhere(
+        stores, postgres_url):
+    assert {kind: local_embedding_for(store).spin_threads for kind, store in stores.items()
+            } == {"local": False, "postgresql": True, "qdrant": False}
+    served = api_for(load_settings({"api_key": "k", "store": postgres_url}, environ={}))
+    assert served.models.embed_model.spin_threads
 
 
 def test_postgres_numeric_prefilter_never_loses_a_match_nor_fails(postgres_url):
