@@ -183,7 +183,7 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
             "instead of sleeping: a query embeds in ~7 ms instead of ~9-11. Right when "
             "the search runs in another process (PostgreSQL: served p50 20.2 against "
             "22.3 ms at 100k chunks); no gain measured when it runs in this one (the "
-            "embedded store's numpy scan, which needs both cores right after the run)."
+            "embedded store's numpy scan: p50 22.3-29.5 against 22.2-25.9 ms)."
         ),
     )
 
