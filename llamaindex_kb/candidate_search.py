@@ -17,10 +17,9 @@ store's nearest-neighbour index being approximate.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from llama_index.core.schema import BaseNode, NodeWithScore
@@ -31,16 +30,46 @@ from .knowledge_base import TINY_SCORE, QueryPlan, best_parents, parent_id
 Metadata = dict[str, Any]
 
 
+class Candidates(NamedTuple):
+    """Chunks a store found for one query, as arrays: the search's scoring is numpy work."""
+
+    rows: np.ndarray  # int64
+    similarity: np.ndarray  # float64, clipped to [0, 1]; 0 without a query vector
+    metadata: list[Metadata] | None  # None when nobody reads it: the plan has no condition
+
+    @classmethod
+    def of(cls, found: Sequence[tuple[int, float, Metadata | None]],
+           with_metadata: bool) -> Candidates:
+        """From (row, similarity, metadata) tuples, as a database cursor returns them."""
+        rows, similarity, metadata = tuple(zip(*found, strict=True)) or ((), (), ())
+        return cls(np.array(rows, np.int64), np.array(similarity, np.float64),
+                   [m or {} for m in metadata] if with_metadata else None)
+
+    def where(self, keep: np.ndarray) -> Candidates:
+        metadata = (None if self.metadata is None else
+                    [m for m, kept in zip(self.metadata, keep.tolist(), strict=True) if kept])
+        return Candidates(self.rows[keep], self.similarity[keep], metadata)
+
+    @staticmethod
+    def joined(parts: Sequence[Candidates]) -> Candidates:
+        if len(parts) == 1:
+            return parts[0]
+        metadata = (None if any(part.metadata is None for part in parts) else
+                    [m for part in parts for m in part.metadata or ()])
+        return Candidates(np.concatenate([part.rows for part in parts]),
+                          np.concatenate([part.similarity for part in parts]), metadata)
+
+
 class CandidateSource(Protocol):
     """One query's view of a store's chunks, addressed by integer row."""
 
-    def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
-        """The ``n`` chunks most similar to the query (exact distance order, pre-filtered
-        by the condition's exact part): row, similarity clipped to [0, 1], metadata."""
+    def nearest(self, n: int) -> Candidates:
+        """The ``n`` chunks most similar to the query, in exact distance order,
+        pre-filtered by the condition's exact part."""
         ...
 
-    def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
-        """Similarity (0 without a query vector) and metadata of the given rows."""
+    def lookup(self, rows: Sequence[int]) -> Candidates:
+        """Those of the given rows the store holds (and its pre-filter passes)."""
         ...
 
 
@@ -129,18 +158,27 @@ def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: 
     first; fewer only when no more chunks pass."""
     floor = max(plan.score_threshold, TINY_SCORE)
     known: set[int] = set()
-    passing: list[tuple[float, int]] = []  # (-score, row): sorts best first, ties to old
+    # Every chunk seen that passes, unordered: a few hundred at most, so sorting them
+    # whenever the cutoff is needed costs less than keeping a heap in Python.
+    passing_rows, passing_scores = np.zeros(0, np.int64), np.zeros(0, np.float64)
 
-    def admit(found: Sequence[tuple[int, float, Metadata | None]]) -> None:
-        fresh = [item for item in found if item[0] not in known]
-        rows = [row for row, _, _ in fresh]
-        similarity = np.array([sim for _, sim, _ in fresh], dtype=np.float64)
-        scores = weight * similarity + (1.0 - weight) * keyword.scores_of(rows)
-        for (row, _, metadata), score in zip(fresh, scores.tolist(), strict=True):
-            known.add(row)
-            if score >= floor and metadata is not None and (
-                    plan.condition is None or matches(plan.condition, metadata)):
-                passing.append((-score, row))
+    def admit(found: Candidates) -> None:
+        nonlocal passing_rows, passing_scores
+        rows = found.rows.tolist()
+        keep = np.array([row not in known for row in rows], dtype=bool)
+        known.update(rows)
+        scores = weight * found.similarity + (1.0 - weight) * keyword.scores_of(found.rows)
+        keep &= scores >= floor
+        if plan.condition is not None:
+            assert found.metadata is not None, "a condition needs the candidates' metadata"
+            for at in np.flatnonzero(keep).tolist():
+                keep[at] = matches(plan.condition, found.metadata[at])
+        passing_rows = np.concatenate((passing_rows, found.rows[keep]))
+        passing_scores = np.concatenate((passing_scores, scores[keep]))
+
+    def best() -> np.ndarray:
+        """Indices into passing_* of the best ``want``, best first, ties to the older row."""
+        return np.lexsort((passing_rows, -passing_scores))[:want]
 
     looked_up = 0  # the first `looked_up` keyword rows in ranking order are all known
     n = first_window(want)
@@ -149,12 +187,12 @@ def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: 
         if weight > 0.0:
             window = source.nearest(n)
             admit(window)
-            window_done = len(window) < n
-            outside = 0.0 if window_done else weight * window[-1][1]
+            window_done = window.rows.size < n
+            outside = 0.0 if window_done else weight * float(window.similarity[-1])
         batch = first_lookup(want)
         while True:
-            best = heapq.nsmallest(want, passing)
-            cutoff = -best[-1][0] if len(best) == want else floor
+            chosen = best()
+            cutoff = float(passing_scores[chosen[-1]]) if chosen.size == want else floor
             # Keyword chunks outside the window that could still reach the cutoff.
             reachable = keyword.at_least((cutoff - outside) / (1.0 - weight)) if weight < 1 else 0
             if looked_up >= reachable:
@@ -162,13 +200,14 @@ def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: 
             end = min(reachable, looked_up + batch)
             pending = [row for row in keyword.best(end)[looked_up:] if row not in known]
             if pending:
-                found = source.lookup(pending)
-                admit([(row, *found.get(row, (0.0, None))) for row in pending])
+                admit(source.lookup(pending))
+                known.update(pending)  # rows the store did not return cannot pass either
             looked_up = end
             batch *= 2
         # A chunk with no keyword score and outside the window scores at most `outside`.
         if window_done or outside < cutoff:
-            return [(row, -negative) for negative, row in best]
+            return list(zip(passing_rows[chosen].tolist(), passing_scores[chosen].tolist(),
+                            strict=True))
         n *= 4
 
 

@@ -50,7 +50,13 @@ from psycopg import pq, sql
 from psycopg.adapt import Dumper
 from psycopg.types.json import Json, Jsonb
 
-from .candidate_search import KeywordRanking, Metadata, first_lookup, first_window, retrieve
+from .candidate_search import (
+    Candidates,
+    KeywordRanking,
+    first_lookup,
+    first_window,
+    retrieve,
+)
 from .config import Settings
 from .errors import (
     ConfigurationError,
@@ -417,14 +423,15 @@ class _Search:
         self.cur, self.base, self.query_vector = cur, base, query_vector
         pushdown = sql_prefilter(plan.condition) if plan.condition is not None else None
         self.filtered = pushdown is not None
+        self.with_metadata = plan.condition is not None
         where, self.where_params = pushdown if pushdown is not None else ("TRUE", [])
         self.sql = _search_sql(base.chunks.as_string(), plan.condition is not None, where,
                                query_vector is not None)
         # Queries sent ahead (send_window, send_lookup), read when rank asks for them.
         self._window: tuple[int, psycopg.Cursor] | None = None
-        self._lookup: tuple[set[int], psycopg.Cursor] | None = None
-        self._looked_up: dict[int, tuple[float, Metadata]] = {}  # answers to send_lookup
-        self._sent: set[int] = set()  # the rows send_lookup asked for
+        self._lookup: psycopg.Cursor | None = None
+        self._sent: set[int] = set()  # the rows send_lookup asked for...
+        self._ahead = Candidates.of([], self.with_metadata)  # ...and the answer
         self._iterating = False  # hnsw.iterative_scan is on in this transaction
 
     def send_window(self, n: int) -> None:
@@ -434,25 +441,26 @@ class _Search:
 
     def send_lookup(self, rows: Sequence[int]) -> None:
         """Send the query of ``lookup(rows)`` now (in pipeline mode: without waiting)."""
-        self._lookup = (set(rows), self._send_lookup(self.cur.connection.cursor(), rows))
+        self._sent = set(rows)
+        self._lookup = self._send_lookup(self.cur.connection.cursor(), rows)
 
-    def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
+    def nearest(self, n: int) -> Candidates:
         assert self.query_vector is not None, "a vector window needs a query vector"
         scan = self._first_scan(n)
         if self._window is not None and self._window[0] == n:
-            found = _window_rows(self._window[1])
+            found = self._candidates(self._window[1])
             self._window = None
         else:
-            found = _window_rows(self._send_nearest(self.cur, n, scan))
+            found = self._candidates(self._send_nearest(self.cur, n, scan))
         # A short window is the end only when it could not have held more. Otherwise
         # the walk met rows it had to drop (filtered out, or deleted and not yet
         # vacuumed): iterating goes on past them, in exact distance order, up to
         # hnsw.max_scan_tuples rows (20k by default); an ORDER BY the index cannot
         # serve ranks every matching row exactly.
         for fallback in _FALLBACKS[scan]:
-            if len(found) >= n or (not self.filtered and n >= self.base.chunk_count):
+            if found.rows.size >= n or (not self.filtered and n >= self.base.chunk_count):
                 break
-            found = _window_rows(self._send_nearest(self.cur, n, fallback))
+            found = self._candidates(self._send_nearest(self.cur, n, fallback))
         return found
 
     def _first_scan(self, n: int) -> _Scan:
@@ -477,15 +485,19 @@ class _Search:
                     [self.query_vector, *self.where_params, n], binary=True)
         return cur
 
-    def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
+    def lookup(self, rows: Sequence[int]) -> Candidates:
         if self._lookup is not None:
-            self._sent, cur = self._lookup
-            self._looked_up = _lookup_rows(cur)
+            self._ahead = self._candidates(self._lookup)
             self._lookup = None
-        found = {row: self._looked_up[row] for row in rows if row in self._looked_up}
+        wanted = set(rows)
+        found = [self._ahead.where(np.array([row in wanted for row in self._ahead.rows.tolist()],
+                                            dtype=bool))]
         if rest := [row for row in rows if row not in self._sent]:
-            found.update(_lookup_rows(self._send_lookup(self.cur, rest)))
-        return found
+            found.append(self._candidates(self._send_lookup(self.cur, rest)))
+        return Candidates.joined(found)
+
+    def _candidates(self, cur: psycopg.Cursor) -> Candidates:
+        return Candidates.of(cur.fetchall(), self.with_metadata)
 
     def _send_lookup(self, cur: psycopg.Cursor, rows: Sequence[int]) -> psycopg.Cursor:
         cur.execute(self.sql.lookup,
@@ -561,14 +573,6 @@ def _reading(cur: psycopg.Cursor) -> Iterator[psycopg.Cursor]:
 
 
 # --- keyword index -------------------------------------------------------------------
-
-
-def _window_rows(cur: psycopg.Cursor) -> list[tuple[int, float, Metadata]]:
-    return [(row, similarity, metadata or {}) for row, similarity, metadata in cur.fetchall()]
-
-
-def _lookup_rows(cur: psycopg.Cursor) -> dict[int, tuple[float, Metadata]]:
-    return {row: (similarity, metadata or {}) for row, similarity, metadata in cur.fetchall()}
 
 
 class _KeywordSide:

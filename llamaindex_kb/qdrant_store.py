@@ -67,7 +67,7 @@ from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from .candidate_search import KeywordRanking, Metadata, retrieve
+from .candidate_search import Candidates, KeywordRanking, retrieve
 from .config import Settings
 from .errors import ConfigurationError, KBError, KnowledgeBaseNotFound, StoreUnavailableError
 from .filters import to_metadata_filters
@@ -500,7 +500,7 @@ class _Search:
         norm = float(np.linalg.norm(stored))
         return _clip(float(stored @ self.query_vector) / norm) if norm else 0.0
 
-    def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
+    def nearest(self, n: int) -> Candidates:
         assert self.query_vector is not None, "a vector window needs a query vector"
         points = self.client.query_points(
             self.base.collection, query=self.query_vector.tolist(), using="dense",
@@ -510,17 +510,17 @@ class _Search:
             row, similarity = int(point.id), _clip(point.score)
             self.similarity[row] = similarity
             metadata = self.payloads.setdefault(row, point.payload or {}).get("metadata")
-            window.append((row, similarity, metadata or {}))
-        return window
+            window.append((row, similarity, metadata))
+        return Candidates.of(window, with_metadata=True)
 
-    def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
+    def lookup(self, rows: Sequence[int]) -> Candidates:
         missing = [row for row in rows if row not in self.payloads]
         if missing:
             # Metadata only: the node JSON is fetched later for the few rows returned.
             self._fetch(missing, ["metadata"], vectors=self.query_vector is not None)
-        return {row: (self.similarity.get(row, 0.0),
-                      self.payloads[row].get("metadata") or {})
-                for row in rows if row in self.payloads}
+        return Candidates.of([(row, self.similarity.get(row, 0.0),
+                               self.payloads[row].get("metadata"))
+                              for row in rows if row in self.payloads], with_metadata=True)
 
     def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
         missing = [row for row in rows if "node" not in self.payloads.get(row, {})]

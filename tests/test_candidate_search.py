@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from llamaindex_kb.candidate_search import KeywordRanking, Metadata, rank
+from llamaindex_kb.candidate_search import Candidates, KeywordRanking, Metadata, rank
 from llamaindex_kb.filters import matches, parse_metadata_condition
 from llamaindex_kb.knowledge_base import QueryPlan, best_parents
 
@@ -23,14 +23,17 @@ class ArraySource:
                       if prefilter[r]]
         self.rows_read = 0
 
-    def nearest(self, n: int) -> list[tuple[int, float, Metadata]]:
+    def nearest(self, n: int) -> Candidates:
         self.rows_read += min(n, len(self.order))
-        return [(row, float(self.similarity[row]), self.metadata[row])
-                for row in self.order[:n]]
+        return self._found(self.order[:n])
 
-    def lookup(self, rows: Sequence[int]) -> dict[int, tuple[float, Metadata]]:
+    def lookup(self, rows: Sequence[int]) -> Candidates:
         self.rows_read += len(rows)
-        return {row: (float(self.similarity[row]), self.metadata[row]) for row in rows}
+        return self._found(rows)
+
+    def _found(self, rows: Sequence[int]) -> Candidates:
+        return Candidates.of([(row, float(self.similarity[row]), self.metadata[row])
+                              for row in rows], with_metadata=True)
 
 
 def _exhaustive(similarity, keyword, metadata, weight, plan, want):
