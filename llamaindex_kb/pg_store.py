@@ -425,7 +425,7 @@ class _Search:
         self.filtered = pushdown is not None
         self.with_metadata = plan.condition is not None
         where, self.where_params = pushdown if pushdown is not None else ("TRUE", [])
-        self.sql = _search_sql(base.chunks.as_string(), plan.condition is not None, where,
+        self.sql = _search_sql(base.chunks.as_string(), self.with_metadata, where,
                                query_vector is not None)
         # Queries sent ahead (send_window, send_lookup), read when rank asks for them.
         self._window: tuple[int, psycopg.Cursor] | None = None
