@@ -272,6 +272,22 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(stolen, all) CPU ticks since boot, from Linux's /proc/stat; (0, 0) elsewhere."""
+    try:
+        ticks = [int(field) for field in Path("/proc/stat").read_text().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return ticks[7], sum(ticks)
+
+
+def _stolen(since: tuple[int, int]) -> str:
+    """The share of CPU time a hypervisor gave other guests since ``since``: on a shared
+    VM it tells a slow run from slow code."""
+    stolen, total = (now - then for now, then in zip(_cpu_ticks(), since, strict=True))
+    return f"   cpu stolen {stolen / total:4.1%}" if total else ""
+
+
 def scale(datasets_dir: Path, target: Target, size: int, queries: int) -> None:
     print(f"\n== scale: {size} chunks, hybrid, fresh `serve` process ==")
     knowledge_id = f"synthetic-{size}"
@@ -306,14 +322,14 @@ def scale(datasets_dir: Path, target: Target, size: int, queries: int) -> None:
             # own time apart from the query embedding's.
             for label, cond in (("no filter", None), ("filter", condition),
                                 ("repeated", None)):
-                server_ms, trip_ms = [], []
+                server_ms, trip_ms, ticks = [], [], _cpu_ticks()
                 for text in texts:
                     records, s_ms, t_ms = retrieve(client, url, key, knowledge_id, text, 10, cond)
                     assert len(records) == 10, "top_k must be filled"
                     server_ms.append(s_ms)
                     trip_ms.append(t_ms)
                 print(f"  {label:<10} server {percentiles(server_ms)}   "
-                      f"round trip {percentiles(trip_ms)}", flush=True)
+                      f"round trip {percentiles(trip_ms)}{_stolen(ticks)}", flush=True)
         print(f"  peak memory of the server process: {_peak_rss_mb(proc.pid):.0f} MB")
     finally:
         proc.terminate()
