@@ -489,9 +489,7 @@ class _Search:
         if self._lookup is not None:
             self._ahead = self._candidates(self._lookup)
             self._lookup = None
-        wanted = set(rows)
-        found = [self._ahead.where(np.array([row in wanted for row in self._ahead.rows.tolist()],
-                                            dtype=bool))]
+        found = [self._ahead.where(np.isin(self._ahead.rows, rows))]
         if rest := [row for row in rows if row not in self._sent]:
             found.append(self._candidates(self._send_lookup(self.cur, rest)))
         return Candidates.joined(found)
