@@ -159,8 +159,9 @@ texts = ["the cat sat on the mat " * n for n in (1, 5, 20)] + ["并发调用"]
 
 def embed(_):
     model = LocalMiniLMEmbedding()
+    session = model.session()  # the racing creation: each thread keeps what it got
     vectors = model.get_text_embedding_batch(texts)
-    return id(model.session()), vectors
+    return id(session), vectors
 
 with ThreadPoolExecutor(max_workers=8) as pool:
     results = list(pool.map(embed, range(8)))
