@@ -12,9 +12,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigurationError
+from .limits import DEFAULT_LIMITS, Limits
 
 ENV_PREFIX = "LLAMAINDEX_KB_"
 
@@ -52,6 +61,31 @@ class Settings(BaseModel):
     embedding_base_url: str | None = None
     embedding_api_key: SecretStr | None = None
     embedding_model_name: str | None = None
+    # Request limits (limits.py); None keeps the default.
+    max_body_bytes: int | None = None
+    max_query_chars: int | None = None
+    max_conditions: int | None = None
+    max_condition_values: int | None = None
+    max_upload_bytes: int | None = None
+    max_inflated_bytes: int | None = None
+    max_extracted_chars: int | None = None
+    max_markup_depth: int | None = None
+    max_chunks_per_document: int | None = None
+
+    @property
+    def limits(self) -> Limits:
+        given = {name[len("max_"):]: getattr(self, name) for name in _LIMIT_FIELDS
+                 if getattr(self, name) is not None}
+        return Limits.model_validate(given) if given else DEFAULT_LIMITS
+
+    @model_validator(mode="after")
+    def _limits_in_range(self) -> Settings:
+        try:
+            self.limits  # noqa: B018  (validates the max_* values together)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"max_{first['loc'][0]}: {first['msg']}") from None
+        return self
 
     @field_validator("retrieval_mode", mode="before")
     @classmethod
@@ -69,6 +103,9 @@ class Settings(BaseModel):
         if value is not None and not value.get_secret_value().strip():
             return None
         return value
+
+
+_LIMIT_FIELDS = tuple(f"max_{name}" for name in Limits.model_fields)
 
 
 def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -97,8 +134,10 @@ def load_settings(
         return Settings(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise ConfigurationError(f"setting {field}: {first['msg']}") from exc
+        field = ".".join(str(part) for part in first["loc"])
+        if not field and first["type"] == "value_error":  # a check across fields
+            raise ConfigurationError(f"setting {first['ctx']['error']}") from exc
+        raise ConfigurationError(f"setting {field or 'settings'}: {first['msg']}") from exc
 
 
 def default_plugin_data_dir(environ: Mapping[str, str]) -> Path:

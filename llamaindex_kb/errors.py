@@ -17,12 +17,17 @@ The hierarchy::
     │   ├── InvalidFilterError   3003  metadata_condition cannot be evaluated (names the condition)
     │   └── EmbeddingMismatchError 3004  knowledge base was built with another embedding
     ├── ConfigurationError       400  3005  settings or store URL are wrong (actionable message)
-    ├── PayloadTooLargeError     413  3006
-    └── StoreUnavailableError    503  5003  a transient outage, after retries
+    ├── PayloadTooLargeError     413  3006  over a limit (body, query, file, what it expands to)
+    ├── StoreUnavailableError    503  5003  a transient outage, after retries
+    ├── KnowledgeBaseDamaged     500  5001  a knowledge base's files are damaged (names it)
+    └── DiskFullError            507  5007  no space left to write; nothing was changed
 
 Anything else is an unexpected failure: 500 / 5000 with a generic message and a
-logged traceback. Dify retries 429 and 5xx four times, so nothing deterministic
-may map there: the table test keeps that true.
+logged traceback. Dify retries 429, 500, 502, 503 and 504 three times, so nothing a
+client sent may map there: the table test keeps that true. ``KnowledgeBaseDamaged``
+is a deterministic failure of ours that Dify will retry; it still answers 500, with
+a message that tells the operator what to do. A full disk answers 507, which Dify
+does not retry.
 """
 
 from __future__ import annotations
@@ -114,6 +119,24 @@ class PayloadTooLargeError(KBError):
 class StoreUnavailableError(KBError):
     status = 503
     error_code = 5003
+
+
+class KnowledgeBaseDamaged(KBError):
+    status = 500
+    error_code = 5001
+
+    @classmethod
+    def naming(cls, knowledge_id: str, problem: str) -> KnowledgeBaseDamaged:
+        return cls(
+            f"knowledge base {knowledge_id!r} is damaged ({problem}); the other knowledge "
+            "bases are unaffected: drop it and ingest its documents again, or restore its "
+            "folder from a backup"
+        )
+
+
+class DiskFullError(KBError):
+    status = 507
+    error_code = 5007
 
 
 INTERNAL_ERROR_CODE = 5000

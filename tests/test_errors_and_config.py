@@ -26,8 +26,9 @@ def test_no_error_maps_to_a_status_dify_misreads(cls):
     status, code = cls.status, cls.error_code
     assert status != 401, "Dify accepts a wrong key at save time when it sees 401"
     if status in {429, 500, 502, 503, 504}:
-        # Dify retries these four times: only genuinely transient or unexpected failures.
-        assert cls in {KBError, errors.StoreUnavailableError}
+        # Dify retries these three times: only transient or unexpected failures, and a
+        # damaged knowledge base, which is our failure and must show in monitoring as one.
+        assert cls in {KBError, errors.StoreUnavailableError, errors.KnowledgeBaseDamaged}
     assert 1000 <= code < 6000
 
 
