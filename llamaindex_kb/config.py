@@ -39,6 +39,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     api_key: SecretStr | None = None
+    # A file holding the key (first line), so it appears in no process list or shell
+    # history; read once by load_settings. An explicit api_key wins.
+    api_key_file: Path | None = None
     data_dir: Path = STANDALONE_DATA_DIR
     # Where knowledge bases live (stores.py): None means local://<data_dir>;
     # postgresql://user:password@host:5432/db shares them between processes.
@@ -130,6 +133,8 @@ def load_settings(
     for name, value in (explicit or {}).items():
         if value is not None and value != "":
             values[name] = value
+    if values.get("api_key_file") and not values.get("api_key"):
+        values["api_key"] = _read_key_file(Path(values["api_key_file"]))
     try:
         return Settings(**values)
     except ValidationError as exc:
@@ -138,6 +143,18 @@ def load_settings(
         if not field and first["type"] == "value_error":  # a check across fields
             raise ConfigurationError(f"setting {first['ctx']['error']}") from exc
         raise ConfigurationError(f"setting {field or 'settings'}: {first['msg']}") from exc
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(
+            f"setting api_key_file: cannot read {str(path)!r} ({type(exc).__name__})") from exc
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigurationError(f"setting api_key_file: {str(path)!r} is empty")
+    return key
 
 
 def default_plugin_data_dir(environ: Mapping[str, str]) -> Path:
