@@ -20,7 +20,7 @@ from werkzeug.routing import Map, Rule
 
 from . import documents
 from .config import Settings
-from .contract import RetrievalResponse, error_body, parse_retrieval_request
+from .contract import RetrievalResponse, error_body, parse_retrieval_request, read_body
 from .errors import (
     KBError,
     MethodNotAllowed,
@@ -133,7 +133,8 @@ class KnowledgeAPI:
             raise WrongKeyError("the API key does not match the one configured for this endpoint")
 
     def _retrieval(self, request: Request) -> Response:
-        parsed = parse_retrieval_request(request.get_data(cache=False))
+        limits = self.settings.limits
+        parsed = parse_retrieval_request(read_body(request, limits), limits)
         if parsed.is_probe:
             return json_response(RetrievalResponse(records=[]).model_dump())
         records = self.library.retrieve(parsed, self.models)

@@ -9,6 +9,14 @@ The published spec is half the contract; the other half is what Dify really send
 * ``score_threshold`` may arrive as an int (0 or 1);
 * the console retrieval test escapes ``"`` as ``\\"`` inside the query: undone here;
 * ``metadata_condition`` absent, null, ``{}`` or with no conditions means "no filter".
+
+And what a hostile client sends is refused with a 4xx naming the problem, before
+any work: a body over ``Limits.body_bytes`` (413, judged by ``Content-Length`` or
+by reading one byte past the limit), bytes that are not UTF-8, JSON that is not
+strict (``NaN``, ``Infinity``, integers past Python's 4,300 digits, nesting past
+``MAX_DEPTH``), lone surrogates or NUL characters in any string, a query over
+``Limits.query_chars``, more conditions or listed values than the limits allow.
+The body's ``Content-Type`` is not checked: Dify's save-time probe sends none.
 """
 
 from __future__ import annotations
@@ -17,12 +25,17 @@ import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from werkzeug import Request
 
 from .errors import InvalidFieldError, MalformedBodyError
 from .filters import MetadataCondition, parse_metadata_condition
+from .limits import DEFAULT_LIMITS, Limits, over_limit
 
 DEFAULT_TOP_K = 4
 MAX_TOP_K = 1000
+# Dify's body is three levels deep; a metadata value list adds one.
+MAX_DEPTH = 16
+KNOWLEDGE_ID_MAX = 200
 
 
 class RetrievalRequest(BaseModel):
@@ -57,30 +70,105 @@ class RetrievalResponse(BaseModel):
 PROBE = RetrievalRequest(knowledge_id="", query="", top_k=1)
 
 
-def parse_retrieval_request(body: bytes) -> RetrievalRequest:
-    """Parse the raw body Dify sends; raise a 400-class error naming the bad field."""
-    if not body.strip():
-        return PROBE
+def read_body(request: Request, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The request body, refused with 413 before it is read when it is over the limit."""
+    limit = limits.body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise over_limit("the request body", length, "body_bytes", limit)
+    # A chunked body has no length: read one byte past the limit to know.
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise over_limit("the request body", None, "body_bytes", limit)
+    return body
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A strict JSON object from raw bytes, or a 400 saying what is wrong with it."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MalformedBodyError(
+            f"request body is not valid UTF-8: byte 0x{body[exc.start]:02x} at offset "
+            f"{exc.start}") from exc
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise MalformedBodyError(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedBodyError(
+            f"request body nests deeper than {MAX_DEPTH} levels") from exc
+    except ValueError as exc:  # int() past sys.get_int_max_str_digits(), or a constant
         raise MalformedBodyError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise MalformedBodyError("request body must be a JSON object")
+        raise MalformedBodyError(
+            f"request body must be a JSON object, got {_json_type(data)}")
+    _check_strings(data)
+    return data
 
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_strings(data: dict[str, Any]) -> None:
+    """Refuse nesting past MAX_DEPTH, and strings no store can hold: lone surrogates
+    (valid as JSON escapes, not encodable as UTF-8) and NUL (PostgreSQL refuses it).
+    The query is exempt from the NUL rule: ``parse_retrieval_request`` drops its NULs."""
+    todo: list[tuple[object, str, int]] = [(data, "", 0)]
+    while todo:
+        value, place, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise MalformedBodyError(f"request body nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, str):
+            _check_text(value, place or "request body", allow_nul=place == "query")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"{place or 'request body'} key", allow_nul=False)
+                todo.append((item, f"{place}.{key}" if place else key, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((item, f"{place}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _check_text(text: str, place: str, *, allow_nul: bool) -> None:
+    if text.isascii():
+        if not allow_nul and "\x00" in text:
+            raise InvalidFieldError(place, "must not contain NUL characters (\\u0000)")
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidFieldError(
+            place, f"contains a lone surrogate (\\u{ord(text[exc.start]):04x}): not valid "
+            "Unicode text") from exc
+    if not allow_nul and "\x00" in text:
+        raise InvalidFieldError(place, "must not contain NUL characters (\\u0000)")
+
+
+def parse_retrieval_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> RetrievalRequest:
+    """Parse the raw body Dify sends; raise a 4xx-class error naming the bad field."""
+    if not body.strip():
+        return PROBE
+    data = parse_json_object(body)
     knowledge_id = _string(data, "knowledge_id", required=True)
-    query = _string(data, "query", required=False).replace('\\"', '"')
+    if len(knowledge_id) > KNOWLEDGE_ID_MAX or not knowledge_id.isprintable():
+        raise InvalidFieldError(
+            "knowledge_id", f"must be at most {KNOWLEDGE_ID_MAX} printable characters")
+    query = _string(data, "query", required=False).replace('\\"', '"').replace("\x00", "")
+    if len(query) > limits.query_chars:
+        raise over_limit("query", len(query), "query_chars", limits.query_chars, "characters")
     setting = data.get("retrieval_setting")
     if setting is None:
         setting = {}
     if not isinstance(setting, dict):
-        raise InvalidFieldError("retrieval_setting", "must be an object")
+        raise InvalidFieldError(
+            "retrieval_setting", f"must be an object, got {_json_type(setting)}")
     return RetrievalRequest(
         knowledge_id=knowledge_id,
         query=query,
         top_k=_top_k(setting.get("top_k")),
         score_threshold=_score_threshold(setting.get("score_threshold")),
-        condition=parse_metadata_condition(data.get("metadata_condition")),
+        condition=parse_metadata_condition(data.get("metadata_condition"), limits),
     )
 
 
@@ -106,7 +194,7 @@ def _top_k(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidFieldError(field, f"must be an integer, got {_json_type(value)}")
     if not 1 <= value <= MAX_TOP_K:
-        raise InvalidFieldError(field, f"must be between 1 and {MAX_TOP_K}, got {value}")
+        raise InvalidFieldError(field, f"must be between 1 and {MAX_TOP_K}, got {_short(value)}")
     return value
 
 
@@ -117,13 +205,20 @@ def _score_threshold(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidFieldError(field, f"must be a number, got {_json_type(value)}")
     if not 0.0 <= value <= 1.0:
-        raise InvalidFieldError(field, f"must be between 0 and 1, got {value}")
+        raise InvalidFieldError(field, f"must be between 0 and 1, got {_short(value)}")
     return float(value)
 
 
 def _json_type(value: object) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+             type(None): "null"}
     return names.get(type(value), "object")
+
+
+def _short(number: float) -> str:
+    """A number for a message: a client's 4,000-digit integer is not echoed whole."""
+    text = repr(number) if isinstance(number, float) else str(number)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
 
 
 def error_body(error_code: int, error_msg: str) -> dict[str, Any]:

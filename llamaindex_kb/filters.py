@@ -179,6 +179,7 @@ from pydantic import (
 )
 
 from .errors import InvalidFilterError
+from .limits import DEFAULT_LIMITS, Limits, over_limit
 
 __all__ = [
     "Condition",
@@ -292,17 +293,35 @@ class MetadataCondition(BaseModel):
         return [condition for condition in self.conditions if not condition.skipped]
 
 
-def parse_metadata_condition(raw: object) -> MetadataCondition | None:
+def parse_metadata_condition(
+    raw: object, limits: Limits = DEFAULT_LIMITS
+) -> MetadataCondition | None:
     """Validate a request's ``metadata_condition``; ``None`` means "no filter"."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         raise InvalidFilterError(f"metadata_condition: expected an object, got {_describe(raw)}")
+    _check_sizes(raw, limits)
     try:
         condition = MetadataCondition.model_validate(dict(raw))
     except ValidationError as exc:
         raise InvalidFilterError(_first_problem(exc)) from exc
     return condition if condition.effective_conditions else None
+
+
+def _check_sizes(raw: Mapping[str, Any], limits: Limits) -> None:
+    """Count before validating: what pydantic would walk is bounded by the limits."""
+    conditions = raw.get("conditions")
+    if not isinstance(conditions, list):
+        return
+    if len(conditions) > limits.conditions:
+        raise over_limit("metadata_condition.conditions", len(conditions), "conditions",
+                         limits.conditions, "conditions")
+    for i, condition in enumerate(conditions):
+        value = condition.get("value") if isinstance(condition, Mapping) else None
+        if isinstance(value, list) and len(value) > limits.condition_values:
+            raise over_limit(f"metadata_condition.conditions[{i}].value", len(value),
+                             "condition_values", limits.condition_values, "values")
 
 
 # Wording for pydantic's own error types; our validators' messages are used as they are.

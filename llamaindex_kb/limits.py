@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import PayloadTooLargeError
+
 MiB = 1024 * 1024
 
 
@@ -38,3 +40,16 @@ class Limits(BaseModel):
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def over_limit(what: str, size: int | None, limit: str, value: int, unit: str = "bytes"
+               ) -> PayloadTooLargeError:
+    """The 413 for ``what`` over ``Limits.<limit>`` (= ``value``), naming its setting.
+
+    ``size`` is None when only "more than the limit" is known (a body without a length).
+    """
+    measured = f"{size:,} {unit}" if size is not None else f"more than {value:,} {unit}"
+    return PayloadTooLargeError(
+        f"{what} is {measured}, over the limit of {value:,} {unit} "
+        f"(setting LLAMAINDEX_KB_MAX_{limit.upper()})"
+    )
