@@ -75,7 +75,7 @@ class KnowledgeAPI:
                 Rule("/knowledge-bases", methods=["GET"], endpoint=self._knowledge_bases),
                 Rule("/knowledge-bases/<knowledge_id>/documents", methods=["GET"],
                      endpoint=self._documents),
-                Rule("/knowledge-bases/<knowledge_id>/documents/<document_id>",
+                Rule("/knowledge-bases/<knowledge_id>/documents/<path:document_id>",
                      methods=["DELETE"], endpoint=self._delete_document),
             ],
             strict_slashes=False,
