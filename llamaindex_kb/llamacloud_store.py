@@ -73,6 +73,7 @@ from .config import Settings
 from .errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
 from .filters import _tests, matches, to_metadata_filters
 from .knowledge_base import DocumentInfo, KBManifest, QueryPlan
+from .redaction import redact_text
 from .stores import Change, Published, register
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class LlamaCloudStore:
                          (("project", self.project), ("organization", self.organization))
                          if v)
         self.url = f"llamacloud://{netloc}/" + (f"?{query}" if query else "")
+        self._api_key = api_key  # only to keep it out of what LlamaCloud's errors echo
         self._client = httpx.Client(
             base_url=self.base_url, transport=transport,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
@@ -271,7 +273,7 @@ class LlamaCloudStore:
                 else:
                     raise ConfigurationError(
                         f"LlamaCloud refused {method} {path} (HTTP {status}): "
-                        f"{_detail(response)}")
+                        f"{redact_text(_detail(response), [self._api_key])}")
             log.warning("LlamaCloud %s %s: %s; retrying", method, path, problem)
             if time.monotonic() + delay >= deadline - 0.05:
                 raise StoreUnavailableError(

@@ -36,6 +36,7 @@ from pydantic import Field, PrivateAttr, SecretStr
 from .config import Settings
 from .embeddings import BlockingEmbedding, EmbeddingSpec
 from .errors import ConfigurationError, EmbeddingMismatchError, StoreUnavailableError
+from .redaction import redact_text, redact_url, url_secrets
 
 SPEC_KIND = "openai"
 PROBE_TEXT = "dimension"
@@ -86,6 +87,17 @@ class OpenAICompatibleEmbedding(BlockingEmbedding):
         return self.base_url.rstrip("/") + "/embeddings"
 
     @property
+    def shown_url(self) -> str:
+        """``url`` as messages show it: a password or key in it masked."""
+        return redact_url(self.url)
+
+    def _scrubbed(self, text: str) -> str:
+        """A server's or the network's words without our secrets: servers echo a
+        rejected key (OpenAI shows part of it), and errors may quote the URL."""
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        return redact_text(text, (key, *url_secrets(self.url)))
+
+    @property
     def spec(self) -> EmbeddingSpec:
         if self._dimension is None:
             self._embed([PROBE_TEXT], self.query_timeout)
@@ -124,7 +136,7 @@ class OpenAICompatibleEmbedding(BlockingEmbedding):
                     timeout=_timeout(deadline),
                 )
             except httpx.TransportError as exc:
-                failure = _Transient(_describe(exc))
+                failure = _Transient(self._scrubbed(_describe(exc)))
             else:
                 failure = self._failure(response)
                 if failure is None:
@@ -148,23 +160,23 @@ class OpenAICompatibleEmbedding(BlockingEmbedding):
         status = response.status_code
         if 200 <= status < 300:
             return None
-        detail = _detail(response)
+        detail = self._scrubbed(_detail(response))
         if status in _TRANSIENT_STATUSES or status >= 500:
             return _Transient(f"HTTP {status}{detail}", _retry_after(response))
         if status in (401, 403):
             raise ConfigurationError(
-                f"the embedding server at {self.url} refused the request with HTTP {status}"
+                f"the embedding server at {self.shown_url} refused the request with HTTP {status}"
                 f"{detail}: check the embedding_api_key setting"
             )
         if status == 404:
             raise ConfigurationError(
-                f"the embedding server answered HTTP 404 for POST {self.url}{detail}: check "
+                f"the embedding server answered HTTP 404 for POST {self.shown_url}{detail}: check "
                 "the embedding_base_url setting (OpenAI-compatible servers serve "
                 "<base>/embeddings, so it usually ends in /v1) and embedding_model_name "
                 f"({self.model_name!r})"
             )
         raise ConfigurationError(
-            f"the embedding server at {self.url} rejected the request with HTTP {status}"
+            f"the embedding server at {self.shown_url} rejected the request with HTTP {status}"
             f"{detail}: check the embedding_model_name setting ({self.model_name!r})"
         )
 
@@ -198,7 +210,7 @@ class OpenAICompatibleEmbedding(BlockingEmbedding):
             # The new length is kept, so the next query meets the knowledge base's own
             # spec check and its clear "rebuild" message instead of this one again.
             raise EmbeddingMismatchError(
-                f"the embedding server at {self.url} now returns {dimension}-dimensional "
+                f"the embedding server at {self.shown_url} now returns {dimension}-dimensional "
                 f"vectors for {self.model_name!r}, not {known} as before: the model behind "
                 "it changed, so knowledge bases built with it need rebuilding"
             )
@@ -213,13 +225,13 @@ class OpenAICompatibleEmbedding(BlockingEmbedding):
 
     def _unavailable(self, failure: _Transient, attempts: int, budget: float) -> Exception:
         return StoreUnavailableError(
-            f"the embedding server at {self.url} is unavailable: {failure.reason} "
+            f"the embedding server at {self.shown_url} is unavailable: {failure.reason} "
             f"({attempts} attempt{'s' if attempts > 1 else ''} within {budget:g} s)"
         )
 
     def _not_embeddings(self, problem: str) -> Exception:
         return ConfigurationError(
-            f"the server at {self.url} did not answer like an OpenAI embeddings API "
+            f"the server at {self.shown_url} did not answer like an OpenAI embeddings API "
             f"({problem}): check the embedding_base_url setting"
         )
 
@@ -271,7 +283,7 @@ def embedding_for(settings: Settings) -> OpenAICompatibleEmbedding | None:
         parsed = None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigurationError(
-            f"setting embedding_base_url: {base_url!r} is not an http(s) URL; e.g. "
+            f"setting embedding_base_url: {redact_url(base_url)!r} is not an http(s) URL; e.g. "
             "https://api.openai.com/v1 or http://localhost:11434/v1"
         )
     model_name = (settings.embedding_model_name or "").strip()

@@ -26,6 +26,7 @@ from .errors import KBError
 from .ingest import file_source, ingest_paths, scan
 from .library import DEMO_KB, DEMO_SOURCE, Library
 from .models import Models
+from .redaction import redact_url
 from .rerank import Reranker
 from .stores import KnowledgeStore, as_store, store_url
 
@@ -109,7 +110,7 @@ def ensure_demo(where: Path | KnowledgeStore, embed_model: BaseEmbedding | None)
         if {k: v.content_hash for k, v in existing.documents.items()} == wanted:
             return
         store.drop(DEMO_KB)
-    log.info("building the demo knowledge base in %s", store.url)
+    log.info("building the demo knowledge base in %s", redact_url(store.url))
     ingest_paths(store, DEMO_KB, [DEMO_SOURCE], embed_model=embed_model)
 
 
