@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import select
+import socket
 import struct
 import threading
 import time
@@ -39,7 +42,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, NamedTuple
-from urllib.parse import urlsplit
 
 import numpy as np
 import psycopg
@@ -81,6 +83,7 @@ from .knowledge_base import (
     query_embedding,
 )
 from .lru import LRU
+from .redaction import redact_text, redact_url, url_secrets
 from .stores import Change, FindingStore, Published, register
 
 CONNECT_TIMEOUT_S = 2  # libpq's minimum
@@ -160,16 +163,15 @@ class PostgresStore(FindingStore):
     searches_in_process = False
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        parts = urlsplit(url)
-        # Messages name the server, never the password.
-        self._shown = f"{parts.scheme}://{parts.hostname or 'localhost'}" + (
-            f":{parts.port}" if parts.port else "") + parts.path
+        self._conninfo = url
+        # What logs and messages show: the URL without its password.
+        self.url = self._shown = redact_url(url)
+        self._secrets = url_secrets(url)
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
             raise ConfigurationError(
-                f"store URL is not a valid PostgreSQL URL ({_first_line(exc)}); expected "
+                f"store URL is not a valid PostgreSQL URL ({self._problem(exc)}); expected "
                 "postgresql://user:password@host:5432/database"
             ) from exc
         self._idle: list[tuple[psycopg.Connection, float]] = []  # with when it went idle
@@ -186,19 +188,29 @@ class PostgresStore(FindingStore):
     def _connect(self) -> psycopg.Connection:
         """A new connection, retried while the deadline allows; errors made actionable."""
         deadline = time.monotonic() + DEADLINE_S
+        probed = False
         while True:
             try:
                 # The HNSW settings every first window uses are session defaults, so a
                 # query needs no SET statement of its own.
                 conn = psycopg.connect(
-                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                    self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                     options=f"-c statement_timeout={int(DEADLINE_S * 1000)} "
                             f"-c hnsw.iterative_scan=off -c hnsw.ef_search={_SESSION_EF}",
                 )
                 conn.adapters.register_dumper(_QueryVector, _QueryVectorDumper)
                 return conn
             except psycopg.OperationalError as exc:
-                problem = _first_line(exc)
+                problem = self._problem(exc)
+                if exc.sqlstate is None and not probed:
+                    # No PostgreSQL error: whatever answers there may be something else.
+                    probed = True
+                    answered = self._foreign_answer()
+                    if answered is not None:
+                        raise ConfigurationError(
+                            f"store URL {self._shown} answered {answered}, which is not a "
+                            "PostgreSQL server: check the host and port"
+                        ) from exc
                 if _is_configuration_problem(exc, problem):
                     raise ConfigurationError(
                         f"store {self._shown}: {problem}; check the user, password, host and "
@@ -211,13 +223,28 @@ class PostgresStore(FindingStore):
                     ) from exc
                 time.sleep(0.25)
 
+    def _problem(self, exc: BaseException) -> str:
+        """The first line of a driver's message, without the URL's secrets: libpq quotes
+        the parts of a URL it cannot parse, password included."""
+        return redact_text(_first_line(exc), self._secrets)
+
+    def _foreign_answer(self) -> str | None:
+        """What answers at the URL's one TCP address if it is not PostgreSQL, else None
+        (PostgreSQL, nothing, or a socket or several hosts, which are not probed)."""
+        params = psycopg.conninfo.conninfo_to_dict(self._conninfo)
+        host = str(params.get("hostaddr") or params.get("host") or "")
+        port = str(params.get("port") or os.environ.get("PGPORT") or 5432)
+        if not host or host.startswith("/") or "," in host + port or not port.isdigit():
+            return None
+        return _foreign_answer(host, int(port))
+
     @contextlib.contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[psycopg.Cursor]:
         """A cursor in one transaction: readers see one snapshot, writers commit at once."""
         self._ensure_schema()
         conn = self._checkout()
         try:
-            with _translated_errors(self._shown):
+            with _translated_errors(self._shown, self._secrets):
                 if write:
                     with conn.transaction(), conn.cursor() as cur:
                         # Writers wait for each other (like flock) and may copy many rows.
@@ -242,14 +269,16 @@ class PostgresStore(FindingStore):
 
         A connection idle for a while may have been closed by the server (a restart,
         an idle timeout, an administrator): it is tested first, so the request after
-        a database restart succeeds instead of answering 503.
+        a database restart succeeds instead of answering 503. One the server has
+        already written to is dropped at once, however recently it was used.
         """
         while True:
             with self._lock:
                 conn, since = self._idle.pop() if self._idle else (None, 0.0)
             if conn is None:
                 return self._connect()
-            if conn.closed:
+            if conn.closed or _spoken_to(conn):
+                conn.close()
                 continue
             if time.monotonic() - since < STALE_AFTER_S:
                 return conn
@@ -264,7 +293,8 @@ class PostgresStore(FindingStore):
             return
         conn = self._connect()
         try:
-            with _translated_errors(self._shown), conn.transaction(), conn.cursor() as cur:
+            with (_translated_errors(self._shown, self._secrets), conn.transaction(),
+                  conn.cursor() as cur):
                 # Concurrent CREATE ... IF NOT EXISTS can still collide: serialise them.
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_CLASS])
                 cur.execute(_SCHEMA)
@@ -883,7 +913,10 @@ def _is_configuration_problem(exc: psycopg.OperationalError, message: str) -> bo
 
 
 @contextlib.contextmanager
-def _translated_errors(shown: str) -> Iterator[None]:
+def _translated_errors(shown: str, secrets: Sequence[str]) -> Iterator[None]:
+    def problem(exc: BaseException) -> str:
+        return redact_text(_first_line(exc), secrets)
+
     try:
         yield
     except psycopg.errors.QueryCanceled as exc:
@@ -891,16 +924,79 @@ def _translated_errors(shown: str) -> Iterator[None]:
             f"store {shown} did not answer within {DEADLINE_S:g} s; try again") from exc
     except psycopg.errors.InsufficientPrivilege as exc:
         raise ConfigurationError(
-            f"store {shown}: {_first_line(exc)}; the user needs to create tables (and the "
+            f"store {shown}: {problem(exc)}; the user needs to create tables (and the "
             "vector extension, or an administrator runs CREATE EXTENSION vector once)"
         ) from exc
-    except psycopg.errors.FeatureNotSupported as exc:
-        raise ConfigurationError(f"store {shown}: {_first_line(exc)}") from exc
-    except psycopg.errors.UndefinedFile as exc:  # the vector extension is not installed
-        raise ConfigurationError(
-            f"store {shown}: {_first_line(exc)}; install pgvector >= 0.8 on the server "
-            "(e.g. the pgvector/pgvector Docker image)"
-        ) from exc
+    except (psycopg.errors.FeatureNotSupported, psycopg.errors.UndefinedFile) as exc:
+        # PostgreSQL 15+ reports a missing extension as the first, older ones the second.
+        hint = ("; install pgvector >= 0.8 on the server (e.g. the pgvector/pgvector "
+                "Docker image)" if 'extension "vector"' in str(exc)
+                or isinstance(exc, psycopg.errors.UndefinedFile) else "")
+        raise ConfigurationError(f"store {shown}: {problem(exc)}{hint}") from exc
     except psycopg.OperationalError as exc:
         raise StoreUnavailableError(
-            f"store {shown}: connection lost ({_first_line(exc)}); try again") from exc
+            f"store {shown}: connection lost ({problem(exc)}); try again") from exc
+
+
+def _spoken_to(conn: psycopg.Connection) -> bool:
+    """Whether the server wrote to an idle connection: it does so only to end it (a
+    restart's "terminating connection", an idle timeout), or it closed the socket."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
+# PostgreSQL's SSLRequest: every PostgreSQL answers it with one byte, "S" or "N" (or
+# "E" before the negotiation existed), before any authentication.
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+PROBE_S = 0.4  # per step of the probe: connect, then each wait for an answer
+
+
+def _foreign_answer(host: str, port: int) -> str | None:
+    """What a server that is not PostgreSQL answers at host:port, else None.
+
+    The probe sends PostgreSQL's SSLRequest, then, to a server still silent (an HTTP
+    server waits for the end of the request line), the rest of an HTTP request line,
+    so that one answers with its status. It sends no user name or password.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_S) as sock:
+            sock.sendall(_SSL_REQUEST)
+            answer = _receive(sock)
+            if not answer:
+                sock.sendall(b" / HTTP/1.0\r\n\r\n")
+                answer = _receive(sock)
+    except OSError:
+        return None
+    if not answer or _from_postgres(answer):
+        return None
+    head, _, rest = answer.partition(b"\r\n")
+    if not head.startswith(b"HTTP/"):
+        return f"{answer[:40]!r}"
+    status = head.split(b" ")[1].decode("ascii", "replace") if b" " in head else "?"
+    kind = next((line.split(b":", 1)[1].split(b";")[0].strip().decode("ascii", "replace")
+                 for line in rest.split(b"\r\n")
+                 if line.lower().startswith(b"content-type:")), "no content type")
+    return f"HTTP {status} ({kind})"
+
+
+def _from_postgres(answer: bytes) -> bool:
+    # Exactly one byte: an SSH server's greeting starts with "S" too.
+    return answer in (b"S", b"N") or answer.startswith(b"E")
+
+
+def _receive(sock: socket.socket) -> bytes:
+    """What arrives within the socket's timeout, up to the end of an HTTP head."""
+    received = b""
+    try:
+        while True:
+            more = sock.recv(4096)
+            received += more
+            # PostgreSQL's answer waits for a reply of ours: take it as it is.
+            if (not more or _from_postgres(received) or b"\r\n\r\n" in received
+                    or len(received) >= 4096):
+                return received
+    except (TimeoutError, ConnectionResetError):  # what came before still tells
+        return received

@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -59,12 +61,15 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import httpx
 import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
+from pydantic import ValidationError
 from qdrant_client import QdrantClient, models
+from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from .candidate_search import Candidates, KeywordRanking, retrieve
@@ -84,6 +89,7 @@ from .knowledge_base import (
     QueryPlan,
     query_embedding,
 )
+from .redaction import redact_text, redact_url, url_secrets
 from .stores import Change, FindingStore, Published, register
 
 TIMEOUT_S = 4  # every request to a server
@@ -126,29 +132,62 @@ class _Gone(Exception):
     """The chunk collection was replaced by a concurrent publish: read again."""
 
 
+class _NotQdrant(Exception):
+    """An answer no Qdrant gives (raised inside the client by ``_check_answer``)."""
+
+
+def _check_answer(response: httpx.Response) -> None:
+    """Stop at the first answer that shows the URL reaches something other than Qdrant.
+
+    Qdrant answers JSON, its errors a JSON object with a "status". Left alone, a web
+    server's HTML 404 reads as a missing collection and its HTML 200 as a parse
+    failure. Answers that any proxy in front of Qdrant gives while Qdrant is away (429,
+    5xx) and refusals of the key (401, 403) are judged by the caller.
+    """
+    status = response.status_code
+    if status in (401, 403) or status in _TRANSIENT_STATUS or status >= 500:
+        return
+    kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        if status < 300:
+            return
+        response.read()
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "status" in body:
+            return
+    raise _NotQdrant(f"HTTP {status} ({kind or 'no content type'})")
+
+
 class QdrantStore(FindingStore):
     """Knowledge bases in one Qdrant (local folder or server); thread-safe, and writers
     in other processes wait their turn (``_Lease``)."""
 
     def __init__(self, url: str, api_key: str | None = None, *, lease_s: float = LEASE_S,
                  wait_s: float = WAIT_S) -> None:
-        self.url = url
+        # What logs and messages show: the URL without its api_key.
+        self.url = shown = redact_url(url)
         self._lease_s, self._wait_s = lease_s, wait_s
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"store URL {shown!r}: {redact_text(_first_line(exc), url_secrets(url))}"
+            ) from exc
         scheme = parts.scheme.lower()
         query = parse_qs(parts.query)
         api_key = (query.get("api_key") or [None])[0] or api_key
+        self._secrets = (*url_secrets(url), *([api_key] if api_key else []))
         self._local = scheme == "qdrant" and not parts.netloc
         self.searches_in_process = self._local
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigurationError(f"store URL {url!r}: invalid port") from exc
         if self._local:
             path = unquote(parts.path)
             if not path.startswith("/") or path == "/":
                 raise ConfigurationError(
-                    f"store URL {url!r}: local Qdrant needs an absolute folder, e.g. "
+                    f"store URL {shown!r}: local Qdrant needs an absolute folder, e.g. "
                     "qdrant:///srv/kb-qdrant (three slashes), or a server: qdrant://host:6333")
             self._shown = f"qdrant://{path}"
             try:
@@ -168,17 +207,21 @@ class QdrantStore(FindingStore):
         else:
             if not parts.hostname:
                 raise ConfigurationError(
-                    f"store URL {url!r} names no host: use qdrant://host:6333, "
+                    f"store URL {shown!r} names no host: use qdrant://host:6333, "
                     "https://host:6333?api_key=… or qdrant:///absolute/path")
             https = scheme == "https"
-            self._shown = f"{'https' if https else 'http'}://{parts.hostname}:{port or 6333}"
+            prefix = parts.path.strip("/")
+            self._shown = (f"{'https' if https else 'http'}://{parts.hostname}:{port or 6333}"
+                           + (f"/{prefix}" if prefix else ""))
             try:
                 self._client = _retrying_reads(QdrantClient(
                     url=f"{'https' if https else 'http'}://{parts.hostname}",
                     port=port or 6333, api_key=api_key, timeout=TIMEOUT_S,
-                    prefix=parts.path.strip("/") or None, check_compatibility=False))
+                    prefix=prefix or None, check_compatibility=False,
+                    # Passed through to the httpx client: every answer is checked there.
+                    event_hooks={"response": [_check_answer]}))
             except ValueError as exc:
-                raise ConfigurationError(f"store URL {url!r}: {_first_line(exc)}") from exc
+                raise ConfigurationError(f"store URL {shown!r}: {self._problem(exc)}") from exc
         self._meta_ready = False
         self._conditional_updates = self._local  # local mode has them; a server: asked
 
@@ -202,15 +245,49 @@ class QdrantStore(FindingStore):
             if exc.status_code == 404:
                 raise _Gone() from exc
             raise StoreUnavailableError(
-                f"store {self._shown}: {_first_line(exc)}; try again") from exc
-        except (ResponseHandlingException, ConnectionError, TimeoutError) as exc:
+                f"store {self._shown}: {self._problem(exc)}; try again") from exc
+        except ResourceExhaustedResponse as exc:
             raise StoreUnavailableError(
-                f"store {self._shown} is unreachable ({_first_line(exc)}); is Qdrant "
-                "running and reachable from here?") from exc
+                f"store {self._shown} is rate limiting requests (HTTP 429); try again in "
+                f"{exc.retry_after_s} s") from exc
+        except ResponseHandlingException as exc:
+            raise self._not_answering(exc.source) from exc
+        except (ConnectionError, TimeoutError) as exc:
+            raise self._not_answering(exc) from exc
+        except json.JSONDecodeError as exc:  # an answer said JSON and was not
+            raise self._not_answering(exc) from exc
         except ValueError as exc:
             if "not found" in str(exc).lower():  # local mode's missing collection
                 raise _Gone() from exc
             raise
+
+    def _not_answering(self, exc: BaseException) -> KBError:
+        """A request that got no usable answer: what reached the URL, or an outage."""
+        if isinstance(exc, _NotQdrant):
+            return ConfigurationError(
+                f"store URL {self._shown} answered {exc}, which is not a Qdrant server: "
+                "check the host and port")
+        if isinstance(exc, ValidationError | json.JSONDecodeError):
+            what = "JSON" if isinstance(exc, ValidationError) else "a body"
+            return ConfigurationError(
+                f"store URL {self._shown} answered {what} that is not a Qdrant answer: check "
+                "the host and port, and that the server runs Qdrant "
+                f"{'.'.join(map(str, _CONDITIONAL_UPDATES))} or later")
+        if _not_http(exc):
+            return ConfigurationError(
+                f"store URL {self._shown} answered something that is not HTTP "
+                f"({self._problem(exc)}), so not a Qdrant server: check the host and port")
+        if any(isinstance(cause, ssl.SSLError) for cause in _causes(exc)):
+            return ConfigurationError(
+                f"store URL {self._shown}: the TLS handshake failed ({self._problem(exc)}): "
+                "use http:// or qdrant:// for a server without TLS, and https:// only with "
+                "a certificate this machine trusts")
+        return StoreUnavailableError(
+            f"store {self._shown} is unreachable ({self._problem(exc)}); is Qdrant "
+            "running and reachable from here?")
+
+    def _problem(self, exc: BaseException) -> str:
+        return redact_text(_first_line(exc), self._secrets)
 
     def _ensure_meta(self) -> None:
         if self._meta_ready:
@@ -821,8 +898,11 @@ class _RetryingReads:
             while True:
                 try:
                     return attribute(*args, **kwargs)
-                except (ResponseHandlingException, UnexpectedResponse) as exc:
-                    transient = (isinstance(exc, ResponseHandlingException)
+                except (ResponseHandlingException, UnexpectedResponse,
+                        ResourceExhaustedResponse) as exc:
+                    transient = (_transient(exc.source)
+                                 if isinstance(exc, ResponseHandlingException)
+                                 else isinstance(exc, ResourceExhaustedResponse)
                                  or exc.status_code in _TRANSIENT_STATUS)
                     if not transient or time.monotonic() + pause > deadline:
                         raise
@@ -830,6 +910,28 @@ class _RetryingReads:
                 pause *= 2
 
         return retried
+
+
+def _transient(failure: Exception) -> bool:
+    """Whether a request that got no usable answer may get one if tried again."""
+    return not (isinstance(failure, _NotQdrant | ValidationError) or _not_http(failure)
+                or any(isinstance(cause, ssl.SSLError) for cause in _causes(failure)))
+
+
+def _not_http(failure: BaseException) -> bool:
+    # h11 calls what is not an HTTP status or header line "illegal"; its other protocol
+    # errors (a connection closed before or during the answer, as a proxy does while
+    # Qdrant restarts) may pass.
+    return isinstance(failure, httpx.RemoteProtocolError) and "illegal" in str(failure)
+
+
+def _causes(failure: BaseException) -> Iterator[BaseException]:
+    seen: list[BaseException] = []
+    cause: BaseException | None = failure
+    while cause is not None and not any(cause is known for known in seen):
+        seen.append(cause)
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 def _retrying_reads(client: QdrantClient) -> QdrantClient:
