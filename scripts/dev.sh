@@ -2,6 +2,7 @@
 # One entry point for people and CI:
 #   scripts/dev.sh demo   set up, then serve the demo knowledge base on http://127.0.0.1:8000
 #   scripts/dev.sh test   set up, then run ruff and the whole test suite
+#   scripts/dev.sh stress set up, then tools/stress.py <args>: hostile clients, load, faults
 #   scripts/dev.sh <args> set up, then python -m llamaindex_kb <args>
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,9 @@ case "${1:-demo}" in
   test)
     .venv/bin/python -m ruff check .
     exec .venv/bin/python -m pytest "${@:2}"
+    ;;
+  stress)
+    exec .venv/bin/python tools/stress.py "${@:2}"
     ;;
   *)
     exec .venv/bin/python -m llamaindex_kb "$@"
