@@ -74,6 +74,15 @@ class Settings(BaseModel):
     max_extracted_chars: int | None = None
     max_markup_depth: int | None = None
     max_chunks_per_document: int | None = None
+    # The standalone server (server.py): threads that run requests, and how long a
+    # client may hold a connection without sending, or take to send one request
+    # (plus a second per 64 KiB of body, so a steady upload is never cut), in seconds.
+    threads: int = Field(default=8, ge=1, le=256)
+    connection_limit: int = Field(default=1000, ge=10)
+    idle_timeout: int = Field(default=30, ge=1)
+    request_timeout: int = Field(default=60, ge=1)
+    # On SIGTERM or SIGINT: how long requests in flight may take to finish.
+    shutdown_timeout: int = Field(default=20, ge=0)
 
     @property
     def limits(self) -> Limits:
