@@ -33,6 +33,26 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="API key for that server")
 
 
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    def default(name: str) -> object:
+        return Settings.model_fields[name].default
+
+    parser.add_argument("--threads", type=int,
+                        help=f"threads that run requests [{default('threads')}]")
+    parser.add_argument("--connection-limit", dest="connection_limit", type=int,
+                        help="open connections at most; more wait to be accepted "
+                             f"[{default('connection_limit')}]")
+    parser.add_argument("--idle-timeout", dest="idle_timeout", type=int, metavar="SECONDS",
+                        help="close a connection that sends nothing for this long "
+                             f"[{default('idle_timeout')}]")
+    parser.add_argument("--request-timeout", dest="request_timeout", type=int, metavar="SECONDS",
+                        help="disconnect a client that takes longer to send a request, plus "
+                             f"1 s per 64 KiB of body [{default('request_timeout')}]")
+    parser.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=int,
+                        metavar="SECONDS", help="on SIGTERM or SIGINT, wait this long for "
+                        f"requests in flight [{default('shutdown_timeout')}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llamaindex_kb", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
@@ -51,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override the mode each knowledge base was built with")
     serve.add_argument("--semantic-weight", dest="semantic_weight", type=float,
                        help="hybrid weight of the semantic score, 0..1 [as built, 0.7]")
+    _server_flags(serve)
 
     ingest = commands.add_parser(
         "ingest", help="add files and folders to a knowledge base (only what changed)")
