@@ -135,7 +135,8 @@ class ServerTransport:
 
 @contextlib.contextmanager
 def standalone_server(data_dir: Path, **settings: Any) -> Iterator[str]:
-    """The standalone server on a free port in a thread, as `serve` runs it."""
+    """The standalone server on a free port in a thread, as `serve` runs it but for the
+    signal handlers (tests/test_server.py runs `serve` itself in a subprocess)."""
     from llamaindex_kb import load_settings
     from llamaindex_kb.server import create_server
 
