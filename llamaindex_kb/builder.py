@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import shutil
+import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ from llama_index.core.schema import BaseNode
 from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
 from llama_index.core.storage.docstore.utils import doc_to_json
 
+from .errors import DiskFullError
 from .filters import MetadataTable
 from .keyword import KeywordIndex
 from .knowledge_base import (
@@ -44,11 +49,11 @@ def write_version(
     never matched.
 
     Call with ``layout.write_lock()`` held. On any failure the half-built folder is
-    removed and the previous version stays live.
+    removed and the previous version stays live. Versions left behind are removed by
+    the caller (``layout.remove_stale_versions``) once it no longer reads them itself.
     """
     if vectors is not None and vectors.shape[0] != len(nodes):
         raise ValueError(f"{vectors.shape[0]} vectors for {len(nodes)} nodes")
-    previous = layout.current_version()
     version = layout.new_version_dir()
     try:
         node_ids = np.array([node.node_id for node in nodes], dtype=str)
@@ -68,11 +73,59 @@ def write_version(
             update={"chunks": len(nodes), "updated_at": time.time()}
         ).write(version)
         layout.publish(version)
-    except BaseException:
-        shutil.rmtree(version, ignore_errors=True)
+    except BaseException as exc:
+        # Asked before the cleanup frees the space the failed write filled.
+        full = _probe_short_write(exc, version)
+        # Only the final fsync of the folder follows the switch: if that failed, the
+        # version is live and must stay.
+        if layout.current_version() != version:
+            shutil.rmtree(version, ignore_errors=True)
+        if full is not None:
+            raise full from exc
         raise
-    layout.remove_stale_versions(keep={version} | ({previous} if previous else set()))
     return version
+
+
+def _probe_short_write(exc: BaseException, folder: Path) -> OSError | None:
+    """numpy reports a short write ("N requested and M written") with no errno; a small
+    write beside it says whether the disk or quota was full: its ``OSError`` if so."""
+    if not isinstance(exc, OSError) or exc.errno is not None:
+        return None
+    probe = folder / ".space-probe"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(bytes(1 << 20))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as probed:
+        return probed if probed.errno in _DISK_FULL_ERRNOS else None
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+# What a write raises when the disk or the user's quota is full: OSError, or SQLite's
+# own code for the same condition.
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def disk_space(layout: KBLayout) -> Iterator[None]:
+    """A full disk or quota while writing ``layout`` becomes ``DiskFullError``, naming the
+    data directory; callers leave nothing of the failed change behind."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as exc:
+        full = (exc.errno in _DISK_FULL_ERRNOS if isinstance(exc, OSError)
+                else (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL)
+        if not full:
+            raise
+        data_dir = layout.root.parent.parent
+        raise DiskFullError(
+            f"no space left on the disk holding the data directory {data_dir} while "
+            f"writing knowledge base {layout.knowledge_id!r}; nothing was changed: free "
+            "some space (or raise the quota) and try again"
+        ) from exc
 
 
 def _store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:

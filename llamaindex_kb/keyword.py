@@ -181,6 +181,8 @@ _K1 = 1.5
 _B = 0.75
 _META_FILE = "keyword.json"
 _TOKEN_MAX_FILE = "token_max.npy"
+# bm25s's names for its CSC score matrix
+_SCORE_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy")
 
 
 # bm25s is used directly rather than through llama-index-retrievers-bm25:
@@ -256,7 +258,13 @@ class KeywordIndex:
 
     @classmethod
     def load(cls, directory: Path) -> KeywordIndex:
-        """Open a saved index; the score arrays are memory-mapped, not read."""
+        """Open a saved index, read into memory (``layout.read_array`` says why not
+        mapped); ``ValueError`` naming the file if the files are damaged or do not fit
+        together, so a query never meets an index that fails halfway."""
+        # Here, not at the top: the analyzer alone (tokenize) imports nothing of the
+        # package, and a test times it loaded on its own.
+        from .layout import check_array, read_array
+
         directory = Path(directory)
         meta = json.loads((directory / _META_FILE).read_text())
         if meta.get("analyzer_version") != ANALYZER_VERSION:
@@ -264,11 +272,17 @@ class KeywordIndex:
                 f"keyword index at {directory} was built by analyzer version "
                 f"{meta.get('analyzer_version')}, this is {ANALYZER_VERSION}: rebuild it"
             )
-        token_max = np.load(directory / _TOKEN_MAX_FILE, mmap_mode="r")
+        num_docs = int(meta["num_docs"])
+        token_max = read_array(directory / _TOKEN_MAX_FILE)
+        if token_max.ndim != 1:
+            raise ValueError(f"{_TOKEN_MAX_FILE} has shape {token_max.shape}")
         bm25 = None
         if token_max.size:
-            bm25 = bm25s.BM25.load(directory, mmap=True, show_progress=False)
-        return cls(bm25, token_max, int(meta["num_docs"]))
+            for name in _SCORE_FILES:
+                check_array(directory / name)
+            bm25 = bm25s.BM25.load(directory, mmap=False, show_progress=False)
+            _check_scores(bm25, token_max.size, num_docs)
+        return cls(bm25, token_max, num_docs)
 
     def search(
         self, query: str, top_k: int, allowed: np.ndarray | None = None
@@ -322,6 +336,26 @@ class KeywordIndex:
         rows = np.concatenate([matrix["indices"][s:e] for s, e in zip(starts, ends, strict=True)])
         weights = np.concatenate([matrix["data"][s:e] for s, e in zip(starts, ends, strict=True)])
         return np.bincount(rows, weights=weights, minlength=self._num_docs)
+
+
+def _check_scores(bm25: bm25s.BM25, terms: int, num_docs: int) -> None:
+    """Every index a search computes from these arrays stays in bounds."""
+    matrix = bm25.scores
+    data, indices, indptr = matrix["data"], matrix["indices"], matrix["indptr"]
+    if indptr.shape != (terms + 1,) or data.shape != indices.shape or data.ndim != 1:
+        raise ValueError(f"score matrix of {indptr.shape} pointers and {data.shape} weights "
+                         f"does not fit {terms} terms")
+    if indptr[0] != 0 or indptr[-1] != data.size or np.any(np.diff(indptr) < 0):
+        raise ValueError("score matrix pointers are out of order")
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= num_docs):
+        raise ValueError(f"score matrix names rows outside 0..{num_docs - 1}")
+    vocab = bm25.vocab_dict
+    try:
+        ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"vocabulary holds a term id that is not a number ({exc})") from exc
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= terms):
+        raise ValueError("vocabulary names terms outside the score matrix")
 
 
 def _column_maxima(matrix: dict) -> np.ndarray:

@@ -15,9 +15,13 @@ A chunk with score 0 (no relation at all) is never returned.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sqlite3
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -30,10 +34,18 @@ from llama_index.core.storage.docstore.utils import json_to_doc
 from pydantic import BaseModel, ConfigDict, Field
 
 from .embeddings import EmbeddingSpec
-from .errors import ConfigurationError, EmbeddingMismatchError, InvalidFieldError
+from .errors import (
+    ConfigurationError,
+    EmbeddingMismatchError,
+    InvalidFieldError,
+    KBError,
+    KnowledgeBaseDamaged,
+    KnowledgeBaseNotFound,
+)
 from .filters import MetadataCondition, MetadataTable
 from .keyword import KeywordIndex
 from .kvstore import SQLiteKVStore
+from .layout import MANIFEST_FILE, hold_version, read_array
 from .vector_store import NumpyVectorStore, top_rows
 
 # A score of 0 means "no relation": such chunks are never returned.
@@ -41,7 +53,6 @@ TINY_SCORE = float(np.finfo(np.float32).tiny)
 
 RetrievalMode = Literal["vector", "keyword", "hybrid"]
 
-MANIFEST_FILE = "manifest.json"
 DOCSTORE_FILE = "docstore.sqlite"
 KEYWORD_DIR = "keyword"
 VECTOR_DIR = "vectors"
@@ -112,35 +123,100 @@ class QueryPlan(BaseModel):
 
 
 class KnowledgeBase:
-    """A read-only, memory-mapped view of one version; safe for concurrent queries."""
+    """A read-only view of one version, safe for concurrent queries.
 
-    def __init__(self, version_dir: Path) -> None:
+    Its arrays are read into memory, not mapped (``layout.read_array`` says why); only
+    the docstore is read per query. It holds its version (``layout.hold_version``)
+    until garbage-collected, so publishes meanwhile never remove its files.
+    Damaged files answer ``KnowledgeBaseDamaged`` naming the knowledge base and file.
+    """
+
+    def __init__(self, version_dir: Path, knowledge_id: str | None = None) -> None:
+        """``knowledge_id`` names the base in errors; by default its manifest's, or
+        its folder's while the manifest cannot be read."""
         self.version_dir = version_dir
-        self.manifest = KBManifest.read(version_dir)
+        self.knowledge_id = knowledge_id or version_dir.parent.name
+        held = hold_version(version_dir)
+        # Closing the descriptor drops the lock: when this object is collected, or at
+        # once if it cannot be opened.
+        release = weakref.finalize(self, os.close, held.fd)
+        try:
+            self._load(held.manifest, named=knowledge_id is not None)
+        except BaseException:
+            release()
+            raise
+
+    def _load(self, manifest: bytes, *, named: bool) -> None:
+        version_dir = self.version_dir
+        with self._reading(MANIFEST_FILE):
+            self.manifest = KBManifest.model_validate_json(manifest)
+        if not named:
+            self.knowledge_id = self.manifest.knowledge_id
         if self.manifest.format != FORMAT_VERSION:
             raise ConfigurationError(
                 f"knowledge base {self.manifest.knowledge_id!r} is stored in format "
                 f"{self.manifest.format}, this version reads format {FORMAT_VERSION}: "
                 "drop it and ingest its documents again"
             )
-        self.node_ids: np.ndarray = np.load(version_dir / NODE_IDS_FILE, mmap_mode="r")
-        self.document_ids: np.ndarray = np.load(version_dir / DOCUMENT_IDS_FILE, mmap_mode="r")
-        self.keyword = KeywordIndex.load(version_dir / KEYWORD_DIR)
-        self.vectors = (
-            NumpyVectorStore.from_persist_dir(version_dir / VECTOR_DIR)
-            if self.manifest.embedding is not None
-            else None
-        )
-        self.metadata = MetadataTable.load(version_dir / METADATA_FILE)
-        self._kv = SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True)
+        with self._reading(NODE_IDS_FILE):
+            self.node_ids: np.ndarray = read_array(version_dir / NODE_IDS_FILE)
+        with self._reading(DOCUMENT_IDS_FILE):
+            self.document_ids: np.ndarray = read_array(version_dir / DOCUMENT_IDS_FILE)
+        with self._reading(KEYWORD_DIR):
+            self.keyword = KeywordIndex.load(version_dir / KEYWORD_DIR)
+        with self._reading(VECTOR_DIR):
+            self.vectors = (
+                NumpyVectorStore.from_persist_dir(version_dir / VECTOR_DIR)
+                if self.manifest.embedding is not None
+                else None
+            )
+        with self._reading(METADATA_FILE):
+            self.metadata = MetadataTable.load(version_dir / METADATA_FILE)
+        with self._reading(DOCSTORE_FILE):
+            self._kv = SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True)
+            self._kv.check()
         # Written by builder._store_nodes where KVDocumentStore keeps nodes.
         self._collection = KVDocumentStore(self._kv)._node_collection
+        self._check_rows()
+
+    def _check_rows(self) -> None:
+        """Row i is the same chunk in every index: a file swapped in from another version
+        or cut short would otherwise fail a query halfway, or answer wrong chunks."""
+        rows = self.manifest.chunks
+        counts = {NODE_IDS_FILE: self.node_ids.shape, DOCUMENT_IDS_FILE: self.document_ids.shape,
+                  KEYWORD_DIR: (len(self.keyword),), METADATA_FILE: (len(self.metadata),)}
+        embedding = self.manifest.embedding
+        if self.vectors is not None and embedding is not None:
+            counts[VECTOR_DIR] = (len(self.vectors),)
+            if rows and self.vectors.dimension != embedding.dimension:
+                raise self._damaged(f"{VECTOR_DIR}: {self.vectors.dimension} dimensions, "
+                                    f"{MANIFEST_FILE} says {embedding.dimension}")
+        for name, shape in counts.items():
+            if shape != (rows,):
+                raise self._damaged(f"{name}: {shape[0] if shape else 0} rows, "
+                                    f"{MANIFEST_FILE} says {rows}")
+
+    def _damaged(self, problem: str) -> KnowledgeBaseDamaged:
+        return KnowledgeBaseDamaged.naming(self.knowledge_id, problem)
+
+    @contextlib.contextmanager
+    def _reading(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except KBError:
+            raise
+        except _DAMAGE as exc:
+            if not self.version_dir.is_dir():
+                # Dropped while a query held it: it is gone, not damaged.
+                raise KnowledgeBaseNotFound.missing(self.knowledge_id) from exc
+            raise self._damaged(f"{name}: {_reason(exc)}") from exc
 
     @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
         """Loaded on first use: queries never need it."""
-        raw = json.loads((self.version_dir / DOCUMENTS_FILE).read_text())
-        return {k: DocumentInfo.model_validate(v) for k, v in raw.items()}
+        with self._reading(DOCUMENTS_FILE):
+            raw = json.loads((self.version_dir / DOCUMENTS_FILE).read_text())
+            return {k: DocumentInfo.model_validate(v) for k, v in raw.items()}
 
     @property
     def parent_child(self) -> bool:
@@ -187,12 +263,14 @@ class KnowledgeBase:
         """The nodes, in order; read in one query rather than the docstore's one per id."""
         found = []
         batch = 500  # SQLite's bound-parameter limit is far above this; keeps queries short
-        for start in range(0, len(node_ids), batch):
-            ids = node_ids[start : start + batch]
-            for node_id, data in zip(ids, self._kv.get_many(ids, self._collection), strict=True):
-                if data is None:
-                    raise KeyError(f"node {node_id} missing from {self.version_dir}")
-                found.append(json_to_doc(data))
+        with self._reading(DOCSTORE_FILE):
+            for start in range(0, len(node_ids), batch):
+                ids = node_ids[start : start + batch]
+                for node_id, data in zip(ids, self._kv.get_many(ids, self._collection),
+                                         strict=True):
+                    if data is None:
+                        raise self._damaged(f"{DOCSTORE_FILE} lacks chunk {node_id}")
+                    found.append(json_to_doc(data))
         return found
 
     def _scores(
@@ -216,6 +294,20 @@ class KnowledgeBase:
         assert self.vectors is not None and embed_model is not None
         embedding = embed_query(embed_model, query)
         return np.clip(self.vectors.similarities(embedding), 0.0, 1.0, dtype=np.float32)
+
+
+# What reading a damaged file raises (json, pydantic and numpy errors are ValueErrors).
+_DAMAGE = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError,
+           sqlite3.DatabaseError)
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, short, without the absolute paths an OSError carries."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{Path(exc.filename).name}: {exc.strerror}" if exc.filename else exc.strerror
+    text = str(exc).strip().splitlines()
+    reason = text[0] if text else type(exc).__name__
+    return reason if len(reason) <= 200 else reason[:200] + "…"
 
 
 def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode, float]:

@@ -8,6 +8,7 @@ while reading only the nodes a query returns.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -36,12 +37,35 @@ class SQLiteKVStore(BaseKVStore):
                 conn = sqlite3.connect(
                     f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
                 )
+                # Reads, never a mapping (the default of most builds, said here): a
+                # mapped file truncated under a read would kill the process (SIGBUS).
+                conn.execute("PRAGMA mmap_size=0")
             else:
                 conn = sqlite3.connect(self.path, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
+
+    def check(self) -> None:
+        """``ValueError`` if the file is not a whole SQLite database, by its 100-byte
+        header (cheap enough for every open); damage further in surfaces as
+        ``sqlite3.DatabaseError`` when a read reaches it."""
+        with open(self.path, "rb") as handle:
+            header = handle.read(100)
+            size = os.fstat(handle.fileno()).st_size
+        if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+            raise ValueError(f"{self.path.name} is not an SQLite database")
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = int.from_bytes(header[28:32], "big")
+        # The page count in the header is valid only while these two counters agree.
+        if pages and header[24:28] == header[92:96]:
+            expected = pages * page_size
+        else:
+            expected = size - size % page_size if page_size else -1
+        if size != expected or size == 0:
+            raise ValueError(f"{self.path.name} is {size} bytes, its header promises {expected}")
 
     def put(self, key: str, val: dict, collection: str = DEFAULT_COLLECTION) -> None:
         self.put_all([(key, val)], collection=collection)

@@ -9,8 +9,13 @@
 
 A writer builds a complete new version folder, fsyncs it, then renames a temp file
 over CURRENT. Readers only ever see a whole old or a whole new version, so a crash
-(even kill -9) mid-build leaves the knowledge base answering as before; stale
-version folders are removed by the next writer.
+(even kill -9) mid-build leaves the knowledge base answering as before.
+
+Every reader of a version (in any process) holds a shared ``flock`` on its
+``manifest.json`` for as long as it uses it; the kernel drops the lock when the reader
+closes it or its process dies. A writer removes a version that is no longer live only
+if it can lock that file exclusively without waiting, so a query is never broken by
+publishes that happen while it runs: a version still read stays for a later writer.
 """
 
 from __future__ import annotations
@@ -18,32 +23,52 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 from .errors import InvalidFieldError
 
+MANIFEST_FILE = "manifest.json"
+
 _SAFE_DIR = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+# The folder name of a hashed id. An id spelled like one is hashed too, so the direct
+# and the hashed name spaces never meet: two ids never share a folder.
+_HASHED_DIR = re.compile(r"kb-[0-9a-f]{24}")
 KB_ID_MAX = 200
+KB_ID_RULE = (
+    f"1 to {KB_ID_MAX} printable characters, without '/' (it could not be addressed in a "
+    "URL path), and not '.' or '..'"
+)
 
 
 def validate_knowledge_id(knowledge_id: str, field: str = "knowledge_id") -> str:
-    if not knowledge_id or len(knowledge_id) > KB_ID_MAX or not knowledge_id.isprintable():
-        raise InvalidFieldError(
-            field, f"must be 1 to {KB_ID_MAX} printable characters, got {knowledge_id!r}"
-        )
+    """Refuse, naming the rule, an id a knowledge base could be created under but then
+    not reached by every route (list, delete)."""
+    if (not knowledge_id or len(knowledge_id) > KB_ID_MAX or not knowledge_id.isprintable()
+            or "/" in knowledge_id or knowledge_id in {".", ".."}):
+        shown = knowledge_id if len(knowledge_id) <= 60 else knowledge_id[:60] + "…"
+        raise InvalidFieldError(field, f"must be {KB_ID_RULE}; got {shown!r}")
     return knowledge_id
 
 
 def kb_dir_name(knowledge_id: str) -> str:
     """A file-system-safe folder name; never the raw id (it may contain '/' or '..')."""
-    if _SAFE_DIR.fullmatch(knowledge_id) and knowledge_id not in {".", ".."}:
+    if (_SAFE_DIR.fullmatch(knowledge_id) and knowledge_id not in {".", ".."}
+            and not _HASHED_DIR.fullmatch(knowledge_id)):
         return knowledge_id
-    digest = hashlib.sha256(knowledge_id.encode()).hexdigest()[:24]
+    # surrogatepass: an id read from a request may hold a lone surrogate; it must
+    # still name a folder (one that does not exist), not fail.
+    digest = hashlib.sha256(knowledge_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
     return f"kb-{digest}"
 
 
@@ -52,7 +77,13 @@ class KBLayout:
 
     def __init__(self, data_dir: Path, knowledge_id: str) -> None:
         self.knowledge_id = knowledge_id
-        self.root = Path(data_dir) / "kbs" / kb_dir_name(knowledge_id)
+        kbs = Path(data_dir) / "kbs"
+        self.root = kbs / kb_dir_name(knowledge_id)
+        if _HASHED_DIR.fullmatch(knowledge_id) and not self.root.exists():
+            # Made before ids spelled like hashed names were hashed: still its own.
+            legacy = kbs / knowledge_id
+            if owner(legacy) == knowledge_id:
+                self.root = legacy
 
     @property
     def current_file(self) -> Path:
@@ -60,6 +91,17 @@ class KBLayout:
 
     def current_version(self) -> Path | None:
         return current_version(self.root)
+
+    def foreign_owner(self) -> str | None:
+        """The other knowledge id whose base holds this folder, if one does.
+
+        Only a hashed folder can: one an id spelled like its name wrote into before
+        such ids were hashed.
+        """
+        if not _HASHED_DIR.fullmatch(self.root.name):
+            return None
+        found = owner(self.root)
+        return found if found not in (None, self.knowledge_id) else None
 
     def new_version_dir(self) -> Path:
         path = self.root / f"v{time.time_ns()}-{os.getpid()}"
@@ -73,20 +115,23 @@ class KBLayout:
                 _fsync(file)
         _fsync(version)
         tmp = self.root / f".CURRENT.{os.getpid()}"
-        tmp.write_text(version.name)
-        _fsync(tmp)
-        os.replace(tmp, self.current_file)
+        try:
+            tmp.write_text(version.name)
+            _fsync(tmp)
+            os.replace(tmp, self.current_file)
+        finally:
+            tmp.unlink(missing_ok=True)
         _fsync(self.root)
 
-    def remove_stale_versions(self, keep: set[Path]) -> None:
-        """Delete versions not in ``keep``.
-
-        Writers keep the version that was live before theirs, so a query that
-        opened it just before the switch can finish reading it.
-        """
+    def remove_stale_versions(self) -> list[Path]:
+        """Delete every version but the live one that no reader holds; the rest are kept."""
+        live = self.current_version()
+        kept = []
         for child in self.root.iterdir():
-            if child.is_dir() and child.name.startswith("v") and child not in keep:
-                shutil.rmtree(child, ignore_errors=True)
+            if child.is_dir() and child.name.startswith("v") and child != live:
+                if not _remove_unless_held(child):
+                    kept.append(child)
+        return kept
 
     def drop(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -102,19 +147,132 @@ class KBLayout:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class VersionGone(Exception):
+    """The version was removed (no longer live) before it could be held."""
+
+
+@dataclass(frozen=True)
+class HeldVersion:
+    """A version's manifest, read through the descriptor whose lock keeps its files."""
+
+    fd: int
+    manifest: bytes
+
+
+def hold_version(version: Path) -> HeldVersion:
+    """Share-lock ``version``: its files stay until ``os.close(held.fd)``.
+
+    Never waits: only a writer removing a stale version locks exclusively, so a
+    version being removed is one that CURRENT has left; ``VersionGone`` says to
+    read CURRENT again.
+    """
+    path = version / MANIFEST_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise VersionGone(str(version)) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            # A remover unlinks the manifest first, under its lock: if it did so
+            # between our open and our lock, the name is gone or names another file.
+            named, held = os.stat(path), os.fstat(fd)
+        except (BlockingIOError, FileNotFoundError) as exc:
+            raise VersionGone(str(version)) from exc
+        if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            raise VersionGone(str(version))
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return HeldVersion(fd, b"".join(chunks))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _remove_unless_held(version: Path) -> bool:
+    manifest = version / MANIFEST_FILE
+    try:
+        fd = os.open(manifest, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Never complete (a writer died mid-build) or half removed: no reader holds it.
+        shutil.rmtree(version, ignore_errors=True)
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        os.unlink(manifest)
+        shutil.rmtree(version, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
 def current_version(root: Path) -> Path | None:
     """The live version folder of the knowledge base at ``root``, if it has one."""
     try:
         name = (root / "CURRENT").read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     version = root / name
     return version if name and version.is_dir() else None
 
 
+def owner(root: Path) -> str | None:
+    """The knowledge id the live version at ``root`` was written for, if readable."""
+    version = current_version(root)
+    if version is None:
+        return None
+    try:
+        found = json.loads((version / MANIFEST_FILE).read_bytes()).get("knowledge_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
 def all_layouts(data_dir: Path) -> list[Path]:
     kbs = Path(data_dir) / "kbs"
     return sorted(p for p in kbs.iterdir() if p.is_dir()) if kbs.is_dir() else []
+
+
+def read_array(path: Path) -> np.ndarray:
+    """A ``.npy`` file read whole into memory, after ``check_array`` passes.
+
+    Not memory-mapped: a mapped file truncated under a running search raises SIGBUS,
+    which kills the process and every knowledge base it serves.
+    """
+    with open(path, "rb") as handle:
+        shape, dtype = _checked_header(handle, path)
+        return np.fromfile(handle, dtype=dtype, count=math.prod(shape)).reshape(shape)
+
+
+def check_array(path: Path) -> tuple[int, ...]:
+    """The shape of a ``.npy`` file whose size matches its header; ``ValueError`` naming
+    the file if it does not, before anything of the size a header claims is allocated."""
+    with open(path, "rb") as handle:
+        return _checked_header(handle, path)[0]
+
+
+def _checked_header(handle: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"format version {version}, never written here")
+    except ValueError as exc:
+        raise ValueError(f"{path.name} is not an array file ({exc})") from exc
+    if dtype.hasobject or fortran:
+        raise ValueError(f"{path.name} holds an array this program never writes")
+    expected = handle.tell() + math.prod(shape) * dtype.itemsize
+    size = os.fstat(handle.fileno()).st_size
+    if size != expected:
+        raise ValueError(f"{path.name} is {size} bytes, its header promises {expected}")
+    return shape, dtype
 
 
 def _fsync(path: Path) -> None:

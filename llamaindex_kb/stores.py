@@ -29,11 +29,16 @@ import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 
-from .builder import write_version
+from .builder import disk_space, write_version
 from .config import Settings
-from .errors import ConfigurationError, KnowledgeBaseNotFound
+from .errors import (
+    ConfigurationError,
+    InvalidFieldError,
+    KnowledgeBaseDamaged,
+    KnowledgeBaseNotFound,
+)
 from .knowledge_base import DocumentInfo, KBManifest, KnowledgeBase, QueryPlan
-from .layout import KBLayout, all_layouts, current_version
+from .layout import MANIFEST_FILE, KBLayout, VersionGone, all_layouts, current_version
 
 log = logging.getLogger(__name__)
 
@@ -208,39 +213,72 @@ class LocalStore(FindingStore):
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.url = f"local://{Path(data_dir).resolve()}"
+        # One open version per knowledge base. A query holds the one it started with, so
+        # a version replaced here lives (files included) until its last query ends.
         self._open: dict[str, KnowledgeBase] = {}
         self._lock = threading.Lock()
 
     def find(self, knowledge_id: str) -> KnowledgeBase | None:
         # Checking the tiny CURRENT pointer on every call picks up a version another
-        # process published, while an unchanged base stays open (memory-mapped).
-        version = KBLayout(self.data_dir, knowledge_id).current_version()
-        if version is None:
-            return None
+        # process published, while an unchanged base stays open (in memory).
+        layout = KBLayout(self.data_dir, knowledge_id)
+        version = layout.current_version()
         cached = self._open.get(knowledge_id)
         if cached is not None and cached.version_dir == version:
             return cached
         with self._lock:
             cached = self._open.get(knowledge_id)
             if cached is None or cached.version_dir != version:
-                cached = KnowledgeBase(version)
+                # Released first: a large base need not be in memory twice.
+                self._open.pop(knowledge_id, None)
+                cached = self._open_live(layout)
+                if cached is None:
+                    return None
                 self._open[knowledge_id] = cached
                 log.info("opened knowledge base %s (%d chunks)", knowledge_id, len(cached))
         return cached
 
+    @staticmethod
+    def _open_live(layout: KBLayout) -> KnowledgeBase | None:
+        while True:
+            version = layout.current_version()
+            if version is None or layout.foreign_owner() is not None:
+                return None
+            try:
+                return KnowledgeBase(version, layout.knowledge_id)
+            except VersionGone:
+                if layout.current_version() == version:
+                    raise KnowledgeBaseDamaged.naming(
+                        layout.knowledge_id, f"the live version has no {MANIFEST_FILE}"
+                    ) from None
+                # A writer published and removed it meanwhile: take the new one.
+
     def manifests(self) -> list[KBManifest]:
+        """Every readable knowledge base's manifest: one whose manifest is damaged is left
+        out (and logged), so the others stay listed; opening it names the damage."""
         found = []
         for root in all_layouts(self.data_dir):
             version = current_version(root)
-            if version is not None:
+            if version is None:
+                continue
+            try:
                 found.append(KBManifest.read(version))
+            except (OSError, ValueError) as exc:
+                log.warning("knowledge base folder %s left out of the list: its %s cannot "
+                            "be read (%s)", root.name, MANIFEST_FILE, type(exc).__name__)
         return sorted(found, key=lambda manifest: manifest.knowledge_id)
 
     def publish(self, knowledge_id: str, change: Change) -> Published:
         layout = KBLayout(self.data_dir, knowledge_id)
-        with layout.write_lock():
-            version = layout.current_version()  # another writer may have published
-            existing = None if change.replace or version is None else KnowledgeBase(version)
+        with disk_space(layout), layout.write_lock():
+            other = layout.foreign_owner()
+            if other is not None:
+                raise InvalidFieldError("knowledge_id", (
+                    f"{knowledge_id!r} cannot be stored: its folder {layout.root.name} holds "
+                    f"knowledge base {other!r}, made by an earlier version; drop that one "
+                    "or choose another id"))
+            # The open version, read under the lock: another writer may have published.
+            existing = None if change.replace else self.find(knowledge_id)
             replaced = set(change.documents) | change.removed
             kept_nodes: list[BaseNode] = []
             kept_parents: list[BaseNode] = []
@@ -265,13 +303,20 @@ class LocalStore(FindingStore):
                 vectors = (np.vstack(parts) if parts
                            else np.zeros((0, embedding.dimension), dtype=np.float32))
             manifest = change.manifest.model_copy(update={"documents": len(documents)})
-            write_version(layout, manifest, nodes, vectors, documents,
-                          parents=kept_parents + list(change.parents))
+            version = write_version(layout, manifest, nodes, vectors, documents,
+                                    parents=kept_parents + list(change.parents))
+            # This process lets go of the versions it replaced (queries running on
+            # them keep theirs), so they can be removed now rather than by a later writer.
+            existing = None
+            with self._lock:
+                if knowledge_id in self._open and self._open[knowledge_id].version_dir != version:
+                    del self._open[knowledge_id]
+            layout.remove_stale_versions()
         return Published(documents=len(documents), chunks=len(nodes), removed=removed)
 
     def drop(self, knowledge_id: str) -> None:
         layout = KBLayout(self.data_dir, knowledge_id)
-        if layout.current_version() is None:
+        if layout.current_version() is None or layout.foreign_owner() is not None:
             raise KnowledgeBaseNotFound.missing(knowledge_id)
         with layout.write_lock():
             layout.drop()

@@ -1,9 +1,9 @@
-"""An exact, memory-mapped vector store for the embedded default.
+"""An exact vector store for the embedded default.
 
 Why not Chroma (architecture.md's first pick)? Measured on 2 cores: an exact
 float32 matrix product over 100k × 384 vectors takes a few milliseconds, so brute
-force gives recall 1.0 at the latency of an HNSW index, loads in milliseconds from
-a memory-mapped ``.npy`` file, adds nothing to the plugin's install (Chroma adds
+force gives recall 1.0 at the latency of an HNSW index, loads in tens of
+milliseconds from one ``.npy`` file, adds nothing to the plugin's install (Chroma adds
 ~370 MB), and takes an arbitrary row mask, which is how Dify's exact metadata
 filters are applied before ranking (no post-filter shortfall).
 """
@@ -21,6 +21,8 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
     VectorStoreQueryResult,
 )
+
+from .layout import read_array
 
 VECTORS_FILE = "vectors.npy"
 IDS_FILE = "vector_ids.npy"
@@ -114,8 +116,15 @@ class NumpyVectorStore(BasePydanticVectorStore):
 
     @classmethod
     def from_persist_dir(cls, directory: Path) -> NumpyVectorStore:
-        matrix = np.load(directory / VECTORS_FILE, mmap_mode="r")
-        ids = np.load(directory / IDS_FILE, mmap_mode="r")
+        """Read into memory, not mapped: see ``layout.read_array``. ``ValueError`` if the
+        files are damaged or do not fit together."""
+        matrix = read_array(directory / VECTORS_FILE)
+        ids = read_array(directory / IDS_FILE)
+        if matrix.ndim != 2 or matrix.dtype != np.float32 or ids.shape != matrix.shape[:1]:
+            raise ValueError(
+                f"{VECTORS_FILE} holds {matrix.dtype} {matrix.shape}, {IDS_FILE} {ids.shape}: "
+                "expected float32 rows, one per id"
+            )
         return cls(matrix=matrix, ids=ids)
 
 
