@@ -170,10 +170,12 @@ class PostgresStore(FindingStore):
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
+            # Not chained: libpq's message quotes the part it cannot parse, which may be
+            # the password, and a logged traceback would show it.
             raise ConfigurationError(
                 f"store URL is not a valid PostgreSQL URL ({self._problem(exc)}); expected "
                 "postgresql://user:password@host:5432/database"
-            ) from exc
+            ) from None
         self._idle: list[tuple[psycopg.Connection, float]] = []  # with when it went idle
         self._lock = threading.Lock()
         self._schema_ready = False

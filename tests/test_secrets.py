@@ -109,7 +109,7 @@ class Seen:
 
     answers: list[str] = field(default_factory=list)
     log: io.StringIO = field(default_factory=io.StringIO)
-    logs_here: bool = True  # False when only other processes ran the code
+    expect_logs: bool = True  # False where nothing in this process logs
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def seen(capfd: pytest.CaptureFixture[str]) -> Iterator[Seen]:
         root.setLevel(level)
     out, err = capfd.readouterr()
     texts = [*found.answers, found.log.getvalue(), out, err]
-    if found.logs_here:
+    if found.expect_logs:
         assert "DEBUG" in found.log.getvalue(), "nothing logged at DEBUG: the capture is broken"
     leaks = [(secret, text[max(0, text.find(secret) - 200):text.find(secret) + 50])
              for text in texts for secret in SENTINELS if secret in text]
@@ -284,6 +284,17 @@ def test_llamacloud_store_answers_without_its_key(key, tmp_path, seen):
     seen.answers += [shown(reply) for reply in replies.values()]
 
 
+def test_a_store_url_libpq_cannot_parse_is_400_without_the_password(tmp_path, seen):
+    # libpq quotes the token it cannot percent-decode: here, the password.
+    seen.expect_logs = False  # refused before any request is handled
+    plugin = PluginTransport({"api_key": API_SECRET, "data_dir": str(tmp_path),
+                              "store_url": f"postgresql://kb:%zz{PG_SECRET}@127.0.0.1/kb"})
+    reply = retrieval(plugin)
+    assert reply.status == 400, shown(reply)
+    assert 'invalid percent-encoded token: "***"' in reply.json()["error_msg"]
+    seen.answers.append(shown(reply))
+
+
 def test_plugin_door_answers_without_secrets(postgres, embeddings, tmp_path, seen):
     plugin = PluginTransport({"api_key": API_SECRET, "store_url": postgres.url(PG_SECRET),
                               "data_dir": str(tmp_path), "store_api_key": STORE_KEY_SECRET,
@@ -321,7 +332,7 @@ def finished(runs: dict[str, subprocess.Popen[str]]) -> dict[str, tuple[int, str
 
 
 def test_cli_list_and_ingest_print_no_secret(postgres, embeddings, tmp_path, seen):
-    seen.logs_here = False
+    seen.expect_logs = False  # the CLI runs in processes of its own
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "leave.md").write_text("# Leave\n\nEveryone gets 25 days of paid leave.")
@@ -349,3 +360,34 @@ def test_cli_list_and_ingest_print_no_secret(postgres, embeddings, tmp_path, see
     assert "DEBUG" in ran["ingest"][2]
     assert "error: store postgresql://kb:***@127.0.0.1" in ran["list, postgres down"][2]
     seen.answers += [f"{out}\n{err}" for _, out, err in ran.values()]
+
+
+@pytest.mark.parametrize(("url", "redacted"), [
+    ("postgresql://kb:pw-1234@db:5432/kb?sslmode=require",
+     "postgresql://kb:***@db:5432/kb?sslmode=require"),
+    ("postgres://kb@db/kb", "postgres://kb@db/kb"),
+    ("postgresql://kb:p%40ss@db/kb?password=other&application_name=x",
+     "postgresql://kb:***@db/kb?password=***&application_name=x"),
+    # A password holding "/", "?" or "@" unencoded: masked whole, never taken for a host.
+    ("postgresql://kb:pa/s?s@w@db/kb?x=1", "postgresql://kb:***@db/kb?x=1"),
+    ("llamacloud://llx-key-1234@api.cloud.llamaindex.ai/?project=Default",
+     "llamacloud://***@api.cloud.llamaindex.ai/?project=Default"),
+    ("llamacloud://?api_key=llx-key-1234&region=eu", "llamacloud://?api_key=***&region=eu"),
+    ("https://qdrant.example:6333/prefix?api_key=k-1234&timeout=3#token=t-1234",
+     "https://qdrant.example:6333/prefix?api_key=***&timeout=3#token=***"),
+    ("http://h:6333/?apiKey=a-12&Access-Token=b-12&client_secret=c-12&sig=d-12&q=e-12",
+     "http://h:6333/?apiKey=***&Access-Token=***&client_secret=***&sig=***&q=e-12"),
+    ("qdrant:///srv/kb", "qdrant:///srv/kb"),
+    ("local:///srv/kb", "local:///srv/kb"),
+    ("host=db password='pw 1234' user=kb", "host=db password=*** user=kb"),
+])
+def test_redacted_urls_keep_everything_but_their_secrets(url, redacted):
+    from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
+
+    assert redact_url(url) == redacted
+    assert redact_url(redacted) == redacted
+    # A library's message that quotes the URL, and its secrets on their own.
+    secrets = url_secrets(url)
+    scrubbed = redact_text(f"could not reach {url} (it said: {secrets})", secrets)
+    assert not [secret for secret in secrets if secret in scrubbed], scrubbed
+    assert "***" in redacted or scrubbed == f"could not reach {url} (it said: ())"
