@@ -122,4 +122,9 @@ def handle_plugin_request(
         api = api_for(plugin_settings(form), session)
     except KBError as exc:
         return KnowledgeAPI.error_response(exc)
+    except Exception as exc:
+        # The SDK would answer a bare 404 with the message as text; the API's handler,
+        # which logs and answers everything else, never ran.
+        log.exception("unexpected failure setting up the endpoint")
+        return KnowledgeAPI.error_response(exc)
     return api.handle(request)

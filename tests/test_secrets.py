@@ -284,14 +284,22 @@ def test_llamacloud_store_answers_without_its_key(key, tmp_path, seen):
     seen.answers += [shown(reply) for reply in replies.values()]
 
 
-def test_a_store_url_libpq_cannot_parse_is_400_without_the_password(tmp_path, seen):
+@pytest.mark.parametrize(("store_url", "status", "needle"), [
     # libpq quotes the token it cannot percent-decode: here, the password.
+    (f"postgresql://kb:%zz{PG_SECRET}@127.0.0.1/kb", 400,
+     'invalid percent-encoded token: "***"'),
+    # Python's URL parser refuses it before any store sees it (a 500 today, logged
+    # with its traceback; a 400 once stores.open_store translates it).
+    (f"postgresql://kb:{PG_SECRET}@[::1/kb", (400, 500), ""),
+], ids=["libpq", "urlsplit"])
+def test_store_urls_that_cannot_be_parsed_are_refused_without_the_password(
+        store_url, status, needle, tmp_path, seen):
     seen.expect_logs = False  # refused before any request is handled
     plugin = PluginTransport({"api_key": API_SECRET, "data_dir": str(tmp_path),
-                              "store_url": f"postgresql://kb:%zz{PG_SECRET}@127.0.0.1/kb"})
+                              "store_url": store_url})
     reply = retrieval(plugin)
-    assert reply.status == 400, shown(reply)
-    assert 'invalid percent-encoded token: "***"' in reply.json()["error_msg"]
+    assert reply.status in (status if isinstance(status, tuple) else (status,)), shown(reply)
+    assert needle in reply.json()["error_msg"]
     seen.answers.append(shown(reply))
 
 
