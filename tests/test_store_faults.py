@@ -354,6 +354,24 @@ def test_postgres_url_reaching_a_web_server_is_400_saying_what_answered(tmp_path
     assert seconds < DIFY_TIMEOUT_S
 
 
+class RateLimited(WebPage):
+    """A Qdrant (or its proxy) shedding load: 429 with Retry-After, Qdrant's JSON body."""
+
+    status, content_type = 429, "application/json"
+    body = b'{"status": {"error": "Too many requests"}, "time": 0.0}'
+
+    def end_headers(self) -> None:
+        self.send_header("Retry-After", "1")
+        super().end_headers()
+
+
+def test_qdrant_rate_limiting_is_503_within_dify_timeout(tmp_path):
+    with web_server(RateLimited) as port:
+        reply, seconds = ask_store(f"qdrant://127.0.0.1:{port}", tmp_path)
+    assert_error(reply, 503, 5003, "rate limiting", "try again")
+    assert seconds < DIFY_TIMEOUT_S
+
+
 # --- a store that is down or unreachable ----------------------------------------------
 
 
