@@ -204,7 +204,7 @@ class PostgresStore(FindingStore):
                 return conn
             except psycopg.OperationalError as exc:
                 problem = self._problem(exc)
-                if exc.sqlstate is None and not probed:
+                if exc.sqlstate is None and not probed and not _unresolved(problem):
                     # No PostgreSQL error: whatever answers there may be something else.
                     probed = True
                     answered = self._foreign_answer()
@@ -911,7 +911,12 @@ def _is_configuration_problem(exc: psycopg.OperationalError, message: str) -> bo
     lowered = message.lower()
     return any(hint in lowered for hint in (
         "password authentication failed", "does not exist", "no pg_hba.conf entry",
-        "could not translate host name", "invalid", "no password supplied"))
+        "invalid", "no password supplied")) or _unresolved(message)
+
+
+def _unresolved(message: str) -> bool:
+    """Whether the host name did not resolve (libpq's words, then psycopg's)."""
+    return "could not translate host name" in message or "failed to resolve host" in message
 
 
 @contextlib.contextmanager
