@@ -25,6 +25,13 @@ from the postings of the query's terms and the corpus statistics kept per base;
 hybrid is the same weighted sum, its top-k found exactly by candidate_search. Writers
 hold a transaction-scoped advisory lock per knowledge base and publish in one
 transaction, so readers (REPEATABLE READ) see a whole change or none of it.
+
+Faults, as Dify sees them: a server that refuses, stays silent or restarts is a 503
+(``StoreUnavailableError``) within ``DEADLINE_S``; a pooled connection the server has
+ended is dropped before use, so the first request after a restart succeeds. Wrong
+credentials, a missing database or pgvector, and an address where something else
+answers (told by a probe that sends PostgreSQL's SSLRequest, never a credential) are
+a 400 (``ConfigurationError``) saying so. Messages show the URL redacted.
 """
 
 from __future__ import annotations

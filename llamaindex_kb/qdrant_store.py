@@ -37,6 +37,12 @@ itself: cosine clipped to [0, 1]; BM25 from the term counts by
 ``keyword.score_postings``; hybrid = w·vector + (1−w)·keyword, its exact top-k found
 by ``candidate_search.rank`` (as pg_store); conditions re-checked with
 ``filters.matches``.
+
+Faults, as Dify sees them: a refused or silent connection, a 429 and a 5xx are retried
+for ``RETRY_S`` (reads), then a 503 (``StoreUnavailableError``). Every answer is
+checked (``_check_answer``): one no Qdrant gives (a web page, another API's JSON), a
+TLS mismatch and an answer that is not HTTP are a 400 (``ConfigurationError``) saying
+what answered. Messages show the URL without its ``api_key``.
 """
 
 from __future__ import annotations
