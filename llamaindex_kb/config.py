@@ -36,7 +36,8 @@ RetrievalMode = Literal["vector", "keyword", "hybrid"]
 class Settings(BaseModel):
     """Everything the core needs to serve and build knowledge bases."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A store URL may hold a password: keep it out of validation errors and repr().
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     api_key: SecretStr | None = None
     # A file holding the key (first line), so it appears in no process list or shell
@@ -45,7 +46,7 @@ class Settings(BaseModel):
     data_dir: Path = STANDALONE_DATA_DIR
     # Where knowledge bases live (stores.py): None means local://<data_dir>;
     # postgresql://user:password@host:5432/db shares them between processes.
-    store: str | None = None
+    store: str | None = Field(default=None, repr=False)
     # A Qdrant server's API key (qdrant_store.py), unless the store URL has ?api_key=.
     store_api_key: SecretStr | None = None
     demo: bool = False
