@@ -141,7 +141,8 @@ class KnowledgeAPI:
         return json_response(RetrievalResponse(records=records).model_dump())
 
     def _upload(self, request: Request) -> Response:
-        info, summary = documents.upload(request, self.library.store, self.models)
+        info, summary = documents.upload(request, self.library.store, self.models,
+                                         self.settings.limits)
         return json_response({"knowledge_id": summary.knowledge_id,
                               "document": info.model_dump(exclude={"parent_ids", "source_root"}),
                               "total_documents": summary.total_documents,

@@ -66,6 +66,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .embeddings import minilm_tokenizer
 
 Tokenizer = Callable[[str], Sequence[int]]
+# Called between pieces of work; whatever it raises stops the chunking and passes through.
+Checkpoint = Callable[[], None]
+# Tokenizer calls between two checkpoints: each is microseconds, so a stop is noticed
+# within milliseconds even inside one huge paragraph.
+_CALLS_PER_CHECKPOINT = 256
 
 # Chunk ids are uuid5(NODE_NAMESPACE, "<document_id>/<index>"): the same document
 # chunked the same way gets the same ids (the namespace predates this module, so
@@ -118,6 +123,15 @@ class ChunkingConfig(BaseModel):
     def embedded_max_tokens(self) -> int:
         """The longest chunk that gets embedded: compare with the embedding model's input."""
         return self.child_max_tokens if self.mode == "parent_child" else self.max_tokens
+
+
+class TooManyChunks(Exception):
+    """A document gives more than the ``max_chunks`` that ``chunk`` was allowed."""
+
+    def __init__(self, document_id: str, max_chunks: int) -> None:
+        super().__init__(f"document {document_id} gives more than {max_chunks} chunks")
+        self.document_id = document_id
+        self.max_chunks = max_chunks
 
 
 @dataclass(frozen=True)
@@ -286,6 +300,9 @@ def chunk(
     documents: Sequence[Document],
     config: ChunkingConfig,
     tokenizer: Tokenizer | None = None,
+    *,
+    max_chunks: int | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> ChunkResult:
     """Chunk ``documents`` as ``config`` says, counting tokens with ``tokenizer``.
 
@@ -300,8 +317,18 @@ def chunk(
     group's documents share) with all of it excluded from the embedded and LLM text.
     In parent-child mode each child carries ``metadata["parent_id"]`` and a PARENT
     relationship, and each parent CHILD relationships, in order.
+
+    A document (group) with more than ``max_chunks`` chunks raises ``TooManyChunks``,
+    checked after each of its LlamaIndex documents (a PDF's pages). ``checkpoint`` is
+    called every few hundred token counts, so even one long paragraph can be stopped.
     """
     tokenizer = tokenizer or minilm_tokenizer()
+    if checkpoint is not None:
+        tokenizer = _checkpointed(tokenizer, checkpoint)
+
+    def counted(document_id: str, chunks: int) -> None:
+        if max_chunks is not None and chunks > max_chunks:
+            raise TooManyChunks(document_id, max_chunks)
     groups: dict[str, list[Document]] = {}
     for document in documents:
         groups.setdefault(str(document.metadata.get("document_id") or document.id_), []).append(
@@ -316,6 +343,7 @@ def chunk(
                 for text in splitter.split(clean_text(document.text, config)):
                     result.chunks.append(_node(document_id, str(index), text, document.metadata))
                     index += 1
+                counted(document_id, index)
         return result
 
     parent_splitter = _Splitter(config.parent_delimiter, config.parent_max_tokens, 0, tokenizer)
@@ -347,6 +375,7 @@ def chunk(
                     )
                     children.append(child)
                     index += 1
+                counted(document_id, index)
             parent.relationships[NodeRelationship.CHILD] = [
                 RelatedNodeInfo(node_id=child.node_id, node_type=ObjectType.TEXT)
                 for child in children
@@ -354,6 +383,19 @@ def chunk(
             result.parents.append(parent)
             result.chunks.extend(children)
     return result
+
+
+def _checkpointed(tokenizer: Tokenizer, checkpoint: Checkpoint) -> Tokenizer:
+    calls = 0
+
+    def tokenize(text: str) -> Sequence[int]:
+        nonlocal calls
+        calls += 1
+        if calls % _CALLS_PER_CHECKPOINT == 0:
+            checkpoint()
+        return tokenizer(text)
+
+    return tokenize
 
 
 def _node(document_id: str, key: str, text: str, metadata: dict[str, Any]) -> TextNode:

@@ -1,13 +1,22 @@
 """``POST /documents``: a file upload (multipart) or a text (JSON) into a knowledge base.
 
-Large uploads are spooled to a temporary file by werkzeug's form parser rather
-than held in memory. Everything is read, chunked and embedded before the
-knowledge base is touched, so a bad file is a 400 that leaves nothing behind.
+Large uploads are spooled to a temporary file by werkzeug's form parser and copied
+from there a piece at a time, never held whole in memory. Everything is read,
+chunked and embedded before the knowledge base is touched, so a bad file is a 400
+(or a 413 over a limit, ``limits.py``) that leaves nothing behind.
+
+That work takes the CPU for seconds to minutes, so it is bounded twice: uploads take
+turns (``UPLOAD_SLOTS`` at a time; one that cannot start within ``SLOT_WAIT_SECONDS``
+answers 429 with ``retry_after``), and one whose client has gone stops at the next
+checkpoint with nothing written (waitress's ``waitress.client_disconnected``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,35 +24,58 @@ from werkzeug import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .chunking import ChunkingConfig
-from .errors import InvalidFieldError, MalformedBodyError, PayloadTooLargeError
+from .errors import InvalidFieldError, MalformedBodyError, ServerBusyError
 from .ingest import (
+    Cancelled,
     IngestSummary,
     Source,
     apply_changes,
     check_user_metadata,
-    current_kb,
+    checkpoint_for,
+    text_is_storable,
     text_source,
     upload_source,
 )
 from .knowledge_base import DocumentInfo
 from .layout import validate_knowledge_id
+from .limits import DEFAULT_LIMITS, Limits, MiB
 from .models import Models
+from .readers import Checkpoint, format_bytes, over_limit, upload_name
 from .stores import KnowledgeStore
 
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 # The Dify plugin daemon silently cuts request bodies at 10 MiB.
-DAEMON_BODY_LIMIT = 10 * 1024 * 1024
+DAEMON_BODY_LIMIT = 10 * MiB
+# One upload's embedding keeps both cores of the 2-core target busy; a second at the
+# same time would only halve the speed of both and leave retrieval less CPU.
+UPLOAD_SLOTS = 1
+SLOT_WAIT_SECONDS = 2.0
+RETRY_AFTER_SECONDS = 30
+# Room for the multipart framing and the small fields around a file of upload_bytes.
+_FORM_OVERHEAD = 1 * MiB
+DOCUMENT_ID_MAX = 200
+DOCUMENT_ID_RULE = (
+    f"1 to {DOCUMENT_ID_MAX} printable characters, without '/' (it could not be addressed "
+    "in a URL path), and not '.' or '..'"
+)
+
+_slots = threading.BoundedSemaphore(UPLOAD_SLOTS)
 
 
 def upload(
-    request: Request, store: KnowledgeStore, models: Models
+    request: Request, store: KnowledgeStore, models: Models, limits: Limits = DEFAULT_LIMITS,
+    cancelled: Cancelled | None = None,
 ) -> tuple[DocumentInfo, IngestSummary]:
-    request.max_content_length = MAX_UPLOAD_BYTES
+    """Add the document ``request`` carries; ``cancelled`` (by default waitress's
+    client-disconnected flag, if the server provides it) stops the work unwritten."""
+    if cancelled is None:
+        cancelled = request.environ.get("waitress.client_disconnected")
+    checkpoint = checkpoint_for(cancelled)
+    request.max_content_length = limits.upload_bytes + _FORM_OVERHEAD
     try:
         if request.mimetype == "multipart/form-data":
-            knowledge_id, source, chunking, mode = _from_form(request)
+            knowledge_id, read, chunking, mode = _from_form(request, limits)
         elif request.mimetype == "application/json":
-            knowledge_id, source, chunking, mode = _from_json(request)
+            knowledge_id, read, chunking, mode = _from_json(request, limits)
         else:
             raise InvalidFieldError(
                 "Content-Type",
@@ -51,22 +83,56 @@ def upload(
                 "'knowledge_id', 'title' and 'text'",
             )
     except RequestEntityTooLarge as exc:
-        raise PayloadTooLargeError(
-            f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB"
-        ) from exc
-    summary = apply_changes(
-        store, knowledge_id, [source], set(), IngestSummary(knowledge_id=knowledge_id),
-        embed_model=models.embed_model if mode != "keyword" else None, mode=mode,
-        chunking=chunking,
-    )
-    kb = current_kb(store, knowledge_id)
-    assert kb is not None
-    return kb.documents[source.info.document_id], summary
+        raise _too_large(request, limits) from exc
+    with _slot():
+        if checkpoint is not None:
+            checkpoint()
+        source = read(checkpoint)
+        summary = apply_changes(
+            store, knowledge_id, [source], set(), IngestSummary(knowledge_id=knowledge_id),
+            embed_model=models.embed_model if mode != "keyword" else None, mode=mode,
+            chunking=chunking, limits=limits, checkpoint=checkpoint,
+        )
+    # From the source, not the store: opening the knowledge base only to answer would
+    # load its indices into this process for nothing.
+    return source.info.model_copy(update={"chunks": summary.chunks}), summary
 
 
-def _from_form(request: Request) -> tuple[str, Source, ChunkingConfig | None, Any]:
+@contextlib.contextmanager
+def _slot() -> Iterator[None]:
+    if not _slots.acquire(timeout=SLOT_WAIT_SECONDS):
+        raise ServerBusyError(
+            f"the server is busy with {UPLOAD_SLOTS} other upload(s); try again in "
+            f"{RETRY_AFTER_SECONDS} s", retry_after=RETRY_AFTER_SECONDS)
+    try:
+        yield
+    finally:
+        _slots.release()
+
+
+def _too_large(request: Request, limits: Limits) -> Exception:
+    if request.content_length is None or request.content_length > request.max_content_length:
+        return over_limit("file:", f"the request body is larger than "
+                          f"{format_bytes(limits.upload_bytes)} plus its form fields",
+                          "upload_bytes")
+    return InvalidFieldError(
+        "form", f"a field other than 'file' is larger than "
+        f"{format_bytes(request.max_form_memory_size or 0)}, or there are more than "
+        f"{request.max_form_parts or 0:,} fields")
+
+
+# What a request asks for: the knowledge base, how to read its source (done later,
+# when the upload has its turn), the chunking and the retrieval mode.
+Parsed = tuple[str, Callable[[Checkpoint | None], Source], ChunkingConfig | None, Any]
+
+
+def _from_form(request: Request, limits: Limits) -> Parsed:
     form, files = request.form, request.files
-    knowledge_id = _required(form.get("knowledge_id"), "knowledge_id")
+    if not form and not files and request.content_length:
+        raise MalformedBodyError(
+            "the multipart/form-data body has no parts: check its boundary parameter and "
+            "that it starts with one")
+    knowledge_id = _knowledge_id(form.get("knowledge_id"))
     upload_file = files.get("file")
     if upload_file is None or not upload_file.filename:
         if request.content_length and request.content_length >= DAEMON_BODY_LIMIT:
@@ -74,35 +140,88 @@ def _from_form(request: Request) -> tuple[str, Source, ChunkingConfig | None, An
                 "file", "the upload arrived incomplete: the Dify plugin daemon cuts request "
                 "bodies at 10 MiB; use the standalone server or the CLI for larger files")
         raise InvalidFieldError("file", "is required (a multipart file field named 'file')")
+    name = upload_name(upload_file.filename)
+    if name and not name.isprintable():
+        raise InvalidFieldError("file", f"the file name {name!r} must be printable characters")
     metadata = check_user_metadata(_json_field(form.get("metadata"), "metadata"))
-    source = upload_source(upload_file.read(), upload_file.filename, metadata)
-    return (knowledge_id, source, _chunking(_json_field(form.get("chunking"), "chunking")),
+
+    def read(checkpoint: Checkpoint | None) -> Source:
+        return upload_source(upload_file.stream, upload_file.filename or "", metadata,
+                             limits=limits, checkpoint=checkpoint)
+
+    return (knowledge_id, read, _chunking(_json_field(form.get("chunking"), "chunking")),
             _mode(form.get("mode")))
 
 
-def _from_json(request: Request) -> tuple[str, Source, ChunkingConfig | None, Any]:
+def _from_json(request: Request, limits: Limits) -> Parsed:
     try:
         body = json.loads(request.get_data(cache=False) or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise MalformedBodyError("request body is nested too deeply") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer of thousands of digits
         raise MalformedBodyError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise MalformedBodyError("request body must be a JSON object")
-    knowledge_id = _required(body.get("knowledge_id"), "knowledge_id")
+    for field in ("knowledge_id", "title", "text", "document_id", "metadata", "chunking",
+                  "mode"):
+        _check_strings(body.get(field), field)
+    knowledge_id = _knowledge_id(body.get("knowledge_id"))
     title = _required(body.get("title"), "title")
     text = body.get("text")
     if not isinstance(text, str):
         raise InvalidFieldError("text", "is required and must be a string")
     document_id = body.get("document_id")
-    if document_id is not None and (not isinstance(document_id, str) or not document_id):
-        raise InvalidFieldError("document_id", "must be a non-empty string")
-    source = text_source(title, text, check_user_metadata(body.get("metadata")), document_id)
-    return knowledge_id, source, _chunking(body.get("chunking")), _mode(body.get("mode"))
+    if document_id is not None:
+        _check_document_id(document_id)
+    metadata = check_user_metadata(body.get("metadata"))
+
+    def read(_: Checkpoint | None) -> Source:
+        return text_source(title, text, metadata, document_id, limits)
+
+    return knowledge_id, read, _chunking(body.get("chunking")), _mode(body.get("mode"))
+
+
+def _check_strings(value: object, field: str) -> None:
+    """Refuse text no store can keep, anywhere in ``value`` (keys too). JSON escapes
+    can spell a lone surrogate ("\\ud800"), and PostgreSQL refuses NUL characters;
+    the text itself may hold NULs, which chunking removes."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item)
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+        elif isinstance(item, str) and not text_is_storable(
+                item.replace("\x00", "") if field == "text" else item):
+            raise InvalidFieldError(
+                field, "is not valid Unicode text: it contains a lone surrogate (such as "
+                "\\ud800) or a NUL character")
+
+
+def _knowledge_id(value: object) -> str:
+    return validate_knowledge_id(_required(value, "knowledge_id"))
 
 
 def _required(value: object, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidFieldError(field, "is required and must be a non-empty string")
-    return validate_knowledge_id(value, field) if field == "knowledge_id" else value
+    return value
+
+
+def _check_document_id(value: object) -> None:
+    """Every id a document is created under can be listed and deleted: the DELETE
+    route takes it as one URL path segment."""
+    if (not isinstance(value, str) or not value or len(value) > DOCUMENT_ID_MAX
+            or not value.isprintable() or "/" in value or value in {".", ".."}):
+        raise InvalidFieldError("document_id", f"must be {DOCUMENT_ID_RULE}; got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """A client's value in a message: escaped, and short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
 
 
 def _json_field(raw: str | None, field: str) -> object:
@@ -110,13 +229,16 @@ def _json_field(raw: str | None, field: str) -> object:
         return None
     try:
         return json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except RecursionError:
+        raise InvalidFieldError(field, "is nested too deeply") from None
+    except ValueError as exc:  # not JSON, or an integer of thousands of digits
         raise InvalidFieldError(field, f"is not valid JSON: {exc}") from exc
 
 
 def _chunking(raw: object) -> ChunkingConfig | None:
     if raw is None:
         return None
+    _check_strings(raw, "chunking")
     try:
         return ChunkingConfig.model_validate(raw)
     except ValidationError as exc:
@@ -129,5 +251,5 @@ def _mode(raw: object) -> Any:
     if raw in (None, ""):
         return "hybrid"
     if raw not in ("hybrid", "vector", "keyword"):
-        raise InvalidFieldError("mode", f"must be hybrid, vector or keyword, got {raw!r}")
+        raise InvalidFieldError("mode", f"must be hybrid, vector or keyword, got {_shown(raw)}")
     return raw

@@ -18,6 +18,7 @@ The hierarchy::
     │   └── EmbeddingMismatchError 3004  knowledge base was built with another embedding
     ├── ConfigurationError       400  3005  settings or store URL are wrong (actionable message)
     ├── PayloadTooLargeError     413  3006  over a limit (body, query, file, what it expands to)
+    ├── ServerBusyError          429  5029  too much work in flight (uploads); Retry-After says when
     ├── StoreUnavailableError    503  5003  a transient outage, after retries
     ├── KnowledgeBaseDamaged     500  5001  a knowledge base's files are damaged (names it)
     └── DiskFullError            507  5007  no space left to write; nothing was changed
@@ -114,6 +115,17 @@ class ConfigurationError(KBError):
 class PayloadTooLargeError(KBError):
     status = 413
     error_code = 3006
+
+
+class ServerBusyError(KBError):
+    """Not the request's fault: the server is busy; ``retry_after`` seconds is a fair wait."""
+
+    status = 429
+    error_code = 5029
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StoreUnavailableError(KBError):

@@ -6,6 +6,11 @@ the slow part (reading, chunking, embedding) happens before the write lock is
 taken, and the previous version's chunks and embeddings are carried over: only
 new or changed documents are embedded. A file's content hash is recorded, so
 re-ingesting an unchanged folder does nothing.
+
+The slow part is bounded by ``Limits`` (a file's size, what it expands to, its chunks)
+and can be stopped: a ``checkpoint`` (see ``checkpoint_for``) is called between
+stages, pages, token counts and embedding batches, and what it raises ends the work
+before anything is written.
 """
 
 from __future__ import annotations
@@ -13,25 +18,41 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, Document, TextNode
 from pydantic import BaseModel, Field
 
-from .chunking import ChunkingConfig, chunk
+from .chunking import ChunkingConfig, ChunkResult, TooManyChunks, chunk
 from .embeddings import MAX_TOKENS, EmbeddingSpec, LocalMiniLMEmbedding, minilm_tokenizer
-from .errors import ConfigurationError, DocumentNotFound, InvalidFieldError
+from .errors import (
+    BadRequestError,
+    ConfigurationError,
+    DocumentNotFound,
+    InvalidFieldError,
+    PayloadTooLargeError,
+)
 from .knowledge_base import DocumentInfo, KBManifest, RetrievalMode
 from .layout import validate_knowledge_id
-from .readers import SUPPORTED_SUFFIXES, read_bytes, read_file
+from .limits import DEFAULT_LIMITS, Limits
+from .readers import (
+    SUPPORTED_SUFFIXES,
+    Checkpoint,
+    format_bytes,
+    over_limit,
+    read_file,
+    spool,
+    upload_name,
+)
 from .stores import Change, KnowledgeBaseHandle, KnowledgeStore, as_store
 
 log = logging.getLogger(__name__)
@@ -43,6 +64,12 @@ RESERVED_METADATA = frozenset(
 )
 
 Progress = Callable[[str, int, int], None]
+# True once the work is no longer wanted (e.g. the client disconnected).
+Cancelled = Callable[[], bool]
+# Metadata values are numbers every store keeps exactly: Qdrant's payload integers
+# are 64-bit, and a JSON client reads larger ones wrong.
+_INT64 = 2**63
+_READ_PIECE = 1 << 20
 
 
 class IngestSummary(BaseModel):
@@ -59,10 +86,28 @@ class IngestSummary(BaseModel):
 
 @dataclass
 class Source:
-    """One document to (re)index: its LlamaIndex documents and what we record about it."""
+    """One document to (re)index: its LlamaIndex documents and what we record about it.
+
+    ``label`` names it in an error ("file: a.pdf", "text").
+    """
 
     info: DocumentInfo
+    label: str
     documents: list[Document] = field(default_factory=list)
+
+
+def checkpoint_for(cancelled: Cancelled | None) -> Checkpoint | None:
+    """A checkpoint that stops the work, with nothing written, once ``cancelled()``."""
+    if cancelled is None:
+        return None
+
+    def checkpoint() -> None:
+        if cancelled():
+            raise BadRequestError(
+                "the upload was abandoned: its client disconnected before it finished, "
+                "and nothing was written")
+
+    return checkpoint
 
 
 _APPROXIMATE_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|[^\W\u3040-\u30ff"
@@ -104,49 +149,99 @@ def _attach(source: Source, documents: list[Document]) -> Source:
 
 
 def check_user_metadata(metadata: object, field_name: str = "metadata") -> dict[str, Any]:
+    """``metadata`` if every store can keep it and every client read it back: a flat
+    object of strings, numbers, booleans, nulls and lists of those."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
         raise InvalidFieldError(field_name, "must be a JSON object")
     for key, value in metadata.items():
+        if not isinstance(key, str) or not key.strip() or not key.isprintable():
+            raise InvalidFieldError(field_name, f"key {key!r} must be a non-empty string of "
+                                    "printable characters")
+        where = f"{field_name}.{key}"
         if key in RESERVED_METADATA:
-            raise InvalidFieldError(f"{field_name}.{key}", "is set by the knowledge base itself")
-        if not isinstance(value, str | int | float | bool | list | type(None)):
-            raise InvalidFieldError(f"{field_name}.{key}", "must be a string, number, boolean, "
-                                    "list or null")
+            raise InvalidFieldError(where, "is set by the knowledge base itself")
+        for item in value if isinstance(value, list) else [value]:
+            problem = _metadata_value_problem(item)
+            if problem:
+                raise InvalidFieldError(where, problem)
     return dict(metadata)
 
 
-def file_source(file: Path, file_path: str, source_root: str | None) -> Source:
-    data = file.read_bytes()
+def _metadata_value_problem(value: object) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str):
+        return None if text_is_storable(value) else ("must be valid Unicode text without NUL "
+                                                     "characters or lone surrogates")
+    if isinstance(value, int):
+        return None if -_INT64 <= value < _INT64 else "must be a 64-bit integer"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "must be a finite number, not NaN or Infinity"
+    return "must be a string, number, boolean, null or a list of those"
+
+
+def text_is_storable(text: str) -> bool:
+    """Whether every store can keep ``text``: PostgreSQL refuses NUL characters and
+    UTF-8 cannot encode a lone surrogate (which JSON's "\\ud800" can spell)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def file_source(file: Path, file_path: str, source_root: str | None,
+                limits: Limits = DEFAULT_LIMITS) -> Source:
+    """A file found by ``scan``, hashed a piece at a time; refused past ``upload_bytes``."""
     stat = file.stat()
+    label = f"file: {file_path}"
+    if stat.st_size > limits.upload_bytes:
+        raise over_limit(label, f"is larger than {format_bytes(limits.upload_bytes)}",
+                         "upload_bytes")
+    digest = hashlib.sha256()
+    with open(file, "rb") as stream:
+        while piece := stream.read(_READ_PIECE):
+            digest.update(piece)
     info = DocumentInfo(
         document_id=document_id_for(file_path), title=file.name, file_name=file.name,
         file_path=file_path, file_type=file.suffix.lower().lstrip("."), file_size=stat.st_size,
-        last_modified=int(stat.st_mtime), content_hash=hashlib.sha256(data).hexdigest(),
+        last_modified=int(stat.st_mtime), content_hash=digest.hexdigest(),
         source_root=source_root,
     )
-    return Source(info)
+    return Source(info, label)
 
 
-def upload_source(data: bytes, filename: str, metadata: dict[str, Any]) -> Source:
-    name = Path(filename).name
-    if not name:
-        raise InvalidFieldError("file", "the upload has no file name")
-    digest = hashlib.sha256(data + json.dumps(metadata, sort_keys=True).encode()).hexdigest()
+def upload_source(stream: IO[bytes], filename: str, metadata: dict[str, Any], *,
+                  limits: Limits = DEFAULT_LIMITS,
+                  checkpoint: Checkpoint | None = None) -> Source:
+    """An uploaded file, copied from ``stream`` a piece at a time (hashed on the way,
+    never held whole in memory) and read within ``limits``."""
+    name = upload_name(filename)
+    digest = hashlib.sha256()
+    with spool(stream, filename, limits, digest.update) as path:
+        size = path.stat().st_size
+        documents = read_file(path, source_name=name, limits=limits, checkpoint=checkpoint)
+    digest.update(json.dumps(metadata, sort_keys=True).encode())
     info = DocumentInfo(
         document_id=document_id_for(f"upload/{name}"), title=name, file_name=name,
         file_path=f"upload/{name}", file_type=Path(name).suffix.lower().lstrip("."),
-        file_size=len(data), last_modified=int(time.time()), content_hash=digest,
+        file_size=size, last_modified=int(time.time()), content_hash=digest.hexdigest(),
         metadata=metadata,
     )
-    return _attach(Source(info), read_bytes(data, name))
+    return _attach(Source(info, f"file: {name}"), documents)
 
 
 def text_source(title: str, text: str, metadata: dict[str, Any],
-                document_id: str | None = None) -> Source:
+                document_id: str | None = None, limits: Limits = DEFAULT_LIMITS) -> Source:
     if not text.strip():
         raise InvalidFieldError("text", "is empty")
+    if len(text) > limits.extracted_chars:
+        raise over_limit("text:", f"has more than {limits.extracted_chars:,} characters",
+                         "extracted_chars")
     key = json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False)
     info = DocumentInfo(
         document_id=document_id or document_id_for(f"text/{title}"), title=title,
@@ -154,7 +249,7 @@ def text_source(title: str, text: str, metadata: dict[str, Any],
         file_size=len(text.encode()), last_modified=int(time.time()),
         content_hash=hashlib.sha256(key.encode()).hexdigest(), metadata=metadata,
     )
-    return _attach(Source(info), [Document(text=text)])
+    return _attach(Source(info, "text:"), [Document(text=text)])
 
 
 def scan(paths: Sequence[Path]) -> tuple[list[tuple[Path, str, str]], list[str]]:
@@ -183,9 +278,12 @@ def scan(paths: Sequence[Path]) -> tuple[list[tuple[Path, str, str]], list[str]]
 
 
 def embed_texts(texts: Sequence[str], embed_model: BaseEmbedding,
-                progress: Progress | None = None) -> np.ndarray:
+                progress: Progress | None = None,
+                checkpoint: Checkpoint | None = None) -> np.ndarray:
     rows: list[list[float]] = []
     for start in range(0, len(texts), EMBED_BATCH):
+        if checkpoint is not None:
+            checkpoint()
         rows.extend(embed_model.get_text_embedding_batch(list(texts[start : start + EMBED_BATCH])))
         if progress is not None:
             progress("embedding", min(start + EMBED_BATCH, len(texts)), len(texts))
@@ -213,8 +311,13 @@ def ingest_paths(
     chunking: ChunkingConfig | None = None,
     sync: bool = False,
     progress: Progress | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> IngestSummary:
-    """Add new and changed files under ``paths``; with ``sync``, remove vanished ones."""
+    """Add new and changed files under ``paths``; with ``sync``, remove vanished ones.
+
+    A file that cannot be read or is over one of ``limits`` is reported in
+    ``summary.failed`` and the others go on.
+    """
     validate_knowledge_id(knowledge_id, field="--kb")
     files, skipped = scan(paths)
     summary = IngestSummary(knowledge_id=knowledge_id, skipped=skipped)
@@ -224,15 +327,17 @@ def ingest_paths(
     sources: list[Source] = []
     seen: set[str] = set()
     for number, (file, file_path, root) in enumerate(files, start=1):
+        # Seen even if it fails below: sync removes only what has vanished.
+        seen.add(document_id_for(file_path))
         try:
-            source = file_source(file, file_path, root)
-            seen.add(source.info.document_id)
+            source = file_source(file, file_path, root, limits)
             previous = known.get(source.info.document_id)
             if previous is not None and previous.content_hash == source.info.content_hash:
                 summary.unchanged += 1
             else:
-                sources.append(_attach(source, read_file(file, source_name=file_path)))
-        except (InvalidFieldError, OSError) as exc:
+                sources.append(_attach(source, read_file(file, source_name=file_path,
+                                                         limits=limits)))
+        except (InvalidFieldError, PayloadTooLargeError, OSError) as exc:
             summary.failed[file_path] = getattr(exc, "message", None) or str(exc)
         if progress is not None:
             progress("reading", number, len(files))
@@ -243,7 +348,7 @@ def ingest_paths(
                    if info.source_root in roots and doc_id not in seen}
     return apply_changes(store, knowledge_id, sources, removed, summary,
                          embed_model=embed_model, mode=mode, semantic_weight=semantic_weight,
-                         chunking=chunking, progress=progress)
+                         chunking=chunking, progress=progress, limits=limits, keep_going=True)
 
 
 def apply_changes(
@@ -258,8 +363,16 @@ def apply_changes(
     semantic_weight: float = 0.7,
     chunking: ChunkingConfig | None = None,
     progress: Progress | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    checkpoint: Checkpoint | None = None,
+    keep_going: bool = False,
 ) -> IngestSummary:
-    """Publish a version with ``sources`` added or replaced and ``removed`` deleted."""
+    """Publish a version with ``sources`` added or replaced and ``removed`` deleted.
+
+    A source over ``limits`` raises ``PayloadTooLargeError``, or with ``keep_going`` is
+    left out and reported in ``summary.failed``. ``checkpoint`` is called between
+    stages and batches; what it raises ends the work before anything is written.
+    """
     validate_knowledge_id(knowledge_id)
     store = as_store(where)
     existing = store.find(knowledge_id)
@@ -268,7 +381,8 @@ def apply_changes(
     # Chunks are sized in the embedding model's tokens, so none is silently truncated;
     # a keyword-only knowledge base has no such limit and uses a far cheaper count.
     tokenizer = minilm_tokenizer() if manifest.embedding is not None else approximate_tokens
-    result = chunk([d for s in sources for d in s.documents], config, tokenizer)
+    result, sources = _chunk_sources(sources, config, tokenizer, limits, checkpoint,
+                                     summary if keep_going else None)
     new_vectors = None
     if manifest.embedding is not None and result.chunks:
         using = getattr(embed_model, "spec", None)
@@ -278,7 +392,8 @@ def apply_changes(
                 f"{manifest.embedding.id}, but {using.id if using else 'none'} is configured: "
                 "use the same embedding model, or drop and rebuild the knowledge base"
             )
-        new_vectors = embed_texts([n.get_content() for n in result.chunks], embed_model, progress)
+        new_vectors = embed_texts([n.get_content() for n in result.chunks], embed_model, progress,
+                                  checkpoint)
     counts: dict[str, int] = {}
     for node in result.chunks:
         counts[node.metadata["document_id"]] = counts.get(node.metadata["document_id"], 0) + 1
@@ -295,6 +410,8 @@ def apply_changes(
         summary.total_documents = len(existing.documents) if existing else 0
         summary.total_chunks = len(existing) if existing else 0
         return summary
+    if checkpoint is not None:
+        checkpoint()  # the last chance: a publish is never stopped halfway
 
     published = store.publish(knowledge_id, Change(
         manifest=manifest, chunks=result.chunks, vectors=new_vectors, documents=new_infos,
@@ -307,6 +424,52 @@ def apply_changes(
     log.info("knowledge base %s: %d documents, %d chunks", knowledge_id, published.documents,
              published.chunks)
     return summary
+
+
+def _chunk_sources(
+    sources: Sequence[Source], config: ChunkingConfig, tokenizer: Callable[[str], Sequence[int]],
+    limits: Limits, checkpoint: Checkpoint | None, failed: IngestSummary | None,
+) -> tuple[ChunkResult, list[Source]]:
+    """Every source's chunks, each source within ``chunks_per_document`` and, with its
+    metadata copied onto every chunk, within ``inflated_bytes``; a source over either
+    raises, or with ``failed`` is reported there and left out."""
+    result = ChunkResult()
+    kept = []
+    for source in sources:
+        if checkpoint is not None:
+            checkpoint()
+        try:
+            chunked = chunk(source.documents, config, tokenizer,
+                            max_chunks=limits.chunks_per_document, checkpoint=checkpoint)
+            _check_metadata_copies(source, len(chunked.chunks) + len(chunked.parents), limits)
+        except TooManyChunks as exc:
+            error = over_limit(source.label, f"gives more than {exc.max_chunks:,} chunks",
+                               "chunks_per_document")
+            if failed is None:
+                raise error from None
+            failed.failed[source.info.file_path or source.info.title] = error.message
+            continue
+        except PayloadTooLargeError as exc:
+            if failed is None:
+                raise
+            failed.failed[source.info.file_path or source.info.title] = exc.message
+            continue
+        result.chunks.extend(chunked.chunks)
+        result.parents.extend(chunked.parents)
+        kept.append(source)
+    return result, kept
+
+
+def _check_metadata_copies(source: Source, nodes: int, limits: Limits) -> None:
+    """Every chunk carries its document's metadata: refuse metadata that, copied onto
+    each, would write more than ``inflated_bytes``."""
+    if not source.info.metadata:
+        return
+    size = len(json.dumps(source.info.metadata, ensure_ascii=False).encode())
+    if size * nodes > limits.inflated_bytes:
+        raise over_limit(source.label, f"has {format_bytes(size)} of metadata, which copied "
+                         f"onto each of its {nodes:,} chunks would take more than "
+                         f"{format_bytes(limits.inflated_bytes)}", "inflated_bytes")
 
 
 def publish_nodes(
