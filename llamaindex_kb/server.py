@@ -58,12 +58,14 @@ _PROBES = ("/health", "/ready")
 
 
 def body_cap(settings: Settings) -> int:
-    """The most the server reads of one body: the app answers its own 413 below it.
+    """The most the server reads of one body.
 
-    The margin covers a multipart upload's own headers and form fields.
+    Above what any route accepts (an upload of ``upload_bytes`` plus its form fields),
+    so a body just over a route's limit gets that route's own 413; only far larger
+    ones meet this cap, refused from their ``Content-Length`` before they are read.
     """
     limits = settings.limits
-    return max(limits.upload_bytes, limits.body_bytes) + MiB
+    return max(limits.upload_bytes, limits.body_bytes) + 2 * MiB
 
 
 def wsgi_app(settings: Settings) -> Any:
