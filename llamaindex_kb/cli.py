@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(serve)
     serve.add_argument("--host", help="address to bind [127.0.0.1]")
     serve.add_argument("--port", type=int, help="port to bind [8000]")
-    serve.add_argument("--api-key", dest="api_key", help="the Bearer key clients must send")
+    serve.add_argument("--api-key", dest="api_key",
+                       help="the Bearer key clients must send (visible in the process list: "
+                            "prefer --api-key-file or LLAMAINDEX_KB_API_KEY)")
+    serve.add_argument("--api-key-file", dest="api_key_file", type=Path, metavar="FILE",
+                       help="read the Bearer key from the first line of FILE")
     serve.add_argument(
         "--demo", action="store_true", default=None, help="serve the demo knowledge base as 'demo'"
     )
@@ -140,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
 
         settings = load_settings(_explicit(args))
         if settings.api_key is None:
-            print("error: an API key is required: --api-key KEY or LLAMAINDEX_KB_API_KEY",
+            print("error: an API key is required: --api-key-file FILE, LLAMAINDEX_KB_API_KEY "
+                  "or --api-key KEY",
                   file=sys.stderr)
             return 2
         serve(settings)

@@ -123,3 +123,22 @@ def test_manifest_pyproject_and_package_versions_agree():
     manifest = yaml.safe_load((PLUGIN_ROOT / "manifest.yaml").read_text())
     pyproject = tomllib.loads((PLUGIN_ROOT / "pyproject.toml").read_text())
     assert manifest["version"] == pyproject["project"]["version"] == llamaindex_kb.__version__
+
+
+def test_the_api_key_can_come_from_a_file_named_in_the_environment(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("  file-key-7d1  \nignored second line\n")
+    settings = load_settings({}, environ={"LLAMAINDEX_KB_API_KEY_FILE": str(key_file)})
+    assert settings.api_key.get_secret_value() == "file-key-7d1"
+    explicit = load_settings({"api_key": "flag-key", "api_key_file": key_file}, environ={})
+    assert explicit.api_key.get_secret_value() == "flag-key"
+
+
+@pytest.mark.parametrize("content", [None, "", "\n"])
+def test_a_missing_or_empty_key_file_is_a_configuration_error_naming_it(tmp_path, content):
+    key_file = tmp_path / "key"
+    if content is not None:
+        key_file.write_text(content)
+    with pytest.raises(ConfigurationError, match="api_key_file") as raised:
+        load_settings({"api_key_file": key_file}, environ={})
+    assert str(key_file) in raised.value.message
