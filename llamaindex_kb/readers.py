@@ -85,7 +85,10 @@ def over_limit(subject: str, problem: str, limit: str) -> PayloadTooLargeError:
 
 
 def format_bytes(count: int) -> str:
-    return f"{count / MiB:g} MiB" if count >= MiB else f"{count:,} bytes"
+    for unit, size in (("MiB", MiB), ("KiB", 1024)):
+        if count >= size:
+            return f"{count / size:,.4g} {unit}"
+    return f"{count:,} bytes"
 
 
 class _UnreadableFile(Exception):
