@@ -137,3 +137,39 @@ def test_wrong_method_and_unknown_route_are_clear(api):
 def test_maintenance_routes_need_the_key(api):
     reply = api.send("GET", "/knowledge-bases", None, {"Authorization": "Bearer wrong"})
     assert (reply.status, reply.json()["error_code"]) == (403, 1002)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "field"),
+    [
+        (b'{"knowledge_id": "kb", "title": "t", "text": "x \\ud800"}', 3002, "text"),
+        (b'{"knowledge_id": "kb", "title": "t\\u0000", "text": "x"}', 3002, "title"),
+        (b'{"knowledge_id": "kb", "title": "t", "text": "x", "document_id": "a/b"}', 3002,
+         "document_id"),
+        (b'{"knowledge_id": "kb", "title": "t", "text": "x", "metadata": {"n": NaN}}', 3002,
+         "metadata.n"),
+        (b'{"knowledge_id": "kb", "title": "t", "text": "x", "metadata": {"n": [{"a": 1}]}}',
+         3002, "metadata.n"),
+        (b'{"knowledge_id": "kb", "title": "t", "text": "x", "metadata": {"n": 1'
+         + b"0" * 5000 + b"}}", 3001, "not valid JSON"),
+        (b'{"knowledge_id": "kb", "metadata": ' + b"[" * 50_000, 3001, "nested too deeply"),
+        (b'{"knowledge_id": "kb", "title": "t", "text": "caf\xe9"}', 3001, "not valid JSON"),
+    ],
+    ids=["lone-surrogate", "nul-in-title", "document-id-with-slash", "nan-metadata",
+         "nested-metadata", "huge-integer", "deep-nesting", "not-utf8"],
+)
+def test_bad_posted_text_is_400_naming_the_problem_and_leaves_nothing_behind(
+    api, body, code, field
+):
+    reply = api.post("/documents", body, {**AUTH, "Content-Type": "application/json"})
+    assert (reply.status, reply.json()["error_code"]) == (400, code), reply.body
+    assert field in reply.json()["error_msg"]
+    listed = api.send("GET", "/knowledge-bases", None, AUTH).json()["knowledge_bases"]
+    assert listed == []
+
+
+def test_uploaded_file_name_keeps_only_its_last_part(api):
+    reply = upload(api, "kb", "C:\\fakepath\\..\\notes.txt", b"Llamas hum.")
+    assert reply.status == 201, reply.body
+    assert reply.json()["document"]["file_name"] == "notes.txt"
+    assert reply.json()["document"]["file_path"] == "upload/notes.txt"

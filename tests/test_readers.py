@@ -284,3 +284,86 @@ def test_missing_file_is_reported_without_the_server_path(tmp_path: Path) -> Non
         read_file(tmp_path / "gone.txt", source_name="docs/gone.txt")
 
     assert caught.value.message == "file: docs/gone.txt cannot be read (No such file or directory)"
+
+
+def test_html_is_read_as_a_stream_of_tags_with_the_old_output(tmp_path: Path) -> None:
+    """Unclosed, stray and mismatched tags close as BeautifulSoup's html.parser
+    builder closed them; comments are never text, not even inside <pre>."""
+    path = tmp_path / "sloppy.html"
+    path.write_text(
+        "<title>Herd <b>notes</b></title><nav>skip</nav><p>one<p>two</span>"
+        "<pre>a\nb<!-- hidden --></pre><div>left open<table><tr><td>x<td>y</table>",
+        encoding="utf-8",
+    )
+
+    (text,) = texts(path)
+
+    assert text == "Herd notes\n\none\n\ntwo\n\na\nb\n\nleft open\n\nx y"
+
+
+@pytest.mark.parametrize("depth", [32_000, 320_000])
+def test_html_nesting_costs_time_in_proportion_to_its_size(tmp_path: Path, depth: int) -> None:
+    path = tmp_path / "deep.html"
+    path.write_bytes(b"<div><span>" * depth + b"deep text")
+
+    assert texts(path) == ["deep text"]
+
+
+def test_html_encoding_declared_in_a_meta_tag_wins_over_a_guess(tmp_path: Path) -> None:
+    path = tmp_path / "latin.html"
+    path.write_bytes('<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1">'
+                     "<p>Café crème</p>".encode("latin-1"))
+
+    assert texts(path) == ["Café crème"]
+
+
+def test_docx_headers_body_and_footers_are_read_in_order(tmp_path: Path) -> None:
+    path = write_docx(tmp_path / "report.docx")
+    document = docx.Document(str(path))
+    document.sections[0].header.paragraphs[0].text = "Confidential"
+    document.sections[0].footer.paragraphs[0].text = "Page footer"
+    document.save(str(path))
+
+    (text,) = texts(path)
+
+    assert text.startswith("Confidential\n\nQuarterly report") and text.endswith("Page footer")
+
+
+def test_json_numbers_longer_than_python_converts_are_kept_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text('{"id": ' + "7" * 5000 + "}", encoding="utf-8")
+
+    assert texts(path) == ["id: " + "7" * 5000]
+
+
+def test_limits_are_checked_while_reading_and_name_their_setting(tmp_path: Path) -> None:
+    from llamaindex_kb.errors import PayloadTooLargeError
+    from llamaindex_kb.limits import Limits
+
+    path = tmp_path / "nested.json"
+    path.write_text("[" * 9 + "1" + "]" * 9, encoding="utf-8")
+
+    with pytest.raises(PayloadTooLargeError) as caught:
+        read_file(path, limits=Limits(markup_depth=8))
+
+    assert caught.value.message == (
+        "file: nested.json is nested more than 8 levels deep "
+        "(limit: max_markup_depth, setting LLAMAINDEX_KB_MAX_MARKUP_DEPTH)")
+    assert error_status(caught.value)[:2] == (413, 3006)
+    assert len(read_file(path, limits=Limits(markup_depth=9))) == 1
+
+
+def test_a_checkpoint_stops_reading_and_its_error_passes_through(tmp_path: Path) -> None:
+    from llamaindex_kb.errors import BadRequestError
+
+    path = write_pdf(tmp_path / "long.pdf", [["Page text."]] * 5)
+    calls = []
+
+    def checkpoint() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise BadRequestError("stopped")
+
+    with pytest.raises(BadRequestError, match="stopped"):
+        read_file(path, checkpoint=checkpoint)
+    assert len(calls) == 3  # one before reading, then one per page
