@@ -1352,8 +1352,9 @@ def print_logged_failures(server: Server, offset: int) -> None:
 
 
 def _shape(text: str) -> str:
-    """A failure without its numbers (positions, sizes), to count alike failures once."""
-    return re.sub(r"\d+", "N", text)
+    """A failure without its numbers and quoted values (positions, sizes, the bad chunk
+    header), to count alike failures once."""
+    return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", text))
 
 
 # ---------------------------------------------------------------- fuzz
@@ -1613,14 +1614,13 @@ def held_clients(server: Server, label: str, count: int, drip: bool, hold_s: flo
         for sock in opened:
             selector.unregister(sock)
             sock.close()
-    how = Counter(reason for _, reason in dropped)
     times = [at for at, _ in dropped]
-    print(f"  {label}: {count} clients ({sum(connect_failures.values())} could not connect"
-          f"{': ' + str(dict(connect_failures)) if connect_failures else ''}); server dropped "
-          f"{len(dropped)} (first at {min(times):.1f} s, median {percentile(times, 0.5):.1f} s)"
-          if times else f"  {label}: {count} clients; server dropped none")
-    print(f"    still held after {time.perf_counter() - started:.0f} s: {held}; how dropped: "
-          f"{dict(how)}")
+    failed = f" ({dict(connect_failures)} failed)" if connect_failures else ""
+    print(f"  {label}: {count} clients, {count - sum(connect_failures.values())} connected"
+          f"{failed}; the server dropped {len(dropped)}"
+          + (f" (first after {min(times):.1f} s, median {percentile(times, 0.5):.1f} s; how: "
+             f"{dict(Counter(reason for _, reason in dropped))})" if times else ""))
+    print(f"    still held after {time.perf_counter() - started:.0f} s: {held}")
     print(f"    server threads peak {sampler.peak_threads}, memory {mb(rss_before)} -> peak "
           f"{mb(sampler.peak_rss)}; meanwhile {prober.summary()}")
 
@@ -1830,9 +1830,12 @@ def _check_records(state: LoadState, op: str, token: str, records: list[dict[str
                    f"saw {sorted(seen)}")
     if op == "token":
         count, whole = seen.get(token, 0), state.chunks.get(token)
-        state.checked["token reads that saw the whole document" if count and count == whole
-                      else "token reads that saw none of it" if not count
-                      else "token reads that saw part of it"] += 1
+        if whole is None:
+            state.checked["token reads before its upload returned"] += 1
+        else:
+            state.checked["token reads that saw the whole document" if count == whole
+                          else "token reads that saw none of it" if not count
+                          else "token reads that saw part of it"] += 1
         if whole is not None and count not in (0, whole):
             state.tear("part of a document (half-published)", f"{token}: {count} of {whole}")
         uploaded = state.uploaded.get(token)
@@ -2114,7 +2117,8 @@ def main(argv: list[str] | None = None) -> int:
         if command in ("faults", "all") and server.alive():
             run_faults(server, args.outage, args.fault_clients)
         if not server.alive():
-            print(f"\nthe server {server.death()}; later scenarios were skipped")
+            print(f"\nthe server {server.death()}"
+                  + ("; the scenarios after it were skipped" if command == "all" else ""))
     return 0
 
 
