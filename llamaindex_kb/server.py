@@ -115,6 +115,18 @@ class _TimedParser(HTTPRequestParser):
     def __init__(self, adj: Adjustments) -> None:
         super().__init__(adj)
         self.started = time.monotonic()
+        self.refusal: KBError | None = None
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        # POST /retrieval takes far less than the server's cap: refuse a longer declared
+        # body now, rather than read it (or wait for a client that never sends it).
+        limit = self.adj.retrieval_body_bytes
+        if self.content_length > limit and route_path(self.path) == "/retrieval":
+            self.refusal = over_limit("the request body", self.content_length, "body_bytes",
+                                      limit)
+            self.error = RequestEntityTooLarge(self.refusal.message)
+            self.completed = True
 
 
 class _AccessLogged(Task):
@@ -162,6 +174,8 @@ class _RefusedTask(_AccessLogged, ErrorTask):
 
 
 def _as_kb_error(refusal: object, request: HTTPRequestParser, adj: Adjustments) -> Exception:
+    if getattr(request, "refusal", None) is not None:
+        return request.refusal
     if isinstance(refusal, RequestEntityTooLarge):
         declared = request.content_length or None  # None: a chunked body
         return over_limit("the request body", declared, "upload_bytes",
@@ -235,6 +249,7 @@ class Server:
             log_socket_errors=False,  # a client resetting its connection is not our error
             expose_tracebacks=False,
         )
+        adjustments.retrieval_body_bytes = settings.limits.body_bytes  # read by _TimedParser
         self._map: dict[int, Any] = {}
         self._listener = _Listener(wsgi_app(settings), map=self._map, adj=adjustments)
         self._listener.request_timeout = float(settings.request_timeout)

@@ -240,6 +240,18 @@ def test_a_body_over_the_server_cap_is_refused_at_once_without_reading_it(server
     assert time.monotonic() - started < 1.0
 
 
+def test_a_retrieval_declaring_more_than_its_limit_is_refused_before_the_body_arrives(server):
+    started = time.monotonic()
+    # 2 MB declared, one byte sent, and the client waits: the answer must not wait for it.
+    answer = raw_exchange(server.address, b"POST /retrieval HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{")
+    status, body = status_and_json(answer)
+    assert (status, body["error_code"]) == (413, 3006)
+    assert "2,000,000 bytes" in body["error_msg"]
+    assert "LLAMAINDEX_KB_MAX_BODY_BYTES" in body["error_msg"]
+    assert time.monotonic() - started < 1.0
+
+
 def test_access_log_has_one_line_per_request_and_never_the_key_or_query(server):
     before = len(server.access_lines())
     with httpx.Client(timeout=5) as client:
