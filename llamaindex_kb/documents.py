@@ -112,8 +112,8 @@ def _slot() -> Iterator[None]:
 
 def _too_large(request: Request, limits: Limits) -> Exception:
     if request.content_length is None or request.content_length > request.max_content_length:
-        return over_limit("file:", f"the request body is larger than "
-                          f"{format_bytes(limits.upload_bytes)} plus its form fields",
+        return over_limit("request body:", f"is larger than {format_bytes(limits.upload_bytes)} "
+                          f"and {format_bytes(_FORM_OVERHEAD)} for the fields around a file",
                           "upload_bytes")
     return InvalidFieldError(
         "form", f"a field other than 'file' is larger than "

@@ -461,11 +461,9 @@ def _chunk_sources(
 
 
 def _check_metadata_copies(source: Source, nodes: int, limits: Limits) -> None:
-    """Every chunk carries its document's metadata: refuse metadata that, copied onto
-    each, would write more than ``inflated_bytes``."""
-    if not source.info.metadata:
-        return
-    size = len(json.dumps(source.info.metadata, ensure_ascii=False).encode())
+    """Every chunk carries its document's metadata (its title and path too): refuse
+    metadata that, copied onto each, would write more than ``inflated_bytes``."""
+    size = len(json.dumps(_base_metadata(source.info), ensure_ascii=False).encode())
     if size * nodes > limits.inflated_bytes:
         raise over_limit(source.label, f"has {format_bytes(size)} of metadata, which copied "
                          f"onto each of its {nodes:,} chunks would take more than "
