@@ -158,7 +158,8 @@ def written(data_dir: Path) -> list[str]:
 
 
 def spools() -> list[str]:
-    return os.listdir(tempfile.gettempdir())
+    return [name for name in os.listdir(tempfile.gettempdir())
+            if name.startswith("llamaindex-kb-upload-")]
 
 
 @pytest.fixture(autouse=True, scope="module")
