@@ -181,8 +181,7 @@ _K1 = 1.5
 _B = 0.75
 _META_FILE = "keyword.json"
 _TOKEN_MAX_FILE = "token_max.npy"
-# bm25s's names for its CSC score matrix
-_SCORE_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy")
+_VOCAB_FILE = "vocab.index.json"  # bm25s's name, as its save() writes it
 
 
 # bm25s is used directly rather than through llama-index-retrievers-bm25:
@@ -263,7 +262,7 @@ class KeywordIndex:
         together, so a query never meets an index that fails halfway."""
         # Here, not at the top: the analyzer alone (tokenize) imports nothing of the
         # package, and a test times it loaded on its own.
-        from .layout import check_array, read_array
+        from .layout import read_array
 
         directory = Path(directory)
         meta = json.loads((directory / _META_FILE).read_text())
@@ -278,9 +277,16 @@ class KeywordIndex:
             raise ValueError(f"{_TOKEN_MAX_FILE} has shape {token_max.shape}")
         bm25 = None
         if token_max.size:
-            for name in _SCORE_FILES:
-                check_array(directory / name)
-            bm25 = bm25s.BM25.load(directory, mmap=False, show_progress=False)
+            # What bm25s.BM25.load restores that a search uses (the parameters are
+            # baked into the weights), with arrays read by read_array.
+            bm25 = bm25s.BM25(k1=_K1, b=_B, method="lucene")
+            try:
+                bm25.vocab_dict = json.loads((directory / _VOCAB_FILE).read_text("utf-8"))
+            except ValueError as exc:
+                raise ValueError(f"{_VOCAB_FILE}: {exc}") from exc
+            bm25.scores = {name: read_array(directory / f"{name}.csc.index.npy")
+                           for name in ("data", "indices", "indptr")}
+            bm25.scores["num_docs"] = num_docs
             _check_scores(bm25, token_max.size, num_docs)
         return cls(bm25, token_max, num_docs)
 
@@ -352,7 +358,7 @@ def _check_scores(bm25: bm25s.BM25, terms: int, num_docs: int) -> None:
     vocab = bm25.vocab_dict
     try:
         ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"vocabulary holds a term id that is not a number ({exc})") from exc
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= terms):
         raise ValueError("vocabulary names terms outside the score matrix")

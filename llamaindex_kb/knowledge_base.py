@@ -166,7 +166,7 @@ class KnowledgeBase:
             self.keyword = KeywordIndex.load(version_dir / KEYWORD_DIR)
         with self._reading(VECTOR_DIR):
             self.vectors = (
-                NumpyVectorStore.from_persist_dir(version_dir / VECTOR_DIR)
+                NumpyVectorStore.from_persist_dir(version_dir / VECTOR_DIR, ids=self.node_ids)
                 if self.manifest.embedding is not None
                 else None
             )

@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -32,7 +34,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -238,24 +239,33 @@ def all_layouts(data_dir: Path) -> list[Path]:
 
 
 def read_array(path: Path) -> np.ndarray:
-    """A ``.npy`` file read whole into memory, after ``check_array`` passes.
+    """A ``.npy`` file read whole into memory, read-only; ``ValueError`` naming the file
+    if its size is not what its header says (checked before anything of the size a
+    header claims is allocated).
 
     Not memory-mapped: a mapped file truncated under a running search raises SIGBUS,
-    which kills the process and every knowledge base it serves.
+    which kills the process and every knowledge base it serves. The copy lives in an
+    anonymous mapping of its own, handed back to the system when the array goes: from
+    malloc's heap, memory freed by replaced versions was kept, and grew with each one.
     """
-    with open(path, "rb") as handle:
+    with open(path, "rb", buffering=0) as handle:
         shape, dtype = _checked_header(handle, path)
-        return np.fromfile(handle, dtype=dtype, count=math.prod(shape)).reshape(shape)
+        count = math.prod(shape)
+        size = count * dtype.itemsize
+        memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
+        with memoryview(memory) as view:
+            filled = 0
+            while filled < size:
+                got = handle.readinto(view[filled:size])
+                if not got:
+                    raise ValueError(f"{path.name} ended while being read")
+                filled += got
+    array = np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
+    array.flags.writeable = False
+    return array
 
 
-def check_array(path: Path) -> tuple[int, ...]:
-    """The shape of a ``.npy`` file whose size matches its header; ``ValueError`` naming
-    the file if it does not, before anything of the size a header claims is allocated."""
-    with open(path, "rb") as handle:
-        return _checked_header(handle, path)[0]
-
-
-def _checked_header(handle: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def _checked_header(handle: io.FileIO, path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):

@@ -115,11 +115,14 @@ class NumpyVectorStore(BasePydanticVectorStore):
         np.save(directory / IDS_FILE, self._ids)
 
     @classmethod
-    def from_persist_dir(cls, directory: Path) -> NumpyVectorStore:
+    def from_persist_dir(cls, directory: Path, ids: np.ndarray | None = None
+                         ) -> NumpyVectorStore:
         """Read into memory, not mapped: see ``layout.read_array``. ``ValueError`` if the
-        files are damaged or do not fit together."""
+        files are damaged or do not fit together. ``ids``: the row ids, when the caller
+        holds them already (a knowledge base's node ids), so they are not read twice."""
         matrix = read_array(directory / VECTORS_FILE)
-        ids = read_array(directory / IDS_FILE)
+        if ids is None:
+            ids = read_array(directory / IDS_FILE)
         if matrix.ndim != 2 or matrix.dtype != np.float32 or ids.shape != matrix.shape[:1]:
             raise ValueError(
                 f"{VECTORS_FILE} holds {matrix.dtype} {matrix.shape}, {IDS_FILE} {ids.shape}: "

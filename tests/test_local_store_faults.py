@@ -217,7 +217,7 @@ DAMAGES = [
     ("docstore.sqlite", truncate), ("docstore.sqlite", garble),
     ("node_ids.npy", truncate), ("document_ids.npy", garble),
     ("metadata.json", truncate),
-    ("vectors/vectors.npy", truncate), ("vectors/vector_ids.npy", garble),
+    ("vectors/vectors.npy", truncate), ("vectors/vectors.npy", garble),
     ("keyword/data.csc.index.npy", truncate), ("keyword/indices.csc.index.npy", garble),
     ("keyword/vocab.index.json", truncate), ("keyword/keyword.json", garble),
 ]
