@@ -2,8 +2,8 @@
 
 Every limit is checked before the work it bounds (a body before it is read, an
 archive member before it is inflated), answers 413 (3006) or 400 naming the limit
-and its setting, and can be changed with a setting (``LLAMAINDEX_KB_MAX_…``,
-``--max-…``), listed in the README under "Limits".
+and its setting, and can be changed with a setting (``LLAMAINDEX_KB_MAX_…``),
+listed in the README under "Limits".
 """
 
 from __future__ import annotations
