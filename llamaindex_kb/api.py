@@ -90,6 +90,8 @@ class KnowledgeAPI:
             self.authenticate(request.headers.get("Authorization"))
             response = handler(request, **values)
         except KBError as exc:
+            if exc.status >= 500:  # ours, not the client's: the operator must see it
+                log.error("%s %r failed: %s", request.method, path[:200], exc.message)
             response = self.error_response(exc)
         except Exception as exc:  # the one place an unexpected failure becomes a 500
             log.exception("unexpected failure on %s %s", request.method, path)

@@ -226,8 +226,8 @@ def test_bad_plugin_settings_are_a_400_naming_the_setting(demo_data_dir):
     assert "semantic_weight" in reply.json()["error_msg"]
 
 
-def test_unexpected_failure_is_a_short_500_with_a_logged_traceback(demo_data_dir, tmp_path,
-                                                                    caplog):
+def test_a_damaged_knowledge_base_is_a_500_naming_it_and_what_to_do(demo_data_dir, tmp_path,
+                                                                   caplog):
     import shutil
 
     from conftest import PluginTransport
@@ -239,8 +239,35 @@ def test_unexpected_failure_is_a_short_500_with_a_logged_traceback(demo_data_dir
     plugin = PluginTransport({"api_key": API_KEY, "data_dir": str(broken)})
     with caplog.at_level("ERROR"):
         reply = ask(plugin, query("knowledge base"))
+    answer = reply.json()
+    assert (reply.status, answer["error_code"]) == (500, 5001)
+    assert "'demo' is damaged" in answer["error_msg"]
+    assert "ingest its documents again" in answer["error_msg"]
+    assert str(broken) not in answer["error_msg"] and API_KEY not in reply.body.decode()
+    assert any("'demo' is damaged" in record.getMessage() for record in caplog.records)
+
+
+def test_unexpected_failure_is_a_short_500_with_a_logged_traceback(tmp_path, caplog):
+    from conftest import PluginTransport
+
+    from llamaindex_kb import stores
+
+    class ExplodingStore(stores.FindingStore):
+        """A store with a bug of ours: stands for any failure nothing maps."""
+
+        url = "exploding://"
+        searches_in_process = True
+
+        def find(self, knowledge_id: str) -> None:
+            raise RuntimeError(f"bug reading {tmp_path}")
+
+    stores.register("exploding")(lambda url, settings: ExplodingStore())
+    plugin = PluginTransport({"api_key": API_KEY, "data_dir": str(tmp_path),
+                              "store_url": "exploding://", "demo": False})
+    with caplog.at_level("ERROR"):
+        reply = ask(plugin, query("knowledge base"))
     assert (reply.status, reply.json()["error_code"]) == (500, 5000)
-    assert str(broken) not in reply.json()["error_msg"] and API_KEY not in reply.body.decode()
+    assert str(tmp_path) not in reply.json()["error_msg"] and API_KEY not in reply.body.decode()
     assert any(record.exc_info for record in caplog.records), "the traceback must be logged"
 
 
