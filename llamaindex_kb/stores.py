@@ -39,6 +39,7 @@ from .errors import (
 )
 from .knowledge_base import DocumentInfo, KBManifest, KnowledgeBase, QueryPlan
 from .layout import MANIFEST_FILE, KBLayout, VersionGone, all_layouts, current_version
+from .redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,11 @@ def store_for(settings: Settings) -> KnowledgeStore:
 
 
 def open_store(url: str, settings: Settings) -> KnowledgeStore:
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 host
+        raise ConfigurationError(
+            f"store URL {redact_url(url)!r} cannot be parsed: {exc}") from None
     if scheme in {"postgresql", "postgres"} and scheme not in _registry:
         from . import pg_store  # noqa: F401  (registers itself; psycopg loads only if used)
     if scheme in {"qdrant", "http", "https"} and scheme not in _registry:
@@ -185,7 +190,8 @@ def _local(url: str, settings: Settings) -> KnowledgeStore:
     parts = urlsplit(url)
     if parts.netloc not in {"", "localhost"}:
         raise ConfigurationError(
-            f"store URL {url!r}: a local store needs an absolute path, e.g. local:///srv/kb "
+            f"store URL {redact_url(url)!r}: a local store needs an absolute path, e.g. "
+            "local:///srv/kb "
             "(three slashes)"
         )
     path = unquote(parts.path)

@@ -142,3 +142,14 @@ def test_a_missing_or_empty_key_file_is_a_configuration_error_naming_it(tmp_path
     with pytest.raises(ConfigurationError, match="api_key_file") as raised:
         load_settings({"api_key_file": key_file}, environ={})
     assert str(key_file) in raised.value.message
+
+
+@pytest.mark.parametrize("url", ["postgresql://kb:pw-7c1@[::1/db", "local://kb:pw-7c1@host/x"])
+def test_a_store_url_that_cannot_be_used_is_a_400_that_hides_its_password(url):
+    from llamaindex_kb.stores import store_for
+
+    with pytest.raises(ConfigurationError) as raised:
+        store_for(load_settings({"store": url}, environ={}))
+    assert "kb:***@" in raised.value.message
+    assert "pw-7c1" not in raised.value.message
+    assert raised.value.__cause__ is None or "pw-7c1" not in str(raised.value.__cause__)
