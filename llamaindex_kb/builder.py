@@ -75,57 +75,15 @@ def write_version(
         layout.publish(version)
     except BaseException as exc:
         # Asked before the cleanup frees the space the failed write filled.
-        full = _probe_short_write(exc, version)
+        full = isinstance(exc, Exception) and disk_full(exc, version)
         # Only the final fsync of the folder follows the switch: if that failed, the
         # version is live and must stay.
         if layout.current_version() != version:
             shutil.rmtree(version, ignore_errors=True)
-        if full is not None:
-            raise full from exc
+        if full:
+            raise _disk_full_error(layout) from exc
         raise
     return version
-
-
-def _probe_short_write(exc: BaseException, folder: Path) -> OSError | None:
-    """numpy reports a short write ("N requested and M written") with no errno; a small
-    write beside it says whether the disk or quota was full: its ``OSError`` if so."""
-    if not isinstance(exc, OSError) or exc.errno is not None:
-        return None
-    probe = folder / ".space-probe"
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(bytes(1 << 20))
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as probed:
-        return probed if probed.errno in _DISK_FULL_ERRNOS else None
-    finally:
-        probe.unlink(missing_ok=True)
-    return None
-
-
-# What a write raises when the disk or the user's quota is full: OSError, or SQLite's
-# own code for the same condition.
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-
-
-@contextlib.contextmanager
-def disk_space(layout: KBLayout) -> Iterator[None]:
-    """A full disk or quota while writing ``layout`` becomes ``DiskFullError``, naming the
-    data directory; callers leave nothing of the failed change behind."""
-    try:
-        yield
-    except (OSError, sqlite3.OperationalError) as exc:
-        full = (exc.errno in _DISK_FULL_ERRNOS if isinstance(exc, OSError)
-                else (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL)
-        if not full:
-            raise
-        data_dir = layout.root.parent.parent
-        raise DiskFullError(
-            f"no space left on the disk holding the data directory {data_dir} while "
-            f"writing knowledge base {layout.knowledge_id!r}; nothing was changed: free "
-            "some space (or raise the quota) and try again"
-        ) from exc
 
 
 def _store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:
@@ -135,9 +93,64 @@ def _store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:
     (a read per node), which versions never use: documents.json records them.
     """
     kv = SQLiteKVStore(path)
-    collection = KVDocumentStore(kv)._node_collection
-    # In batches, so 100k nodes never exist as JSON all at once.
-    for start in range(0, len(nodes), 2000):
-        batch = nodes[start : start + 2000]
-        kv.put_all([(node.node_id, doc_to_json(node)) for node in batch], collection=collection)
-    kv.close()
+    try:
+        collection = KVDocumentStore(kv)._node_collection
+        # In batches, so 100k nodes never exist as JSON all at once.
+        for start in range(0, len(nodes), 2000):
+            batch = nodes[start : start + 2000]
+            kv.put_all([(node.node_id, doc_to_json(node)) for node in batch],
+                       collection=collection)
+    finally:
+        kv.close()
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def disk_full(exc: Exception, folder: Path) -> bool:
+    """Whether ``exc``, raised writing in ``folder``, means the disk or quota is full.
+
+    Some writers do not say so: numpy reports a short write ("N requested and M
+    written") with no errno, SQLite a "disk I/O error" when its WAL index cannot grow.
+    For those a small write beside them asks the file system.
+    """
+    if isinstance(exc, OSError):
+        if exc.errno is not None:
+            return exc.errno in _DISK_FULL_ERRNOS
+    elif isinstance(exc, sqlite3.OperationalError):
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        if code != sqlite3.SQLITE_IOERR:
+            return code == sqlite3.SQLITE_FULL
+    else:
+        return False
+    probe = folder / ".space-probe"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(bytes(1 << 20))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as probed:
+        return probed.errno in _DISK_FULL_ERRNOS
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def _disk_full_error(layout: KBLayout) -> DiskFullError:
+    return DiskFullError(
+        f"no space left on the disk holding the data directory {layout.root.parent.parent} "
+        f"while writing knowledge base {layout.knowledge_id!r}; nothing was changed: free "
+        "some space (or raise the quota) and try again"
+    )
+
+
+@contextlib.contextmanager
+def disk_space(layout: KBLayout) -> Iterator[None]:
+    """A full disk or quota while writing ``layout`` (outside ``write_version``, which
+    says so itself) becomes ``DiskFullError`` naming the data directory."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as exc:
+        if not disk_full(exc, layout.root):
+            raise
+        raise _disk_full_error(layout) from exc

@@ -12,12 +12,16 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 from llama_index.core.storage.kvstore.types import DEFAULT_COLLECTION, BaseKVStore
 
 
 class SQLiteKVStore(BaseKVStore):
-    """One table of (collection, key) → JSON; a connection per thread."""
+    """One table of (collection, key) → JSON; a connection per thread.
+
+    ``read_only``: the file is a published version's and never changes again.
+    """
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
@@ -34,8 +38,12 @@ class SQLiteKVStore(BaseKVStore):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             if self.read_only:
+                # immutable: the file never changes, so SQLite needs no locks and no
+                # WAL index (-shm) beside it, which it could not create on a full
+                # disk: reads then failed with "disk I/O error".
                 conn = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                    f"file:{quote(str(self.path))}?mode=ro&immutable=1", uri=True,
+                    check_same_thread=False,
                 )
                 # Reads, never a mapping (the default of most builds, said here): a
                 # mapped file truncated under a read would kill the process (SIGBUS).

@@ -273,7 +273,7 @@ def test_over_http_a_damaged_base_is_named_and_the_list_leaves_it_out(data_dir):
 
 
 SERVING = """
-import json, sys
+import json, sys, threading
 from pathlib import Path
 from llamaindex_kb import load_settings
 from llamaindex_kb.contract import RetrievalRequest
@@ -285,20 +285,34 @@ from llamaindex_kb.stores import LocalStore
 
 data = Path(sys.argv[1])
 models = Models(embed_model=local_embedding())
-library = Library(load_settings({"data_dir": data}, environ={}), store=LocalStore(data))
+
+
+def serving():
+    return Library(load_settings({"data_dir": data}, environ={}), store=LocalStore(data))
+
+
+def query(kb):
+    try:
+        records = library.retrieve(RetrievalRequest(knowledge_id=kb, query="helium nuclei",
+                                                    top_k=3), models)
+        return [200, 0, [r.metadata["chunk_id"] for r in records]]
+    except Exception as exc:
+        return list(error_status(exc))
+
+
+library = serving()
 print("ready", flush=True)
 for line in sys.stdin:
     command, kb = json.loads(line)
     if command == "restart":  # a fresh store, as after a restart of the server
-        library = Library(load_settings({"data_dir": data}, environ={}), store=LocalStore(data))
-        print("{}", flush=True)
-        continue
-    try:
-        records = library.retrieve(RetrievalRequest(knowledge_id=kb, query="helium nuclei",
-                                                    top_k=3), models)
-        print(json.dumps([200, 0, [r.metadata["chunk_id"] for r in records]]), flush=True)
-    except Exception as exc:
-        print(json.dumps(error_status(exc)), flush=True)
+        library = serving()
+        print("[]", flush=True)
+    else:  # each in a thread of its own, with its own docstore connection, as a server
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(query(kb)))
+        thread.start()
+        thread.join()
+        print(json.dumps(answers[0]), flush=True)
 """
 
 
@@ -390,6 +404,51 @@ def test_a_full_disk_answers_507_and_leaves_the_base_as_it_was(small_disk, tmp_p
     # Space was given back: a small change still lands.
     publish(store, "k", {"gamma": "Gamma rays are photons."})
     assert "gamma" in store.open("k").documents
+
+
+def fill(disk: Path, leave_kb: int) -> None:
+    room = os.statvfs(disk)
+    (disk / "filler").write_bytes(bytes(room.f_bavail * room.f_frsize - leave_kb * 1024))
+
+
+@pytest.mark.parametrize("free_kb", [60, 150, 500, 900])
+def test_whichever_file_fills_the_disk_the_change_is_refused_whole(small_disk, free_kb):
+    # With this much room left, a different writer fails first: the arrays (numpy's
+    # errno-less short write), the docstore (SQLite) or a plain write.
+    data = small_disk / "data"
+    store = LocalStore(data)
+    publish(store, "k", HELIUM)
+    live = versions(data, "k")
+    fill(small_disk, free_kb)
+    text = " ".join(f"Sentence {i} repeats the same few words." for i in range(4000))
+    with pytest.raises(KBError) as refused:
+        publish(store, "k", {"long": text})
+    assert error_status(refused.value)[:2] == (507, 5007)
+    assert versions(data, "k") == live
+    assert sorted(LocalStore(data).open("k").documents) == ["alpha", "beta"]
+
+
+def test_a_small_change_on_a_nearly_full_disk_lands_whole_or_is_refused_whole(small_disk):
+    # Every amount of room a small version can meet, a block at a time: SQLite says
+    # "disk I/O error" when its WAL index cannot grow, "disk is full" elsewhere.
+    data = small_disk / "data"
+    store = LocalStore(data)
+    publish(store, "k", HELIUM)
+    landed = refused = 0
+    for free_kb in range(0, 200, 4):
+        fill(small_disk, free_kb)
+        try:
+            publish(store, "k", {f"g{free_kb}": "Gamma rays are photons."})
+        except KBError as exc:
+            assert error_status(exc)[:2] == (507, 5007), (free_kb, exc.message)
+            assert f"g{free_kb}" not in LocalStore(data).open("k").documents
+            refused += 1
+        else:
+            assert f"g{free_kb}" in LocalStore(data).open("k").documents
+            landed += 1
+        (small_disk / "filler").unlink()
+        assert len(versions(data, "k")) <= 2
+    assert refused and landed
 
 
 # --- knowledge ids -------------------------------------------------------------------
