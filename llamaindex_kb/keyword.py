@@ -230,7 +230,7 @@ class KeywordIndex:
         """Write the index to ``directory``, replacing any index already there.
 
         The files are written beside it and swapped in, so a reader never
-        sees half an index and a searcher that memory-mapped the old files
+        sees half an index and a searcher that loaded the old files
         keeps working.
         """
         directory = Path(directory)

@@ -158,6 +158,11 @@ class KnowledgeBase:
                 f"{self.manifest.format}, this version reads format {FORMAT_VERSION}: "
                 "drop it and ingest its documents again"
             )
+        # The cheap check first: a base whose docstore is cut short is refused before
+        # hundreds of megabytes of arrays are read, on every query that asks for it.
+        with self._reading(DOCSTORE_FILE):
+            self._kv = SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True)
+            self._kv.check()
         with self._reading(NODE_IDS_FILE):
             self.node_ids: np.ndarray = read_array(version_dir / NODE_IDS_FILE)
         with self._reading(DOCUMENT_IDS_FILE):
@@ -172,9 +177,6 @@ class KnowledgeBase:
             )
         with self._reading(METADATA_FILE):
             self.metadata = MetadataTable.load(version_dir / METADATA_FILE)
-        with self._reading(DOCSTORE_FILE):
-            self._kv = SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True)
-            self._kv.check()
         # Written by builder._store_nodes where KVDocumentStore keeps nodes.
         self._collection = KVDocumentStore(self._kv)._node_collection
         self._check_rows()

@@ -232,6 +232,8 @@ class LocalStore(FindingStore):
         cached = self._open.get(knowledge_id)
         if cached is not None and cached.version_dir == version:
             return cached
+        if cached is None and version is None:
+            return None
         with self._lock:
             cached = self._open.get(knowledge_id)
             if cached is None or cached.version_dir != version:

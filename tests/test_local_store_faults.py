@@ -147,6 +147,15 @@ def test_a_replaced_version_is_released_when_its_last_query_ends_then_removed(tm
     assert versions(tmp_path, "k") == [KBLayout(tmp_path, "k").current_version().name]
 
 
+def test_a_base_dropped_elsewhere_is_let_go_by_a_reader_here(tmp_path):
+    reader, writer = LocalStore(tmp_path), LocalStore(tmp_path)  # as two processes
+    publish(writer, "k", HELIUM)
+    released = weakref.ref(reader.open("k"))
+    writer.drop("k")
+    assert reader.find("k") is None
+    assert released() is None
+
+
 HOLDER = """
 import sys, time
 from pathlib import Path
