@@ -54,8 +54,8 @@ RETRY_AFTER_SECONDS = 30
 _FORM_OVERHEAD = 1 * MiB
 DOCUMENT_ID_MAX = 200
 DOCUMENT_ID_RULE = (
-    f"1 to {DOCUMENT_ID_MAX} printable characters, without '/' (it could not be addressed "
-    "in a URL path), and not '.' or '..'"
+    f"1 to {DOCUMENT_ID_MAX} printable characters; '/' may separate parts, but no part may "
+    "be empty, '.' or '..' (URL paths collapse those, so the id could not be deleted)"
 )
 
 _slots = threading.BoundedSemaphore(UPLOAD_SLOTS)
@@ -211,10 +211,11 @@ def _required(value: object, field: str) -> str:
 
 
 def _check_document_id(value: object) -> None:
-    """Every id a document is created under can be listed and deleted: the DELETE
-    route takes it as one URL path segment."""
+    """Every id a document is created under can be listed and deleted: the DELETE route
+    takes the rest of its URL path, which clients and the router normalise."""
     if (not isinstance(value, str) or not value or len(value) > DOCUMENT_ID_MAX
-            or not value.isprintable() or "/" in value or value in {".", ".."}):
+            or not value.isprintable()
+            or any(part in {"", ".", ".."} for part in value.split("/"))):
         raise InvalidFieldError("document_id", f"must be {DOCUMENT_ID_RULE}; got {_shown(value)}")
 
 
