@@ -26,6 +26,7 @@ from .errors import (
     MethodNotAllowed,
     MissingAuthError,
     RouteNotFound,
+    ServerBusyError,
     WrongKeyError,
     error_status,
 )
@@ -170,4 +171,7 @@ class KnowledgeAPI:
     @staticmethod
     def error_response(exc: BaseException) -> Response:
         status, code, message = error_status(exc)
-        return json_response(error_body(code, message), status=status)
+        response = json_response(error_body(code, message), status=status)
+        if isinstance(exc, ServerBusyError):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response

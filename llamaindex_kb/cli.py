@@ -211,7 +211,8 @@ def _ingest(args: argparse.Namespace) -> int:
     embed_model = models_for(settings).embed_model if args.mode != "keyword" else None
     summary = ingest_paths(store_for(settings), args.kb, args.paths, embed_model=embed_model,
                            mode=args.mode, semantic_weight=args.semantic_weight,
-                           chunking=chunking, sync=args.sync, progress=progress)
+                           chunking=chunking, sync=args.sync, progress=progress,
+                           limits=settings.limits)
     for bar in bars.values():
         bar.close()
     print(f"{summary.knowledge_id}: {summary.documents} documents added or changed "

@@ -135,3 +135,20 @@ def test_kill_9_during_ingestion_leaves_the_old_version_answering_then_rerun_com
     assert len(hits(data, "k", "zebra striped")) == 50
     assert hits(data, "k", "electron decay") == before
     assert len([p for p in layout.root.glob("v*") if p.is_dir()]) <= 2
+
+
+def test_ingest_applies_the_limits_from_the_environment_and_keeps_the_other_files(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "small.txt").write_text("orchids need bright indirect light")
+    (docs / "large.txt").write_text("tulips " * 1000)
+    data = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, "-m", "llamaindex_kb", "ingest", str(docs), "--kb", "garden",
+         "--data-dir", str(data), "--mode", "keyword", "--no-progress"],
+        cwd=PLUGIN_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "LLAMAINDEX_KB_MAX_EXTRACTED_CHARS": "2000"})
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr and "large.txt" in result.stderr
+    assert "LLAMAINDEX_KB_MAX_EXTRACTED_CHARS" in result.stderr
+    assert hits(data, "garden", "orchids") == ["small.txt"]

@@ -153,3 +153,11 @@ def test_a_store_url_that_cannot_be_used_is_a_400_that_hides_its_password(url):
     assert "kb:***@" in raised.value.message
     assert "pw-7c1" not in raised.value.message
     assert raised.value.__cause__ is None or "pw-7c1" not in str(raised.value.__cause__)
+
+
+def test_a_busy_answer_says_when_to_retry():
+    from llamaindex_kb.api import KnowledgeAPI
+    from llamaindex_kb.errors import ServerBusyError
+
+    response = KnowledgeAPI.error_response(ServerBusyError("another upload is running", 30))
+    assert (response.status_code, response.headers["Retry-After"]) == (429, "30")
