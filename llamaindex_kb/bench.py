@@ -38,7 +38,7 @@ import numpy as np
 from llama_index.core.schema import TextNode
 
 from .config import load_settings
-from .errors import ConfigurationError
+from .errors import ConfigurationError, KnowledgeBaseDamaged
 from .ingest import embed_nodes, publish_nodes
 from .layout import KBLayout
 from .library import Library
@@ -118,7 +118,7 @@ class Target:
         """A cached benchmark knowledge base this version can read."""
         try:
             return self.store.find(knowledge_id) is not None
-        except ConfigurationError:  # stored by an older format: rebuild
+        except (ConfigurationError, KnowledgeBaseDamaged):  # older format, or damaged: rebuild
             return False
 
 
