@@ -107,14 +107,16 @@ class KnowledgeAPI:
         return response
 
     def _route(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        shown_path = path if len(path) <= 200 else path[:199] + "…"
         try:
             return self._routes.bind("localhost").match(path, method=method)
         except werkzeug_exceptions.MethodNotAllowed as exc:
             allowed = ", ".join(sorted(exc.valid_methods or []))
-            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}") from exc
+            raise MethodNotAllowed(
+                f"{method} is not allowed on {shown_path}; use {allowed}") from exc
         except werkzeug_exceptions.HTTPException as exc:
             raise RouteNotFound(
-                f"no route {path}; the External Knowledge API is POST /retrieval"
+                f"no route {shown_path}; the External Knowledge API is POST /retrieval"
             ) from exc
 
     def authenticate(self, header: str | None) -> None:

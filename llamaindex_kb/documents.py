@@ -24,7 +24,7 @@ from werkzeug import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .chunking import ChunkingConfig
-from .errors import InvalidFieldError, MalformedBodyError, ServerBusyError
+from .errors import InvalidFieldError, MalformedBodyError, ServerBusyError, shown
 from .ingest import (
     Cancelled,
     IngestSummary,
@@ -216,13 +216,7 @@ def _check_document_id(value: object) -> None:
     if (not isinstance(value, str) or not value or len(value) > DOCUMENT_ID_MAX
             or not value.isprintable()
             or any(part in {"", ".", ".."} for part in value.split("/"))):
-        raise InvalidFieldError("document_id", f"must be {DOCUMENT_ID_RULE}; got {_shown(value)}")
-
-
-def _shown(value: object) -> str:
-    """A client's value in a message: escaped, and short."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:59] + "…"
+        raise InvalidFieldError("document_id", f"must be {DOCUMENT_ID_RULE}; got {shown(value)}")
 
 
 def _json_field(raw: str | None, field: str) -> object:
@@ -252,5 +246,5 @@ def _mode(raw: object) -> Any:
     if raw in (None, ""):
         return "hybrid"
     if raw not in ("hybrid", "vector", "keyword"):
-        raise InvalidFieldError("mode", f"must be hybrid, vector or keyword, got {_shown(raw)}")
+        raise InvalidFieldError("mode", f"must be hybrid, vector or keyword, got {shown(raw)}")
     return raw

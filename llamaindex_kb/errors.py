@@ -34,6 +34,12 @@ does not retry.
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """A client's value inside a message: its repr, escaped, and cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class KBError(Exception):
     """Base class: the message is written for the person who reads the answer."""
 
@@ -66,7 +72,7 @@ class KnowledgeBaseNotFound(NotFoundError):
 
     @classmethod
     def missing(cls, knowledge_id: str) -> KnowledgeBaseNotFound:
-        return cls(f"knowledge base {knowledge_id!r} does not exist")
+        return cls(f"knowledge base {shown(knowledge_id)} does not exist")
 
 
 class DocumentNotFound(NotFoundError):

@@ -40,6 +40,7 @@ from .errors import (
     DocumentNotFound,
     InvalidFieldError,
     PayloadTooLargeError,
+    shown,
 )
 from .knowledge_base import DocumentInfo, KBManifest, RetrievalMode
 from .layout import validate_knowledge_id
@@ -498,7 +499,7 @@ def delete_document(where: Path | KnowledgeStore, knowledge_id: str,
     info = store.open(knowledge_id).documents.get(document_id)
     if info is None:
         raise DocumentNotFound(
-            f"document {document_id!r} is not in knowledge base {knowledge_id!r}")
+            f"document {shown(document_id)} is not in knowledge base {shown(knowledge_id)}")
     apply_changes(store, knowledge_id, [], {document_id},
                   IngestSummary(knowledge_id=knowledge_id), embed_model=None)
     return info
