@@ -319,11 +319,13 @@ def ingest_paths(
     A file that cannot be read or is over one of ``limits`` is reported in
     ``summary.failed`` and the others go on.
     """
-    validate_knowledge_id(knowledge_id, field="--kb")
+    validate_knowledge_id(knowledge_id, field="--kb", creating=False)
     files, skipped = scan(paths)
     summary = IngestSummary(knowledge_id=knowledge_id, skipped=skipped)
     store = as_store(where)
     existing = store.find(knowledge_id)
+    if existing is None:
+        validate_knowledge_id(knowledge_id, field="--kb")
     known = existing.documents if existing is not None else {}
     sources: list[Source] = []
     seen: set[str] = set()
@@ -374,9 +376,11 @@ def apply_changes(
     left out and reported in ``summary.failed``. ``checkpoint`` is called between
     stages and batches; what it raises ends the work before anything is written.
     """
-    validate_knowledge_id(knowledge_id)
+    validate_knowledge_id(knowledge_id, creating=False)
     store = as_store(where)
     existing = store.find(knowledge_id)
+    if existing is None:
+        validate_knowledge_id(knowledge_id)
     manifest = _manifest_for(existing, knowledge_id, embed_model, mode, semantic_weight, chunking)
     config = ChunkingConfig.model_validate(manifest.chunking)
     # Chunks are sized in the embedding model's tokens, so none is silently truncated;
@@ -413,6 +417,9 @@ def apply_changes(
         return summary
     if checkpoint is not None:
         checkpoint()  # the last chance: a publish is never stopped halfway
+    # Let go of the version read above: a version a reader holds is kept on disk, so
+    # holding it through the publish would leave it behind for the next writer.
+    existing = None
 
     published = store.publish(knowledge_id, Change(
         manifest=manifest, chunks=result.chunks, vectors=new_vectors, documents=new_infos,

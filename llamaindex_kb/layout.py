@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidFieldError
+from .errors import InvalidFieldError, shown
 
 MANIFEST_FILE = "manifest.json"
 
@@ -52,13 +52,15 @@ KB_ID_RULE = (
 )
 
 
-def validate_knowledge_id(knowledge_id: str, field: str = "knowledge_id") -> str:
+def validate_knowledge_id(knowledge_id: str, field: str = "knowledge_id", *,
+                          creating: bool = True) -> str:
     """Refuse, naming the rule, an id a knowledge base could be created under but then
-    not reached by every route (list, delete)."""
+    not reached by every route (list, delete). An existing base keeps its id (``creating``
+    False): one made with '/' before this rule can still be changed from the CLI."""
+    unreachable = "/" in knowledge_id or knowledge_id in {".", ".."}
     if (not knowledge_id or len(knowledge_id) > KB_ID_MAX or not knowledge_id.isprintable()
-            or "/" in knowledge_id or knowledge_id in {".", ".."}):
-        shown = knowledge_id if len(knowledge_id) <= 60 else knowledge_id[:60] + "…"
-        raise InvalidFieldError(field, f"must be {KB_ID_RULE}; got {shown!r}")
+            or (creating and unreachable)):
+        raise InvalidFieldError(field, f"must be {KB_ID_RULE}; got {shown(knowledge_id)}")
     return knowledge_id
 
 

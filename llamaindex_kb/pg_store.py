@@ -955,11 +955,14 @@ def _translated_errors(shown: str, secrets: Sequence[str]) -> Iterator[None]:
 def _spoken_to(conn: psycopg.Connection) -> bool:
     """Whether the server wrote to an idle connection: it does so only to end it (a
     restart's "terminating connection", an idle timeout), or it closed the socket."""
+    # poll, not select: select() fails for descriptors past 1024, which a server with
+    # many connections reaches, and would then close every pooled connection.
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg.Error):
         return True
-    return bool(readable)
 
 
 # PostgreSQL's SSLRequest: every PostgreSQL answers it with one byte, "S" or "N" (or

@@ -544,3 +544,29 @@ def test_every_id_that_can_be_created_can_be_listed_and_dropped(tmp_path_factory
     assert sorted(store.open(knowledge_id).documents) == ["d"]
     store.drop(knowledge_id)
     assert store.manifests() == [] and store.find(knowledge_id) is None
+
+
+def test_each_change_leaves_only_the_live_version_on_disk(tmp_path):
+    store = LocalStore(tmp_path)
+    for number in range(4):
+        publish(store, "garden", {f"doc{number}": f"tulips number {number}"})
+        versions = [p for p in KBLayout(tmp_path, "garden").root.iterdir()
+                    if p.is_dir() and p.name.startswith("v")]
+        assert versions == [KBLayout(tmp_path, "garden").current_version()]
+
+
+def test_a_base_made_before_the_id_rule_can_still_be_changed(tmp_path):
+    store = LocalStore(tmp_path)
+    # Written directly, as the CLI allowed before ids with '/' were refused at creation.
+    store.publish("team/handbook", Change(
+        manifest=store_manifest("team/handbook"), documents={}))
+    publish(store, "team/handbook", {"leave": "parental leave is sixteen weeks"})
+    assert store.open("team/handbook").documents.keys() == {"leave"}
+    with pytest.raises(KBError, match="without '/'"):
+        publish(store, "team/other", {"leave": "x"})
+
+
+def store_manifest(knowledge_id: str) -> Any:
+    from llamaindex_kb.knowledge_base import KBManifest
+
+    return KBManifest(knowledge_id=knowledge_id, retrieval_mode="keyword")
