@@ -83,8 +83,12 @@ def read_body(request: Request, limits: Limits = DEFAULT_LIMITS) -> bytes:
     return body
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """A strict JSON object from raw bytes, or a 400 saying what is wrong with it."""
+def parse_json_object(body: bytes, nul_allowed: frozenset[str] = frozenset()
+                      ) -> dict[str, Any]:
+    """A strict JSON object from raw bytes, or a 400 saying what is wrong with it.
+
+    ``nul_allowed``: top-level fields whose strings may hold NUL (their caller drops it).
+    """
     try:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -103,7 +107,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MalformedBodyError(
             f"request body must be a JSON object, got {_json_type(data)}")
-    _check_strings(data)
+    _check_strings(data, nul_allowed)
     return data
 
 
@@ -111,17 +115,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _check_strings(data: dict[str, Any]) -> None:
+def _check_strings(data: dict[str, Any], nul_allowed: frozenset[str]) -> None:
     """Refuse nesting past MAX_DEPTH, and strings no store can hold: lone surrogates
-    (valid as JSON escapes, not encodable as UTF-8) and NUL (PostgreSQL refuses it).
-    The query is exempt from the NUL rule: ``parse_retrieval_request`` drops its NULs."""
+    (valid as JSON escapes, not encodable as UTF-8) and NUL (PostgreSQL refuses it)."""
     todo: list[tuple[object, str, int]] = [(data, "", 0)]
     while todo:
         value, place, depth = todo.pop()
         if depth > MAX_DEPTH:
             raise MalformedBodyError(f"request body nests deeper than {MAX_DEPTH} levels")
         if isinstance(value, str):
-            _check_text(value, place or "request body", allow_nul=place == "query")
+            _check_text(value, place or "request body", allow_nul=place in nul_allowed)
         elif isinstance(value, dict):
             for key, item in value.items():
                 _check_text(key, f"{place or 'request body'} key", allow_nul=False)
@@ -149,7 +152,7 @@ def parse_retrieval_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Ret
     """Parse the raw body Dify sends; raise a 4xx-class error naming the bad field."""
     if not body.strip():
         return PROBE
-    data = parse_json_object(body)
+    data = parse_json_object(body, nul_allowed=frozenset({"query"}))  # its NULs are dropped
     knowledge_id = _string(data, "knowledge_id", required=True)
     if len(knowledge_id) > KNOWLEDGE_ID_MAX or not knowledge_id.isprintable():
         raise InvalidFieldError(

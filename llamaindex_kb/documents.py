@@ -24,6 +24,7 @@ from werkzeug import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .chunking import ChunkingConfig
+from .contract import parse_json_object
 from .errors import InvalidFieldError, MalformedBodyError, ServerBusyError, shown
 from .ingest import (
     Cancelled,
@@ -38,9 +39,9 @@ from .ingest import (
 )
 from .knowledge_base import DocumentInfo
 from .layout import validate_knowledge_id
-from .limits import DEFAULT_LIMITS, Limits, MiB
+from .limits import DEFAULT_LIMITS, Limits, MiB, too_large
 from .models import Models
-from .readers import Checkpoint, format_bytes, over_limit, upload_name
+from .readers import JSON_VALUE_COST, Checkpoint, format_bytes, upload_name
 from .stores import KnowledgeStore
 
 # The Dify plugin daemon silently cuts request bodies at 10 MiB.
@@ -112,7 +113,7 @@ def _slot() -> Iterator[None]:
 
 def _too_large(request: Request, limits: Limits) -> Exception:
     if request.content_length is None or request.content_length > request.max_content_length:
-        return over_limit("request body:", f"is larger than {format_bytes(limits.upload_bytes)} "
+        return too_large("request body:", f"is larger than {format_bytes(limits.upload_bytes)} "
                           f"and {format_bytes(_FORM_OVERHEAD)} for the fields around a file",
                           "upload_bytes")
     return InvalidFieldError(
@@ -154,17 +155,15 @@ def _from_form(request: Request, limits: Limits) -> Parsed:
 
 
 def _from_json(request: Request, limits: Limits) -> Parsed:
-    try:
-        body = json.loads(request.get_data(cache=False) or b"null")
-    except RecursionError:
-        raise MalformedBodyError("request body is nested too deeply") from None
-    except ValueError as exc:  # not UTF-8, not JSON, or an integer of thousands of digits
-        raise MalformedBodyError(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise MalformedBodyError("request body must be a JSON object")
-    for field in ("knowledge_id", "title", "text", "document_id", "metadata", "chunking",
-                  "mode"):
-        _check_strings(body.get(field), field)
+    raw = request.get_data(cache=False)
+    # Counted before parsing: parsed JSON takes many times its text in memory.
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values * JSON_VALUE_COST > limits.inflated_bytes:
+        raise too_large("the request body", f"has up to {values:,} JSON values, which would "
+                        f"take more than {format_bytes(limits.inflated_bytes)} once parsed",
+                        "inflated_bytes")
+    # Strict as for /retrieval; NULs in the text are dropped by chunking.
+    body = parse_json_object(raw, nul_allowed=frozenset({"text"}))
     knowledge_id = _knowledge_id(body.get("knowledge_id"))
     title = _required(body.get("title"), "title")
     text = body.get("text")

@@ -44,12 +44,11 @@ from .errors import (
 )
 from .knowledge_base import DocumentInfo, KBManifest, RetrievalMode
 from .layout import validate_knowledge_id
-from .limits import DEFAULT_LIMITS, Limits
+from .limits import DEFAULT_LIMITS, Limits, too_large
 from .readers import (
     SUPPORTED_SUFFIXES,
     Checkpoint,
     format_bytes,
-    over_limit,
     read_file,
     spool,
     upload_name,
@@ -201,7 +200,7 @@ def file_source(file: Path, file_path: str, source_root: str | None,
     stat = file.stat()
     label = f"file: {file_path}"
     if stat.st_size > limits.upload_bytes:
-        raise over_limit(label, f"is larger than {format_bytes(limits.upload_bytes)}",
+        raise too_large(label, f"is larger than {format_bytes(limits.upload_bytes)}",
                          "upload_bytes")
     digest = hashlib.sha256()
     with open(file, "rb") as stream:
@@ -241,7 +240,7 @@ def text_source(title: str, text: str, metadata: dict[str, Any],
     if not text.strip():
         raise InvalidFieldError("text", "is empty")
     if len(text) > limits.extracted_chars:
-        raise over_limit("text:", f"has more than {limits.extracted_chars:,} characters",
+        raise too_large("text:", f"has more than {limits.extracted_chars:,} characters",
                          "extracted_chars")
     key = json.dumps([title, text, metadata], sort_keys=True, ensure_ascii=False)
     info = DocumentInfo(
@@ -451,7 +450,7 @@ def _chunk_sources(
                             max_chunks=limits.chunks_per_document, checkpoint=checkpoint)
             _check_metadata_copies(source, len(chunked.chunks) + len(chunked.parents), limits)
         except TooManyChunks as exc:
-            error = over_limit(source.label, f"gives more than {exc.max_chunks:,} chunks",
+            error = too_large(source.label, f"gives more than {exc.max_chunks:,} chunks",
                                "chunks_per_document")
             if failed is None:
                 raise error from None
@@ -473,7 +472,7 @@ def _check_metadata_copies(source: Source, nodes: int, limits: Limits) -> None:
     metadata that, copied onto each, would write more than ``inflated_bytes``."""
     size = len(json.dumps(_base_metadata(source.info), ensure_ascii=False).encode())
     if size * nodes > limits.inflated_bytes:
-        raise over_limit(source.label, f"has {format_bytes(size)} of metadata, which copied "
+        raise too_large(source.label, f"has {format_bytes(size)} of metadata, which copied "
                          f"onto each of its {nodes:,} chunks would take more than "
                          f"{format_bytes(limits.inflated_bytes)}", "inflated_bytes")
 

@@ -42,14 +42,18 @@ class Limits(BaseModel):
 DEFAULT_LIMITS = Limits()
 
 
+def too_large(subject: str, problem: str, limit: str) -> PayloadTooLargeError:
+    """The 413 for ``subject`` (e.g. "file: a.pdf") over ``Limits.<limit>``: ``problem``
+    says by how much, and the message adds the setting that changes the limit."""
+    return PayloadTooLargeError(
+        f"{subject} {problem} (setting LLAMAINDEX_KB_MAX_{limit.upper()})")
+
+
 def over_limit(what: str, size: int | None, limit: str, value: int, unit: str = "bytes"
                ) -> PayloadTooLargeError:
-    """The 413 for ``what`` over ``Limits.<limit>`` (= ``value``), naming its setting.
+    """``too_large`` for a measured ``size`` against ``Limits.<limit>`` (= ``value``).
 
     ``size`` is None when only "more than the limit" is known (a body without a length).
     """
     measured = f"{size:,} {unit}" if size is not None else f"more than {value:,} {unit}"
-    return PayloadTooLargeError(
-        f"{what} is {measured}, over the limit of {value:,} {unit} "
-        f"(setting LLAMAINDEX_KB_MAX_{limit.upper()})"
-    )
+    return too_large(what, f"is {measured}, over the limit of {value:,} {unit}", limit)

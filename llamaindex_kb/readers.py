@@ -61,9 +61,8 @@ from xml.parsers import expat
 from llama_index.core.readers.base import BaseReader
 from llama_index.core.schema import Document
 
-from .config import ENV_PREFIX
-from .errors import InvalidFieldError, KBError, PayloadTooLargeError
-from .limits import DEFAULT_LIMITS, Limits, MiB
+from .errors import InvalidFieldError, KBError
+from .limits import DEFAULT_LIMITS, Limits, MiB, too_large
 
 _FIELD = "file"
 # Keeps a library's error text readable in an API answer.
@@ -74,14 +73,6 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
 _PIECE = 1 << 20
 
 Checkpoint = Callable[[], None]
-
-
-def over_limit(subject: str, problem: str, limit: str) -> PayloadTooLargeError:
-    """413 for ``subject`` (e.g. "file: a.pdf") over ``limit`` (a ``Limits`` field):
-    ``problem`` says by how much, the message adds the setting that changes it."""
-    setting = f"max_{limit}"
-    return PayloadTooLargeError(
-        f"{subject} {problem} (limit: {setting}, setting {ENV_PREFIX}{setting.upper()})")
 
 
 def format_bytes(count: int) -> str:
@@ -571,7 +562,7 @@ def _json_paragraphs(value: Any, path: str) -> list[str]:
 # Parsed JSON takes far more memory than its text: ~200 bytes for a one-key object
 # written in 8. Each "," "[" and "{" (an upper bound on the values) is counted as this
 # many bytes toward inflated_bytes before parsing.
-_JSON_VALUE_COST = 100
+JSON_VALUE_COST = 100
 
 
 class JSONReader(BaseReader):
@@ -585,7 +576,7 @@ class JSONReader(BaseReader):
         budget = budget or Budget()
         text = _decode_text(Path(file).read_bytes())
         values = text.count(",") + text.count("[") + text.count("{")
-        if values * _JSON_VALUE_COST > budget.limits.inflated_bytes:
+        if values * JSON_VALUE_COST > budget.limits.inflated_bytes:
             raise _OverLimit(f"has up to {values:,} values, which would take more than "
                              f"{format_bytes(budget.limits.inflated_bytes)} once parsed",
                              "inflated_bytes")
@@ -691,7 +682,7 @@ def read_file(path: Path, *, source_name: str | None = None, limits: Limits = DE
         budget.checkpoint()
         documents = reader.load_data(path, extra_info=metadata, budget=budget)
     except _OverLimit as exc:
-        raise over_limit(f"{_FIELD}: {name}", exc.problem, exc.limit) from None
+        raise too_large(f"{_FIELD}: {name}", exc.problem, exc.limit) from None
     except _UnreadableFile as exc:
         raise _invalid(name, str(exc)) from exc
     except OSError as exc:  # strerror, not str(exc): the message must not show server paths
@@ -749,7 +740,7 @@ def spool(stream: IO[bytes], filename: str, limits: Limits = DEFAULT_LIMITS,
             while piece := stream.read(_PIECE):
                 copied += len(piece)
                 if copied > limits.upload_bytes:
-                    raise over_limit(f"{_FIELD}: {name}", "is larger than "
+                    raise too_large(f"{_FIELD}: {name}", "is larger than "
                                      f"{format_bytes(limits.upload_bytes)}", "upload_bytes")
                 if seen is not None:
                     seen(piece)

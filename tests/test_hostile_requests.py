@@ -218,3 +218,14 @@ def test_the_daemon_path_answers_a_malformed_body_with_400(transport):
                            {**AUTH, "Content-Type": "application/json"})
     assert reply.status == 400
     assert reply.json()["error_code"] == 3002
+
+
+def test_a_json_upload_whose_values_would_fill_memory_is_refused_before_parsing(api):
+    junk = b"[" + b"{}," * 3_000_000 + b"{}]"
+    body = b'{"knowledge_id": "kb", "title": "t", "text": "x", "junk": ' + junk + b"}"
+    started = time.perf_counter()
+    status, answer = send(api, body, path="/documents")
+    assert time.perf_counter() - started < 2.0
+    assert (status, answer["error_code"]) == (413, 3006)
+    assert "has up to 6,000,006 JSON values" in answer["error_msg"]
+    assert "LLAMAINDEX_KB_MAX_INFLATED_BYTES" in answer["error_msg"]

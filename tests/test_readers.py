@@ -348,7 +348,7 @@ def test_limits_are_checked_while_reading_and_name_their_setting(tmp_path: Path)
 
     assert caught.value.message == (
         "file: nested.json is nested more than 8 levels deep "
-        "(limit: max_markup_depth, setting LLAMAINDEX_KB_MAX_MARKUP_DEPTH)")
+        "(setting LLAMAINDEX_KB_MAX_MARKUP_DEPTH)")
     assert error_status(caught.value)[:2] == (413, 3006)
     assert len(read_file(path, limits=Limits(markup_depth=9))) == 1
 
