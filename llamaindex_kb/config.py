@@ -140,9 +140,13 @@ def load_settings(
     in Dify's settings form does.
     """
     values = _env_values(os.environ if environ is None else environ)
-    for name, value in (explicit or {}).items():
-        if value is not None and value != "":
-            values[name] = value
+    given = {name: value for name, value in (explicit or {}).items()
+             if value is not None and value != ""}
+    # A key file counts as a key of its own source: --api-key-file beats an environment
+    # key, an explicit --api-key beats both.
+    if given.get("api_key_file") and not given.get("api_key"):
+        values.pop("api_key", None)
+    values.update(given)
     if values.get("api_key_file") and not values.get("api_key"):
         values["api_key"] = _read_key_file(Path(values["api_key_file"]))
     try:
@@ -157,7 +161,7 @@ def load_settings(
 
 def _read_key_file(path: Path) -> str:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no part of a key
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(
             f"setting api_key_file: cannot read {str(path)!r} ({type(exc).__name__})") from exc

@@ -29,13 +29,13 @@ from werkzeug import Request
 
 from .errors import InvalidFieldError, MalformedBodyError
 from .filters import MetadataCondition, parse_metadata_condition
+from .layout import KB_ID_MAX
 from .limits import DEFAULT_LIMITS, Limits, over_limit
 
 DEFAULT_TOP_K = 4
 MAX_TOP_K = 1000
 # Dify's body is three levels deep; a metadata value list adds one.
 MAX_DEPTH = 16
-KNOWLEDGE_ID_MAX = 200
 
 
 class RetrievalRequest(BaseModel):
@@ -154,9 +154,9 @@ def parse_retrieval_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Ret
         return PROBE
     data = parse_json_object(body, nul_allowed=frozenset({"query"}))  # its NULs are dropped
     knowledge_id = _string(data, "knowledge_id", required=True)
-    if len(knowledge_id) > KNOWLEDGE_ID_MAX or not knowledge_id.isprintable():
+    if len(knowledge_id) > KB_ID_MAX or not knowledge_id.isprintable():
         raise InvalidFieldError(
-            "knowledge_id", f"must be at most {KNOWLEDGE_ID_MAX} printable characters")
+            "knowledge_id", f"must be at most {KB_ID_MAX} printable characters")
     query = _string(data, "query", required=False).replace('\\"', '"').replace("\x00", "")
     if len(query) > limits.query_chars:
         raise over_limit("query", len(query), "query_chars", limits.query_chars, "characters")

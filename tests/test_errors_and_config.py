@@ -132,6 +132,12 @@ def test_the_api_key_can_come_from_a_file_named_in_the_environment(tmp_path):
     assert settings.api_key.get_secret_value() == "file-key-7d1"
     explicit = load_settings({"api_key": "flag-key", "api_key_file": key_file}, environ={})
     assert explicit.api_key.get_secret_value() == "flag-key"
+    flag_file = load_settings({"api_key_file": key_file},
+                              environ={"LLAMAINDEX_KB_API_KEY": "environment-key"})
+    assert flag_file.api_key.get_secret_value() == "file-key-7d1"
+    key_file.write_bytes("\ufefffile-key-bom\r\n".encode())  # saved by a Windows editor
+    assert load_settings({"api_key_file": key_file}, environ={}).api_key.get_secret_value() \
+        == "file-key-bom"
 
 
 @pytest.mark.parametrize("content", [None, "", "\n"])
