@@ -121,12 +121,16 @@ class _TimedParser(HTTPRequestParser):
         super().parse_header(header_plus)
         # POST /retrieval takes far less than the server's cap: refuse a longer declared
         # body now, rather than read it (or wait for a client that never sends it).
+        if route_path(self.path) != "/retrieval":
+            return
+        if self.content_length > self.adj.retrieval_body_bytes:
+            self._refuse(self.content_length)
+
+    def _refuse(self, declared: int | None) -> None:
         limit = self.adj.retrieval_body_bytes
-        if self.content_length > limit and route_path(self.path) == "/retrieval":
-            self.refusal = over_limit("the request body", self.content_length, "body_bytes",
-                                      limit)
-            self.error = RequestEntityTooLarge(self.refusal.message)
-            self.completed = True
+        self.refusal = over_limit("the request body", declared, "body_bytes", limit)
+        self.error = RequestEntityTooLarge(self.refusal.message)
+        self.completed = True
 
 
 class _AccessLogged(Task):
