@@ -55,6 +55,7 @@ access_log = logging.getLogger("llamaindex_kb.access")
 MIN_BODY_RATE = 64 * 1024  # bytes a second
 MAX_HEADER_BYTES = 64 * 1024
 _PROBES = ("/health", "/ready")
+READY_TTL = 2.0  # seconds an answer of the store stands for /ready
 
 
 def body_cap(settings: Settings) -> int:
@@ -71,23 +72,63 @@ def body_cap(settings: Settings) -> int:
 def wsgi_app(settings: Settings) -> Any:
     """A WSGI application answering the probes and every route of the API."""
 
+    readiness = Readiness(settings)
+
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         request = Request(environ)
         path = route_path(request.path)
         try:
             if path in _PROBES:
-                response = probe(settings, request.method, path)
+                response = probe(readiness, request.method, path)
             else:
                 response = api_for(settings).handle(request)
         except Exception as exc:  # api_for itself failed: the API's handler never ran
-            log.exception("unexpected failure on %s %s", request.method, path)
+            log.exception("unexpected failure on %s %s", request.method, _printable(path))
             response = KnowledgeAPI.error_response(exc)
         return response(environ, start_response)
 
     return app
 
 
-def probe(settings: Settings, method: str, path: str) -> Response:
+class Readiness:
+    """Whether the store answers, asked at most once per ``READY_TTL`` seconds.
+
+    ``/ready`` needs no key, so a flood of probes must not become a flood of store
+    queries: while one probe asks the store (seconds, when it is down), the others get
+    the last answer instead of a thread each.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._checked_at: float | None = None
+        self._ready = False
+
+    def ready(self) -> bool:
+        fresh = (self._checked_at is not None
+                 and time.monotonic() - self._checked_at < READY_TTL)
+        # The very first probe waits for its answer; later ones never queue behind one.
+        if fresh or not self._lock.acquire(blocking=self._checked_at is None):
+            return self._ready
+        try:
+            self._ready = self._store_answers()
+            self._checked_at = time.monotonic()
+        finally:
+            self._lock.release()
+        return self._ready
+
+    def _store_answers(self) -> bool:
+        try:
+            library_for(self.settings).store.manifests()
+        except Exception as exc:
+            # KBError messages are written to be shown; anything else may hold a URL.
+            reason = exc.message if isinstance(exc, KBError) else type(exc).__name__
+            log.warning("not ready: the store does not answer (%s)", reason)
+            return False
+        return True
+
+
+def probe(readiness: Readiness, method: str, path: str) -> Response:
     """``/health``: the process answers. ``/ready``: the store answers too.
 
     The library and the embedding model are loaded before the server accepts a
@@ -97,15 +138,9 @@ def probe(settings: Settings, method: str, path: str) -> Response:
     if method not in ("GET", "HEAD"):
         return KnowledgeAPI.error_response(
             MethodNotAllowed(f"{method} is not allowed on {path}; use GET"))
-    if path == "/ready":
-        try:
-            library_for(settings).store.manifests()
-        except Exception as exc:
-            # KBError messages are written to be shown; anything else may hold a URL.
-            reason = exc.message if isinstance(exc, KBError) else type(exc).__name__
-            log.warning("not ready: the store does not answer (%s)", reason)
-            return KnowledgeAPI.error_response(
-                StoreUnavailableError("not ready: the knowledge store does not answer"))
+    if path == "/ready" and not readiness.ready():
+        return KnowledgeAPI.error_response(
+            StoreUnavailableError("not ready: the knowledge store does not answer"))
     return json_response({"status": "ok"})
 
 

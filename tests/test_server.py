@@ -153,6 +153,12 @@ def test_ready_is_503_when_the_store_does_not_answer_and_names_no_url(tmp_path):
         reply = httpx.get(proc.url + "/ready", timeout=15)
         assert (reply.status_code, reply.json()["error_code"]) == (503, 5003)
         assert reply.json()["error_msg"] == "not ready: the knowledge store does not answer"
+        # The answer stands for a moment: a flood of probes is not a flood of store queries.
+        started = time.monotonic()
+        for _ in range(20):
+            assert httpx.get(proc.url + "/ready", timeout=5).status_code == 503
+        windows = 1 + int((time.monotonic() - started) / 2.0)  # READY_TTL
+        assert proc.log().count("not ready: the store does not answer") <= windows + 1
         assert "pw-sentinel-51c3" not in proc.log()
 
 
