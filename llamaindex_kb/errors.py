@@ -23,7 +23,8 @@ The hierarchy::
     ├── KnowledgeBaseDamaged     500  5001  a knowledge base's files are damaged (names it)
     └── DiskFullError            507  5007  no space left to write; nothing was changed
 
-Anything else is an unexpected failure: 500 / 5000 with a generic message and a
+Running out of open files or memory (``out_of_resources``) answers 503 / 5003: it
+passes. Anything else is an unexpected failure: 500 / 5000 with a generic message and a
 logged traceback. Dify retries 429, 500, 502, 503 and 504 three times, so nothing a
 client sent may map there: the table test keeps that true. ``KnowledgeBaseDamaged``
 is a deterministic failure of ours that Dify will retry; it still answers 500, with
@@ -32,6 +33,8 @@ does not retry.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -161,8 +164,21 @@ INTERNAL_ERROR_CODE = 5000
 INTERNAL_ERROR_MESSAGE = "internal error: the server logged the details"
 
 
+OUT_OF_RESOURCES_MESSAGE = "the server has run out of open files or memory; try again"
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def out_of_resources(exc: BaseException) -> bool:
+    """The process ran out of descriptors or memory: transient, and nobody's input."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS)
+
+
 def error_status(exc: BaseException) -> tuple[int, int, str]:
     """(HTTP status, error_code, error_msg) for any exception; the single mapping."""
     if isinstance(exc, KBError):
         return exc.status, exc.error_code, exc.message
+    if out_of_resources(exc):
+        return StoreUnavailableError.status, StoreUnavailableError.error_code, \
+            OUT_OF_RESOURCES_MESSAGE
     return 500, INTERNAL_ERROR_CODE, INTERNAL_ERROR_MESSAGE

@@ -35,12 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .embeddings import EmbeddingSpec
 from .errors import (
+    OUT_OF_RESOURCES_MESSAGE,
     ConfigurationError,
     EmbeddingMismatchError,
     InvalidFieldError,
     KBError,
     KnowledgeBaseDamaged,
     KnowledgeBaseNotFound,
+    StoreUnavailableError,
+    out_of_resources,
 )
 from .filters import MetadataCondition, MetadataTable
 from .keyword import KeywordIndex
@@ -208,6 +211,11 @@ class KnowledgeBase:
         except KBError:
             raise
         except _DAMAGE as exc:
+            if _out_of_resources(exc):
+                # Not the files' fault: telling the operator to rebuild would lose good data.
+                raise StoreUnavailableError(
+                    f"knowledge base {self.knowledge_id!r} could not be read now: "
+                    f"{OUT_OF_RESOURCES_MESSAGE}") from exc
             if not self.version_dir.is_dir():
                 # Dropped while a query held it: it is gone, not damaged.
                 raise KnowledgeBaseNotFound.missing(self.knowledge_id) from exc
@@ -301,6 +309,19 @@ class KnowledgeBase:
 # What reading a damaged file raises (json, pydantic and numpy errors are ValueErrors).
 _DAMAGE = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError,
            sqlite3.DatabaseError)
+
+
+def _out_of_resources(exc: BaseException) -> bool:
+    """A failure of the process, not of the files: no descriptor or memory was left.
+    SQLite reports a missing descriptor only as "unable to open database file"."""
+    if out_of_resources(exc):
+        return True
+    if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+        try:
+            os.close(os.dup(0))
+        except OSError as probe:
+            return out_of_resources(probe)
+    return False
 
 
 def _reason(exc: BaseException) -> str:

@@ -368,14 +368,18 @@ def create_server(settings: Settings) -> Server:
 
 
 def _allow_open_files(wanted: int) -> None:
-    """Raise this process's soft limit on open files (often 1024) toward ``wanted``."""
+    """Raise this process's soft limit on open files (often 1024) to the hard limit.
+
+    ``wanted`` covers the connections; each open knowledge base also holds a lock and a
+    docstore connection per worker thread, which the hard limit leaves room for.
+    """
     try:
         import resource
     except ImportError:  # Windows: no such limit
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < max(wanted, hard):
+        target = max(wanted, 65536) if hard == resource.RLIM_INFINITY else hard
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         if target < wanted:
             log.warning("only %d open files are allowed: lower connection_limit below %d",

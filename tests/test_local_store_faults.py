@@ -570,3 +570,42 @@ def store_manifest(knowledge_id: str) -> Any:
     from llamaindex_kb.knowledge_base import KBManifest
 
     return KBManifest(knowledge_id=knowledge_id, retrieval_mode="keyword")
+
+
+EMFILE_SCRIPT = r"""
+import json, os, resource, sys
+from pathlib import Path
+from llamaindex_kb.errors import error_status
+from llamaindex_kb.contract import RetrievalRequest
+from llamaindex_kb import load_settings
+from llamaindex_kb.library import Library
+from llamaindex_kb.models import Models
+
+library = Library(load_settings({"data_dir": sys.argv[1]}, environ={}))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+hog = []
+try:
+    while True:
+        hog.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    library.retrieve(RetrievalRequest(knowledge_id="garden", query="tulips", top_k=3),
+                     Models(embed_model=None))
+    outcome = "answered"
+except Exception as exc:
+    outcome = list(error_status(exc))
+for fd in hog:
+    os.close(fd)
+print(json.dumps(outcome))
+"""
+
+
+def test_running_out_of_open_files_is_a_retryable_503_not_damage(tmp_path):
+    publish(LocalStore(tmp_path), "garden", {"tulips": "tulips flower in spring"})
+    result = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT, str(tmp_path)],
+                            cwd=PLUGIN_ROOT, capture_output=True, text=True, timeout=120)
+    status, code, message = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (status, code) == (503, 5003), message
+    assert "run out of open files" in message and "damaged" not in message
+    assert result.returncode == 0, result.stderr
