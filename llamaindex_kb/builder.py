@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import sqlite3
@@ -16,7 +15,7 @@ from llama_index.core.schema import BaseNode
 from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
 from llama_index.core.storage.docstore.utils import doc_to_json
 
-from .errors import DiskFullError
+from .errors import DISK_FULL_ERRNOS, DiskFullError
 from .filters import MetadataTable
 from .keyword import KeywordIndex
 from .knowledge_base import (
@@ -104,7 +103,6 @@ def _store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:
         kv.close()
 
 
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 def disk_full(exc: Exception, folder: Path) -> bool:
@@ -116,7 +114,7 @@ def disk_full(exc: Exception, folder: Path) -> bool:
     """
     if isinstance(exc, OSError):
         if exc.errno is not None:
-            return exc.errno in _DISK_FULL_ERRNOS
+            return exc.errno in DISK_FULL_ERRNOS
     elif isinstance(exc, sqlite3.OperationalError):
         code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
         if code != sqlite3.SQLITE_IOERR:
@@ -130,7 +128,7 @@ def disk_full(exc: Exception, folder: Path) -> bool:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as probed:
-        return probed.errno in _DISK_FULL_ERRNOS
+        return probed.errno in DISK_FULL_ERRNOS
     finally:
         probe.unlink(missing_ok=True)
     return False

@@ -166,6 +166,9 @@ INTERNAL_ERROR_MESSAGE = "internal error: the server logged the details"
 
 OUT_OF_RESOURCES_MESSAGE = "the server has run out of open files or memory; try again"
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_MESSAGE = ("no space is left on the server's disk (its temporary files or data); "
+                     "nothing was changed: free space and try again")
 
 
 def out_of_resources(exc: BaseException) -> bool:
@@ -181,4 +184,8 @@ def error_status(exc: BaseException) -> tuple[int, int, str]:
     if out_of_resources(exc):
         return StoreUnavailableError.status, StoreUnavailableError.error_code, \
             OUT_OF_RESOURCES_MESSAGE
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        # Where the store's writer knows the data directory it says so (DiskFullError);
+        # this is any other write, such as an upload spooled to a temporary file.
+        return DiskFullError.status, DiskFullError.error_code, DISK_FULL_MESSAGE
     return 500, INTERNAL_ERROR_CODE, INTERNAL_ERROR_MESSAGE

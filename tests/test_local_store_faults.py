@@ -609,3 +609,27 @@ def test_running_out_of_open_files_is_a_retryable_503_not_damage(tmp_path):
     assert (status, code) == (503, 5003), message
     assert "run out of open files" in message and "damaged" not in message
     assert result.returncode == 0, result.stderr
+
+
+def test_an_upload_that_fills_the_temporary_disk_answers_507(small_disk, tmp_path, monkeypatch):
+    import io
+    import tempfile
+
+    from werkzeug import Request
+    from werkzeug.test import EnvironBuilder
+
+    from llamaindex_kb.service import api_for
+
+    api = api_for(load_settings({"api_key": API_KEY, "data_dir": tmp_path / "data"},
+                                environ={}))
+    environ = EnvironBuilder(
+        path="/documents", method="POST", headers={"Authorization": f"Bearer {API_KEY}"},
+        data={"knowledge_id": "k", "mode": "keyword",
+              "file": (io.BytesIO(b"tulips bloom. " * 200_000), "big.txt")},
+    ).get_environ()
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))  # uploads spool here
+    response = api.handle(Request(environ))
+    answer = json.loads(response.get_data())
+    assert (response.status_code, answer["error_code"]) == (507, 5007)
+    assert "no space is left" in answer["error_msg"]
+    assert LocalStore(tmp_path / "data").manifests() == []
