@@ -16,9 +16,11 @@ one class registered under its URL schemes with ``register``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +213,13 @@ class FindingStore(ABC):
         return found
 
 
+# How much the embedded store keeps open per process: at 384 dimensions a million
+# chunks take about 2.3 GB. Past either budget the least recently used base closes and
+# is read again when next queried.
+MAX_OPEN_BASES = 64
+MAX_OPEN_CHUNKS = 1_000_000
+
+
 class LocalStore(FindingStore):
     """The embedded store: a folder of knowledge bases, each a series of versions."""
 
@@ -219,9 +228,10 @@ class LocalStore(FindingStore):
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.url = f"local://{Path(data_dir).resolve()}"
-        # One open version per knowledge base. A query holds the one it started with, so
-        # a version replaced here lives (files included) until its last query ends.
-        self._open: dict[str, KnowledgeBase] = {}
+        # One open version per knowledge base, least recently used first. A query holds
+        # the one it started with, so a version replaced or evicted here lives (files
+        # included) until its last query ends.
+        self._open: OrderedDict[str, KnowledgeBase] = OrderedDict()
         self._lock = threading.Lock()
 
     def find(self, knowledge_id: str) -> KnowledgeBase | None:
@@ -231,6 +241,8 @@ class LocalStore(FindingStore):
         version = layout.current_version()
         cached = self._open.get(knowledge_id)
         if cached is not None and cached.version_dir == version:
+            with contextlib.suppress(KeyError):  # evicted meanwhile: still valid to use
+                self._open.move_to_end(knowledge_id)
             return cached
         if cached is None and version is None:
             return None
@@ -244,7 +256,17 @@ class LocalStore(FindingStore):
                     return None
                 self._open[knowledge_id] = cached
                 log.info("opened knowledge base %s (%d chunks)", knowledge_id, len(cached))
+                self._evict()
         return cached
+
+    def _evict(self) -> None:
+        """Close the least recently used bases past the budgets (their arrays are in
+        memory, and each holds descriptors); the one just opened always stays."""
+        chunks = sum(len(kb) for kb in self._open.values())
+        while len(self._open) > 1 and (len(self._open) > MAX_OPEN_BASES
+                                       or chunks > MAX_OPEN_CHUNKS):
+            _, closed = self._open.popitem(last=False)
+            chunks -= len(closed)
 
     @staticmethod
     def _open_live(layout: KBLayout) -> KnowledgeBase | None:

@@ -633,3 +633,19 @@ def test_an_upload_that_fills_the_temporary_disk_answers_507(small_disk, tmp_pat
     assert (response.status_code, answer["error_code"]) == (507, 5007)
     assert "no space is left" in answer["error_msg"]
     assert LocalStore(tmp_path / "data").manifests() == []
+
+
+def test_the_store_keeps_a_bounded_number_of_bases_open_and_reopens_the_others(
+        tmp_path, monkeypatch):
+    from llamaindex_kb import stores
+
+    monkeypatch.setattr(stores, "MAX_OPEN_BASES", 3)
+    store = LocalStore(tmp_path)
+    for number in range(5):
+        publish(store, f"kb{number}", {"tulips": f"tulips number {number}"})
+    for number in range(5):
+        store.open(f"kb{number}")
+    assert list(store._open) == ["kb2", "kb3", "kb4"]
+    first = store.open("kb0")  # read again from disk, and it answers
+    assert chunk_ids(first, "tulips")
+    assert list(store._open) == ["kb3", "kb4", "kb0"]
