@@ -2074,8 +2074,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--size-mb", type=int, default=60, help="big body size [60]")
     group.add_argument("--drip-clients", type=int, default=200, help="[200]")
     group.add_argument("--idle-clients", type=int, default=500, help="[500]")
-    group.add_argument("--hold", type=float, default=60,
-                       help="seconds to hold slow clients and wait for big answers [60]")
+    # Longer than serve's default request deadline (60 s), so drops can be seen.
+    group.add_argument("--hold", type=float, default=75,
+                       help="seconds to hold slow clients and wait for big answers [75]")
 
     load = argparse.ArgumentParser(add_help=False)
     group = load.add_argument_group("load")
