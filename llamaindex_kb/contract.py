@@ -107,7 +107,7 @@ def parse_json_object(body: bytes, nul_allowed: frozenset[str] = frozenset()
     if not isinstance(data, dict):
         raise MalformedBodyError(
             f"request body must be a JSON object, got {_json_type(data)}")
-    _check_strings(data, nul_allowed)
+    check_storable(data, nul_allowed=nul_allowed)
     return data
 
 
@@ -115,37 +115,42 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _check_strings(data: dict[str, Any], nul_allowed: frozenset[str]) -> None:
-    """Refuse nesting past MAX_DEPTH, and strings no store can hold: lone surrogates
-    (valid as JSON escapes, not encodable as UTF-8) and NUL (PostgreSQL refuses it)."""
-    todo: list[tuple[object, str, int]] = [(data, "", 0)]
+def check_storable(value: object, place: str = "", nul_allowed: frozenset[str] = frozenset()
+                   ) -> None:
+    """Refuse nesting past MAX_DEPTH, and strings no store can hold (``text_problem``)
+    anywhere in ``value``, keys included, naming the place. ``nul_allowed``: places whose
+    strings may hold NUL (their caller drops it)."""
+    todo: list[tuple[object, str, int]] = [(value, place, 0)]
     while todo:
-        value, place, depth = todo.pop()
+        item, where, depth = todo.pop()
         if depth > MAX_DEPTH:
             raise MalformedBodyError(f"request body nests deeper than {MAX_DEPTH} levels")
-        if isinstance(value, str):
-            _check_text(value, place or "request body", allow_nul=place in nul_allowed)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                _check_text(key, f"{place or 'request body'} key", allow_nul=False)
-                todo.append((item, f"{place}.{key}" if place else key, depth + 1))
-        elif isinstance(value, list):
-            todo.extend((item, f"{place}[{i}]", depth + 1) for i, item in enumerate(value))
+        if isinstance(item, str):
+            problem = text_problem(item, allow_nul=where in nul_allowed)
+            if problem:
+                raise InvalidFieldError(where or "request body", problem)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                problem = text_problem(key, allow_nul=False)
+                if problem:
+                    raise InvalidFieldError(f"{where or 'request body'} key", problem)
+                todo.append((child, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(item, list):
+            todo.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
 
 
-def _check_text(text: str, place: str, *, allow_nul: bool) -> None:
-    if text.isascii():
-        if not allow_nul and "\x00" in text:
-            raise InvalidFieldError(place, "must not contain NUL characters (\\u0000)")
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidFieldError(
-            place, f"contains a lone surrogate (\\u{ord(text[exc.start]):04x}): not valid "
-            "Unicode text") from exc
+def text_problem(text: str, *, allow_nul: bool = False) -> str | None:
+    """Why no store can keep ``text``, or None: UTF-8 cannot encode a lone surrogate
+    (which JSON's "\\ud800" can spell), and PostgreSQL refuses NUL."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"contains a lone surrogate (\\u{ord(text[exc.start]):04x}): not valid "
+                    "Unicode text")
     if not allow_nul and "\x00" in text:
-        raise InvalidFieldError(place, "must not contain NUL characters (\\u0000)")
+        return "must not contain NUL characters (\\u0000)"
+    return None
 
 
 def parse_retrieval_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> RetrievalRequest:

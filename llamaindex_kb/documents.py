@@ -24,7 +24,7 @@ from werkzeug import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .chunking import ChunkingConfig
-from .contract import parse_json_object
+from .contract import check_storable, parse_json_object
 from .errors import InvalidFieldError, MalformedBodyError, ServerBusyError, shown
 from .ingest import (
     Cancelled,
@@ -33,7 +33,6 @@ from .ingest import (
     apply_changes,
     check_user_metadata,
     checkpoint_for,
-    text_is_storable,
     text_source,
     upload_source,
 )
@@ -150,8 +149,9 @@ def _from_form(request: Request, limits: Limits) -> Parsed:
         return upload_source(upload_file.stream, upload_file.filename or "", metadata,
                              limits=limits, checkpoint=checkpoint)
 
-    return (knowledge_id, read, _chunking(_json_field(form.get("chunking"), "chunking")),
-            _mode(form.get("mode")))
+    chunking = _json_field(form.get("chunking"), "chunking")
+    check_storable(chunking, "chunking")  # a JSON body's fields are checked as it is parsed
+    return knowledge_id, read, _chunking(chunking), _mode(form.get("mode"))
 
 
 def _from_json(request: Request, limits: Limits) -> Parsed:
@@ -178,25 +178,6 @@ def _from_json(request: Request, limits: Limits) -> Parsed:
         return text_source(title, text, metadata, document_id, limits)
 
     return knowledge_id, read, _chunking(body.get("chunking")), _mode(body.get("mode"))
-
-
-def _check_strings(value: object, field: str) -> None:
-    """Refuse text no store can keep, anywhere in ``value`` (keys too). JSON escapes
-    can spell a lone surrogate ("\\ud800"), and PostgreSQL refuses NUL characters;
-    the text itself may hold NULs, which chunking removes."""
-    todo = [value]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, dict):
-            todo.extend(item)
-            todo.extend(item.values())
-        elif isinstance(item, list):
-            todo.extend(item)
-        elif isinstance(item, str) and not text_is_storable(
-                item.replace("\x00", "") if field == "text" else item):
-            raise InvalidFieldError(
-                field, "is not valid Unicode text: it contains a lone surrogate (such as "
-                "\\ud800) or a NUL character")
 
 
 def _knowledge_id(value: object) -> str:
@@ -232,7 +213,6 @@ def _json_field(raw: str | None, field: str) -> object:
 def _chunking(raw: object) -> ChunkingConfig | None:
     if raw is None:
         return None
-    _check_strings(raw, "chunking")
     try:
         return ChunkingConfig.model_validate(raw)
     except ValidationError as exc:

@@ -33,6 +33,7 @@ from llama_index.core.schema import BaseNode, Document, TextNode
 from pydantic import BaseModel, Field
 
 from .chunking import ChunkingConfig, ChunkResult, TooManyChunks, chunk
+from .contract import text_problem
 from .embeddings import MAX_TOKENS, EmbeddingSpec, LocalMiniLMEmbedding, minilm_tokenizer
 from .errors import (
     BadRequestError,
@@ -173,25 +174,13 @@ def _metadata_value_problem(value: object) -> str | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, str):
-        return None if text_is_storable(value) else ("must be valid Unicode text without NUL "
-                                                     "characters or lone surrogates")
+        return None if text_problem(value) is None else (
+            "must be valid Unicode text without NUL characters or lone surrogates")
     if isinstance(value, int):
         return None if -_INT64 <= value < _INT64 else "must be a 64-bit integer"
     if isinstance(value, float):
         return None if math.isfinite(value) else "must be a finite number, not NaN or Infinity"
     return "must be a string, number, boolean, null or a list of those"
-
-
-def text_is_storable(text: str) -> bool:
-    """Whether every store can keep ``text``: PostgreSQL refuses NUL characters and
-    UTF-8 cannot encode a lone surrogate (which JSON's "\\ud800" can spell)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def file_source(file: Path, file_path: str, source_root: str | None,
