@@ -4,13 +4,13 @@ The public API: the plugin endpoints, the standalone server and the CLI import
 only these names.
 """
 
-from .api import KnowledgeAPI
-from .config import Settings, load_settings, plugin_settings
-from .contract import Record, RetrievalRequest, parse_retrieval_request
-from .errors import KBError, error_status
-from .ingest import IngestSummary, ingest_paths
-from .library import Library
-from .service import api_for, handle_plugin_request, library_for
+from llamaindex_kb.config import Settings, load_settings, plugin_settings
+from llamaindex_kb.contract import Record, RetrievalRequest, parse_retrieval_request
+from llamaindex_kb.errors import KBError, error_status
+from llamaindex_kb.http.app import KnowledgeAPI
+from llamaindex_kb.ingestion.pipeline import IngestSummary, ingest_paths
+from llamaindex_kb.retrieval import Library
+from llamaindex_kb.service import api_for, handle_plugin_request, library_for
 
 __all__ = [
     "IngestSummary",

@@ -7,14 +7,16 @@ Every serve/ingest flag also reads ``LLAMAINDEX_KB_<FLAG>`` from the environment
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from .config import Settings, load_settings
-from .errors import KBError
+from llamaindex_kb.config import Settings, load_settings
+from llamaindex_kb.errors import ConfigurationError, KBError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from .server import serve
+        from llamaindex_kb.http.server import serve
 
         settings = load_settings(_explicit(args))
         if settings.api_key is None:
@@ -155,39 +157,46 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "list":
         return _list(args)
     if args.command == "delete":
-        from .ingest import delete_document
-        from .stores import store_for
+        from llamaindex_kb.ingestion.pipeline import delete_document
+        from llamaindex_kb.stores.registry import store_for
 
         settings = load_settings(_explicit(args))
         info = delete_document(store_for(settings), args.kb, args.document_id)
         print(f"deleted {info.document_id} ({info.file_path or info.title}, {info.chunks} chunks)")
         return 0
     if args.command == "drop":
-        from .ingest import drop_knowledge_base
-        from .stores import store_for
+        from llamaindex_kb.ingestion.pipeline import drop_knowledge_base
+        from llamaindex_kb.stores.registry import store_for
 
         settings = load_settings(_explicit(args))
         drop_knowledge_base(store_for(settings), args.kb)
         print(f"dropped knowledge base {args.kb}")
         return 0
     if args.command == "package":
-        from .packaging import main_package
-
-        return main_package(PROJECT_ROOT, args.out)
+        return _tool("packaging").main_package(PROJECT_ROOT, args.out)
     if args.command == "bench":
-        from .bench import main as bench_main
-
-        return bench_main(args.rest)
+        return _tool("bench").main(args.rest)
     raise AssertionError(args.command)
+
+
+def _tool(name: str) -> ModuleType:
+    """A developer tool from the checkout's tools/, which the .difypkg leaves out."""
+    if not (PROJECT_ROOT / "tools" / f"{name}.py").is_file():
+        raise ConfigurationError(
+            f"this command needs tools/{name}.py from a checkout of the project; "
+            "the plugin package does not ship it")
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    return importlib.import_module(f"tools.{name}")
 
 
 def _ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .chunking import ChunkingConfig
-    from .ingest import ingest_paths
-    from .service import models_for
-    from .stores import store_for
+    from llamaindex_kb.ingestion.chunking import ChunkingConfig
+    from llamaindex_kb.ingestion.pipeline import ingest_paths
+    from llamaindex_kb.models.choose import models_for
+    from llamaindex_kb.stores.registry import store_for
 
     settings = load_settings(_explicit(args))
     chunking = None
@@ -226,7 +235,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .library import Library
+    from llamaindex_kb.retrieval import Library
 
     library = Library(load_settings(_explicit(args)))
     if args.kb:

@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigurationError
-from .limits import DEFAULT_LIMITS, Limits
+from llamaindex_kb.errors import ConfigurationError
+from llamaindex_kb.limits import DEFAULT_LIMITS, Limits
 
 ENV_PREFIX = "LLAMAINDEX_KB_"
 

@@ -27,10 +27,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from werkzeug import Request
 
-from .errors import InvalidFieldError, MalformedBodyError
-from .filters import MetadataCondition, parse_metadata_condition
-from .layout import KB_ID_MAX
-from .limits import DEFAULT_LIMITS, Limits, over_limit
+from llamaindex_kb.errors import InvalidFieldError, MalformedBodyError
+from llamaindex_kb.filters import MetadataCondition, parse_metadata_condition
+from llamaindex_kb.ids import KB_ID_MAX
+from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, over_limit
 
 DEFAULT_TOP_K = 4
 MAX_TOP_K = 1000

@@ -178,8 +178,8 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import InvalidFilterError
-from .limits import DEFAULT_LIMITS, Limits, over_limit
+from llamaindex_kb.errors import InvalidFilterError
+from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, over_limit
 
 __all__ = [
     "Condition",

@@ -262,7 +262,7 @@ class KeywordIndex:
         together, so a query never meets an index that fails halfway."""
         # Here, not at the top: the analyzer alone (tokenize) imports nothing of the
         # package, and a test times it loaded on its own.
-        from .layout import read_array
+        from llamaindex_kb.stores.local.layout import read_array
 
         directory = Path(directory)
         meta = json.loads((directory / _META_FILE).read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import PayloadTooLargeError
+from llamaindex_kb.errors import PayloadTooLargeError
 
 MiB = 1024 * 1024
 

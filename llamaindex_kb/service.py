@@ -8,68 +8,29 @@ two endpoints with different keys never share one.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from werkzeug import Request, Response
 
-from . import openai_compat
-from .api import KnowledgeAPI
-from .config import Settings, plugin_settings
-from .embeddings import LocalMiniLMEmbedding
-from .errors import KBError
-from .ingest import file_source, ingest_paths, scan
-from .library import DEMO_KB, DEMO_SOURCE, Library
-from .models import Models
-from .redaction import redact_url
-from .rerank import Reranker
-from .stores import KnowledgeStore, as_store, store_url
+from llamaindex_kb.config import Settings, plugin_settings
+from llamaindex_kb.errors import KBError
+from llamaindex_kb.http.app import KnowledgeAPI
+from llamaindex_kb.ingestion.pipeline import file_source, ingest_paths, scan
+from llamaindex_kb.models.choose import local_embedding_for, models_for
+from llamaindex_kb.redaction import redact_url
+from llamaindex_kb.retrieval import DEMO_KB, DEMO_SOURCE, Library
+from llamaindex_kb.stores.base import KnowledgeStore
+from llamaindex_kb.stores.registry import store_url
 
 log = logging.getLogger(__name__)
 
 _libraries: dict[tuple[object, ...], Library] = {}
 _demo_ready: set[str] = set()
 _lock = threading.Lock()
-
-
-@functools.cache
-def local_embedding(spin_threads: bool = False) -> LocalMiniLMEmbedding:
-    return LocalMiniLMEmbedding(spin_threads=spin_threads)
-
-
-def local_embedding_for(store: KnowledgeStore) -> LocalMiniLMEmbedding:
-    """The local model, its threads tuned to where ``store`` searches."""
-    return local_embedding(spin_threads=not store.searches_in_process)
-
-
-def models_for(settings: Settings, session: Any | None = None,
-               store: KnowledgeStore | None = None) -> Models:
-    """The embedding model (and reranker) for one request.
-
-    ``session`` is the Dify plugin session of the request, if any; ``store`` the store
-    it searches, if known. Precedence: the workspace embedding model chosen in the
-    plugin form, then an OpenAI-compatible server (``embedding_base_url``), then the
-    bundled local model.
-    """
-    embed_model: BaseEmbedding | None = None
-    reranker: Reranker | None = None
-    if session is not None:
-        # Imported here: dify_plugin gevent-patches the process on import, which the
-        # standalone server must never get.
-        from . import dify_models
-
-        embed_model = dify_models.workspace_embedding(settings, session)
-        reranker = dify_models.workspace_reranker(settings, session)
-    if embed_model is None:
-        embed_model = openai_compat.embedding_for(settings)
-    if embed_model is None:
-        embed_model = local_embedding() if store is None else local_embedding_for(store)
-    return Models(embed_model=embed_model, reranker=reranker)
 
 
 def library_for(settings: Settings) -> Library:
@@ -95,13 +56,12 @@ def api_for(settings: Settings, session: object | None = None) -> KnowledgeAPI:
     return KnowledgeAPI(settings, library, models_for(settings, session, library.store))
 
 
-def ensure_demo(where: Path | KnowledgeStore, embed_model: BaseEmbedding | None) -> None:
+def ensure_demo(store: KnowledgeStore, embed_model: BaseEmbedding | None) -> None:
     """(Re)build the bundled demo knowledge base when it is missing or out of date.
 
     Up to date means it holds exactly the bundled files (ids and content hashes),
     which every store can answer, so no marker is kept beside it.
     """
-    store = as_store(where)
     files, _ = scan([DEMO_SOURCE])
     wanted = {info.document_id: info.content_hash
               for info in (file_source(*found).info for found in files)}

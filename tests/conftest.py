@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
+from llamaindex_kb.stores.local.store import LocalStore
+
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PLUGIN_ROOT))
 
@@ -41,10 +43,11 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data directory holding the demo knowledge base, built once per test run."""
-    from llamaindex_kb.service import ensure_demo, local_embedding
+    from llamaindex_kb.models.choose import local_embedding
+    from llamaindex_kb.service import ensure_demo
 
     data_dir = tmp_path_factory.mktemp("demo-data")
-    ensure_demo(data_dir, local_embedding())
+    ensure_demo(LocalStore(data_dir), local_embedding())
     return data_dir
 
 
@@ -138,7 +141,7 @@ def standalone_server(data_dir: Path, **settings: Any) -> Iterator[str]:
     """The standalone server on a free port in a thread, as `serve` runs it but for the
     signal handlers (tests/test_server.py runs `serve` itself in a subprocess)."""
     from llamaindex_kb import load_settings
-    from llamaindex_kb.server import create_server
+    from llamaindex_kb.http.server import create_server
 
     server = create_server(load_settings(
         {"api_key": API_KEY, "data_dir": data_dir, "port": 0, **settings}, environ={}))

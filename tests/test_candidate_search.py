@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from llamaindex_kb.candidate_search import Candidates, KeywordRanking, Metadata, rank
 from llamaindex_kb.filters import matches, parse_metadata_condition
-from llamaindex_kb.knowledge_base import QueryPlan, best_parents
+from llamaindex_kb.scoring import best_parents
+from llamaindex_kb.stores.base import QueryPlan
+from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, Metadata, rank
 
 
 class ArraySource:

@@ -16,9 +16,9 @@ from llama_index.core.schema import Document, MetadataMode, NodeRelationship, Te
 from pydantic import ValidationError
 from reportlab.pdfgen import canvas
 
-from llamaindex_kb.chunking import NODE_NAMESPACE, ChunkingConfig, chunk, clean_text
-from llamaindex_kb.embeddings import minilm_token_count
-from llamaindex_kb.readers import read_file
+from llamaindex_kb.ingestion.chunking import NODE_NAMESPACE, ChunkingConfig, chunk, clean_text
+from llamaindex_kb.ingestion.readers import read_file
+from llamaindex_kb.models.local import minilm_token_count
 
 WORDS = ("llama alpaca vicuna guanaco herd fleece pasture andes shearing wool highland "
          "camelid grazing altitude breeder").split()

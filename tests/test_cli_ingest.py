@@ -14,9 +14,9 @@ from conftest import PLUGIN_ROOT
 
 from llamaindex_kb import load_settings
 from llamaindex_kb.contract import RetrievalRequest
-from llamaindex_kb.layout import KBLayout
-from llamaindex_kb.library import Library
-from llamaindex_kb.models import Models
+from llamaindex_kb.models.base import Models
+from llamaindex_kb.retrieval import Library
+from llamaindex_kb.stores.local.layout import KBLayout
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

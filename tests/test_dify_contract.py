@@ -9,6 +9,8 @@ import pytest
 from conftest import API_KEY, Reply, dify_body
 
 from llamaindex_kb.contract import DEFAULT_TOP_K
+from llamaindex_kb.stores import registry
+from llamaindex_kb.stores.base import FindingStore
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
@@ -247,27 +249,31 @@ def test_a_damaged_knowledge_base_is_a_500_naming_it_and_what_to_do(demo_data_di
     assert any("'demo' is damaged" in record.getMessage() for record in caplog.records)
 
 
-def test_unexpected_failure_is_a_short_500_with_a_logged_traceback(tmp_path, caplog):
+class ExplodingStore(FindingStore):
+    """A store with a bug of ours: stands for any failure nothing maps."""
+
+    url = "exploding://"
+    searches_in_process = True
+
+    def find(self, knowledge_id: str) -> None:
+        raise RuntimeError(f"bug reading {self.url}{knowledge_id}")
+
+
+def exploding_store(url: str, settings: object) -> ExplodingStore:
+    return ExplodingStore()
+
+
+def test_unexpected_failure_is_a_short_500_with_a_logged_traceback(tmp_path, caplog,
+                                                                  monkeypatch):
     from conftest import PluginTransport
 
-    from llamaindex_kb import stores
-
-    class ExplodingStore(stores.FindingStore):
-        """A store with a bug of ours: stands for any failure nothing maps."""
-
-        url = "exploding://"
-        searches_in_process = True
-
-        def find(self, knowledge_id: str) -> None:
-            raise RuntimeError(f"bug reading {tmp_path}")
-
-    stores.register("exploding")(lambda url, settings: ExplodingStore())
+    monkeypatch.setitem(registry.FACTORIES, "exploding", f"{__name__}:exploding_store")
     plugin = PluginTransport({"api_key": API_KEY, "data_dir": str(tmp_path),
                               "store_url": "exploding://", "demo": False})
     with caplog.at_level("ERROR"):
         reply = ask(plugin, query("knowledge base"))
     assert (reply.status, reply.json()["error_code"]) == (500, 5000)
-    assert str(tmp_path) not in reply.json()["error_msg"] and API_KEY not in reply.body.decode()
+    assert "exploding://" not in reply.json()["error_msg"] and API_KEY not in reply.body.decode()
     assert any(record.exc_info for record in caplog.records), "the traceback must be logged"
 
 

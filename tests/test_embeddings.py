@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from llamaindex_kb.embeddings import (
+from llamaindex_kb.models.local import (
     DIMENSION,
     MAX_TOKENS,
-    EmbeddingSpec,
     LocalMiniLMEmbedding,
     minilm_token_count,
     minilm_tokenizer,
 )
+from llamaindex_kb.models.spec import EmbeddingSpec
 
 # Words that are one WordPiece token each, so n words are exactly n tokens.
 HEAD_WORDS = "the cat sat on a mat and looked at small red bird near old house".split()
@@ -153,7 +153,7 @@ def test_async_methods_match_sync(model: LocalMiniLMEmbedding) -> None:
 CONCURRENCY_SCRIPT = """
 import json
 from concurrent.futures import ThreadPoolExecutor
-from llamaindex_kb.embeddings import LocalMiniLMEmbedding
+from llamaindex_kb.models.local import LocalMiniLMEmbedding
 
 texts = ["the cat sat on the mat " * n for n in (1, 5, 20)] + ["并发调用"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from llamaindex_kb import errors
-from llamaindex_kb.api import route_path
 from llamaindex_kb.config import default_plugin_data_dir, load_settings, plugin_settings
 from llamaindex_kb.errors import ConfigurationError, KBError, error_status
+from llamaindex_kb.http.app import route_path
 
 
 def _all_error_classes() -> list[type[KBError]]:
@@ -152,7 +152,7 @@ def test_a_missing_or_empty_key_file_is_a_configuration_error_naming_it(tmp_path
 
 @pytest.mark.parametrize("url", ["postgresql://kb:pw-7c1@[::1/db", "local://kb:pw-7c1@host/x"])
 def test_a_store_url_that_cannot_be_used_is_a_400_that_hides_its_password(url):
-    from llamaindex_kb.stores import store_for
+    from llamaindex_kb.stores.registry import store_for
 
     with pytest.raises(ConfigurationError) as raised:
         store_for(load_settings({"store": url}, environ={}))
@@ -162,8 +162,8 @@ def test_a_store_url_that_cannot_be_used_is_a_400_that_hides_its_password(url):
 
 
 def test_a_busy_answer_says_when_to_retry():
-    from llamaindex_kb.api import KnowledgeAPI
     from llamaindex_kb.errors import ServerBusyError
+    from llamaindex_kb.http.app import KnowledgeAPI
 
     response = KnowledgeAPI.error_response(ServerBusyError("another upload is running", 30))
     assert (response.status_code, response.headers["Retry-After"]) == (429, "30")

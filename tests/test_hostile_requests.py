@@ -20,7 +20,7 @@ from werkzeug import Request
 from werkzeug.test import EnvironBuilder
 
 from llamaindex_kb import load_settings
-from llamaindex_kb.api import KnowledgeAPI
+from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.service import api_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

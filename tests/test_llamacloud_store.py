@@ -379,7 +379,7 @@ def test_knowledge_base_listing_and_pipeline_id(fake: FakeLlamaCloud, tmp_path: 
 
 
 def test_organization_narrows_the_lookup(fake: FakeLlamaCloud) -> None:
-    from llamaindex_kb.llamacloud_store import LlamaCloudStore
+    from llamaindex_kb.stores.llamacloud import LlamaCloudStore
 
     store = LlamaCloudStore(f"{fake.store_url()}&organization={ORG_ID}")
     assert store.open("handbook").pipeline_id == HANDBOOK_ID
@@ -392,7 +392,7 @@ def test_organization_narrows_the_lookup(fake: FakeLlamaCloud) -> None:
 
 
 def test_validation_errors_are_reported_readably(fake: FakeLlamaCloud) -> None:
-    from llamaindex_kb.llamacloud_store import LlamaCloudStore
+    from llamaindex_kb.stores.llamacloud import LlamaCloudStore
 
     store = LlamaCloudStore(fake.store_url())
     with pytest.raises(ConfigurationError,
@@ -443,8 +443,8 @@ def test_hanging_llamacloud_is_503_within_dify_timeout(
 
 
 def test_publish_and_drop_are_refused(fake: FakeLlamaCloud) -> None:
-    from llamaindex_kb.llamacloud_store import LlamaCloudStore
-    from llamaindex_kb.stores import Change
+    from llamaindex_kb.stores.base import Change
+    from llamaindex_kb.stores.llamacloud import LlamaCloudStore
 
     store = LlamaCloudStore(fake.store_url())
     with pytest.raises(ConfigurationError, match="manage LlamaCloud indexes in LlamaCloud"):
@@ -454,7 +454,7 @@ def test_publish_and_drop_are_refused(fake: FakeLlamaCloud) -> None:
 
 
 def test_store_url_forms(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llamaindex_kb.llamacloud_store import LlamaCloudStore
+    from llamaindex_kb.stores.llamacloud import LlamaCloudStore
 
     monkeypatch.delenv("LLAMA_CLOUD_API_KEY", raising=False)
     eu = LlamaCloudStore("llamacloud://?region=eu&api_key=llx-1")

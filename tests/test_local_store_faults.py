@@ -30,13 +30,15 @@ from hypothesis import strategies as st
 from llamaindex_kb import load_settings
 from llamaindex_kb.contract import RetrievalRequest
 from llamaindex_kb.errors import KBError, error_status
-from llamaindex_kb.ingest import IngestSummary, apply_changes, text_source
-from llamaindex_kb.knowledge_base import KnowledgeBase, QueryPlan
-from llamaindex_kb.layout import KBLayout, kb_dir_name, validate_knowledge_id
-from llamaindex_kb.library import Library
-from llamaindex_kb.models import Models
-from llamaindex_kb.service import local_embedding
-from llamaindex_kb.stores import Change, LocalStore
+from llamaindex_kb.ids import validate_knowledge_id
+from llamaindex_kb.ingestion.pipeline import IngestSummary, apply_changes, text_source
+from llamaindex_kb.models.base import Models
+from llamaindex_kb.models.choose import local_embedding
+from llamaindex_kb.retrieval import Library
+from llamaindex_kb.stores.base import Change, QueryPlan
+from llamaindex_kb.stores.local.layout import KBLayout, kb_dir_name
+from llamaindex_kb.stores.local.store import LocalStore
+from llamaindex_kb.stores.local.version import KnowledgeBase
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 HELIUM = {"alpha": "Alpha particles are helium nuclei.", "beta": "Beta decay emits electrons."}
@@ -159,7 +161,7 @@ def test_a_base_dropped_elsewhere_is_let_go_by_a_reader_here(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from llamaindex_kb.stores import LocalStore
+from llamaindex_kb.stores.local.store import LocalStore
 kb = LocalStore(Path(sys.argv[1])).open("k")
 print(kb.version_dir.name, flush=True)
 time.sleep(600)
@@ -287,10 +289,10 @@ from pathlib import Path
 from llamaindex_kb import load_settings
 from llamaindex_kb.contract import RetrievalRequest
 from llamaindex_kb.errors import error_status
-from llamaindex_kb.library import Library
-from llamaindex_kb.models import Models
-from llamaindex_kb.service import local_embedding
-from llamaindex_kb.stores import LocalStore
+from llamaindex_kb.retrieval import Library
+from llamaindex_kb.models.base import Models
+from llamaindex_kb.models.choose import local_embedding
+from llamaindex_kb.stores.local.store import LocalStore
 
 data = Path(sys.argv[1])
 models = Models(embed_model=local_embedding())
@@ -567,7 +569,7 @@ def test_a_base_made_before_the_id_rule_can_still_be_changed(tmp_path):
 
 
 def store_manifest(knowledge_id: str) -> Any:
-    from llamaindex_kb.knowledge_base import KBManifest
+    from llamaindex_kb.stores.base import KBManifest
 
     return KBManifest(knowledge_id=knowledge_id, retrieval_mode="keyword")
 
@@ -578,8 +580,8 @@ from pathlib import Path
 from llamaindex_kb.errors import error_status
 from llamaindex_kb.contract import RetrievalRequest
 from llamaindex_kb import load_settings
-from llamaindex_kb.library import Library
-from llamaindex_kb.models import Models
+from llamaindex_kb.retrieval import Library
+from llamaindex_kb.models.base import Models
 
 library = Library(load_settings({"data_dir": sys.argv[1]}, environ={}))
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -637,7 +639,7 @@ def test_an_upload_that_fills_the_temporary_disk_answers_507(small_disk, tmp_pat
 
 def test_the_store_keeps_a_bounded_number_of_bases_open_and_reopens_the_others(
         tmp_path, monkeypatch):
-    from llamaindex_kb import stores
+    from llamaindex_kb.stores.local import store as stores
 
     monkeypatch.setattr(stores, "MAX_OPEN_BASES", 3)
     store = LocalStore(tmp_path)

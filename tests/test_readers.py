@@ -15,7 +15,7 @@ from reportlab.lib.pdfencrypt import StandardEncryption
 from reportlab.pdfgen import canvas
 
 from llamaindex_kb.errors import InvalidFieldError, error_status
-from llamaindex_kb.readers import SUPPORTED_SUFFIXES, read_bytes, read_file
+from llamaindex_kb.ingestion.readers import SUPPORTED_SUFFIXES, read_bytes, read_file
 
 
 def write_pdf(path: Path, pages: list[list[str]], *, password: str | None = None) -> Path:

@@ -18,13 +18,14 @@ from llama_index.core.schema import TextNode
 
 from llamaindex_kb import load_settings
 from llamaindex_kb.contract import RetrievalRequest
-from llamaindex_kb.embeddings import EmbeddingSpec
 from llamaindex_kb.errors import EmbeddingMismatchError, InvalidFieldError, KnowledgeBaseNotFound
 from llamaindex_kb.filters import matches, parse_metadata_condition
-from llamaindex_kb.ingest import ingest_paths, publish_nodes
-from llamaindex_kb.library import Library
-from llamaindex_kb.models import Models
-from llamaindex_kb.service import local_embedding
+from llamaindex_kb.ingestion.pipeline import ingest_paths, publish_nodes
+from llamaindex_kb.models.base import Models
+from llamaindex_kb.models.choose import local_embedding
+from llamaindex_kb.models.spec import EmbeddingSpec
+from llamaindex_kb.retrieval import Library
+from llamaindex_kb.stores.local.store import LocalStore
 
 DOCS = {
     "solar.md": "Solar panels convert sunlight into electricity using photovoltaic cells.",
@@ -43,7 +44,7 @@ def kb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, text in DOCS.items():
         (source / name).write_text(text, encoding="utf-8")
     data_dir = tmp_path_factory.mktemp("data")
-    summary = ingest_paths(data_dir, "energy", [source], embed_model=local_embedding())
+    summary = ingest_paths(LocalStore(data_dir), "energy", [source], embed_model=local_embedding())
     assert summary.documents == len(DOCS) and not summary.failed
     return data_dir
 
@@ -113,7 +114,8 @@ def test_records_carry_source_file_name_path_and_stable_ids(kb_dir):
 
 def test_several_knowledge_bases_answer_independently(kb_dir, tmp_path):
     (tmp_path / "only.md").write_text("Kombucha is fermented sweet tea.", encoding="utf-8")
-    ingest_paths(kb_dir, "drinks", [tmp_path / "only.md"], embed_model=local_embedding())
+    ingest_paths(LocalStore(kb_dir), "drinks", [tmp_path / "only.md"],
+                 embed_model=local_embedding())
     lib = library(kb_dir)
     assert ask(lib, "fermented tea", kb="drinks")[0].metadata["file_name"] == "only.md"
     assert all(r.metadata["file_name"] != "only.md" for r in ask(lib, "fermented tea"))
@@ -127,9 +129,9 @@ def test_reingesting_a_changed_file_replaces_its_chunks(tmp_path):
     note = source / "note.md"
     note.write_text("The launch code is apple.", encoding="utf-8")
     data = tmp_path / "data"
-    ingest_paths(data, "kb", [source], embed_model=local_embedding(), mode="keyword")
+    ingest_paths(LocalStore(data), "kb", [source], embed_model=local_embedding(), mode="keyword")
     note.write_text("The launch code is banana.", encoding="utf-8")
-    ingest_paths(data, "kb", [source], embed_model=local_embedding(), mode="keyword")
+    ingest_paths(LocalStore(data), "kb", [source], embed_model=local_embedding(), mode="keyword")
     lib = library(data)
     assert ask(lib, "apple", kb="kb") == []
     assert len(ask(lib, "banana launch code", kb="kb")) == 1
@@ -141,7 +143,7 @@ def test_knowledge_base_survives_a_process_restart(kb_dir):
     script = (
         "import json, sys; from pathlib import Path;"
         "from llamaindex_kb import load_settings, Library, RetrievalRequest;"
-        "from llamaindex_kb.service import models_for;"
+        "from llamaindex_kb.models.choose import models_for;"
         "settings = load_settings({'data_dir': Path(sys.argv[1])}, environ={});"
         "hits = Library(settings).retrieve(RetrievalRequest(knowledge_id='energy',"
         " query='wind turbines', top_k=3), models_for(settings));"
@@ -164,7 +166,7 @@ def test_concurrent_queries_agree_with_sequential_ones(kb_dir):
 def test_query_embedding_mismatch_is_a_clear_400_class_error(tmp_path):
     other = EmbeddingSpec(kind="openai", model="text-embedding-3-small", dimension=3)
     node = TextNode(text="hello world", metadata={"document_id": "d1"})
-    publish_nodes(tmp_path, "foreign", [node], np.ones((1, 3), dtype=np.float32), other)
+    publish_nodes(LocalStore(tmp_path), "foreign", [node], np.ones((1, 3), dtype=np.float32), other)
     with pytest.raises(EmbeddingMismatchError, match="text-embedding-3-small"):
         ask(library(tmp_path, retrieval_mode="vector"), "hello", kb="foreign")
     assert ask(library(tmp_path, retrieval_mode="keyword"), "hello", kb="foreign")
@@ -172,7 +174,8 @@ def test_query_embedding_mismatch_is_a_clear_400_class_error(tmp_path):
 
 def test_keyword_only_knowledge_base_refuses_vector_mode_clearly(tmp_path):
     (tmp_path / "a.md").write_text("keyword only corpus", encoding="utf-8")
-    ingest_paths(tmp_path / "d", "kw", [tmp_path / "a.md"], embed_model=None, mode="keyword")
+    ingest_paths(LocalStore(tmp_path / "d"), "kw", [tmp_path / "a.md"], embed_model=None,
+                 mode="keyword")
     assert ask(library(tmp_path / "d"), "corpus", kb="kw")
     with pytest.raises(InvalidFieldError, match="keyword search only"):
         ask(library(tmp_path / "d", retrieval_mode="vector"), "corpus", kb="kw")
@@ -199,7 +202,7 @@ def _filtered_kb(data_dir: Path) -> tuple[Library, list[TextNode]]:
             metadata["tags"] = [str(t) for t in rng.choice(WORDS, 2, replace=False)]
         text = " ".join(rng.choice(WORDS, 6))
         nodes.append(TextNode(id_=f"n{i}", text=text, metadata=metadata))
-    publish_nodes(data_dir, "filtered", nodes, None, None, mode="keyword")
+    publish_nodes(LocalStore(data_dir), "filtered", nodes, None, None, mode="keyword")
     return library(data_dir), nodes
 
 
@@ -240,7 +243,7 @@ def test_filtered_answer_equals_reference_top_k_over_every_chunk(filtered, raw, 
 
 
 def test_parent_child_chunking_matches_children_and_returns_each_parent_once(tmp_path):
-    from llamaindex_kb.chunking import ChunkingConfig
+    from llamaindex_kb.ingestion.chunking import ChunkingConfig
 
     source = tmp_path / "guide.md"
     baking = ("Ovens must be preheated for twenty minutes before any loaf goes in.\n"
@@ -249,7 +252,7 @@ def test_parent_child_chunking_matches_children_and_returns_each_parent_once(tmp
              "Cutting boards are oiled monthly with food-safe mineral oil, then dried.")
     source.write_text(f"{baking}\n\n{tools}", encoding="utf-8")
     config = ChunkingConfig(mode="parent_child", child_max_tokens=50, parent_max_tokens=50)
-    ingest_paths(tmp_path / "d", "kitchen", [source], embed_model=None, mode="keyword",
+    ingest_paths(LocalStore(tmp_path / "d"), "kitchen", [source], embed_model=None, mode="keyword",
                  chunking=config)
     found = ask(library(tmp_path / "d"), "bread bakes preheated oven", top_k=5, kb="kitchen")
     assert [r.content for r in found] == [baking]
@@ -258,11 +261,12 @@ def test_parent_child_chunking_matches_children_and_returns_each_parent_once(tmp
 
 
 def test_chunks_longer_than_the_local_model_reads_are_refused(tmp_path):
-    from llamaindex_kb.chunking import ChunkingConfig
     from llamaindex_kb.errors import ConfigurationError
+    from llamaindex_kb.ingestion.chunking import ChunkingConfig
 
     (tmp_path / "a.md").write_text("text", encoding="utf-8")
     with pytest.raises(ConfigurationError, match="254"):
-        ingest_paths(tmp_path / "d", "k", [tmp_path / "a.md"], embed_model=local_embedding(),
+        ingest_paths(LocalStore(tmp_path / "d"), "k", [tmp_path / "a.md"],
+                     embed_model=local_embedding(),
                      chunking=ChunkingConfig(max_tokens=500))
     assert not (tmp_path / "d" / "kbs" / "k" / "CURRENT").exists()

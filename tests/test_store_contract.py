@@ -32,8 +32,6 @@ from llama_index.core.schema import TextNode
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 
-from llamaindex_kb import qdrant_store
-from llamaindex_kb.chunking import ChunkingConfig
 from llamaindex_kb.config import load_settings
 from llamaindex_kb.contract import Record, RetrievalRequest, parse_retrieval_request
 from llamaindex_kb.errors import (
@@ -44,7 +42,8 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
 )
 from llamaindex_kb.filters import MetadataCondition, Operator, matches, sql_prefilter
-from llamaindex_kb.ingest import (
+from llamaindex_kb.ingestion.chunking import ChunkingConfig
+from llamaindex_kb.ingestion.pipeline import (
     IngestSummary,
     apply_changes,
     delete_document,
@@ -52,12 +51,15 @@ from llamaindex_kb.ingest import (
     publish_nodes,
     text_source,
 )
-from llamaindex_kb.knowledge_base import QueryPlan
-from llamaindex_kb.library import Library
-from llamaindex_kb.models import Models
-from llamaindex_kb.qdrant_store import QdrantStore
-from llamaindex_kb.service import api_for, local_embedding, local_embedding_for
-from llamaindex_kb.stores import KnowledgeStore, LocalStore, open_store
+from llamaindex_kb.models.base import Models
+from llamaindex_kb.models.choose import local_embedding, local_embedding_for
+from llamaindex_kb.retrieval import Library
+from llamaindex_kb.service import api_for
+from llamaindex_kb.stores import qdrant as qdrant_store
+from llamaindex_kb.stores.base import KnowledgeStore, QueryPlan
+from llamaindex_kb.stores.local.store import LocalStore
+from llamaindex_kb.stores.qdrant import QdrantStore
+from llamaindex_kb.stores.registry import open_store
 
 KB = "contract"
 STORES = ["local", "postgresql", "qdrant"]
@@ -374,7 +376,7 @@ def test_qdrant_local_folder_open_in_another_process_is_a_clear_error(tmp_path):
     url = f"qdrant://{tmp_path}/q"
     other = _in_another_process(f"""
 import time
-from llamaindex_kb.qdrant_store import QdrantStore
+from llamaindex_kb.stores.qdrant import QdrantStore
 store = QdrantStore({url!r})
 store.manifests()
 print("ready", flush=True)
@@ -450,7 +452,7 @@ def test_qdrant_a_killed_writers_lease_lapses_and_the_next_writer_proceeds(tmp_p
     url = f"qdrant://{tmp_path}/q"
     other = _in_another_process(f"""
 import time
-from llamaindex_kb.qdrant_store import QdrantStore
+from llamaindex_kb.stores.qdrant import QdrantStore
 store = QdrantStore({url!r}, lease_s=3.0)
 with store._writing("k"):
     print("ready", flush=True)
@@ -512,7 +514,7 @@ def test_qdrant_a_writer_whose_lease_lapsed_cannot_overwrite_a_newer_change(
 
 def test_postgres_answers_again_right_after_the_server_dropped_its_connections(
         stores, postgres_url, monkeypatch):
-    from llamaindex_kb import pg_store
+    from llamaindex_kb.stores import postgres as pg_store
 
     store = stores["postgresql"]
     assert _retrieve(store, "Dify")  # leaves pooled connections behind

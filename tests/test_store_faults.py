@@ -33,7 +33,7 @@ import pytest
 from conftest import API_KEY, Reply, ServerTransport, dify_body, standalone_server
 
 from llamaindex_kb import ingest_paths, load_settings
-from llamaindex_kb.stores import store_for
+from llamaindex_kb.stores.registry import store_for
 
 DIFY_TIMEOUT_S = 5.0
 KB = "faults"

@@ -26,9 +26,10 @@ from hypothesis import strategies as st
 from werkzeug import Request
 from werkzeug.test import EnvironBuilder
 
-from llamaindex_kb import documents, load_settings
-from llamaindex_kb.api import KnowledgeAPI
+from llamaindex_kb import load_settings
 from llamaindex_kb.errors import BadRequestError
+from llamaindex_kb.http import upload as documents
+from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.service import api_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -546,7 +547,7 @@ TAKING_TURNS = """
 import json, sys, threading, time
 from werkzeug import Request
 from werkzeug.test import EnvironBuilder
-from llamaindex_kb import documents, load_settings
+from llamaindex_kb.http import upload as documents; from llamaindex_kb import load_settings
 from llamaindex_kb.errors import ServerBusyError
 from llamaindex_kb.service import api_for
 

@@ -35,15 +35,17 @@ from llama_index.core.schema import TextNode
 from pydantic_core import to_jsonable_python
 
 from llamaindex_kb import plugin_settings
-from llamaindex_kb.dify_models import (
+from llamaindex_kb.errors import ConfigurationError, EmbeddingMismatchError
+from llamaindex_kb.ingestion.pipeline import publish_nodes
+from llamaindex_kb.models.choose import local_embedding, models_for
+from llamaindex_kb.models.dify import (
     DifyWorkspaceEmbedding,
     DifyWorkspaceReranker,
     error_from_daemon,
 )
-from llamaindex_kb.embeddings import EmbeddingSpec, LocalMiniLMEmbedding
-from llamaindex_kb.errors import ConfigurationError, EmbeddingMismatchError
-from llamaindex_kb.ingest import publish_nodes
-from llamaindex_kb.service import local_embedding, models_for
+from llamaindex_kb.models.local import LocalMiniLMEmbedding
+from llamaindex_kb.models.spec import EmbeddingSpec
+from llamaindex_kb.stores.local.store import LocalStore
 
 PROVIDER, MODEL = "acme/emb/acme", "text-emb"
 RERANK_PROVIDER, RERANK_MODEL = "acme/rr/acme", "rerank-1"
@@ -133,7 +135,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vectors = np.asarray(local_embedding().get_text_embedding_batch(list(DOCS.values())),
                          dtype=np.float32)
     spec = EmbeddingSpec(kind="dify", model=f"{PROVIDER}/{MODEL}", dimension=384)
-    publish_nodes(data, KB, nodes, vectors, spec, mode="vector")
+    publish_nodes(LocalStore(data), KB, nodes, vectors, spec, mode="vector")
     return data
 
 

@@ -32,10 +32,8 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, Document, TextNode
 from pydantic import BaseModel, Field
 
-from .chunking import ChunkingConfig, ChunkResult, TooManyChunks, chunk
-from .contract import text_problem
-from .embeddings import MAX_TOKENS, EmbeddingSpec, LocalMiniLMEmbedding, minilm_tokenizer
-from .errors import (
+from llamaindex_kb.contract import text_problem
+from llamaindex_kb.errors import (
     BadRequestError,
     ConfigurationError,
     DocumentNotFound,
@@ -43,10 +41,9 @@ from .errors import (
     PayloadTooLargeError,
     shown,
 )
-from .knowledge_base import DocumentInfo, KBManifest, RetrievalMode
-from .layout import validate_knowledge_id
-from .limits import DEFAULT_LIMITS, Limits, too_large
-from .readers import (
+from llamaindex_kb.ids import validate_knowledge_id
+from llamaindex_kb.ingestion.chunking import ChunkingConfig, ChunkResult, TooManyChunks, chunk
+from llamaindex_kb.ingestion.readers import (
     SUPPORTED_SUFFIXES,
     Checkpoint,
     format_bytes,
@@ -54,7 +51,17 @@ from .readers import (
     spool,
     upload_name,
 )
-from .stores import Change, KnowledgeBaseHandle, KnowledgeStore, as_store
+from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, too_large
+from llamaindex_kb.models.local import MAX_TOKENS, LocalMiniLMEmbedding, minilm_tokenizer
+from llamaindex_kb.models.spec import EmbeddingSpec
+from llamaindex_kb.stores.base import (
+    Change,
+    DocumentInfo,
+    KBManifest,
+    KnowledgeBaseHandle,
+    KnowledgeStore,
+    RetrievalMode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +292,12 @@ def embed_nodes(nodes: Sequence[BaseNode], embed_model: BaseEmbedding) -> np.nda
     return embed_texts([node.get_content() for node in nodes], embed_model)
 
 
-def current_kb(where: Path | KnowledgeStore, knowledge_id: str) -> KnowledgeBaseHandle | None:
-    return as_store(where).find(knowledge_id)
+def current_kb(store: KnowledgeStore, knowledge_id: str) -> KnowledgeBaseHandle | None:
+    return store.find(knowledge_id)
 
 
 def ingest_paths(
-    where: Path | KnowledgeStore,
+    store: KnowledgeStore,
     knowledge_id: str,
     paths: Sequence[Path],
     *,
@@ -310,7 +317,6 @@ def ingest_paths(
     validate_knowledge_id(knowledge_id, field="--kb", creating=False)
     files, skipped = scan(paths)
     summary = IngestSummary(knowledge_id=knowledge_id, skipped=skipped)
-    store = as_store(where)
     existing = store.find(knowledge_id)
     if existing is None:
         validate_knowledge_id(knowledge_id, field="--kb")
@@ -343,7 +349,7 @@ def ingest_paths(
 
 
 def apply_changes(
-    where: Path | KnowledgeStore,
+    store: KnowledgeStore,
     knowledge_id: str,
     sources: Sequence[Source],
     removed: set[str],
@@ -365,7 +371,6 @@ def apply_changes(
     stages and batches; what it raises ends the work before anything is written.
     """
     validate_knowledge_id(knowledge_id, creating=False)
-    store = as_store(where)
     existing = store.find(knowledge_id)
     if existing is None:
         validate_knowledge_id(knowledge_id)
@@ -467,7 +472,7 @@ def _check_metadata_copies(source: Source, nodes: int, limits: Limits) -> None:
 
 
 def publish_nodes(
-    where: Path | KnowledgeStore,
+    store: KnowledgeStore,
     knowledge_id: str,
     nodes: Sequence[TextNode],
     vectors: np.ndarray | None,
@@ -483,14 +488,13 @@ def publish_nodes(
                  for doc_id, count in counts.items()}
     manifest = KBManifest(knowledge_id=knowledge_id, embedding=embedding, retrieval_mode=mode,
                           documents=len(documents))
-    as_store(where).publish(knowledge_id, Change(
+    store.publish(knowledge_id, Change(
         manifest=manifest, chunks=list(nodes), vectors=vectors, documents=documents,
         replace=True))
 
 
-def delete_document(where: Path | KnowledgeStore, knowledge_id: str,
+def delete_document(store: KnowledgeStore, knowledge_id: str,
                     document_id: str) -> DocumentInfo:
-    store = as_store(where)
     info = store.open(knowledge_id).documents.get(document_id)
     if info is None:
         raise DocumentNotFound(
@@ -500,8 +504,8 @@ def delete_document(where: Path | KnowledgeStore, knowledge_id: str,
     return info
 
 
-def drop_knowledge_base(where: Path | KnowledgeStore, knowledge_id: str) -> None:
-    as_store(where).drop(knowledge_id)
+def drop_knowledge_base(store: KnowledgeStore, knowledge_id: str) -> None:
+    store.drop(knowledge_id)
 
 
 def _manifest_for(existing: KnowledgeBaseHandle | None, knowledge_id: str,

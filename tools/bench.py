@@ -37,12 +37,13 @@ import httpx
 import numpy as np
 from llama_index.core.schema import TextNode
 
-from .config import load_settings
-from .errors import ConfigurationError, KnowledgeBaseDamaged
-from .ingest import embed_nodes, publish_nodes
-from .layout import KBLayout
-from .library import Library
-from .stores import store_for
+from llamaindex_kb.config import load_settings
+from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseDamaged
+from llamaindex_kb.ingestion.pipeline import embed_nodes, publish_nodes
+from llamaindex_kb.retrieval import Library
+from llamaindex_kb.stores.local.layout import KBLayout
+from llamaindex_kb.stores.local.store import LocalStore
+from llamaindex_kb.stores.registry import store_for
 
 DEFAULT_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 SETS = ["scifact", "nfcorpus", "cmrc2018_retrieval"]
@@ -126,7 +127,7 @@ def build_dataset_kb(dataset: Dataset, target: Target) -> None:
     """One node per document, so a record's document_id is the BEIR corpus id."""
     if target.is_current(dataset.name):
         return
-    from .service import local_embedding
+    from llamaindex_kb.models.choose import local_embedding
 
     nodes = [
         TextNode(id_=str(uuid.uuid5(_NS, f"{dataset.name}/{doc_id}")), text=dataset.text(doc),
@@ -144,7 +145,7 @@ def build_dataset_kb(dataset: Dataset, target: Target) -> None:
 
 
 def _publish(target: Target, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray) -> None:
-    from .service import local_embedding
+    from llamaindex_kb.models.choose import local_embedding
 
     publish_nodes(target.store, knowledge_id, nodes, vectors, local_embedding().spec)
 
@@ -172,7 +173,7 @@ class InProcessServer:
     """The standalone server on a free port, in a thread of this process."""
 
     def __init__(self, target: Target, mode: str | None, api_key: str) -> None:
-        from .server import create_server
+        from llamaindex_kb.http.server import create_server
 
         settings = load_settings(target.settings(api_key=api_key, port=0, retrieval_mode=mode),
                                  environ={})
@@ -376,8 +377,8 @@ def ingestion(datasets_dir: Path, work_dir: Path, chunks: int) -> None:
     print(f"  {result.stdout.strip()}")
     shutil.rmtree(target, ignore_errors=True)
 
-    from .ingest import ingest_paths
-    from .service import local_embedding
+    from llamaindex_kb.ingestion.pipeline import ingest_paths
+    from llamaindex_kb.models.choose import local_embedding
 
     print("\n== ingestion with the local embedding model vs the raw model ==")
     small = work_dir / "ingest-embed-source"
@@ -388,9 +389,9 @@ def ingestion(datasets_dir: Path, work_dir: Path, chunks: int) -> None:
     model = local_embedding()
     # Both sides start warm: one-off costs (model session, sentence splitter, jieba)
     # are paid by a throwaway ingest, so the comparison is per-chunk work only.
-    ingest_paths(target, "warm-up", [sorted(small.glob("*.txt"))[0]], embed_model=model)
+    ingest_paths(LocalStore(target), "warm-up", [sorted(small.glob("*.txt"))[0]], embed_model=model)
     started = time.perf_counter()
-    summary = ingest_paths(target, "embed", [small], embed_model=model)
+    summary = ingest_paths(LocalStore(target), "embed", [small], embed_model=model)
     pipeline = time.perf_counter() - started
     texts = [n.get_content() for n in Library(load_settings({"data_dir": target}, environ={}))
              .open("embed").nodes(list(_node_ids(target, "embed")))]

@@ -18,10 +18,9 @@ from werkzeug import Request, Response
 from werkzeug import exceptions as werkzeug_exceptions
 from werkzeug.routing import Map, Rule
 
-from . import documents
-from .config import Settings
-from .contract import RetrievalResponse, error_body, parse_retrieval_request, read_body
-from .errors import (
+from llamaindex_kb.config import Settings
+from llamaindex_kb.contract import RetrievalResponse, error_body, parse_retrieval_request, read_body
+from llamaindex_kb.errors import (
     KBError,
     MethodNotAllowed,
     MissingAuthError,
@@ -30,9 +29,10 @@ from .errors import (
     WrongKeyError,
     error_status,
 )
-from .ingest import delete_document
-from .library import Library
-from .models import Models
+from llamaindex_kb.http import upload as documents
+from llamaindex_kb.ingestion.pipeline import delete_document
+from llamaindex_kb.models.base import Models
+from llamaindex_kb.retrieval import Library
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,14 @@ from dify_plugin.entities.model.text_embedding import TextEmbeddingModelConfig
 from llama_index.core.base.embeddings.base import Embedding
 from pydantic import Field, PrivateAttr
 
-from .config import Settings
-from .embeddings import BlockingEmbedding, EmbeddingSpec
-from .errors import ConfigurationError, EmbeddingMismatchError, KBError, StoreUnavailableError
+from llamaindex_kb.config import Settings
+from llamaindex_kb.errors import (
+    ConfigurationError,
+    EmbeddingMismatchError,
+    KBError,
+    StoreUnavailableError,
+)
+from llamaindex_kb.models.spec import BlockingEmbedding, EmbeddingSpec
 
 SPEC_KIND = "dify"
 PROBE_TEXT = "dimension"

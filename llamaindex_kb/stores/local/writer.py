@@ -15,23 +15,23 @@ from llama_index.core.schema import BaseNode
 from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
 from llama_index.core.storage.docstore.utils import doc_to_json
 
-from .errors import DISK_FULL_ERRNOS, DiskFullError
-from .filters import MetadataTable
-from .keyword import KeywordIndex
-from .knowledge_base import (
+from llamaindex_kb.errors import DISK_FULL_ERRNOS, DiskFullError
+from llamaindex_kb.filters import MetadataTable
+from llamaindex_kb.keyword import KeywordIndex
+from llamaindex_kb.stores.base import DocumentInfo, KBManifest
+from llamaindex_kb.stores.local.docstore import SQLiteKVStore
+from llamaindex_kb.stores.local.layout import KBLayout
+from llamaindex_kb.stores.local.vectors import NumpyVectorStore, normalise
+from llamaindex_kb.stores.local.version import (
     DOCSTORE_FILE,
     DOCUMENT_IDS_FILE,
     KEYWORD_DIR,
     METADATA_FILE,
     NODE_IDS_FILE,
     VECTOR_DIR,
-    DocumentInfo,
-    KBManifest,
     write_documents,
+    write_manifest,
 )
-from .kvstore import SQLiteKVStore
-from .layout import KBLayout
-from .vector_store import NumpyVectorStore, normalise
 
 
 def write_version(
@@ -68,9 +68,8 @@ def write_version(
             store.persist(str(version / VECTOR_DIR))
         _store_nodes(version / DOCSTORE_FILE, [*nodes, *parents])
         write_documents(version, documents)
-        manifest.model_copy(
-            update={"chunks": len(nodes), "updated_at": time.time()}
-        ).write(version)
+        write_manifest(version, manifest.model_copy(
+            update={"chunks": len(nodes), "updated_at": time.time()}))
         layout.publish(version)
     except BaseException as exc:
         # Asked before the cleanup frees the space the failed write filled.

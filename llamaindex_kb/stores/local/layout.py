@@ -37,31 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidFieldError, shown
-
 MANIFEST_FILE = "manifest.json"
 
 _SAFE_DIR = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # The folder name of a hashed id. An id spelled like one is hashed too, so the direct
 # and the hashed name spaces never meet: two ids never share a folder.
 _HASHED_DIR = re.compile(r"kb-[0-9a-f]{24}")
-KB_ID_MAX = 200
-KB_ID_RULE = (
-    f"1 to {KB_ID_MAX} printable characters, without '/' (it could not be addressed in a "
-    "URL path), and not '.' or '..'"
-)
-
-
-def validate_knowledge_id(knowledge_id: str, field: str = "knowledge_id", *,
-                          creating: bool = True) -> str:
-    """Refuse, naming the rule, an id a knowledge base could be created under but then
-    not reached by every route (list, delete). An existing base keeps its id (``creating``
-    False): one made with '/' before this rule can still be changed from the CLI."""
-    unreachable = "/" in knowledge_id or knowledge_id in {".", ".."}
-    if (not knowledge_id or len(knowledge_id) > KB_ID_MAX or not knowledge_id.isprintable()
-            or (creating and unreachable)):
-        raise InvalidFieldError(field, f"must be {KB_ID_RULE}; got {shown(knowledge_id)}")
-    return knowledge_id
 
 
 def kb_dir_name(knowledge_id: str) -> str:

@@ -37,16 +37,16 @@ from waitress.utilities import (
 )
 from werkzeug import Request, Response
 
-from . import KBError, KnowledgeAPI, Settings, api_for, library_for
-from .api import json_response, route_path
-from .errors import (
+from llamaindex_kb import KBError, KnowledgeAPI, Settings, api_for, library_for
+from llamaindex_kb.errors import (
     InvalidFieldError,
     MalformedBodyError,
     MethodNotAllowed,
     PayloadTooLargeError,
     StoreUnavailableError,
 )
-from .limits import MiB, over_limit
+from llamaindex_kb.http.app import json_response, route_path
+from llamaindex_kb.limits import MiB, over_limit
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("llamaindex_kb.access")

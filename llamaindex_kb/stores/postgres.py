@@ -59,21 +59,10 @@ from psycopg import pq, sql
 from psycopg.adapt import Dumper
 from psycopg.types.json import Json, Jsonb
 
-from .candidate_search import (
-    Candidates,
-    KeywordRanking,
-    first_lookup,
-    first_window,
-    retrieve,
-)
-from .config import Settings
-from .errors import (
-    ConfigurationError,
-    KnowledgeBaseNotFound,
-    StoreUnavailableError,
-)
-from .filters import sql_prefilter
-from .keyword import (
+from llamaindex_kb.config import Settings
+from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
+from llamaindex_kb.filters import sql_prefilter
+from llamaindex_kb.keyword import (
     ANALYZER_VERSION,
     Postings,
     TermWeights,
@@ -82,16 +71,25 @@ from .keyword import (
     term_weights,
     tokenize,
 )
-from .knowledge_base import (
-    CHILDREN_PER_PARENT,
+from llamaindex_kb.lru import LRU
+from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
+from llamaindex_kb.scoring import CHILDREN_PER_PARENT
+from llamaindex_kb.stores.base import (
+    Change,
     DocumentInfo,
+    FindingStore,
     KBManifest,
+    Published,
     QueryPlan,
     query_embedding,
 )
-from .lru import LRU
-from .redaction import redact_text, redact_url, url_secrets
-from .stores import Change, FindingStore, Published, register
+from llamaindex_kb.stores.exact_topk import (
+    Candidates,
+    KeywordRanking,
+    first_lookup,
+    first_window,
+    retrieve,
+)
 
 CONNECT_TIMEOUT_S = 2  # libpq's minimum
 DEADLINE_S = 4.0  # connecting, retries included; and every reader statement
@@ -159,8 +157,7 @@ class _Base:
         return sql.Identifier(f"llamaindex_kb_postings_{self.id}")
 
 
-@register("postgresql", "postgres")
-def _factory(url: str, settings: Settings) -> PostgresStore:
+def from_url(url: str, settings: Settings) -> PostgresStore:
     return PostgresStore(url)
 
 

@@ -78,25 +78,32 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from .candidate_search import Candidates, KeywordRanking, retrieve
-from .config import Settings
-from .errors import ConfigurationError, KBError, KnowledgeBaseNotFound, StoreUnavailableError
-from .filters import to_metadata_filters
-from .keyword import (
+from llamaindex_kb.config import Settings
+from llamaindex_kb.errors import (
+    ConfigurationError,
+    KBError,
+    KnowledgeBaseNotFound,
+    StoreUnavailableError,
+)
+from llamaindex_kb.filters import to_metadata_filters
+from llamaindex_kb.keyword import (
     ANALYZER_VERSION,
     Postings,
     best_term_weights,
     score_postings,
     tokenize,
 )
-from .knowledge_base import (
+from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
+from llamaindex_kb.stores.base import (
+    Change,
     DocumentInfo,
+    FindingStore,
     KBManifest,
+    Published,
     QueryPlan,
     query_embedding,
 )
-from .redaction import redact_text, redact_url, url_secrets
-from .stores import Change, FindingStore, Published, register
+from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, retrieve
 
 TIMEOUT_S = 4  # every request to a server
 RETRY_S = 2.0  # how long a read keeps retrying a transient failure
@@ -116,8 +123,7 @@ _MAJORITY = models.ReadConsistencyType.MAJORITY
 log = logging.getLogger(__name__)
 
 
-@register("qdrant", "http", "https")
-def _factory(url: str, settings: Settings) -> QdrantStore:
+def from_url(url: str, settings: Settings) -> QdrantStore:
     key = settings.store_api_key
     return QdrantStore(url, api_key=key.get_secret_value() if key is not None else None)
 

@@ -22,7 +22,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryResult,
 )
 
-from .layout import read_array
+from llamaindex_kb.stores.local.layout import read_array
 
 VECTORS_FILE = "vectors.npy"
 IDS_FILE = "vector_ids.npy"

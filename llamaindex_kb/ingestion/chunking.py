@@ -63,7 +63,7 @@ from llama_index.core.schema import (
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .embeddings import minilm_tokenizer
+from llamaindex_kb.models.local import minilm_tokenizer
 
 Tokenizer = Callable[[str], Sequence[int]]
 # Called between pieces of work; whatever it raises stops the chunking and passes through.

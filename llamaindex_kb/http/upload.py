@@ -23,10 +23,11 @@ from pydantic import ValidationError
 from werkzeug import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .chunking import ChunkingConfig
-from .contract import check_storable, parse_json_object
-from .errors import InvalidFieldError, MalformedBodyError, ServerBusyError, shown
-from .ingest import (
+from llamaindex_kb.contract import check_storable, parse_json_object
+from llamaindex_kb.errors import InvalidFieldError, MalformedBodyError, ServerBusyError, shown
+from llamaindex_kb.ids import validate_knowledge_id
+from llamaindex_kb.ingestion.chunking import ChunkingConfig
+from llamaindex_kb.ingestion.pipeline import (
     Cancelled,
     IngestSummary,
     Source,
@@ -36,12 +37,10 @@ from .ingest import (
     text_source,
     upload_source,
 )
-from .knowledge_base import DocumentInfo
-from .layout import validate_knowledge_id
-from .limits import DEFAULT_LIMITS, Limits, MiB, too_large
-from .models import Models
-from .readers import JSON_VALUE_COST, Checkpoint, format_bytes, upload_name
-from .stores import KnowledgeStore
+from llamaindex_kb.ingestion.readers import JSON_VALUE_COST, Checkpoint, format_bytes, upload_name
+from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, MiB, too_large
+from llamaindex_kb.models.base import Models
+from llamaindex_kb.stores.base import DocumentInfo, KnowledgeStore
 
 # The Dify plugin daemon silently cuts request bodies at 10 MiB.
 DAEMON_BODY_LIMIT = 10 * MiB

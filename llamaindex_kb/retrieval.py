@@ -11,12 +11,17 @@ from typing import Any
 
 from llama_index.core.schema import NodeWithScore
 
-from .config import Settings
-from .contract import Record, RetrievalRequest
-from .knowledge_base import DocumentInfo, KBManifest, QueryPlan
-from .models import Models
-from .rerank import candidate_count, rerank_hits
-from .stores import KnowledgeBaseHandle, KnowledgeStore, store_for
+from llamaindex_kb.config import Settings
+from llamaindex_kb.contract import Record, RetrievalRequest
+from llamaindex_kb.models.base import Models, Reranker
+from llamaindex_kb.stores.base import (
+    DocumentInfo,
+    KBManifest,
+    KnowledgeBaseHandle,
+    KnowledgeStore,
+    QueryPlan,
+)
+from llamaindex_kb.stores.registry import store_for
 
 DEMO_KB = "demo"
 DEMO_SOURCE = Path(__file__).parent / "demo"
@@ -74,3 +79,26 @@ def to_record(hit: NodeWithScore) -> Record:
         metadata=metadata,
     )
 
+
+CANDIDATE_FACTOR = 3
+
+
+MIN_CANDIDATES = 20
+
+
+def candidate_count(top_k: int) -> int:
+    return max(top_k * CANDIDATE_FACTOR, MIN_CANDIDATES)
+
+
+def rerank_hits(
+    reranker: Reranker, query: str, hits: list[NodeWithScore], top_k: int, threshold: float
+) -> list[NodeWithScore]:
+    if not hits:
+        return []
+    ranked = reranker.rerank(query, [hit.node.get_content() for hit in hits], top_k)
+    scored = [
+        NodeWithScore(node=hits[index].node, score=min(1.0, max(0.0, float(score))))
+        for index, score in ranked
+    ]
+    scored.sort(key=lambda hit: -(hit.score or 0.0))
+    return [hit for hit in scored if (hit.score or 0.0) >= threshold and hit.score][:top_k]

@@ -19,42 +19,42 @@ import contextlib
 import json
 import os
 import sqlite3
-import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
 from llama_index.core.storage.docstore.utils import json_to_doc
-from pydantic import BaseModel, ConfigDict, Field
 
-from .embeddings import EmbeddingSpec
-from .errors import (
+from llamaindex_kb.errors import (
     OUT_OF_RESOURCES_MESSAGE,
     ConfigurationError,
-    EmbeddingMismatchError,
-    InvalidFieldError,
     KBError,
     KnowledgeBaseDamaged,
     KnowledgeBaseNotFound,
     StoreUnavailableError,
     out_of_resources,
 )
-from .filters import MetadataCondition, MetadataTable
-from .keyword import KeywordIndex
-from .kvstore import SQLiteKVStore
-from .layout import MANIFEST_FILE, hold_version, read_array
-from .vector_store import NumpyVectorStore, top_rows
-
-# A score of 0 means "no relation": such chunks are never returned.
-TINY_SCORE = float(np.finfo(np.float32).tiny)
-
-RetrievalMode = Literal["vector", "keyword", "hybrid"]
+from llamaindex_kb.filters import MetadataTable
+from llamaindex_kb.keyword import KeywordIndex
+from llamaindex_kb.scoring import TINY_SCORE, best_parents, parent_id
+from llamaindex_kb.stores.base import (
+    FORMAT_VERSION,
+    DocumentInfo,
+    KBManifest,
+    QueryPlan,
+    RetrievalMode,
+    check_embedding,
+    effective_mode,
+    embed_query,
+)
+from llamaindex_kb.stores.local.docstore import SQLiteKVStore
+from llamaindex_kb.stores.local.layout import MANIFEST_FILE, hold_version, read_array
+from llamaindex_kb.stores.local.vectors import NumpyVectorStore, top_rows
 
 DOCSTORE_FILE = "docstore.sqlite"
 KEYWORD_DIR = "keyword"
@@ -63,66 +63,19 @@ METADATA_FILE = "metadata.json"
 NODE_IDS_FILE = "node_ids.npy"
 DOCUMENTS_FILE = "documents.json"
 DOCUMENT_IDS_FILE = "document_ids.npy"
-FORMAT_VERSION = 2
 
 
-class KBManifest(BaseModel):
-    """How a knowledge base version was built; written once, next to its indices."""
-
-    model_config = ConfigDict(frozen=True)
-
-    format: int = FORMAT_VERSION
-    knowledge_id: str
-    created_at: float = Field(default_factory=time.time)
-    updated_at: float = Field(default_factory=time.time)
-    embedding: EmbeddingSpec | None = None
-    retrieval_mode: RetrievalMode = "hybrid"
-    semantic_weight: float = Field(default=0.7, ge=0.0, le=1.0)
-    chunking: dict[str, Any] = Field(default_factory=dict)
-    documents: int = 0
-    chunks: int = 0
-
-    def write(self, version_dir: Path) -> None:
-        (version_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2))
-
-    @classmethod
-    def read(cls, version_dir: Path) -> KBManifest:
-        return cls.model_validate(json.loads((version_dir / MANIFEST_FILE).read_text()))
+def read_manifest(version_dir: Path) -> KBManifest:
+    return KBManifest.model_validate(json.loads((version_dir / MANIFEST_FILE).read_text()))
 
 
-class DocumentInfo(BaseModel):
-    """What a knowledge base records about one document (listing, re-ingest, delete)."""
-
-    document_id: str
-    title: str
-    file_name: str | None = None
-    file_path: str | None = None
-    file_type: str | None = None
-    file_size: int | None = None
-    last_modified: int | None = None
-    content_hash: str = ""
-    source_root: str | None = None
-    chunks: int = 0
-    parent_ids: list[str] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+def write_manifest(version_dir: Path, manifest: KBManifest) -> None:
+    (version_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
 
 
 def write_documents(version_dir: Path, documents: dict[str, DocumentInfo]) -> None:
     payload = {doc_id: info.model_dump() for doc_id, info in documents.items()}
     (version_dir / DOCUMENTS_FILE).write_text(json.dumps(payload, ensure_ascii=False))
-
-
-class QueryPlan(BaseModel):
-    """What one retrieval asks of a knowledge base."""
-
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
-    query: str
-    top_k: int
-    score_threshold: float = 0.0
-    condition: MetadataCondition | None = None
-    mode: RetrievalMode | None = None
-    semantic_weight: float | None = None
 
 
 class KnowledgeBase:
@@ -333,83 +286,3 @@ def _reason(exc: BaseException) -> str:
     return reason if len(reason) <= 200 else reason[:200] + "…"
 
 
-def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode, float]:
-    """The retrieval mode and semantic weight a query runs with: the plan's, else as built."""
-    mode = plan.mode or manifest.retrieval_mode
-    weight = manifest.semantic_weight if plan.semantic_weight is None else plan.semantic_weight
-    return mode, weight
-
-
-def parent_id(child: BaseNode) -> str:
-    """The parent a child chunk stands for (parent-child chunking); itself otherwise."""
-    return str(child.metadata.get("parent_id", child.node_id))
-
-
-# Children asked for per parent wanted, at first: several children may share a parent.
-CHILDREN_PER_PARENT = 4
-
-
-def best_parents(ranked: Callable[[int], list[tuple[int, float]]],
-                 parent_ids: Callable[[list[int]], list[str]], top_k: int
-                 ) -> list[tuple[str, float]]:
-    """Parent-child chunking: children are matched, each parent returned once with its
-    best child's score. Several children may share a parent, so children are asked for
-    in growing batches until ``top_k`` parents are found or no more children pass."""
-    want = top_k * CHILDREN_PER_PARENT
-    while True:
-        children = ranked(want)
-        best: dict[str, float] = {}
-        for parent, (_, score) in zip(parent_ids([row for row, _ in children]), children,
-                                      strict=True):
-            best.setdefault(parent, score)
-        if len(best) >= top_k or len(children) < want:
-            return list(best.items())[:top_k]
-        want *= 4
-
-
-def fused_weight(plan: QueryPlan, manifest: KBManifest) -> float:
-    """The semantic weight of the fused score: vector mode 1, keyword mode 0."""
-    mode, weight = effective_mode(plan, manifest)
-    return {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
-
-
-def query_embedding(plan: QueryPlan, manifest: KBManifest,
-                    embed_model: BaseEmbedding | None) -> tuple[float, np.ndarray | None]:
-    """For stores that search elsewhere: the semantic weight of the fused score (vector
-    mode 1, keyword mode 0) and the query's embedding, when that weight needs one."""
-    mode, _ = effective_mode(plan, manifest)
-    weight = fused_weight(plan, manifest)
-    if weight == 0.0:
-        return weight, None
-    check_embedding(manifest, mode, embed_model)
-    assert embed_model is not None
-    return weight, np.asarray(embed_query(embed_model, plan.query), dtype=np.float64)
-
-
-def embed_query(embed_model: BaseEmbedding, query: str) -> np.ndarray | list[float]:
-    """The query's embedding, by the model's fast path when it has one."""
-    fast = getattr(embed_model, "query_vector", None)
-    return fast(query) if fast is not None else embed_model.get_query_embedding(query)
-
-
-def check_embedding(manifest: KBManifest, mode: RetrievalMode,
-                    embed_model: BaseEmbedding | None) -> None:
-    """Refuse semantic search on a keyword-only base or with another embedding model.
-
-    Every store calls this before embedding a query, so all give the same errors.
-    """
-    built_with = manifest.embedding
-    if built_with is None:
-        raise InvalidFieldError(
-            "retrieval_mode",
-            f"knowledge base {manifest.knowledge_id!r} was built for keyword search "
-            f"only; {mode} retrieval needs it rebuilt with an embedding model",
-        )
-    spec = getattr(embed_model, "spec", None)
-    if embed_model is None or spec is None or spec.id != built_with.id:
-        using = spec.id if spec is not None else "none"
-        raise EmbeddingMismatchError(
-            f"knowledge base {manifest.knowledge_id!r} was built with embedding "
-            f"{built_with.id}, but this server is configured with {using}: configure "
-            "the same embedding model or rebuild the knowledge base"
-        )

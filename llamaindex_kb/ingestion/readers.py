@@ -61,8 +61,8 @@ from xml.parsers import expat
 from llama_index.core.readers.base import BaseReader
 from llama_index.core.schema import Document
 
-from .errors import InvalidFieldError, KBError
-from .limits import DEFAULT_LIMITS, Limits, MiB, too_large
+from llamaindex_kb.errors import InvalidFieldError, KBError
+from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, MiB, too_large
 
 _FIELD = "file"
 # Keeps a library's error text readable in an API answer.

@@ -33,10 +33,10 @@ import numpy as np
 from llama_index.core.base.embeddings.base import Embedding
 from pydantic import Field, PrivateAttr, SecretStr
 
-from .config import Settings
-from .embeddings import BlockingEmbedding, EmbeddingSpec
-from .errors import ConfigurationError, EmbeddingMismatchError, StoreUnavailableError
-from .redaction import redact_text, redact_url, url_secrets
+from llamaindex_kb.config import Settings
+from llamaindex_kb.errors import ConfigurationError, EmbeddingMismatchError, StoreUnavailableError
+from llamaindex_kb.models.spec import BlockingEmbedding, EmbeddingSpec
+from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 
 SPEC_KIND = "openai"
 PROBE_TEXT = "dimension"

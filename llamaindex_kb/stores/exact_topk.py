@@ -24,8 +24,9 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from llama_index.core.schema import BaseNode, NodeWithScore
 
-from .filters import matches
-from .knowledge_base import TINY_SCORE, QueryPlan, best_parents, parent_id
+from llamaindex_kb.filters import matches
+from llamaindex_kb.scoring import TINY_SCORE, best_parents, parent_id
+from llamaindex_kb.stores.base import QueryPlan
 
 Metadata = dict[str, Any]
 

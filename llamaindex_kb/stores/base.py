@@ -1,0 +1,226 @@
+"""The store contract and the domain types every store shares."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import BaseNode, NodeWithScore
+from pydantic import BaseModel, ConfigDict, Field
+
+from llamaindex_kb.errors import (
+    EmbeddingMismatchError,
+    InvalidFieldError,
+    KnowledgeBaseNotFound,
+)
+from llamaindex_kb.filters import MetadataCondition
+from llamaindex_kb.models.spec import EmbeddingSpec
+
+
+@runtime_checkable
+class KnowledgeBaseHandle(Protocol):
+    """One knowledge base opened for reading."""
+
+    @property
+    def manifest(self) -> KBManifest: ...
+
+    @property
+    def documents(self) -> dict[str, DocumentInfo]: ...
+
+    def __len__(self) -> int: ...
+
+    def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
+                 ) -> list[NodeWithScore]: ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """One atomic edit of a knowledge base: what ingest, upload and delete produce.
+
+    ``chunks[i]`` has embedding ``vectors[i]`` (None for a keyword-only base).
+    ``documents`` are added or replace their namesakes (whose old chunks and parents
+    go); ``removed`` documents go too. With ``replace``, everything else goes.
+    ``manifest`` describes the base after the change; the store fills in the counts.
+    """
+
+    manifest: KBManifest
+    chunks: Sequence[BaseNode] = ()
+    vectors: np.ndarray | None = None
+    documents: dict[str, DocumentInfo] = field(default_factory=dict)
+    parents: Sequence[BaseNode] = ()
+    removed: frozenset[str] = frozenset()
+    replace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vectors is not None and self.vectors.shape[0] != len(self.chunks):
+            raise ValueError(f"{self.vectors.shape[0]} vectors for {len(self.chunks)} chunks")
+
+
+@dataclass(frozen=True)
+class Published:
+    """The knowledge base after a change."""
+
+    documents: int
+    chunks: int
+    removed: int  # how many of ``Change.removed`` were there
+
+
+class KnowledgeStore(Protocol):
+    """Knowledge bases by ``knowledge_id``; safe to share between threads."""
+
+    url: str
+    # Whether a query's search runs in this process (the embedded store's numpy scans,
+    # Qdrant's local mode) rather than in a server. Only for a server does the local
+    # embedding model spin its threads (LocalMiniLMEmbedding.spin_threads): beside an
+    # in-process scan, spinning measured no faster.
+    searches_in_process: bool
+
+    def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
+        """The live knowledge base; ``KnowledgeBaseNotFound`` if there is none."""
+        ...
+
+    def find(self, knowledge_id: str) -> KnowledgeBaseHandle | None: ...
+
+    def manifests(self) -> list[KBManifest]:
+        """Every knowledge base's manifest, sorted by ``knowledge_id``."""
+        ...
+
+    def publish(self, knowledge_id: str, change: Change) -> Published:
+        """Apply ``change`` atomically: readers see all of it or none of it.
+
+        Writers of one knowledge base are serialised (across processes too).
+        """
+        ...
+
+    def drop(self, knowledge_id: str) -> None:
+        """Delete a whole knowledge base; ``KnowledgeBaseNotFound`` if there is none."""
+        ...
+
+
+class FindingStore(ABC):
+    """``open`` for stores that implement ``find``: the knowledge base, or a 404."""
+
+    @abstractmethod
+    def find(self, knowledge_id: str) -> KnowledgeBaseHandle | None: ...
+
+    def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
+        found = self.find(knowledge_id)
+        if found is None:
+            raise KnowledgeBaseNotFound.missing(knowledge_id)
+        return found
+
+
+RetrievalMode = Literal["vector", "keyword", "hybrid"]
+RETRIEVAL_MODES: tuple[RetrievalMode, ...] = ("vector", "keyword", "hybrid")
+
+# The layout of a knowledge base's data this version writes and reads; a base of
+# another format is refused with a message saying to rebuild it.
+FORMAT_VERSION = 2
+
+
+class KBManifest(BaseModel):
+    """How a knowledge base version was built; written once, next to its indices."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: int = FORMAT_VERSION
+    knowledge_id: str
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    embedding: EmbeddingSpec | None = None
+    retrieval_mode: RetrievalMode = "hybrid"
+    semantic_weight: float = Field(default=0.7, ge=0.0, le=1.0)
+    chunking: dict[str, Any] = Field(default_factory=dict)
+    documents: int = 0
+    chunks: int = 0
+
+
+
+class DocumentInfo(BaseModel):
+    """What a knowledge base records about one document (listing, re-ingest, delete)."""
+
+    document_id: str
+    title: str
+    file_name: str | None = None
+    file_path: str | None = None
+    file_type: str | None = None
+    file_size: int | None = None
+    last_modified: int | None = None
+    content_hash: str = ""
+    source_root: str | None = None
+    chunks: int = 0
+    parent_ids: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class QueryPlan(BaseModel):
+    """What one retrieval asks of a knowledge base."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    query: str
+    top_k: int
+    score_threshold: float = 0.0
+    condition: MetadataCondition | None = None
+    mode: RetrievalMode | None = None
+    semantic_weight: float | None = None
+
+
+def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode, float]:
+    """The retrieval mode and semantic weight a query runs with: the plan's, else as built."""
+    mode = plan.mode or manifest.retrieval_mode
+    weight = manifest.semantic_weight if plan.semantic_weight is None else plan.semantic_weight
+    return mode, weight
+
+
+def fused_weight(plan: QueryPlan, manifest: KBManifest) -> float:
+    """The semantic weight of the fused score: vector mode 1, keyword mode 0."""
+    mode, weight = effective_mode(plan, manifest)
+    return {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
+
+
+def query_embedding(plan: QueryPlan, manifest: KBManifest,
+                    embed_model: BaseEmbedding | None) -> tuple[float, np.ndarray | None]:
+    """For stores that search elsewhere: the semantic weight of the fused score (vector
+    mode 1, keyword mode 0) and the query's embedding, when that weight needs one."""
+    mode, _ = effective_mode(plan, manifest)
+    weight = fused_weight(plan, manifest)
+    if weight == 0.0:
+        return weight, None
+    check_embedding(manifest, mode, embed_model)
+    assert embed_model is not None
+    return weight, np.asarray(embed_query(embed_model, plan.query), dtype=np.float64)
+
+
+def embed_query(embed_model: BaseEmbedding, query: str) -> np.ndarray | list[float]:
+    """The query's embedding, by the model's fast path when it has one."""
+    fast = getattr(embed_model, "query_vector", None)
+    return fast(query) if fast is not None else embed_model.get_query_embedding(query)
+
+
+def check_embedding(manifest: KBManifest, mode: RetrievalMode,
+                    embed_model: BaseEmbedding | None) -> None:
+    """Refuse semantic search on a keyword-only base or with another embedding model.
+
+    Every store calls this before embedding a query, so all give the same errors.
+    """
+    built_with = manifest.embedding
+    if built_with is None:
+        raise InvalidFieldError(
+            "retrieval_mode",
+            f"knowledge base {manifest.knowledge_id!r} was built for keyword search "
+            f"only; {mode} retrieval needs it rebuilt with an embedding model",
+        )
+    spec = getattr(embed_model, "spec", None)
+    if embed_model is None or spec is None or spec.id != built_with.id:
+        using = spec.id if spec is not None else "none"
+        raise EmbeddingMismatchError(
+            f"knowledge base {manifest.knowledge_id!r} was built with embedding "
+            f"{built_with.id}, but this server is configured with {using}: configure "
+            "the same embedding model or rebuild the knowledge base"
+        )
