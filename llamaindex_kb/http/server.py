@@ -37,16 +37,18 @@ from waitress.utilities import (
 )
 from werkzeug import Request, Response
 
-from llamaindex_kb import KBError, KnowledgeAPI, Settings, api_for, library_for
+from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
     InvalidFieldError,
+    KBError,
     MalformedBodyError,
     MethodNotAllowed,
     PayloadTooLargeError,
     StoreUnavailableError,
 )
-from llamaindex_kb.http.app import json_response, route_path
+from llamaindex_kb.http.app import KnowledgeAPI, json_response, route_path
 from llamaindex_kb.limits import MiB, over_limit
+from llamaindex_kb.service import api_for, library_for
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("llamaindex_kb.access")
