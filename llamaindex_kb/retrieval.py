@@ -14,6 +14,7 @@ from llama_index.core.schema import NodeWithScore
 from llamaindex_kb.config import Settings
 from llamaindex_kb.contract import Record, RetrievalRequest
 from llamaindex_kb.models.base import Models, Reranker
+from llamaindex_kb.scoring import clip, lowest_returned
 from llamaindex_kb.stores.base import (
     DocumentInfo,
     KBManifest,
@@ -74,7 +75,7 @@ def to_record(hit: NodeWithScore) -> Record:
     title = metadata.get("title") or metadata.get("file_name") or str(metadata["document_id"])
     return Record(
         content=hit.node.get_content(),
-        score=min(1.0, max(0.0, float(hit.score or 0.0))),
+        score=clip(hit.score),
         title=str(title),
         metadata=metadata,
     )
@@ -96,9 +97,7 @@ def rerank_hits(
     if not hits:
         return []
     ranked = reranker.rerank(query, [hit.node.get_content() for hit in hits], top_k)
-    scored = [
-        NodeWithScore(node=hits[index].node, score=min(1.0, max(0.0, float(score))))
-        for index, score in ranked
-    ]
+    scored = [NodeWithScore(node=hits[index].node, score=clip(score)) for index, score in ranked]
     scored.sort(key=lambda hit: -(hit.score or 0.0))
-    return [hit for hit in scored if (hit.score or 0.0) >= threshold and hit.score][:top_k]
+    floor = lowest_returned(threshold)
+    return [hit for hit in scored if (hit.score or 0.0) >= floor][:top_k]

@@ -20,6 +20,7 @@ from llamaindex_kb.errors import (
 )
 from llamaindex_kb.filters import MetadataCondition
 from llamaindex_kb.models.spec import EmbeddingSpec
+from llamaindex_kb.scoring import semantic_weight
 
 
 @runtime_checkable
@@ -180,8 +181,7 @@ def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode
 
 def fused_weight(plan: QueryPlan, manifest: KBManifest) -> float:
     """The semantic weight of the fused score: vector mode 1, keyword mode 0."""
-    mode, weight = effective_mode(plan, manifest)
-    return {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
+    return semantic_weight(*effective_mode(plan, manifest))
 
 
 def query_embedding(plan: QueryPlan, manifest: KBManifest,

@@ -25,7 +25,13 @@ import numpy as np
 from llama_index.core.schema import BaseNode, NodeWithScore
 
 from llamaindex_kb.filters import matches
-from llamaindex_kb.scoring import TINY_SCORE, best_parents, parent_id
+from llamaindex_kb.scoring import (
+    best_parents,
+    clip_similarities,
+    fuse,
+    lowest_returned,
+    parent_id,
+)
 from llamaindex_kb.stores.base import QueryPlan
 
 Metadata = dict[str, Any]
@@ -35,7 +41,7 @@ class Candidates(NamedTuple):
     """Chunks a store found for one query, as arrays: the search's scoring is numpy work."""
 
     rows: np.ndarray  # int64
-    similarity: np.ndarray  # float64, clipped to [0, 1]; 0 without a query vector
+    similarity: np.ndarray  # float64, on the score scale (clipped); 0 without a query vector
     metadata: list[Metadata] | None  # None when nobody reads it: the plan has no condition
 
     @classmethod
@@ -43,7 +49,7 @@ class Candidates(NamedTuple):
            with_metadata: bool) -> Candidates:
         """From (row, similarity, metadata) tuples, as a database cursor returns them."""
         rows, similarity, metadata = tuple(zip(*found, strict=True)) or ((), (), ())
-        return cls(np.array(rows, np.int64), np.array(similarity, np.float64),
+        return cls(np.array(rows, np.int64), clip_similarities(np.array(similarity, np.float64)),
                    [m or {} for m in metadata] if with_metadata else None)
 
     def where(self, keep: np.ndarray) -> Candidates:
@@ -157,7 +163,7 @@ def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: 
          want: int) -> list[tuple[int, float]]:
     """The best ``want`` (row, score) passing the condition and the threshold, best
     first; fewer only when no more chunks pass."""
-    floor = max(plan.score_threshold, TINY_SCORE)
+    floor = lowest_returned(plan.score_threshold)
     known: set[int] = set()
     # Every chunk seen that passes, unordered: a few hundred at most, so sorting them
     # whenever the cutoff is needed costs less than keeping a heap in Python.
@@ -168,7 +174,7 @@ def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: 
         rows = found.rows.tolist()
         keep = np.array([row not in known for row in rows], dtype=bool)
         known.update(rows)
-        scores = weight * found.similarity + (1.0 - weight) * keyword.scores_of(found.rows)
+        scores = fuse(found.similarity, keyword.scores_of(found.rows), weight)
         keep &= scores >= floor
         if plan.condition is not None:
             assert found.metadata is not None, "a condition needs the candidates' metadata"

@@ -73,6 +73,7 @@ from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
 from llamaindex_kb.filters import _tests, matches, to_metadata_filters
 from llamaindex_kb.redaction import redact_text
+from llamaindex_kb.scoring import clip, lowest_returned
 from llamaindex_kb.stores.base import Change, DocumentInfo, KBManifest, Published, QueryPlan
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,7 @@ class LlamaCloudIndex:
         hits: list[NodeWithScore] = []
         rejected = 0
         seen: set[str] = set()
-        floor = max(plan.score_threshold, 1e-12)  # a score of 0 means no relation: never shown
+        floor = lowest_returned(plan.score_threshold)
         for position, item in enumerate(nodes):
             if not isinstance(item, dict) or not isinstance(item.get("node"), dict):
                 continue
@@ -356,7 +357,7 @@ class LlamaCloudIndex:
             if plan.condition is not None and not matches(plan.condition, node.metadata):
                 rejected += 1
                 continue
-            score = _clip(item.get("score"))
+            score = clip(item.get("score"))
             if score >= floor:
                 hits.append(NodeWithScore(node=node, score=score))
         return hits, rejected
@@ -399,15 +400,6 @@ def _text_node(raw: dict[str, Any], position: int) -> TextNode:
     text = raw.get("text")
     return TextNode(id_=node_id, text=text if isinstance(text, str) else "", metadata=metadata)
 
-
-def _clip(score: Any) -> float:
-    try:
-        value = float(score)
-    except (TypeError, ValueError):
-        return 0.0
-    if value != value:  # NaN
-        return 0.0
-    return min(1.0, max(0.0, value))
 
 
 def _pipeline_list(answer: Any) -> list[dict[str, Any]]:

@@ -101,8 +101,8 @@ STALE_AFTER_S = 5.0  # a pooled connection idle longer is tested before use
 _LOCK_CLASS = "llamaindex_kb"
 _KEYWORD_FORMAT = 2  # 1: a row per occurrence (llamaindex_kb_terms_<id>)
 _POSTING = np.dtype([("row", "<i8"), ("tf", "<i4"), ("length", "<i4")])
-# Cosine similarity from pgvector's distance, clipped to [0, 1] like the embedded store's.
-_SIMILARITY = sql.SQL("greatest(0, least(1, 1 - distance))::float8")
+# Cosine similarity from pgvector's distance; Candidates puts it on the score scale.
+_SIMILARITY = sql.SQL("(1 - distance)::float8")
 
 _SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS vector;

@@ -587,7 +587,7 @@ class _Search:
             return 0.0
         stored = np.asarray(vector, np.float64)
         norm = float(np.linalg.norm(stored))
-        return _clip(float(stored @ self.query_vector) / norm) if norm else 0.0
+        return float(stored @ self.query_vector) / norm if norm else 0.0
 
     def nearest(self, n: int) -> Candidates:
         assert self.query_vector is not None, "a vector window needs a query vector"
@@ -596,7 +596,7 @@ class _Search:
             query_filter=self.filter, limit=n, with_payload=["metadata"]).points
         window = []
         for point in points:
-            row, similarity = int(point.id), _clip(point.score)
+            row, similarity = int(point.id), point.score
             self.similarity[row] = similarity
             metadata = self.payloads.setdefault(row, point.payload or {}).get("metadata")
             window.append((row, similarity, metadata))
@@ -847,10 +847,6 @@ def _qdrant_filter(filters: MetadataFilters | None) -> models.Filter | None:
     if filters.condition.value == "and":
         return models.Filter(must=conditions)
     return models.Filter(should=conditions)
-
-
-def _clip(similarity: float) -> float:
-    return min(1.0, max(0.0, float(similarity)))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -41,7 +41,14 @@ from llamaindex_kb.errors import (
 )
 from llamaindex_kb.filters import MetadataTable
 from llamaindex_kb.keyword import KeywordIndex
-from llamaindex_kb.scoring import TINY_SCORE, best_parents, parent_id
+from llamaindex_kb.scoring import (
+    best_parents,
+    clip_similarities,
+    fuse,
+    lowest_returned,
+    parent_id,
+    semantic_weight,
+)
 from llamaindex_kb.stores.base import (
     FORMAT_VERSION,
     DocumentInfo,
@@ -193,7 +200,7 @@ class KnowledgeBase:
         if len(self) == 0 or not plan.query.strip():
             return []
         scores = self._scores(plan.query, mode, weight, embed_model)
-        keep = scores >= max(plan.score_threshold, TINY_SCORE)
+        keep = scores >= lowest_returned(plan.score_threshold)
         if plan.condition is not None:
             keep &= self.metadata.mask(plan.condition)
         ranked = np.where(keep, scores, -np.inf)
@@ -239,16 +246,13 @@ class KnowledgeBase:
     def _scores(
         self, query: str, mode: RetrievalMode, weight: float, embed_model: BaseEmbedding | None
     ) -> np.ndarray:
-        if mode == "keyword" or (mode == "hybrid" and weight == 0.0):
+        weight = semantic_weight(mode, weight)
+        if weight == 0.0:
             return self.keyword.scores(query)
         semantic = self._semantic_scores(query, mode, embed_model)
-        if mode == "vector" or weight == 1.0:
+        if weight == 1.0:
             return semantic
-        # float32 throughout: at 100k rows every full-length temporary costs real time.
-        keyword = self.keyword.scores(query).astype(np.float32)
-        semantic *= np.float32(weight)
-        keyword *= np.float32(1.0 - weight)
-        return semantic + keyword
+        return fuse(semantic, self.keyword.scores(query), weight)
 
     def _semantic_scores(
         self, query: str, mode: RetrievalMode, embed_model: BaseEmbedding | None
@@ -256,7 +260,7 @@ class KnowledgeBase:
         check_embedding(self.manifest, mode, embed_model)
         assert self.vectors is not None and embed_model is not None
         embedding = embed_query(embed_model, query)
-        return np.clip(self.vectors.similarities(embedding), 0.0, 1.0, dtype=np.float32)
+        return clip_similarities(self.vectors.similarities(embedding), np.float32)
 
 
 # What reading a damaged file raises (json, pydantic and numpy errors are ValueErrors).
