@@ -1,16 +1,8 @@
 """One knowledge base version, opened read-only: the indices a query runs on.
 
 Row ``i`` means the same chunk in every index (vectors, keyword, metadata table,
-node ids), so a filter mask and both score vectors combine with plain numpy.
-
-Scores are absolute, in [0, 1], comparable across queries:
-
-* vector: cosine similarity of query and chunk embeddings, negatives clipped to 0;
-* keyword: BM25 divided by the query's attainable maximum (``keyword.py``);
-* hybrid: ``w · vector + (1 − w) · keyword`` with ``w`` the semantic weight
-  (Dify's "weight settings", default 0.7 / 0.3).
-
-A chunk with score 0 (no relation at all) is never returned.
+node ids), so a filter mask and both score vectors combine with plain numpy: every
+chunk is scored, by the policy in ``scoring.py``.
 """
 
 from __future__ import annotations
