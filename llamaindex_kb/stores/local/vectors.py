@@ -1,4 +1,4 @@
-"""An exact vector store for the embedded default.
+"""Exact vector search for the embedded store: one matrix of embeddings.
 
 Why not Chroma (architecture.md's first pick)? Measured on 2 cores: an exact
 float32 matrix product over 100k × 384 vectors takes a few milliseconds, so brute
@@ -11,16 +11,8 @@ filters are applied before ranking (no post-filter shortfall).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from llama_index.core.bridge.pydantic import PrivateAttr
-from llama_index.core.schema import BaseNode
-from llama_index.core.vector_stores.types import (
-    BasePydanticVectorStore,
-    VectorStoreQuery,
-    VectorStoreQueryResult,
-)
 
 from llamaindex_kb.stores.local.layout import read_array
 
@@ -45,44 +37,19 @@ def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
     return candidates[order][:k]
 
 
-class NumpyVectorStore(BasePydanticVectorStore):
-    """Unit-normalised embeddings in one matrix; cosine similarity by matrix product."""
+class VectorMatrix:
+    """A version's chunk embeddings: unit-normalised float32 rows, row i = chunk i;
+    cosine similarity with every row by one matrix product."""
 
-    stores_text: bool = False
-    flat_metadata: bool = False
-
-    _matrix: np.ndarray = PrivateAttr()
-    _ids: np.ndarray = PrivateAttr()
-
-    def __init__(self, matrix: np.ndarray | None = None, ids: np.ndarray | None = None) -> None:
-        super().__init__()
-        self._matrix = np.zeros((0, 0), dtype=np.float32) if matrix is None else matrix
-        self._ids = np.array([], dtype=str) if ids is None else ids
-
-    @property
-    def client(self) -> Any:
-        return None
+    def __init__(self, matrix: np.ndarray) -> None:
+        self._matrix = matrix
 
     @property
     def dimension(self) -> int:
         return int(self._matrix.shape[1]) if self._matrix.size else 0
 
     def __len__(self) -> int:
-        return int(self._ids.shape[0])
-
-    def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
-        if not nodes:
-            return []
-        rows = normalise(np.asarray([node.get_embedding() for node in nodes], dtype=np.float32))
-        ids = np.array([node.node_id for node in nodes])
-        self._matrix = rows if len(self) == 0 else np.vstack([self._matrix, rows])
-        self._ids = np.concatenate([self._ids, ids])
-        return ids.tolist()
-
-    def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
-        raise NotImplementedError(
-            "rows are addressed by position: rebuild the knowledge base version instead"
-        )
+        return int(self._matrix.shape[0])
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Copies of the given rows' vectors, e.g. to carry them into a new version."""
@@ -93,42 +60,24 @@ class NumpyVectorStore(BasePydanticVectorStore):
         query = normalise(np.asarray(embedding, dtype=np.float32)[None, :])[0]
         return self._matrix @ query
 
-    def query(
-        self, query: VectorStoreQuery, allowed: np.ndarray | None = None, **kwargs: Any
-    ) -> VectorStoreQueryResult:
-        if query.filters is not None:
-            raise ValueError("pass Dify metadata filters as an `allowed` row mask")
-        if query.query_embedding is None or len(self) == 0:
-            return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
-        scores = self.similarities(query.query_embedding)
-        if allowed is not None:
-            scores = np.where(allowed, scores, -np.inf)
-        rows = top_rows(scores, query.similarity_top_k)
-        return VectorStoreQueryResult(
-            similarities=scores[rows].tolist(), ids=self._ids[rows].tolist()
-        )
-
-    def persist(self, persist_path: str, fs: Any = None) -> None:
-        directory = Path(persist_path)
+    def save(self, directory: Path, ids: np.ndarray) -> None:
+        """The matrix, and beside it the row ids (the version's node ids) as every
+        version so far has written them; readers take the ids from the version."""
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / VECTORS_FILE, np.ascontiguousarray(self._matrix, dtype=np.float32))
-        np.save(directory / IDS_FILE, self._ids)
+        np.save(directory / IDS_FILE, ids)
 
     @classmethod
-    def from_persist_dir(cls, directory: Path, ids: np.ndarray | None = None
-                         ) -> NumpyVectorStore:
+    def load(cls, directory: Path, ids: np.ndarray) -> VectorMatrix:
         """Read into memory, not mapped: see ``layout.read_array``. ``ValueError`` if the
-        files are damaged or do not fit together. ``ids``: the row ids, when the caller
-        holds them already (a knowledge base's node ids), so they are not read twice."""
+        file is damaged or does not have one row per id of ``ids`` (the version's node ids)."""
         matrix = read_array(directory / VECTORS_FILE)
-        if ids is None:
-            ids = read_array(directory / IDS_FILE)
         if matrix.ndim != 2 or matrix.dtype != np.float32 or ids.shape != matrix.shape[:1]:
             raise ValueError(
                 f"{VECTORS_FILE} holds {matrix.dtype} {matrix.shape}, {IDS_FILE} {ids.shape}: "
                 "expected float32 rows, one per id"
             )
-        return cls(matrix=matrix, ids=ids)
+        return cls(matrix)
 
 
 def normalise(rows: np.ndarray) -> np.ndarray:

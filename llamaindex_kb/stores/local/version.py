@@ -53,7 +53,7 @@ from llamaindex_kb.stores.base import (
 )
 from llamaindex_kb.stores.local.docstore import SQLiteKVStore
 from llamaindex_kb.stores.local.layout import MANIFEST_FILE, hold_version, read_array
-from llamaindex_kb.stores.local.vectors import NumpyVectorStore, top_rows
+from llamaindex_kb.stores.local.vectors import VectorMatrix, top_rows
 
 DOCSTORE_FILE = "docstore.sqlite"
 KEYWORD_DIR = "keyword"
@@ -126,7 +126,7 @@ class KnowledgeBase:
             self.keyword = KeywordIndex.load(version_dir / KEYWORD_DIR)
         with self._reading(VECTOR_DIR):
             self.vectors = (
-                NumpyVectorStore.from_persist_dir(version_dir / VECTOR_DIR, ids=self.node_ids)
+                VectorMatrix.load(version_dir / VECTOR_DIR, self.node_ids)
                 if self.manifest.embedding is not None
                 else None
             )

@@ -21,7 +21,7 @@ from llamaindex_kb.keyword import KeywordIndex
 from llamaindex_kb.stores.base import DocumentInfo, KBManifest
 from llamaindex_kb.stores.local.docstore import SQLiteKVStore
 from llamaindex_kb.stores.local.layout import KBLayout
-from llamaindex_kb.stores.local.vectors import NumpyVectorStore, normalise
+from llamaindex_kb.stores.local.vectors import VectorMatrix, normalise
 from llamaindex_kb.stores.local.version import (
     DOCSTORE_FILE,
     DOCUMENT_IDS_FILE,
@@ -62,10 +62,8 @@ def write_version(
         KeywordIndex.build([node.get_content() for node in nodes]).save(version / KEYWORD_DIR)
         MetadataTable([dict(node.metadata) for node in nodes]).save(version / METADATA_FILE)
         if vectors is not None:
-            store = NumpyVectorStore(
-                matrix=normalise(vectors.astype(np.float32, copy=False)), ids=node_ids
-            )
-            store.persist(str(version / VECTOR_DIR))
+            VectorMatrix(normalise(vectors.astype(np.float32, copy=False))).save(
+                version / VECTOR_DIR, node_ids)
         _store_nodes(version / DOCSTORE_FILE, [*nodes, *parents])
         write_documents(version, documents)
         write_manifest(version, manifest.model_copy(
