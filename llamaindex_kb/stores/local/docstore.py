@@ -16,6 +16,12 @@ from urllib.parse import quote
 
 from llama_index.core.storage.kvstore.types import DEFAULT_COLLECTION, BaseKVStore
 
+# The collection a version's nodes are in: where LlamaIndex's KVDocumentStore keeps
+# nodes by default (namespace "docstore", suffix "/data"), so
+# ``KVDocumentStore(SQLiteKVStore(path)).get_node`` reads them too. Part of the format
+# of every version on disk, so named here rather than read from KVDocumentStore.
+NODE_COLLECTION = "docstore/data"
+
 
 class SQLiteKVStore(BaseKVStore):
     """One table of (collection, key) → JSON; a connection per thread.

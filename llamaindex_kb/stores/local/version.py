@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
-from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
 from llama_index.core.storage.docstore.utils import json_to_doc
 
 from llamaindex_kb.errors import (
@@ -51,7 +50,7 @@ from llamaindex_kb.stores.base import (
     effective_mode,
     embed_query,
 )
-from llamaindex_kb.stores.local.docstore import SQLiteKVStore
+from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
 from llamaindex_kb.stores.local.layout import MANIFEST_FILE, hold_version, read_array
 from llamaindex_kb.stores.local.vectors import VectorMatrix, top_rows
 
@@ -132,8 +131,6 @@ class KnowledgeBase:
             )
         with self._reading(METADATA_FILE):
             self.metadata = MetadataTable.load(version_dir / METADATA_FILE)
-        # Written by builder._store_nodes where KVDocumentStore keeps nodes.
-        self._collection = KVDocumentStore(self._kv)._node_collection
         self._check_rows()
 
     def _check_rows(self) -> None:
@@ -228,7 +225,7 @@ class KnowledgeBase:
         with self._reading(DOCSTORE_FILE):
             for start in range(0, len(node_ids), batch):
                 ids = node_ids[start : start + batch]
-                for node_id, data in zip(ids, self._kv.get_many(ids, self._collection),
+                for node_id, data in zip(ids, self._kv.get_many(ids, NODE_COLLECTION),
                                          strict=True):
                     if data is None:
                         raise self._damaged(f"{DOCSTORE_FILE} lacks chunk {node_id}")

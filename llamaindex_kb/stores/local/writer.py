@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 from llama_index.core.schema import BaseNode
-from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
 from llama_index.core.storage.docstore.utils import doc_to_json
 
 from llamaindex_kb.errors import DISK_FULL_ERRNOS, DiskFullError
 from llamaindex_kb.filters import MetadataTable
 from llamaindex_kb.keyword import KeywordIndex
 from llamaindex_kb.stores.base import DocumentInfo, KBManifest
-from llamaindex_kb.stores.local.docstore import SQLiteKVStore
+from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.vectors import VectorMatrix, normalise
 from llamaindex_kb.stores.local.version import (
@@ -90,12 +89,11 @@ def _store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:
     """
     kv = SQLiteKVStore(path)
     try:
-        collection = KVDocumentStore(kv)._node_collection
         # In batches, so 100k nodes never exist as JSON all at once.
         for start in range(0, len(nodes), 2000):
             batch = nodes[start : start + 2000]
             kv.put_all([(node.node_id, doc_to_json(node)) for node in batch],
-                       collection=collection)
+                       collection=NODE_COLLECTION)
     finally:
         kv.close()
 
