@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from llamaindex_kb.config import Settings, load_settings
+from llamaindex_kb.config import RETRIEVAL_MODES, Settings, load_settings
 from llamaindex_kb.errors import ConfigurationError, KBError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo", action="store_true", default=None, help="serve the demo knowledge base as 'demo'"
     )
     serve.add_argument("--retrieval-mode", dest="retrieval_mode",
-                       choices=["vector", "keyword", "hybrid"],
+                       choices=RETRIEVAL_MODES,
                        help="override the mode each knowledge base was built with")
     serve.add_argument("--semantic-weight", dest="semantic_weight", type=float,
                        help="hybrid weight of the semantic score, 0..1 [as built, 0.7]")
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--kb", required=True, help="knowledge_id of the knowledge base")
     ingest.add_argument("--sync", action="store_true",
                         help="also remove documents whose files disappeared from PATH")
-    ingest.add_argument("--mode", choices=["vector", "keyword", "hybrid"], default="hybrid",
+    ingest.add_argument("--mode", choices=RETRIEVAL_MODES, default="hybrid",
                         help="retrieval mode recorded for a new knowledge base [hybrid]")
     ingest.add_argument("--semantic-weight", dest="semantic_weight", type=float, default=0.7,
                         help="hybrid weight recorded for a new knowledge base [0.7]")

@@ -30,7 +30,10 @@ ENV_PREFIX = "LLAMAINDEX_KB_"
 STANDALONE_DATA_DIR = Path("data")
 PLUGIN_NAME = "llamaindex_kb"
 
+# Defined here, the lowest module that needs them: settings take a mode, and the store
+# contract (stores.base), ingestion, uploads and the CLI import them from here.
 RetrievalMode = Literal["vector", "keyword", "hybrid"]
+RETRIEVAL_MODES: tuple[RetrievalMode, ...] = ("vector", "keyword", "hybrid")
 
 
 class Settings(BaseModel):

@@ -112,9 +112,11 @@ def test_reuploading_a_file_replaces_its_chunks(api):
         ({"knowledge_id": "kb"}, ("tool.exe", b"MZ\x00\x01"), 400, ".exe"),
         ({"knowledge_id": "kb", "chunking": '{"max_tokens": -5}'}, ("a.txt", b"text"), 400,
          "chunking.max_tokens"),
+        ({"knowledge_id": "kb", "mode": "semantic"}, ("a.txt", b"text"), 400,
+         "mode: must be vector, keyword or hybrid, got 'semantic'"),
     ],
     ids=["no-kb", "no-file", "metadata-not-json", "metadata-not-object", "reserved-key",
-         "corrupt-pdf", "unsupported-type", "bad-chunking"],
+         "corrupt-pdf", "unsupported-type", "bad-chunking", "unknown-mode"],
 )
 def test_bad_uploads_are_400_naming_the_problem_and_leave_nothing_behind(
     api, fields, file, status, field

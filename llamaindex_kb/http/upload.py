@@ -17,12 +17,12 @@ import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from pydantic import ValidationError
 from werkzeug import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from llamaindex_kb.config import RETRIEVAL_MODES, RetrievalMode
 from llamaindex_kb.contract import check_storable, parse_json_object
 from llamaindex_kb.errors import InvalidFieldError, MalformedBodyError, ServerBusyError, shown
 from llamaindex_kb.ids import validate_knowledge_id
@@ -122,7 +122,8 @@ def _too_large(request: Request, limits: Limits) -> Exception:
 
 # What a request asks for: the knowledge base, how to read its source (done later,
 # when the upload has its turn), the chunking and the retrieval mode.
-Parsed = tuple[str, Callable[[Checkpoint | None], Source], ChunkingConfig | None, Any]
+Parsed = tuple[str, Callable[[Checkpoint | None], Source], ChunkingConfig | None,
+               RetrievalMode]
 
 
 def _from_form(request: Request, limits: Limits) -> Parsed:
@@ -220,9 +221,12 @@ def _chunking(raw: object) -> ChunkingConfig | None:
         raise InvalidFieldError(field, first["msg"]) from exc
 
 
-def _mode(raw: object) -> Any:
+def _mode(raw: object) -> RetrievalMode:
     if raw in (None, ""):
         return "hybrid"
-    if raw not in ("hybrid", "vector", "keyword"):
-        raise InvalidFieldError("mode", f"must be hybrid, vector or keyword, got {shown(raw)}")
-    return raw
+    for mode in RETRIEVAL_MODES:
+        if raw == mode:
+            return mode
+    raise InvalidFieldError(
+        "mode", f"must be {', '.join(RETRIEVAL_MODES[:-1])} or {RETRIEVAL_MODES[-1]}, "
+        f"got {shown(raw)}")

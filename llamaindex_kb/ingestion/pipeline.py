@@ -32,6 +32,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, Document, TextNode
 from pydantic import BaseModel, Field
 
+from llamaindex_kb.config import RetrievalMode
 from llamaindex_kb.contract import text_problem
 from llamaindex_kb.errors import (
     BadRequestError,
@@ -60,7 +61,6 @@ from llamaindex_kb.stores.base import (
     KBManifest,
     KnowledgeBaseHandle,
     KnowledgeStore,
-    RetrievalMode,
 )
 
 log = logging.getLogger(__name__)

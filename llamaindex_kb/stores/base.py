@@ -6,13 +6,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from pydantic import BaseModel, ConfigDict, Field
 
+from llamaindex_kb.config import RetrievalMode
 from llamaindex_kb.errors import (
     EmbeddingMismatchError,
     InvalidFieldError,
@@ -115,9 +116,6 @@ class FindingStore(ABC):
             raise KnowledgeBaseNotFound.missing(knowledge_id)
         return found
 
-
-RetrievalMode = Literal["vector", "keyword", "hybrid"]
-RETRIEVAL_MODES: tuple[RetrievalMode, ...] = ("vector", "keyword", "hybrid")
 
 # The layout of a knowledge base's data this version writes and reads; a base of
 # another format is refused with a message saying to rebuild it.
