@@ -1,12 +1,14 @@
 """Shared fixtures: an isolated environment, a built demo knowledge base, and two
 transports that deliver exactly what Dify sends: raw HTTP bytes through the Dify
-plugin SDK's own executor, and real HTTP to the standalone server."""
+plugin SDK's own executor, and real HTTP to the standalone server.
+
+Nothing here imports the Dify SDK at module level: importing it gevent-patches the
+process, and the core and the standalone server run unpatched. A test module that
+drives the SDK in this process imports ``dify_plugin`` at its top, as main.py does,
+so the patch lands at collection, before any test starts a thread.
+"""
 
 from __future__ import annotations
-
-# Like main.py in the plugin process, import the SDK first: it gevent-monkey-patches
-# threading and sockets at import time, which must happen before anything else runs.
-import dify_plugin  # noqa: F401  isort: skip
 
 import binascii
 import contextlib
@@ -24,8 +26,6 @@ from typing import Any
 
 import httpx
 import pytest
-
-from llamaindex_kb.stores.local.store import LocalStore
 
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PLUGIN_ROOT))
@@ -45,6 +45,7 @@ def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data directory holding the demo knowledge base, built once per test run."""
     from llamaindex_kb.models.choose import local_embedding
     from llamaindex_kb.service import ensure_demo
+    from llamaindex_kb.stores.local.store import LocalStore
 
     data_dir = tmp_path_factory.mktemp("demo-data")
     ensure_demo(LocalStore(data_dir), local_embedding())
@@ -81,12 +82,26 @@ def go_raw_request(path: str, body: bytes | None, headers: dict[str, str],
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
 
 
+def require_the_sdk() -> None:
+    """Fail clearly where the SDK would gevent-patch a process that already runs threads:
+    their locks and sockets would stay unpatched under greenlets, and hang at random."""
+    if "dify_plugin" in sys.modules:
+        return
+    running = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if running:
+        raise RuntimeError(
+            f"the Dify SDK was first imported while threads run ({', '.join(running)}): "
+            "import dify_plugin at the top of the test module that uses it")
+    import dify_plugin  # noqa: F401  patches on import
+
+
 class PluginTransport:
     """Raw request bytes → ``PluginExecutor.invoke_endpoint``, as the daemon delivers them."""
 
     name = "plugin"
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        require_the_sdk()
         from dify_plugin.config.config import DifyPluginEnv
         from dify_plugin.core.plugin_executor import PluginExecutor
         from dify_plugin.core.plugin_registration import PluginRegistration

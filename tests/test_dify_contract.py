@@ -3,6 +3,10 @@ the plugin SDK's executor (raw daemon bytes) and the standalone server (real HTT
 
 from __future__ import annotations
 
+# This module drives the Dify SDK in this process: import it first, as main.py does,
+# since it gevent-patches threading and sockets on import (see conftest).
+import dify_plugin  # noqa: F401  isort: skip
+
 from typing import Any
 
 import pytest

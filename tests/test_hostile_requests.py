@@ -6,6 +6,10 @@ doors call), and through the plugin SDK's executor for the bytes the daemon rela
 
 from __future__ import annotations
 
+# This module drives the Dify SDK in this process: import it first, as main.py does,
+# since it gevent-patches threading and sockets on import (see conftest).
+import dify_plugin  # noqa: F401  isort: skip
+
 import io
 import json
 import time

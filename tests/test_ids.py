@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# This module drives the Dify SDK in this process: import it first, as main.py does,
+# since it gevent-patches threading and sockets on import (see conftest).
+import dify_plugin  # noqa: F401  isort: skip
+
 import json
 from collections.abc import Iterator
 from pathlib import Path

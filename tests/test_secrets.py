@@ -11,6 +11,10 @@ log record captured at DEBUG; then no sentinel may appear in any of it.
 
 from __future__ import annotations
 
+# This module drives the Dify SDK in this process: import it first, as main.py does,
+# since it gevent-patches threading and sockets on import (see conftest).
+import dify_plugin  # noqa: F401  isort: skip
+
 import io
 import json
 import logging
