@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -743,6 +745,50 @@ def test_the_real_project_packages_into_a_zip_the_daemon_accepts(tmp_path: Path)
     identity = package_identity(package)
     assert IDENTITY_RE.fullmatch(identity), identity
     assert identity.startswith(f"{MANIFEST['author']}/{MANIFEST['name']}:{MANIFEST['version']}@")
+
+
+@pytest.fixture(scope="module")
+def built_by_the_cli(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python -m llamaindex_kb package` run from this checkout, as a developer runs it."""
+    out = tmp_path_factory.mktemp("cli-dist")
+    result = subprocess.run([sys.executable, "-m", "llamaindex_kb", "package", "--out", str(out)],
+                            cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    package = out / PACKAGE_NAME
+    assert f"{package} ({package.stat().st_size} bytes)" in result.stdout
+    return package
+
+
+def test_the_package_holds_only_what_runs_inside_dify(built_by_the_cli: Path) -> None:
+    with zipfile.ZipFile(built_by_the_cli) as archive:
+        names = archive.namelist()
+    folders = {name.split("/")[0] for name in names if "/" in name}
+    assert folders == {"_assets", "endpoints", "llamaindex_kb", "provider"}
+    code = [name for name in names if name.endswith(".py")]
+    assert "llamaindex_kb/http/server.py" in code
+    assert [name for name in code if name != "main.py"
+            and name.split("/")[0] not in {"llamaindex_kb", "endpoints"}] == []
+    tools = {Path(name).name for name in (PROJECT / "tools").glob("*.py")}
+    assert {"bench.py", "packaging.py"} <= tools
+    dev_files = [name for name in names
+                 if Path(name).name in tools | {"conftest.py", "requirements-dev.txt"}
+                 or Path(name).name.startswith("test_")]
+    assert dev_files == []
+
+
+def test_package_and_bench_in_an_installed_plugin_name_the_checkout_they_need(
+    built_by_the_cli: Path, tmp_path: Path
+) -> None:
+    """The plugin as Dify unpacks it has the CLI but not tools/: a clear error, exit 2."""
+    with zipfile.ZipFile(built_by_the_cli) as archive:
+        archive.extractall(tmp_path / "installed")
+    for command, tool in (("package", "packaging"), ("bench", "bench")):
+        result = subprocess.run([sys.executable, "-m", "llamaindex_kb", command],
+                                cwd=tmp_path / "installed", capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert (f"error: this command needs tools/{tool}.py from a checkout of the project; "
+                "the plugin package does not ship it") in result.stderr
 
 
 def test_building_twice_gives_identical_bytes(plugin: Path, tmp_path: Path) -> None:
