@@ -172,6 +172,18 @@ def test_query_embedding_mismatch_is_a_clear_400_class_error(tmp_path):
     assert ask(library(tmp_path, retrieval_mode="keyword"), "hello", kb="foreign")
 
 
+def test_ingesting_with_another_embedding_model_is_the_same_mismatch_error(tmp_path):
+    other = EmbeddingSpec(kind="openai", model="text-embedding-3-small", dimension=3)
+    node = TextNode(text="hello world", metadata={"document_id": "d1"})
+    store = LocalStore(tmp_path / "d")
+    publish_nodes(store, "foreign", [node], np.ones((1, 3), dtype=np.float32), other)
+    (tmp_path / "a.md").write_text("more words", encoding="utf-8")
+    with pytest.raises(EmbeddingMismatchError, match="text-embedding-3-small") as refused:
+        ingest_paths(store, "foreign", [tmp_path / "a.md"], embed_model=local_embedding())
+    assert refused.value.error_code == 3004
+    assert list(store.open("foreign").documents) == ["d1"]  # nothing written
+
+
 def test_keyword_only_knowledge_base_refuses_vector_mode_clearly(tmp_path):
     (tmp_path / "a.md").write_text("keyword only corpus", encoding="utf-8")
     ingest_paths(LocalStore(tmp_path / "d"), "kw", [tmp_path / "a.md"], embed_model=None,

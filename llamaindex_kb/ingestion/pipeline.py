@@ -61,6 +61,7 @@ from llamaindex_kb.stores.base import (
     KBManifest,
     KnowledgeBaseHandle,
     KnowledgeStore,
+    check_same_embedding,
 )
 
 log = logging.getLogger(__name__)
@@ -383,14 +384,8 @@ def apply_changes(
                                      summary if keep_going else None)
     new_vectors = None
     if manifest.embedding is not None and result.chunks:
-        using = getattr(embed_model, "spec", None)
-        if embed_model is None or using is None or using.id != manifest.embedding.id:
-            raise ConfigurationError(
-                f"knowledge base {knowledge_id!r} was built with embedding "
-                f"{manifest.embedding.id}, but {using.id if using else 'none'} is configured: "
-                "use the same embedding model, or drop and rebuild the knowledge base"
-            )
-        new_vectors = embed_texts([n.get_content() for n in result.chunks], embed_model, progress,
+        new_vectors = embed_texts([n.get_content() for n in result.chunks],
+                                  check_same_embedding(manifest, embed_model), progress,
                                   checkpoint)
     counts: dict[str, int] = {}
     for node in result.chunks:

@@ -207,18 +207,27 @@ def check_embedding(manifest: KBManifest, mode: RetrievalMode,
 
     Every store calls this before embedding a query, so all give the same errors.
     """
-    built_with = manifest.embedding
-    if built_with is None:
+    if manifest.embedding is None:
         raise InvalidFieldError(
             "retrieval_mode",
             f"knowledge base {manifest.knowledge_id!r} was built for keyword search "
             f"only; {mode} retrieval needs it rebuilt with an embedding model",
         )
+    check_same_embedding(manifest, embed_model)
+
+
+def check_same_embedding(manifest: KBManifest, embed_model: BaseEmbedding | None
+                         ) -> BaseEmbedding:
+    """``embed_model``, if it is the model that built the base; else
+    ``EmbeddingMismatchError`` (3004). The one rule for queries and for ingestion:
+    vectors of different models are never compared, nor mixed in one base."""
+    built_with = manifest.embedding
     spec = getattr(embed_model, "spec", None)
-    if embed_model is None or spec is None or spec.id != built_with.id:
-        using = spec.id if spec is not None else "none"
+    if embed_model is None or spec is None or built_with is None or spec.id != built_with.id:
         raise EmbeddingMismatchError(
             f"knowledge base {manifest.knowledge_id!r} was built with embedding "
-            f"{built_with.id}, but this server is configured with {using}: configure "
-            "the same embedding model or rebuild the knowledge base"
+            f"{built_with.id if built_with else 'none'}, but "
+            f"{spec.id if spec is not None else 'none'} is configured: configure the same "
+            "embedding model, or drop and rebuild the knowledge base"
         )
+    return embed_model
