@@ -240,9 +240,14 @@ def _list(args: argparse.Namespace) -> int:
     library = Library(load_settings(_explicit(args)))
     if args.kb:
         for info in library.documents(args.kb):
-            print(f"{info.document_id}\t{info.chunks} chunks\t{info.file_path or info.title}")
+            print(f"{info.document_id}\t{_count(info.chunks)} chunks\t"
+                  f"{info.file_path or info.title}")
         return 0
     for manifest in library.manifests():
-        print(f"{manifest.knowledge_id}\t{manifest.documents} documents\t"
-              f"{manifest.chunks} chunks\t{manifest.retrieval_mode}")
+        print(f"{manifest.knowledge_id}\t{_count(manifest.documents)} documents\t"
+              f"{_count(manifest.chunks)} chunks\t{manifest.retrieval_mode}")
     return 0
+
+
+def _count(count: int | None) -> str:
+    return "?" if count is None else str(count)  # None: the store cannot count them

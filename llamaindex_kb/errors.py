@@ -15,7 +15,8 @@ The hierarchy::
     │   ├── MalformedBodyError   3001  not JSON, or not a JSON object
     │   ├── InvalidFieldError    3002  a field has the wrong type or value (names the field)
     │   ├── InvalidFilterError   3003  metadata_condition cannot be evaluated (names the condition)
-    │   └── EmbeddingMismatchError 3004  knowledge base was built with another embedding
+    │   ├── EmbeddingMismatchError 3004  knowledge base was built with another embedding
+    │   └── ReadOnlyStoreError   3007  a write to a store managed elsewhere (LlamaCloud)
     ├── ConfigurationError       400  3005  settings or store URL are wrong (actionable message)
     ├── PayloadTooLargeError     413  3006  over a limit (body, query, file, what it expands to)
     ├── ServerBusyError          429  5029  too much work in flight (uploads); Retry-After says when
@@ -114,6 +115,17 @@ class InvalidFilterError(BadRequestError):
 
 class EmbeddingMismatchError(BadRequestError):
     error_code = 3004
+
+
+class ReadOnlyStoreError(BadRequestError):
+    """A write (ingest, upload, delete, drop) to a store whose knowledge bases are
+    changed elsewhere: the request is fine, this store cannot do it."""
+
+    error_code = 3007
+
+    @classmethod
+    def refusing(cls, knowledge_id: str, where: str) -> ReadOnlyStoreError:
+        return cls(f"knowledge base {shown(knowledge_id)} cannot be changed here: {where}")
 
 
 class ConfigurationError(KBError):

@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from conftest import API_KEY, ServerTransport, dify_body, standalone_server
 from werkzeug import Request, Response
 from werkzeug.serving import make_server
 
-from llamaindex_kb.errors import ConfigurationError
+from llamaindex_kb.errors import ConfigurationError, ReadOnlyStoreError
 
 LLAMA_KEY = "llx-fake-key"
 ORG_ID = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"
@@ -64,6 +65,32 @@ NODES = [
 ]
 
 
+def _file(pipeline_id: str, file_id: str, name: str, metadata: dict[str, Any],
+          status: str = "SUCCESS") -> dict[str, Any]:
+    """A PipelineFile as LlamaCloud serialises it (every field)."""
+    stamp = "2025-01-02T03:04:05Z"
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{pipeline_id}/{file_id}")),
+            "pipeline_id": pipeline_id, "file_id": file_id, "name": name,
+            "file_size": 1000 + len(name), "file_type": name.rsplit(".", 1)[-1],
+            "custom_metadata": metadata, "status": status, "status_updated_at": stamp,
+            "created_at": stamp, "updated_at": stamp, "last_modified_at": stamp,
+            "project_id": DEFAULT_PROJECT_ID, "data_source_id": None,
+            "external_file_id": None, "indexed_page_count": 1, "config_hash": {},
+            "permission_info": None, "resource_info": {}}
+
+
+def _files_of(pipeline_id: str, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The files behind ``nodes`` (a node's file_id, file_name and the rest of its
+    extra_info, which LlamaCloud copies from the file's custom metadata), and one file
+    still being indexed, which has no nodes yet."""
+    files = []
+    for item in nodes:
+        info = dict(item["node"]["extra_info"])
+        file_id, name = info.pop("file_id"), info.pop("file_name")
+        files.append(_file(pipeline_id, file_id, name, info))
+    return [*files, _file(pipeline_id, "file-draft", "draft.md", {}, status="IN_PROGRESS")]
+
+
 def _invalid(kind: str, loc: list[str | int], msg: str, value: Any) -> dict[str, Any]:
     """One item of FastAPI's 422 ``detail`` (HTTPValidationError / ValidationError)."""
     return {"type": kind, "loc": loc, "msg": msg, "input": value}
@@ -80,7 +107,10 @@ class FakeLlamaCloud:
     ``organization_id``, answering a JSON array of pipelines; ``GET
     /api/v1/pipelines/{pipeline_id}`` (no query parameters; a pipeline id is global);
     ``POST /api/v1/pipelines/{pipeline_id}/retrieve`` taking ``RetrievalParams`` and
-    answering ``RetrieveResults``. Path and query UUIDs, enums, numeric ranges and
+    answering ``RetrieveResults``; ``GET /api/v1/pipelines/{pipeline_id}/files2`` with
+    optional integer ``limit`` and ``offset``, answering
+    ``PaginatedListPipelineFilesResponse`` (``files``, ``limit``, ``offset``,
+    ``total_count``). Path and query UUIDs, integers, enums, numeric ranges and
     ``search_filters`` are validated as FastAPI does: 422 with a ``detail`` list.
     An unknown pipeline is 404 ``{"detail": ...}``.
 
@@ -88,7 +118,8 @@ class FakeLlamaCloud:
     ``and``/``or``), keeps ``dense_similarity_top_k`` (default 30) nodes and, as the
     index reranks (``enable_reranking`` unset), ``rerank_top_n`` (default 6) of them;
     scores are fixed per node. ``fail_next`` (statuses) and ``hang`` script outages of
-    the retrieve call; ``requests`` records what arrived.
+    the retrieve call; ``page_cap`` caps a files page below the ``limit`` asked for,
+    as a server may; ``requests`` records what arrived.
     """
 
     def __init__(self) -> None:
@@ -110,6 +141,9 @@ class FakeLlamaCloud:
              "embedding_config": {"type": "MANAGED_OPENAI_EMBEDDING", "component": {}}},
         ]
         self.nodes = {HANDBOOK_ID: NODES, PLAYGROUND_ID: NODES, OTHER_ID: []}
+        self.files = {pipeline_id: _files_of(pipeline_id, nodes)
+                      for pipeline_id, nodes in self.nodes.items()}
+        self.page_cap: int | None = None
         self.requests: list[dict[str, Any]] = []
         self.fail_next: list[int] = []
         self.hang = threading.Event()
@@ -132,9 +166,9 @@ class FakeLlamaCloud:
             return self._json({"detail": "Invalid authentication token"}, 401)
         parts = request.path.strip("/").split("/")
         if parts[:3] != ["api", "v1", "pipelines"] or len(parts) > 5 or parts[4:] not in (
-                [], ["retrieve"]):
+                [], ["retrieve"], ["files2"]):
             return self._json({"detail": "Not Found"}, 404)
-        allowed = "GET" if len(parts) < 5 else "POST"
+        allowed = "POST" if parts[4:] == ["retrieve"] else "GET"
         if request.method != allowed:
             return self._json({"detail": "Method Not Allowed"}, 405)
         if len(parts) == 3:
@@ -149,6 +183,8 @@ class FakeLlamaCloud:
             return self._json({"detail": f"Pipeline {pipeline_id} not found"}, 404)
         if len(parts) == 4:
             return self._json(pipeline)
+        if parts[4] == "files2":
+            return self._list_files(pipeline["id"], request)
         problems = _retrieval_params_problems(body)
         if problems:
             return self._json({"detail": problems}, 422)
@@ -179,6 +215,28 @@ class FakeLlamaCloud:
                  and args.get("pipeline_name", p["name"]) == p["name"]
                  and args.get("pipeline_type", p["pipeline_type"]) == p["pipeline_type"]]
         return self._json(found)
+
+    def _list_files(self, pipeline_id: str, request: Request) -> Response:
+        bounds: dict[str, int] = {}
+        problems = []
+        for name in ("limit", "offset"):
+            if name in request.args:
+                try:
+                    bounds[name] = int(request.args[name])
+                except ValueError:
+                    problems.append(_invalid(
+                        "int_parsing", ["query", name],
+                        "Input should be a valid integer, unable to parse string as an "
+                        "integer", request.args[name]))
+        if problems:
+            return self._json({"detail": problems}, 422)
+        files = self.files[pipeline_id]
+        offset = bounds.get("offset", 0)
+        limit = bounds.get("limit", len(files))
+        if self.page_cap is not None:
+            limit = min(limit, self.page_cap)
+        return self._json({"files": files[offset : offset + limit], "limit": limit,
+                           "offset": offset, "total_count": len(files)})
 
     def _retrieve(self, pipeline_id: str, body: dict[str, Any]) -> dict[str, Any]:
         found = [n for n in self.nodes[pipeline_id]
@@ -447,10 +505,63 @@ def test_publish_and_drop_are_refused(fake: FakeLlamaCloud) -> None:
     from llamaindex_kb.stores.llamacloud import LlamaCloudStore
 
     store = LlamaCloudStore(fake.store_url())
-    with pytest.raises(ConfigurationError, match="manage LlamaCloud indexes in LlamaCloud"):
+    with pytest.raises(ReadOnlyStoreError, match="read-only here.*in LlamaCloud"):
         store.publish("handbook", Change(manifest=store.open("handbook").manifest))
-    with pytest.raises(ConfigurationError, match="manage LlamaCloud indexes in LlamaCloud"):
+    with pytest.raises(ReadOnlyStoreError, match="read-only here.*in LlamaCloud"):
         store.drop("handbook")
+
+
+def test_writes_are_a_read_only_400_before_any_work(
+        fake: FakeLlamaCloud, tmp_path: Path) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with server_for(tmp_path, fake.store_url()) as client:
+        for knowledge_id in ("handbook", "new-index"):
+            reply = client.post("/documents", json.dumps(
+                {"knowledge_id": knowledge_id, "title": "t", "text": "some text"}).encode(),
+                {**auth, "Content-Type": "application/json"})
+            assert (reply.status, reply.json()["error_code"]) == (400, 3007), reply.body
+            assert "LlamaCloud indexes are read-only here" in reply.json()["error_msg"]
+        reply = client.send("DELETE", "/knowledge-bases/handbook/documents/file-n1", None, auth)
+        assert (reply.status, reply.json()["error_code"]) == (400, 3007), reply.body
+    # Refused before looking anything up, listing files or embedding.
+    assert fake.requests == []
+
+
+def test_listing_shows_each_file_as_a_document_with_unknown_counts(
+        fake: FakeLlamaCloud, tmp_path: Path) -> None:
+    fake.page_cap = 4  # fewer than asked for: the listing follows the pages
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with server_for(tmp_path, fake.store_url()) as client:
+        listed = client.send("GET", "/knowledge-bases", None, auth).json()["knowledge_bases"]
+        # LlamaCloud's pipelines carry no counts: unknown, not 0.
+        assert [(kb["knowledge_id"], kb["documents"], kb["chunks"]) for kb in listed] == [
+            ("handbook", None, None)]
+        reply = client.send("GET", "/knowledge-bases/handbook/documents", None, auth)
+        assert reply.status == 200, reply.body
+        documents = {d["document_id"]: d for d in reply.json()["documents"]}
+        assert sorted(documents) == sorted(f["file_id"] for f in fake.files[HANDBOOK_ID])
+        assert len(documents) == len(NODES) + 1
+        assert {d["chunks"] for d in documents.values()} == {None}
+        assert documents["file-n4"]["file_name"] == "n4.md"
+        assert documents["file-n4"]["metadata"] == {
+            "category": "faq", "year": 2024, "llamacloud_status": "SUCCESS"}
+        assert documents["file-draft"]["metadata"] == {"llamacloud_status": "IN_PROGRESS"}
+        # A record's document_id names a listed document.
+        records = ask(client, top_k=50).json()["records"]
+        assert records and {r["metadata"]["document_id"] for r in records} <= set(documents)
+    pages = [r["args"] for r in fake.requests if r["path"].endswith("/files2")]
+    assert pages == [{"limit": "100", "offset": str(offset)} for offset in (0, 4, 8, 12)]
+
+
+def test_cli_listing_says_unknown_counts(
+        fake: FakeLlamaCloud, capsys: pytest.CaptureFixture[str]) -> None:
+    from llamaindex_kb.cli import main
+
+    assert main(["list", "--store", fake.store_url()]) == 0
+    assert capsys.readouterr().out == "handbook\t? documents\t? chunks\thybrid\n"
+    assert main(["list", "--store", fake.store_url(), "--kb", "handbook"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "file-draft\t? chunks\tdraft.md" in lines and len(lines) == len(NODES) + 1
 
 
 def test_store_url_forms(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,6 +33,7 @@ from llamaindex_kb.ingestion.pipeline import (
     Source,
     apply_changes,
     check_user_metadata,
+    check_writable,
     checkpoint_for,
     text_source,
     upload_source,
@@ -83,6 +84,7 @@ def upload(
             )
     except RequestEntityTooLarge as exc:
         raise _too_large(request, limits) from exc
+    check_writable(store, knowledge_id)
     with _slot():
         if checkpoint is not None:
             checkpoint()

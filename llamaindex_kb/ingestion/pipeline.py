@@ -40,6 +40,7 @@ from llamaindex_kb.errors import (
     DocumentNotFound,
     InvalidFieldError,
     PayloadTooLargeError,
+    ReadOnlyStoreError,
     shown,
 )
 from llamaindex_kb.ids import validate_knowledge_id
@@ -293,6 +294,13 @@ def embed_nodes(nodes: Sequence[BaseNode], embed_model: BaseEmbedding) -> np.nda
     return embed_texts([node.get_content() for node in nodes], embed_model)
 
 
+def check_writable(store: KnowledgeStore, knowledge_id: str) -> None:
+    """Refuse a write to a read-only store before any reading, chunking or embedding,
+    rather than when its publish refuses at the end."""
+    if store.read_only is not None:
+        raise ReadOnlyStoreError.refusing(knowledge_id, store.read_only)
+
+
 def current_kb(store: KnowledgeStore, knowledge_id: str) -> KnowledgeBaseHandle | None:
     return store.find(knowledge_id)
 
@@ -316,6 +324,7 @@ def ingest_paths(
     ``summary.failed`` and the others go on.
     """
     validate_knowledge_id(knowledge_id, field="--kb", creating=False)
+    check_writable(store, knowledge_id)
     files, skipped = scan(paths)
     summary = IngestSummary(knowledge_id=knowledge_id, skipped=skipped)
     existing = store.find(knowledge_id)
@@ -372,6 +381,7 @@ def apply_changes(
     stages and batches; what it raises ends the work before anything is written.
     """
     validate_knowledge_id(knowledge_id, creating=False)
+    check_writable(store, knowledge_id)
     existing = store.find(knowledge_id)
     if existing is None:
         validate_knowledge_id(knowledge_id)
@@ -401,7 +411,7 @@ def apply_changes(
     }
     if not new_infos and not removed:
         summary.total_documents = len(existing.documents) if existing else 0
-        summary.total_chunks = len(existing) if existing else 0
+        summary.total_chunks = (existing.manifest.chunks or 0) if existing else 0
         return summary
     if checkpoint is not None:
         checkpoint()  # the last chance: a publish is never stopped halfway
@@ -490,6 +500,7 @@ def publish_nodes(
 
 def delete_document(store: KnowledgeStore, knowledge_id: str,
                     document_id: str) -> DocumentInfo:
+    check_writable(store, knowledge_id)
     info = store.open(knowledge_id).documents.get(document_id)
     if info is None:
         raise DocumentNotFound(

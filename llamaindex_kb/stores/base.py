@@ -34,8 +34,6 @@ class KnowledgeBaseHandle(Protocol):
     @property
     def documents(self) -> dict[str, DocumentInfo]: ...
 
-    def __len__(self) -> int: ...
-
     def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
                  ) -> list[NodeWithScore]: ...
 
@@ -81,6 +79,10 @@ class KnowledgeStore(Protocol):
     # embedding model spin its threads (LocalMiniLMEmbedding.spin_threads): beside an
     # in-process scan, spinning measured no faster.
     searches_in_process: bool
+    # None for a store that takes writes. A store whose knowledge bases are changed
+    # elsewhere (LlamaCloud) says where: every write is refused with it before any work
+    # (ReadOnlyStoreError, 3007).
+    read_only: str | None
 
     def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
         """The live knowledge base; ``KnowledgeBaseNotFound`` if there is none."""
@@ -106,6 +108,8 @@ class KnowledgeStore(Protocol):
 
 class FindingStore(ABC):
     """``open`` for stores that implement ``find``: the knowledge base, or a 404."""
+
+    read_only: str | None = None  # the stores built on this one all take writes
 
     @abstractmethod
     def find(self, knowledge_id: str) -> KnowledgeBaseHandle | None: ...
@@ -135,8 +139,10 @@ class KBManifest(BaseModel):
     retrieval_mode: RetrievalMode = "hybrid"
     semantic_weight: float = Field(default=0.7, ge=0.0, le=1.0)
     chunking: dict[str, Any] = Field(default_factory=dict)
-    documents: int = 0
-    chunks: int = 0
+    # None: the store cannot count them (LlamaCloud lists an index's files only on
+    # request, and never its chunks), which is not the same as none.
+    documents: int | None = 0
+    chunks: int | None = 0
 
 
 
@@ -152,7 +158,7 @@ class DocumentInfo(BaseModel):
     last_modified: int | None = None
     content_hash: str = ""
     source_root: str | None = None
-    chunks: int = 0
+    chunks: int | None = 0  # None: the store does not say (LlamaCloud)
     parent_ids: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
 

@@ -27,6 +27,16 @@ states them, all with ``Authorization: Bearer <key>``:
   ``pipeline_type``, ``created_at``...): by name, and (without ``pipeline_name``) the
   listing behind ``manifests``. ``MANAGED`` leaves out the playground copies a
   LlamaCloud index may have under the same name (as LlamaIndex's own resolver does).
+  A pipeline has no document or chunk counts, so manifests report both as unknown
+  (``None``), never 0.
+* ``GET /api/v1/pipelines/{pipeline_id}/files2?limit=&offset=``, a page of the index's
+  files (``{files, limit, offset, total_count}``; a file: ``id``, ``file_id``,
+  ``name``, ``file_size``, ``file_type``, ``custom_metadata``, ``status``,
+  ``last_modified_at``...), page after page: the index's ``documents``, listed only on
+  request. Each file is a document under the ``document_id`` its chunks carry in
+  retrieval records (its ``document_id`` metadata, else its ``file_id``); LlamaCloud
+  does not say how many chunks a file has, so ``chunks`` is ``None``. (LlamaCloud marks
+  this call, like the whole pipelines API, deprecated in favour of its Index v2.)
 * ``POST /api/v1/pipelines/{pipeline_id}/retrieve`` with ``query``,
   ``dense_similarity_top_k``, ``sparse_similarity_top_k``, ``rerank_top_n`` (each 1 to
   100; LlamaCloud's defaults 30, 30 and 6 would cap what reranking returns),
@@ -50,8 +60,8 @@ Errors (FastAPI's: ``{"detail": ...}``, a list of ``{loc, msg, type}`` for 422):
 LlamaCloud's 401/403 is a wrong key in the store URL, so a 400 naming the fix
 (never our own 403, which means Dify's key to us is wrong); an unknown index is 404
 (2001); 429, 5xx, timeouts and connection failures are retried with backoff and become
-503 (5003) within ``DEADLINE_S``. Indexes are managed in LlamaCloud, so ``publish`` and
-``drop`` (ingest, upload, delete) answer 400.
+503 (5003) within ``DEADLINE_S``. Indexes are managed in LlamaCloud, so every write
+(ingest, upload, delete, drop) answers 400 ``ReadOnlyStoreError`` (3007) saying so.
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ import re
 import threading
 import time
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -70,7 +81,12 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from llamaindex_kb.config import Settings
-from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
+from llamaindex_kb.errors import (
+    ConfigurationError,
+    KnowledgeBaseNotFound,
+    ReadOnlyStoreError,
+    StoreUnavailableError,
+)
 from llamaindex_kb.filters import _tests, matches, to_metadata_filters
 from llamaindex_kb.redaction import redact_text
 from llamaindex_kb.scoring import clip, lowest_returned
@@ -83,6 +99,10 @@ REGIONS = {"na": "api.cloud.llamaindex.ai", "us": "api.cloud.llamaindex.ai",
 DEADLINE_S = 4.0  # per store call, retries included: Dify waits 5 s for the whole answer
 ATTEMPT_TIMEOUT_S = 1.6  # one HTTP attempt; leaves room for a retry inside the deadline
 MAX_TOP_K = 100  # LlamaCloud's limit for dense_similarity_top_k and friends
+FILES_PAGE = 100  # files asked for per page of an index's listing
+# Listing an index's files is an operator's request (the CLI, GET .../documents), not
+# Dify's 5 s retrieval: a large index takes many pages.
+LIST_DEADLINE_S = 30.0
 RESOLVE_TTL_S = 60.0  # how long an index name → pipeline id lookup is reused
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                    r"[0-9a-fA-F]{12}$")
@@ -91,6 +111,8 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 _SYNTHESIZED_KEYS = frozenset({"document_id", "chunk_id"})
 _TRUE = {"1", "true", "yes", "on"}
 
+READ_ONLY = ("LlamaCloud indexes are read-only here: add, replace or delete their "
+             "documents in LlamaCloud (https://cloud.llamaindex.ai)")
 KEY_HELP = ("create an API key at https://cloud.llamaindex.ai (API Keys) and put it in the "
             "store URL: llamacloud://<api_key>@api.cloud.llamaindex.ai/?project=<project>; "
             "an account in the EU region needs region=eu (api.cloud.eu.llamaindex.ai)")
@@ -109,6 +131,7 @@ class LlamaCloudStore:
     """LlamaCloud indexes by name (or pipeline id); read-only, thread-safe."""
 
     searches_in_process = False
+    read_only = READ_ONLY
 
     def __init__(self, url: str, *, transport: httpx.BaseTransport | None = None) -> None:
         parts = urlsplit(url)
@@ -181,14 +204,10 @@ class LlamaCloudStore:
         return sorted(found, key=lambda manifest: manifest.knowledge_id)
 
     def publish(self, knowledge_id: str, change: Change) -> Published:
-        raise ConfigurationError(
-            f"the LlamaCloud store is read-only: manage LlamaCloud indexes in LlamaCloud "
-            f"(https://cloud.llamaindex.ai) to add or remove documents of {knowledge_id!r}")
+        raise ReadOnlyStoreError.refusing(knowledge_id, READ_ONLY)
 
     def drop(self, knowledge_id: str) -> None:
-        raise ConfigurationError(
-            f"the LlamaCloud store is read-only: manage LlamaCloud indexes in LlamaCloud "
-            f"(https://cloud.llamaindex.ai) to delete {knowledge_id!r}")
+        raise ReadOnlyStoreError.refusing(knowledge_id, READ_ONLY)
 
     def close(self) -> None:
         self._client.close()
@@ -298,12 +317,29 @@ class LlamaCloudIndex:
     def manifest(self) -> KBManifest:
         return self._manifest
 
-    @property
+    @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
-        return {}  # LlamaCloud lists its files itself; retrieval never needs them
-
-    def __len__(self) -> int:
-        return 0  # unknown without another call; nothing here depends on it
+        """The index's files, listed on first use (retrieval never needs them)."""
+        deadline = time.monotonic() + LIST_DEADLINE_S
+        path = f"/api/v1/pipelines/{self.pipeline_id}/files2"
+        found: dict[str, DocumentInfo] = {}
+        offset = 0
+        while True:
+            page = self.store._request("GET", path, deadline,
+                                       params={"limit": str(FILES_PAGE), "offset": str(offset)})
+            files = page.get("files") if isinstance(page, dict) else None
+            total = page.get("total_count") if isinstance(page, dict) else None
+            if not isinstance(files, list) or not isinstance(total, int):
+                raise StoreUnavailableError(
+                    "LlamaCloud's files answer has no files list or total_count")
+            for file in files:
+                if isinstance(file, dict) and file.get("id"):
+                    info = _document_info(file)
+                    found[info.document_id] = info
+            # By what came back, not by what was asked: a server may cap a page.
+            offset += len(files)
+            if not files or offset >= total:
+                return found
 
     def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
                  ) -> list[NodeWithScore]:
@@ -394,8 +430,8 @@ def _text_node(raw: dict[str, Any], position: int) -> TextNode:
     source = raw.get("relationships", {}) if isinstance(raw.get("relationships"), dict) else {}
     source_node = source.get("1")
     source_id = source_node.get("node_id") if isinstance(source_node, dict) else None
-    document_id = (metadata.get("document_id") or metadata.get("file_id") or source_id
-                   or metadata.get("file_path") or metadata.get("file_name") or node_id)
+    document_id = (_document_id(metadata) or source_id or metadata.get("file_path")
+                   or metadata.get("file_name") or node_id)
     metadata["document_id"] = str(document_id)
     text = raw.get("text")
     return TextNode(id_=node_id, text=text if isinstance(text, str) else "", metadata=metadata)
@@ -423,7 +459,37 @@ def _manifest(knowledge_id: str, pipeline: dict[str, Any]) -> KBManifest:
              if t is not None}
     return KBManifest(knowledge_id=knowledge_id, embedding=None,
                       chunking={"store": "llamacloud", "pipeline_id": str(pipeline.get("id"))},
-                      **times)
+                      documents=None, chunks=None, **times)
+
+
+def _document_id(metadata: dict[str, Any]) -> str | None:
+    """The document a chunk's or a file's metadata names: the ``document_id`` a user
+    gave the file, else LlamaCloud's file id. Records and the listing both use it."""
+    named = metadata.get("document_id") or metadata.get("file_id")
+    return str(named) if named else None
+
+
+def _document_info(file: dict[str, Any]) -> DocumentInfo:
+    """A file of ``GET .../files2`` as a document, under its chunks' ``document_id``."""
+    custom = file.get("custom_metadata")
+    metadata: dict[str, Any] = dict(custom) if isinstance(custom, dict) else {}
+    name = file.get("name") if isinstance(file.get("name"), str) else None
+    size, kind = file.get("file_size"), file.get("file_type")
+    modified = _timestamp(file.get("last_modified_at"))
+    if isinstance(file.get("status"), str):
+        # Only a file LlamaCloud finished indexing ("SUCCESS") has chunks to find.
+        metadata["llamacloud_status"] = file["status"]
+    return DocumentInfo(
+        document_id=_document_id({**metadata, "file_id": file.get("file_id")})
+        or str(file["id"]),
+        title=name or str(file.get("file_id") or file["id"]),
+        file_name=name,
+        file_type=kind if isinstance(kind, str) else None,
+        file_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+        last_modified=None if modified is None else int(modified),
+        chunks=None,
+        metadata=metadata,
+    )
 
 
 def _detail(response: httpx.Response) -> str:
