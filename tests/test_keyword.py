@@ -1,4 +1,4 @@
-"""Keyword search: the multilingual analyzer and the BM25 index with absolute scores."""
+"""Keyword search: the multilingual analyzer, the one BM25, and the embedded store's index."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from llamaindex_kb.keyword import KeywordIndex, tokenize
+from llamaindex_kb.stores.local.keyword import KeywordIndex
+from llamaindex_kb.text.analyzer import tokenize
+from llamaindex_kb.text.bm25 import Postings, best_term_weights, score_postings
 
 CORPUS = [
     "大语言模型的检索增强生成是一种常用技术，它先检索相关文档再生成答案。",  # 0
@@ -35,9 +38,9 @@ def index() -> KeywordIndex:
 
 
 def top_row(index: KeywordIndex, query: str) -> int:
-    rows, _ = index.search(query, 1)
-    assert rows.size == 1, f"{query!r} found nothing"
-    return int(rows[0])
+    scores = index.scores(query)
+    assert scores.any(), f"{query!r} found nothing"
+    return int(np.argmax(scores))
 
 
 def test_chinese_clause_is_split_so_a_word_inside_it_matches(index: KeywordIndex) -> None:
@@ -67,6 +70,11 @@ def test_english_inflections_share_a_stem(index: KeywordIndex) -> None:
     assert top_row(index, "retrieving passages") == 3
 
 
+def test_english_stopwords_are_dropped_with_their_apostrophe_forms() -> None:
+    assert tokenize("The cat and the hat") == tokenize("cat hat")
+    assert tokenize("don't shouldn't you're") == []
+
+
 def test_full_width_forms_read_as_ascii() -> None:
     assert tokenize("ＬｌａｍａＩｎｄｅｘ　１２３") == tokenize("LlamaIndex 123")
 
@@ -77,59 +85,99 @@ def test_kana_and_hangul_match_on_character_bigrams(index: KeywordIndex) -> None
 
 
 @pytest.mark.parametrize("query", ["the of and is", "", "   ", "zyxwvut"])
-def test_query_without_indexed_terms_returns_nothing(index: KeywordIndex, query: str) -> None:
-    rows, scores = index.search(query, 5)
-    assert rows.size == 0 and scores.size == 0
+def test_query_without_indexed_terms_scores_every_row_zero(index: KeywordIndex,
+                                                           query: str) -> None:
+    scores = index.scores(query)
+    assert scores.shape == (len(CORPUS),) and not scores.any()
 
 
-def test_scores_are_in_unit_range_sorted_and_exact_match_beats_partial(
-    index: KeywordIndex,
-) -> None:
-    rows, scores = index.search("Cloud sales drove revenue growth this quarter.", 10)
-    assert list(rows[:2]) == [9, 8]
-    assert np.all((scores > 0) & (scores <= 1))
-    assert np.all(np.diff(scores) <= 0)
-    assert scores[0] > scores[1]
+def test_scores_are_in_unit_range_and_exact_match_beats_partial(index: KeywordIndex) -> None:
+    scores = index.scores("Cloud sales drove revenue growth this quarter.")
+    assert list(np.argsort(-scores, kind="stable")[:2]) == [9, 8]
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert scores[9] > scores[8] > 0
 
 
 def test_weak_best_match_still_scores_low() -> None:
     rare = ["zebra migration", "quokka habitat", "axolotl tank"]
     index = KeywordIndex.build(rare + [f"ordinary filler text number {i}" for i in range(20)])
-    rows, scores = index.search("zebra quokka axolotl", 5)
-    assert sorted(rows.tolist()) == [0, 1, 2]
+    scores = index.scores("zebra quokka axolotl")
+    assert np.flatnonzero(scores).tolist() == [0, 1, 2]
     # The best row holds one of three equally rare terms: about a third, not 1.0.
-    assert scores[0] < 0.5
+    assert scores.max() < 0.5
 
 
 def test_query_words_missing_from_the_index_lower_the_score() -> None:
     index = KeywordIndex.build(
         ["sourdough bread rises with wild yeast", "green tea brewing", "solar panels"]
     )
-    _, full = index.search("sourdough wild yeast", 1)
-    _, partial = index.search("sourdough pizza oven chimney", 1)
-    assert full[0] == pytest.approx(1.0)
-    assert partial[0] < 0.5
+    assert index.scores("sourdough wild yeast").max() == pytest.approx(1.0)
+    assert index.scores("sourdough pizza oven chimney").max() < 0.5
 
 
-def test_equal_scores_are_ordered_by_row() -> None:
+def test_a_query_term_repeated_counts_each_time() -> None:
+    index = KeywordIndex.build(["alpha beta", "alpha gamma", "beta gamma", "delta"])
+    once, twice = index.scores("alpha beta"), index.scores("alpha alpha beta")
+    # Row 1 holds only alpha: twice the alpha is more of the attainable maximum.
+    assert twice[1] > once[1] > 0
+    assert twice[0] == pytest.approx(1.0) and once[0] == pytest.approx(1.0)
+
+
+def test_rows_holding_the_same_terms_score_the_same() -> None:
     index = KeywordIndex.build(["alpha beta", "gamma", "alpha beta", "alpha beta"])
-    rows, scores = index.search("alpha", 10)
-    assert list(rows) == [0, 2, 3]
-    assert len(set(scores.tolist())) == 1
+    scores = index.scores("alpha")
+    assert scores[1] == 0.0
+    assert scores[0] == scores[2] == scores[3] > 0
 
 
-def test_allowed_mask_keeps_only_allowed_rows_and_fills_top_k() -> None:
-    index = KeywordIndex.build([f"shared term {i}" for i in range(50)])
-    allowed = np.zeros(50, dtype=bool)
-    allowed[1::2] = True
-    rows, _ = index.search("shared term", 10, allowed=allowed)
-    assert rows.size == 10
-    assert allowed[rows].all()
+def postings_of(texts: list[str]) -> tuple[dict[str, Postings], int]:
+    """What the database stores keep for ``texts``: each term's postings, and the total length."""
+    counted = [Counter(tokenize(text)) for text in texts]
+    lengths = np.array([sum(terms.values()) for terms in counted], dtype=np.int64)
+    found: dict[str, list[tuple[int, int]]] = {}
+    for row, terms in enumerate(counted):
+        for term, tf in terms.items():
+            found.setdefault(term, []).append((row, tf))
+    postings = {}
+    for term, occurrences in found.items():
+        rows, tfs = np.array(occurrences, dtype=np.int64).T
+        postings[term] = Postings(rows, tfs, lengths[rows])
+    return postings, int(lengths.sum())
 
 
-def test_allowed_mask_of_the_wrong_shape_is_refused(index: KeywordIndex) -> None:
-    with pytest.raises(ValueError, match="allowed"):
-        index.search("revenue", 3, allowed=np.ones(len(index) + 1, dtype=bool))
+@pytest.mark.parametrize("query", [
+    "检索增强 retrieval", "資料庫 vector search", "cloud revenue cloud", "データ 데이터",
+    "sourdough pizza cloud", "zyxwvut", "quarterly revenue grew thanks to strong cloud sales",
+])
+def test_embedded_index_scores_as_the_database_stores_postings_do(
+    index: KeywordIndex, query: str
+) -> None:
+    # The database stores score from postings at query time, the embedded store from
+    # weights it computed when built: the same query must give the same scores.
+    postings, total_length = postings_of(CORPUS)
+    absent = best_term_weights(postings.values(), len(CORPUS), total_length)
+    terms = tokenize(query)
+    rows, scores = score_postings(terms, {t: postings[t] for t in terms if t in postings},
+                                  len(CORPUS), total_length, absent)
+    expected = np.zeros(len(CORPUS))
+    expected[rows] = scores
+    np.testing.assert_allclose(index.scores(query), expected, rtol=1e-12, atol=0)
+
+
+# Written by the bm25s-based index (commit 4c8a073, bm25s 0.3.16) from CORPUS: the
+# files of every embedded knowledge base built before this index computed its own weights.
+BM25S_INDEX = Path(__file__).parent / "fixtures" / "keyword-bm25s"
+
+
+def test_an_index_bm25s_wrote_scores_as_one_built_now(index: KeywordIndex) -> None:
+    old = KeywordIndex.load(BM25S_INDEX)
+    assert len(old) == len(CORPUS)
+    for query in ["检索", "資料庫", "cloud revenue", "データ", "vector search", "retrieving"]:
+        built, read = index.scores(query), old.scores(query)
+        assert np.array_equal(built > 0, read > 0)
+        # bm25s computed its weights in float32 arithmetic, this index rounds float64
+        # ones to float32: they agree to float32 rounding.
+        np.testing.assert_allclose(read, built, rtol=3e-7, atol=0)
 
 
 def test_saved_index_answers_exactly_like_the_built_one(
@@ -139,9 +187,7 @@ def test_saved_index_answers_exactly_like_the_built_one(
     loaded = KeywordIndex.load(tmp_path / "kw")
     assert len(loaded) == len(index)
     for query in ["检索", "資料庫", "cloud revenue", "データ", "vector search"]:
-        expected, got = index.search(query, 5), loaded.search(query, 5)
-        np.testing.assert_array_equal(got[0], expected[0])
-        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(loaded.scores(query), index.scores(query))
 
 
 def test_saving_over_an_index_replaces_it(tmp_path: Path) -> None:
@@ -149,7 +195,8 @@ def test_saving_over_an_index_replaces_it(tmp_path: Path) -> None:
     KeywordIndex.build(["new text", "more new text"]).save(tmp_path / "kw")
     loaded = KeywordIndex.load(tmp_path / "kw")
     assert len(loaded) == 2
-    assert loaded.search("old", 5)[0].size == 0
+    assert not loaded.scores("old").any()
+    assert loaded.scores("new").all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kw"]
 
 
@@ -163,13 +210,14 @@ def test_index_from_another_analyzer_version_is_refused(tmp_path: Path) -> None:
         KeywordIndex.load(tmp_path / "kw")
 
 
-def test_index_without_any_term_searches_empty_and_round_trips(tmp_path: Path) -> None:
+def test_index_without_any_term_scores_zero_and_round_trips(tmp_path: Path) -> None:
     for texts in ([], ["", "the and of"]):
         index = KeywordIndex.build(texts)
         index.save(tmp_path / "kw")
         loaded = KeywordIndex.load(tmp_path / "kw")
         assert len(loaded) == len(texts)
-        assert loaded.search("anything", 3)[0].size == 0
+        assert loaded.scores("anything").shape == (len(texts),)
+        assert not loaded.scores("anything").any()
 
 
 def run_in_os_threads(work: Callable[[], object], count: int) -> list[object]:
@@ -204,8 +252,8 @@ def run_in_os_threads(work: Callable[[], object], count: int) -> list[object]:
 def test_concurrent_searches_agree_with_sequential_ones(index: KeywordIndex) -> None:
     queries = ["检索", "資料庫", "cloud revenue", "データ", "retrieving", "混合检索 vector"] * 40
 
-    def search_all() -> list[tuple[list[int], list[float]]]:
-        return [tuple(a.tolist() for a in index.search(q, 5)) for q in queries]
+    def search_all() -> list[list[float]]:
+        return [index.scores(q).tolist() for q in queries]
 
     expected = search_all()
     for result in run_in_os_threads(search_all, 8):
@@ -213,9 +261,9 @@ def test_concurrent_searches_agree_with_sequential_ones(index: KeywordIndex) -> 
 
 
 def test_jieba_starts_quietly_and_caches_only_in_the_temp_dir(tmp_path: Path) -> None:
-    # A fresh interpreter, because jieba loads once per process. keyword.py is
+    # A fresh interpreter, because jieba loads once per process. analyzer.py is
     # loaded by path so the package's heavier imports stay out of the timing.
-    module = Path(__file__).resolve().parent.parent / "llamaindex_kb" / "keyword.py"
+    module = Path(__file__).resolve().parent.parent / "llamaindex_kb" / "text" / "analyzer.py"
     script = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('keyword_probe', {str(module)!r})\n"

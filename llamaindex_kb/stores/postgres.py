@@ -62,15 +62,6 @@ from psycopg.types.json import Json, Jsonb
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
 from llamaindex_kb.filters import sql_prefilter
-from llamaindex_kb.keyword import (
-    ANALYZER_VERSION,
-    Postings,
-    TermWeights,
-    best_term_weights,
-    score_terms,
-    term_weights,
-    tokenize,
-)
 from llamaindex_kb.lru import LRU
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.scoring import CHILDREN_PER_PARENT
@@ -89,6 +80,14 @@ from llamaindex_kb.stores.exact_topk import (
     first_lookup,
     first_window,
     retrieve,
+)
+from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
+from llamaindex_kb.text.bm25 import (
+    Postings,
+    TermWeights,
+    best_term_weights,
+    score_terms,
+    term_weights,
 )
 
 CONNECT_TIMEOUT_S = 2  # libpq's minimum

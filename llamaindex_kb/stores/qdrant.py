@@ -86,13 +86,6 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
 )
 from llamaindex_kb.filters import to_metadata_filters
-from llamaindex_kb.keyword import (
-    ANALYZER_VERSION,
-    Postings,
-    best_term_weights,
-    score_postings,
-    tokenize,
-)
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.stores.base import (
     Change,
@@ -104,6 +97,8 @@ from llamaindex_kb.stores.base import (
     query_embedding,
 )
 from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, retrieve
+from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
+from llamaindex_kb.text.bm25 import Postings, best_term_weights, score_postings
 
 TIMEOUT_S = 4  # every request to a server
 RETRY_S = 2.0  # how long a read keeps retrying a transient failure

@@ -31,7 +31,6 @@ from llamaindex_kb.errors import (
     out_of_resources,
 )
 from llamaindex_kb.filters import MetadataTable
-from llamaindex_kb.keyword import KeywordIndex
 from llamaindex_kb.scoring import (
     best_parents,
     clip_similarities,
@@ -51,6 +50,7 @@ from llamaindex_kb.stores.base import (
     embed_query,
 )
 from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
+from llamaindex_kb.stores.local.keyword import KeywordIndex
 from llamaindex_kb.stores.local.layout import MANIFEST_FILE, hold_version, read_array
 from llamaindex_kb.stores.local.vectors import VectorMatrix, top_rows
 

@@ -16,9 +16,9 @@ from llama_index.core.storage.docstore.utils import doc_to_json
 
 from llamaindex_kb.errors import DISK_FULL_ERRNOS, DiskFullError
 from llamaindex_kb.filters import MetadataTable
-from llamaindex_kb.keyword import KeywordIndex
 from llamaindex_kb.stores.base import DocumentInfo, KBManifest
 from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
+from llamaindex_kb.stores.local.keyword import KeywordIndex
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.vectors import VectorMatrix, normalise
 from llamaindex_kb.stores.local.version import (
