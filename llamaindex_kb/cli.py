@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every build at DEBUG
     try:
         return _run(args)
     except KBError as exc:
