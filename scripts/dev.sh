@@ -3,6 +3,9 @@
 #   scripts/dev.sh demo   set up, then serve the demo knowledge base on http://127.0.0.1:8000
 #   scripts/dev.sh test   set up, then run ruff and the whole test suite
 #   scripts/dev.sh stress set up, then tools/stress.py <args>: hostile clients, load, faults
+#   scripts/dev.sh bench  set up, then the benchmark (tools/bench.py) <args>, on the data
+#                         sets in ../shared/datasets unless --datasets or
+#                         LLAMAINDEX_KB_DATASETS names others
 #   scripts/dev.sh <args> set up, then python -m llamaindex_kb <args>
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +54,13 @@ case "${1:-demo}" in
     ;;
   stress)
     exec .venv/bin/python tools/stress.py "${@:2}"
+    ;;
+  bench)
+    if [ -z "${LLAMAINDEX_KB_DATASETS:-}" ] && [ -d ../shared/datasets ]; then
+      LLAMAINDEX_KB_DATASETS="$(cd ../shared/datasets && pwd)"
+      export LLAMAINDEX_KB_DATASETS
+    fi
+    exec .venv/bin/python -m llamaindex_kb bench "${@:2}"
     ;;
   *)
     exec .venv/bin/python -m llamaindex_kb "$@"

@@ -1,10 +1,13 @@
 """``python -m llamaindex_kb bench``: retrieval quality and latency, through the real HTTP path.
 
-Quality: for each BEIR-layout data set (corpus.jsonl, queries.jsonl, qrels/test.tsv)
-one knowledge base is built (one node per document, title + text, embedded with the
-local model; cached in the work directory), a standalone server answers every test
-query over HTTP in each mode, and nDCG@10 and Recall@100 are printed beside a
-whitespace-tokenised BM25 baseline.
+The data sets are a folder of BEIR-layout sets (<set>/corpus.jsonl, queries.jsonl,
+qrels/test.tsv), named by ``--datasets DIR`` or the LLAMAINDEX_KB_DATASETS variable;
+``scripts/dev.sh bench`` passes ../shared/datasets when that folder exists.
+
+Quality: for each data set one knowledge base is built (one node per document,
+title + text, embedded with the local model; cached in the work directory), a
+standalone server answers every test query over HTTP in each mode, and nDCG@10 and
+Recall@100 are printed beside a whitespace-tokenised BM25 baseline.
 
 Scale: a synthetic knowledge base of N chunks (sentences of the first data set's
 corpus recombined, random unit vectors recorded as the local model's, so query
@@ -47,7 +50,7 @@ from llamaindex_kb.stores.local.store import LocalStore
 from llamaindex_kb.stores.registry import store_for
 from llamaindex_kb.text.bm25 import Postings, score_postings
 
-DEFAULT_DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+DATASETS_ENV = "LLAMAINDEX_KB_DATASETS"
 SETS = ["scifact", "nfcorpus", "cmrc2018_retrieval"]
 MODES = ["keyword", "vector", "hybrid"]
 _NS = uuid.UUID("0b0e7a52-6a39-4d59-8c0f-3c6f2f7d9e11")
@@ -420,8 +423,9 @@ def _node_ids(data_dir: Path, knowledge_id: str) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m llamaindex_kb bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS,
-                        help="folder of BEIR-layout data sets [../shared/datasets]")
+    parser.add_argument("--datasets", type=Path, metavar="DIR",
+                        default=os.environ.get(DATASETS_ENV) or None,
+                        help=f"folder of BEIR-layout data sets [${DATASETS_ENV}]")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated data set names")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--work-dir", type=Path, default=Path(".bench"),
@@ -435,11 +439,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ingest-chunks", type=int, default=100_000,
                         help="chunks for the ingestion run")
     args = parser.parse_args(argv)
+    if args.datasets is None:
+        parser.error(f"--datasets DIR is required (or set {DATASETS_ENV}): a folder of "
+                     "BEIR-layout data sets such as scifact/corpus.jsonl")
     if not args.datasets.is_dir():
         print(f"no data sets at {args.datasets}: pass --datasets DIR", file=sys.stderr)
         return 2
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    for noisy in ("httpx", "werkzeug", "llamaindex_kb.api"):
+    # One line per request (the access log, and the app's at -v) would bury the results.
+    for noisy in ("httpx", "werkzeug", "llamaindex_kb.access", "llamaindex_kb.http.app"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     target = Target(args.work_dir, args.store)
     if target.store_url:
