@@ -27,8 +27,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from werkzeug import Request
 
+from llamaindex_kb.conditions.model import MetadataCondition, parse_metadata_condition
 from llamaindex_kb.errors import InvalidFieldError, MalformedBodyError
-from llamaindex_kb.filters import MetadataCondition, parse_metadata_condition
 from llamaindex_kb.ids import KB_ID_MAX
 from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, over_limit
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from llama_index.core.schema import NodeWithScore
 
+from llamaindex_kb.conditions.compiled import compile_condition
 from llamaindex_kb.config import Settings
 from llamaindex_kb.contract import Record, RetrievalRequest
 from llamaindex_kb.models.base import Models, Reranker
@@ -54,7 +55,8 @@ class Library:
             query=request.query,
             top_k=request.top_k,
             score_threshold=request.score_threshold,
-            condition=request.condition,
+            predicate=(None if request.condition is None
+                       else compile_condition(request.condition)),
             mode=self.settings.retrieval_mode,
             semantic_weight=self.settings.semantic_weight,
         )

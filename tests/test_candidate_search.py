@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from llamaindex_kb.filters import matches, parse_metadata_condition
+from llamaindex_kb.conditions.compiled import compile_condition
+from llamaindex_kb.conditions.model import parse_metadata_condition
 from llamaindex_kb.scoring import best_parents
 from llamaindex_kb.stores.base import QueryPlan
 from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, Metadata, rank
@@ -42,7 +43,7 @@ def _exhaustive(similarity, keyword, metadata, weight, plan, want):
     scored = []
     for row in range(similarity.size):
         score = weight * similarity[row] + (1 - weight) * keyword.get(row, 0.0)
-        if score >= floor and (plan.condition is None or matches(plan.condition, metadata[row])):
+        if score >= floor and (plan.predicate is None or plan.predicate.matches(metadata[row])):
             scored.append((row, score))
     scored.sort(key=lambda item: (-item[1], item[0]))
     return scored[:want]
@@ -74,13 +75,15 @@ def test_rank_equals_scoring_every_chunk(seed):
     raw = CONDITIONS[seed % len(CONDITIONS)]
     condition = parse_metadata_condition(raw) if raw else None
     # The store pre-filters on the condition's first part when it is an `and` of `is`.
-    prefilter = [condition is None or raw["logical_operator"] == "or"
-                 or matches(parse_metadata_condition(
-                     {"conditions": raw["conditions"][:1]}), m) for m in metadata]
+    first_part = compile_condition(parse_metadata_condition(
+        {"conditions": raw["conditions"][:1]})) if raw else None
+    prefilter = [first_part is None or raw["logical_operator"] == "or"
+                 or first_part.matches(m) for m in metadata]
     weight = float(rng.choice([0.0, 0.3, 0.7, 1.0]))
     if weight == 1.0:
         keyword = {}
-    plan = QueryPlan(query="q", top_k=10, condition=condition,
+    plan = QueryPlan(query="q", top_k=10,
+                     predicate=None if condition is None else compile_condition(condition),
                      score_threshold=float(rng.choice([0.0, 0.0, 0.2])))
     ranking = (KeywordRanking(np.array(list(keyword), np.int64),
                               np.array(list(keyword.values()), np.float64))

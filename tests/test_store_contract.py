@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,17 @@ from hypothesis import strategies as st
 from llama_index.core.schema import TextNode
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
+from qdrant_client import QdrantClient, models
+from test_filters import records_and_condition
 
+from llamaindex_kb.conditions.compiled import (
+    Predicate,
+    TextEquals,
+    TextIn,
+    compile_condition,
+    plain_key,
+)
+from llamaindex_kb.conditions.model import MetadataCondition, Operator
 from llamaindex_kb.config import load_settings
 from llamaindex_kb.contract import Record, RetrievalRequest, parse_retrieval_request
 from llamaindex_kb.errors import (
@@ -41,7 +51,6 @@ from llamaindex_kb.errors import (
     KnowledgeBaseNotFound,
     StoreUnavailableError,
 )
-from llamaindex_kb.filters import MetadataCondition, Operator, matches, sql_prefilter
 from llamaindex_kb.ingestion.chunking import ChunkingConfig
 from llamaindex_kb.ingestion.pipeline import (
     IngestSummary,
@@ -58,6 +67,7 @@ from llamaindex_kb.service import api_for
 from llamaindex_kb.stores import qdrant as qdrant_store
 from llamaindex_kb.stores.base import KnowledgeStore, QueryPlan
 from llamaindex_kb.stores.local.store import LocalStore
+from llamaindex_kb.stores.postgres_prefilter import sql_prefilter
 from llamaindex_kb.stores.qdrant import QdrantStore
 from llamaindex_kb.stores.registry import open_store
 
@@ -232,12 +242,50 @@ def test_filtered_results_are_the_reference_evaluators_subset(stores, raw, mode)
         condition = MetadataCondition.model_validate(raw)
     except ValidationError:
         assume(False)
+    predicate = compile_condition(condition)
     query = "search knowledge retrieval 检索"
     for name in STORES:
         everything = _retrieve(stores[name], query, top_k=100, mode=mode)
-        expected = [r for r in everything if matches(condition, r.metadata)][:6]
+        expected = [r for r in everything if predicate.matches(r.metadata)][:6]
         got = _retrieve(stores[name], query, top_k=6, mode=mode, condition=raw)
         _same(got, expected)
+
+
+def test_a_request_compiles_its_condition_once_however_many_rows_it_checks(
+        stores, monkeypatch):
+    built: list[Predicate] = []
+    checked: list[object] = []  # rows checked one by one
+    masked: list[object] = []  # tables answered column by column
+    make, matches, mask = Predicate.__init__, Predicate.matches, Predicate.mask
+
+    def counted_make(self: Predicate, *args: Any) -> None:
+        built.append(self)
+        make(self, *args)
+
+    def counted_matches(self: Predicate, metadata: Any) -> bool:
+        checked.append(metadata)
+        return matches(self, metadata)
+
+    def counted_mask(self: Predicate, table: Any) -> Any:
+        masked.append(table)
+        return mask(self, table)
+
+    monkeypatch.setattr(Predicate, "__init__", counted_make)
+    monkeypatch.setattr(Predicate, "matches", counted_matches)
+    monkeypatch.setattr(Predicate, "mask", counted_mask)
+    # `contains` has no exact part: the database stores check every candidate here.
+    condition = {"conditions": [{"name": "note", "comparison_operator": "contains",
+                                 "value": "note"}]}
+    for name in STORES:
+        built.clear(), checked.clear(), masked.clear()
+        records = _retrieve(stores[name], "part item search", top_k=10, mode="hybrid",
+                            condition=condition)
+        assert len(records) == 10 and all("note" in r.metadata["note"] for r in records)
+        assert len(built) == 1, name
+        if name == "local":
+            assert (len(masked), len(checked)) == (1, 0)
+        else:
+            assert len(checked) > len(records), (name, len(checked))
 
 
 def test_parent_child_returns_each_parent_once_alike(stores):
@@ -581,7 +629,7 @@ def test_postgres_numeric_prefilter_never_loses_a_match_nor_fails(postgres_url):
         for value in (5, -50, 0.05, 1e300, "2015-06-01") if not (
             op in ("=", "≠", "is", "is not") and isinstance(value, str))]
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        for condition in conditions:
+        for condition in map(compile_condition, conditions):
             pushed = sql_prefilter(condition)
             assert pushed is not None, condition
             where, params = pushed
@@ -590,12 +638,94 @@ def test_postgres_numeric_prefilter_never_loses_a_match_nor_fails(postgres_url):
                 passes = conn.execute(
                     f"SELECT {where} FROM (SELECT %s::jsonb AS metadata) AS record",
                     [*params, Jsonb(metadata)]).fetchone()[0]
-                expected = matches(condition, metadata)
+                expected = condition.matches(metadata)
                 if expected:
                     assert passes, (condition, value)
                 if isinstance(value, int | float) and not isinstance(value, bool) \
                         and abs(value) < 1e100:
                     assert passes == expected, (condition, value)
+
+
+# --- pushdown: each store's translation of the exact part, against the reference ---------
+
+
+def _stored(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records as a store's JSON metadata can hold them: without NaN, infinities and
+    NUL, which ingestion refuses."""
+    def storable(value: Any) -> bool:
+        try:
+            return "\\u0000" not in json.dumps(value, allow_nan=False)
+        except ValueError:
+            return False
+    return [{key: value for key, value in record.items() if storable(value)}
+            for record in records]
+
+
+def _text_only(predicate: Predicate, key_ok: Callable[[str], bool]) -> bool:
+    """Every check went down, as text equality or membership: the store decides alone."""
+    exact = predicate.exact_part
+    return len(exact.checks) == exact.total and all(
+        isinstance(check, TextEquals | TextIn) and key_ok(check.key) for check in exact.checks)
+
+
+@pytest.fixture(scope="module")
+def pg_conn(postgres_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        yield conn
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=records_and_condition(pushable=True))
+def test_postgres_prefilter_lets_every_match_through_and_only_those_when_text_decides(
+        pg_conn, case):
+    records, condition = case
+    records = _stored(records)
+    predicate = compile_condition(condition)
+    reference = {i for i, record in enumerate(records) if predicate.matches(record)}
+    pushed = sql_prefilter(predicate)
+    if pushed is None:  # no pre-filter: every row goes on to `matches`
+        passed = set(range(len(records)))
+    else:
+        where, params = pushed
+        passed = {row for (row,) in pg_conn.execute(
+            "SELECT ord - 1 FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY "
+            f"AS record(metadata, ord) WHERE {where}", [Jsonb(records), *params])}
+    assert reference <= passed
+    if pushed is not None and _text_only(predicate, lambda key: "\x00" not in key):
+        assert passed == reference
+
+
+@pytest.fixture(scope="module")
+def qdrant_memory() -> Iterator[QdrantClient]:
+    client = QdrantClient(":memory:")
+    yield client
+    client.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=records_and_condition(pushable=True))
+def test_qdrant_filter_lets_every_match_through_and_only_those_when_text_decides(
+        qdrant_memory, case):
+    records, condition = case
+    records = _stored(records)
+    predicate = compile_condition(condition)
+    reference = {i for i, record in enumerate(records) if predicate.matches(record)}
+    pushed = qdrant_store.qdrant_filter(predicate)
+    if qdrant_memory.collection_exists("pushdown"):
+        qdrant_memory.delete_collection("pushdown")
+    qdrant_memory.create_collection("pushdown", vectors_config=models.VectorParams(
+        size=1, distance=models.Distance.DOT))
+    qdrant_memory.upsert("pushdown", [
+        models.PointStruct(id=i, vector=[1.0], payload={"metadata": record})
+        for i, record in enumerate(records)])
+    points, _ = qdrant_memory.scroll("pushdown", scroll_filter=pushed, limit=len(records) + 1)
+    passed = {int(point.id) for point in points}
+    assert reference <= passed
+    # Qdrant matches a list by any element, where Dify compares the list's JSON text.
+    lists = any(isinstance(record.get(check.key), list)
+                for record in records for check in predicate.exact_part.checks)
+    if pushed is not None and _text_only(predicate, plain_key) and not lists:
+        assert passed == reference
 
 
 def test_postgres_keyword_scores_follow_documents_another_process_adds_or_deletes(

@@ -13,13 +13,13 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from pydantic import BaseModel, ConfigDict, Field
 
+from llamaindex_kb.conditions.compiled import Predicate
 from llamaindex_kb.config import RetrievalMode
 from llamaindex_kb.errors import (
     EmbeddingMismatchError,
     InvalidFieldError,
     KnowledgeBaseNotFound,
 )
-from llamaindex_kb.filters import MetadataCondition
 from llamaindex_kb.models.spec import EmbeddingSpec
 from llamaindex_kb.scoring import semantic_weight
 
@@ -171,7 +171,10 @@ class QueryPlan(BaseModel):
     query: str
     top_k: int
     score_threshold: float = 0.0
-    condition: MetadataCondition | None = None
+    # The request's metadata_condition, compiled once where the plan is made
+    # (Library.retrieve), not per store or per candidate row: every store gets it ready
+    # to evaluate, and a reranker's wider copy of the plan shares it.
+    predicate: Predicate | None = None
     mode: RetrievalMode | None = None
     semantic_weight: float | None = None
 

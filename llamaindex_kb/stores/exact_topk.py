@@ -24,7 +24,6 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from llama_index.core.schema import BaseNode, NodeWithScore
 
-from llamaindex_kb.filters import matches
 from llamaindex_kb.scoring import (
     best_parents,
     clip_similarities,
@@ -176,10 +175,11 @@ def rank(source: CandidateSource, keyword: KeywordRanking, weight: float, plan: 
         known.update(rows)
         scores = fuse(found.similarity, keyword.scores_of(found.rows), weight)
         keep &= scores >= floor
-        if plan.condition is not None:
+        if plan.predicate is not None:
             assert found.metadata is not None, "a condition needs the candidates' metadata"
+            matches = plan.predicate.matches
             for at in np.flatnonzero(keep).tolist():
-                keep[at] = matches(plan.condition, found.metadata[at])
+                keep[at] = matches(found.metadata[at])
         passing_rows = np.concatenate((passing_rows, found.rows[keep]))
         passing_scores = np.concatenate((passing_scores, scores[keep]))
 

@@ -43,15 +43,16 @@ states them, all with ``Authorization: Bearer <key>``:
   ``retrieval_mode: "chunks"``, ``alpha`` (0 to 1, only when a retrieval mode is
   configured: vector 1, keyword 0, hybrid the semantic weight) and ``search_filters``
   (LlamaIndex ``MetadataFilters`` JSON: ``filters`` of ``{key, value, operator}`` and
-  ``condition``, for the part of ``metadata_condition`` that
-  ``filters.to_metadata_filters`` expresses exactly: ``==`` and ``in``); the answer's
+  ``condition``, for the part of ``metadata_condition`` that LlamaIndex's operators
+  express exactly: the exact part's ``TextEquals`` as ``==`` and ``TextIn`` as ``in``,
+  ``_search_filters``); the answer's
   ``retrieval_nodes[].node`` (``id_``, ``text``, ``extra_info``, ``relationships``) and
   ``retrieval_nodes[].score``. ``enable_reranking`` is not sent, so LlamaCloud's
   default applies.
 
 Every answer is checked here: scores clipped to [0, 1] and sorted, ``score_threshold``
 applied to the score reported, ``metadata_condition`` re-checked on every record with
-``filters.matches`` (fetching more, up to LlamaCloud's 100, when that leaves fewer than
+``Predicate.matches`` (fetching more, up to LlamaCloud's 100, when that leaves fewer than
 ``top_k``), ``top_k`` respected, ``metadata`` an object with a stable ``document_id``
 (``document_id``, else ``file_id``, else the source document's id, else the file
 path or name, else the chunk id).
@@ -79,7 +80,15 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import httpx
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import NodeWithScore, TextNode
+from llama_index.core.vector_stores.types import FilterOperator
 
+from llamaindex_kb.conditions.compiled import (
+    ExactCheck,
+    Predicate,
+    TextEquals,
+    TextIn,
+    plain_key,
+)
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
     ConfigurationError,
@@ -87,7 +96,6 @@ from llamaindex_kb.errors import (
     ReadOnlyStoreError,
     StoreUnavailableError,
 )
-from llamaindex_kb.filters import _tests, matches, to_metadata_filters
 from llamaindex_kb.redaction import redact_text
 from llamaindex_kb.scoring import clip, lowest_returned
 from llamaindex_kb.stores.base import Change, DocumentInfo, KBManifest, Published, QueryPlan
@@ -354,8 +362,8 @@ class LlamaCloudIndex:
             body["alpha"] = {"vector": 1.0, "keyword": 0.0}.get(
                 plan.mode, 0.7 if plan.semantic_weight is None else plan.semantic_weight)
         pushed_everything = True
-        if plan.condition is not None:
-            search_filters, pushed_everything = _search_filters(plan.condition)
+        if plan.predicate is not None:
+            search_filters, pushed_everything = _search_filters(plan.predicate)
             if search_filters is not None:
                 body["search_filters"] = search_filters
         want = min(MAX_TOP_K, plan.top_k if pushed_everything else plan.top_k * 4)
@@ -390,7 +398,7 @@ class LlamaCloudIndex:
             if node.node_id in seen:
                 continue
             seen.add(node.node_id)
-            if plan.condition is not None and not matches(plan.condition, node.metadata):
+            if plan.predicate is not None and not plan.predicate.matches(node.metadata):
                 rejected += 1
                 continue
             score = clip(item.get("score"))
@@ -402,23 +410,27 @@ class LlamaCloudIndex:
 # --- helpers ---------------------------------------------------------------------
 
 
-def _search_filters(condition: Any) -> tuple[dict[str, Any] | None, bool]:
+def _search_filters(predicate: Predicate) -> tuple[dict[str, Any] | None, bool]:
     """(LlamaCloud search_filters or None, whether they express the whole condition)."""
-    filters = to_metadata_filters(condition)
-    if filters is None:
+    pushed = predicate.exact_part.translate(_search_filter)
+    if pushed is None:
         return None, False
-    exact = [f for f in filters.filters if getattr(f, "key", None) not in _SYNTHESIZED_KEYS]
-    conjunction = str(getattr(filters.condition, "value", filters.condition))
-    if not exact or (conjunction == "or" and len(exact) < len(filters.filters)):
-        return None, False
-    # Whether the filters cover every condition that takes part (skipped ones do not).
-    whole = len(exact) == len(_tests(condition))
-    payload = {
-        "filters": [{"key": f.key, "value": f.value, "operator": f.operator.value}
-                    for f in exact],
-        "condition": conjunction,
-    }
-    return payload, whole
+    payload = {"filters": list(pushed.parts), "condition": pushed.logical_operator}
+    return payload, pushed.complete
+
+
+def _search_filter(check: ExactCheck) -> dict[str, Any] | None:
+    """One check as a LlamaIndex ``MetadataFilter``'s JSON, where LlamaIndex's operator
+    means what Dify's does; ``None`` elsewhere."""
+    if check.key in _SYNTHESIZED_KEYS or not plain_key(check.key):
+        return None
+    match check:
+        case TextEquals(key, text):
+            return {"key": key, "value": text, "operator": FilterOperator.EQ.value}
+        case TextIn(key, texts):
+            return {"key": key, "value": list(texts), "operator": FilterOperator.IN.value}
+    # LlamaIndex's EQ and GT on numbers miss Dify's numeric strings and ISO times.
+    return None
 
 
 def _text_node(raw: dict[str, Any], position: int) -> TextNode:

@@ -61,7 +61,6 @@ from psycopg.types.json import Json, Jsonb
 
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
-from llamaindex_kb.filters import sql_prefilter
 from llamaindex_kb.lru import LRU
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.scoring import CHILDREN_PER_PARENT
@@ -81,6 +80,7 @@ from llamaindex_kb.stores.exact_topk import (
     first_window,
     retrieve,
 )
+from llamaindex_kb.stores.postgres_prefilter import sql_prefilter
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
 from llamaindex_kb.text.bm25 import (
     Postings,
@@ -456,9 +456,9 @@ class _Search:
     def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan,
                  query_vector: _QueryVector | None) -> None:
         self.cur, self.base, self.query_vector = cur, base, query_vector
-        pushdown = sql_prefilter(plan.condition) if plan.condition is not None else None
+        pushdown = sql_prefilter(plan.predicate) if plan.predicate is not None else None
         self.filtered = pushdown is not None
-        self.with_metadata = plan.condition is not None
+        self.with_metadata = plan.predicate is not None
         where, self.where_params = pushdown if pushdown is not None else ("TRUE", [])
         self.sql = _search_sql(base.chunks.as_string(), self.with_metadata, where,
                                query_vector is not None)

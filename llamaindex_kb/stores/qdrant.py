@@ -36,7 +36,8 @@ vector) and dense (exact filter parts pushed down). The store scores the candida
 itself: cosine clipped to [0, 1]; BM25 from the term counts by
 ``keyword.score_postings``; hybrid = w·vector + (1−w)·keyword, its exact top-k found
 by ``candidate_search.rank`` (as pg_store); conditions re-checked with
-``filters.matches``.
+``Predicate.matches``; the dense search is pre-filtered by the condition's exact part,
+translated straight into a Qdrant ``Filter`` (``qdrant_filter``).
 
 Faults, as Dify sees them: a refused or silent connection, a 429 and a 5xx are retried
 for ``RETRY_S`` (reads), then a 503 (``StoreUnavailableError``). Every answer is
@@ -72,12 +73,18 @@ import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
-from llama_index.core.vector_stores.types import FilterOperator, MetadataFilters
 from pydantic import ValidationError
 from qdrant_client import QdrantClient, models
 from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from llamaindex_kb.conditions.compiled import (
+    ExactCheck,
+    Predicate,
+    TextEquals,
+    TextIn,
+    plain_key,
+)
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
     ConfigurationError,
@@ -85,7 +92,6 @@ from llamaindex_kb.errors import (
     KnowledgeBaseNotFound,
     StoreUnavailableError,
 )
-from llamaindex_kb.filters import to_metadata_filters
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.stores.base import (
     Change,
@@ -544,8 +550,7 @@ class _Search:
         self.base, self.query_vector = base, query_vector
         self.payloads: dict[int, dict[str, Any]] = {}
         self.similarity: dict[int, float] = {}
-        pushdown = to_metadata_filters(plan.condition) if plan.condition is not None else None
-        self.filter = _qdrant_filter(pushdown)
+        self.filter = qdrant_filter(plan.predicate) if plan.predicate is not None else None
 
     def keyword_ranking(self, query: str) -> KeywordRanking:
         """Every chunk holding a query term (a server-side sparse search), scored from
@@ -822,26 +827,32 @@ def _eq(key: str, value: str) -> models.FieldCondition:
     return models.FieldCondition(key=key, match=models.MatchValue(value=value))
 
 
-def _qdrant_filter(filters: MetadataFilters | None) -> models.Filter | None:
-    """The exact part of a condition; a superset of what it matches (lists match an
-    element in Qdrant), so ``matches`` re-checks every candidate."""
-    if filters is None:
+def qdrant_filter(predicate: Predicate) -> models.Filter | None:
+    """The predicate's exact part as a Qdrant filter on the ``metadata`` payload; a
+    superset of what it matches (a list matches an element in Qdrant), so
+    ``predicate.matches`` re-checks every candidate. ``None``: nothing to push down."""
+    pushed = predicate.exact_part.translate(_qdrant_condition)
+    if pushed is None:
         return None
-    conditions: list[models.Condition] = []
-    for item in filters.filters:
-        assert not isinstance(item, MetadataFilters), "to_metadata_filters never nests"
-        key = f"metadata.{item.key}"
-        if item.operator == FilterOperator.EQ:
-            conditions.append(models.FieldCondition(
-                key=key, match=models.MatchValue(value=str(item.value))))
-        elif item.operator == FilterOperator.IN:
-            conditions.append(models.FieldCondition(
-                key=key, match=models.MatchAny(any=[str(v) for v in item.value])))
-        else:
-            raise AssertionError(f"no Qdrant filter for pushed-down operator {item.operator}")
-    if filters.condition.value == "and":
+    conditions = list(pushed.parts)
+    if pushed.logical_operator == "and":
         return models.Filter(must=conditions)
     return models.Filter(should=conditions)
+
+
+def _qdrant_condition(check: ExactCheck) -> models.Condition | None:
+    # Qdrant reads a key's dots and brackets as a path into the payload.
+    if not plain_key(check.key):
+        return None
+    key = f"metadata.{check.key}"
+    match check:
+        case TextEquals(_, text):
+            return models.FieldCondition(key=key, match=models.MatchValue(value=text))
+        case TextIn(_, texts):
+            return models.FieldCondition(key=key, match=models.MatchAny(any=list(texts)))
+    # A numeric range compares JSON numbers only; Dify's numeric form also reads numeric
+    # strings and ISO times, which it would miss.
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.storage.docstore.utils import json_to_doc
 
+from llamaindex_kb.conditions.table import MetadataTable
 from llamaindex_kb.errors import (
     OUT_OF_RESOURCES_MESSAGE,
     ConfigurationError,
@@ -30,7 +31,6 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
     out_of_resources,
 )
-from llamaindex_kb.filters import MetadataTable
 from llamaindex_kb.scoring import (
     best_parents,
     clip_similarities,
@@ -190,8 +190,8 @@ class KnowledgeBase:
             return []
         scores = self._scores(plan.query, mode, weight, embed_model)
         keep = scores >= lowest_returned(plan.score_threshold)
-        if plan.condition is not None:
-            keep &= self.metadata.mask(plan.condition)
+        if plan.predicate is not None:
+            keep &= plan.predicate.mask(self.metadata)
         ranked = np.where(keep, scores, -np.inf)
         if self.parent_child:
             return self._parents(ranked, plan.top_k)

@@ -14,8 +14,8 @@ import numpy as np
 from llama_index.core.schema import BaseNode
 from llama_index.core.storage.docstore.utils import doc_to_json
 
+from llamaindex_kb.conditions.table import MetadataTable
 from llamaindex_kb.errors import DISK_FULL_ERRNOS, DiskFullError
-from llamaindex_kb.filters import MetadataTable
 from llamaindex_kb.stores.base import DocumentInfo, KBManifest
 from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
 from llamaindex_kb.stores.local.keyword import KeywordIndex
