@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from llamaindex_kb.http.server import serve
+        from llamaindex_kb.server import serve
 
         settings = load_settings(_explicit(args))
         if settings.api_key is None:
@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dropped knowledge base {args.kb}")
         return 0
     if args.command == "package":
-        return _tool("packaging").main_package(PROJECT_ROOT, args.out)
+        return _tool("difypkg").main_package(PROJECT_ROOT, args.out)
     if args.command == "bench":
         return _tool("bench").main(args.rest)
     raise AssertionError(args.command)

@@ -47,10 +47,10 @@ class Settings(BaseModel):
     # history; read once by load_settings. An explicit api_key wins.
     api_key_file: Path | None = None
     data_dir: Path = STANDALONE_DATA_DIR
-    # Where knowledge bases live (stores.py): None means local://<data_dir>;
+    # Where knowledge bases live (stores/registry.py): None means local://<data_dir>;
     # postgresql://user:password@host:5432/db shares them between processes.
     store: str | None = Field(default=None, repr=False)
-    # A Qdrant server's API key (qdrant_store.py), unless the store URL has ?api_key=.
+    # A Qdrant server's API key (stores/qdrant.py), unless the store URL has ?api_key=.
     store_api_key: SecretStr | None = None
     demo: bool = False
     host: str = "127.0.0.1"

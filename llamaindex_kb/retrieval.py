@@ -1,6 +1,6 @@
 """All knowledge bases of one store: lookup and retrieval (with optional reranking).
 
-The store (``stores.py``) decides where they live and keeps them open across
+The store (``stores/``) decides where they live and keeps them open across
 requests; a version published by another process is picked up without a restart.
 """
 

@@ -156,7 +156,7 @@ def standalone_server(data_dir: Path, **settings: Any) -> Iterator[str]:
     """The standalone server on a free port in a thread, as `serve` runs it but for the
     signal handlers (tests/test_server.py runs `serve` itself in a subprocess)."""
     from llamaindex_kb import load_settings
-    from llamaindex_kb.http.server import create_server
+    from llamaindex_kb.server import create_server
 
     server = create_server(load_settings(
         {"api_key": API_KEY, "data_dir": data_dir, "port": 0, **settings}, environ={}))

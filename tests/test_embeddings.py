@@ -147,9 +147,9 @@ def test_async_methods_match_sync(model: LocalMiniLMEmbedding) -> None:
         assert cosine(a, b) > 0.99999
 
 
-# conftest imports dify_plugin, whose gevent patching turns threads into greenlets
-# in this process; a fresh interpreter gives eight real OS threads racing to create
-# the session and then running inference at the same time.
+# In a whole test run the SDK's test modules import dify_plugin, whose gevent patching
+# turns threads into greenlets in this process; a fresh interpreter gives eight real OS
+# threads racing to create the session and then running inference at the same time.
 CONCURRENCY_SCRIPT = """
 import json
 from concurrent.futures import ThreadPoolExecutor

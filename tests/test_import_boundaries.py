@@ -124,7 +124,7 @@ def test_no_import_cycle_among_the_package_modules_function_level_imports_includ
 
 def test_the_graph_sees_imports_in_functions_relative_imports_and_registry_strings() -> None:
     # The cycle test is only as good as the graph: pin edges of each kind it must see.
-    assert "llamaindex_kb.http.server" in imports_of("llamaindex_kb.cli")  # inside _run
+    assert "llamaindex_kb.server" in imports_of("llamaindex_kb.cli")  # inside _run
     assert "llamaindex_kb.models.dify" in imports_of("llamaindex_kb.models.choose")
     assert "llamaindex_kb.stores.postgres" in imports_of("llamaindex_kb.stores.registry")
     assert "llamaindex_kb.service" in imports_of("llamaindex_kb")  # the facade's map
@@ -187,7 +187,7 @@ def test_the_standalone_server_serves_without_the_dify_sdk_or_gevent(tmp_path: P
             proc.wait(timeout=60)
     loaded = {line.split("|")[-1].strip() for line in imports.read_text().splitlines()
               if line.startswith("import time:")}
-    assert {"waitress", "llamaindex_kb.http.server", "llamaindex_kb.service"} <= loaded
+    assert {"waitress", "llamaindex_kb.server", "llamaindex_kb.service"} <= loaded
     assert sdk_modules(loaded) == []
 
 

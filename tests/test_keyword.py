@@ -223,8 +223,8 @@ def test_index_without_any_term_scores_zero_and_round_trips(tmp_path: Path) -> N
 def run_in_os_threads(work: Callable[[], object], count: int) -> list[object]:
     """Run ``work`` in ``count`` real OS threads and return what each returned.
 
-    conftest imports dify_plugin, which gevent-patches ``threading``: its
-    threads would be greenlets that never overlap, proving nothing.
+    In a whole test run the SDK's test modules import dify_plugin, which gevent-patches
+    ``threading``: its threads would be greenlets that never overlap, proving nothing.
     """
     from gevent import monkey
 

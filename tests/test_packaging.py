@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tools.packaging import (
+from tools.difypkg import (
     IDENTITY_RE,
     MAX_PACKAGE_SIZE,
     PackagingError,
@@ -765,11 +765,11 @@ def test_the_package_holds_only_what_runs_inside_dify(built_by_the_cli: Path) ->
     folders = {name.split("/")[0] for name in names if "/" in name}
     assert folders == {"_assets", "endpoints", "llamaindex_kb", "provider"}
     code = [name for name in names if name.endswith(".py")]
-    assert "llamaindex_kb/http/server.py" in code
+    assert "llamaindex_kb/server.py" in code
     assert [name for name in code if name != "main.py"
             and name.split("/")[0] not in {"llamaindex_kb", "endpoints"}] == []
     tools = {Path(name).name for name in (PROJECT / "tools").glob("*.py")}
-    assert {"bench.py", "packaging.py"} <= tools
+    assert {"bench.py", "difypkg.py"} <= tools
     dev_files = [name for name in names
                  if Path(name).name in tools | {"conftest.py", "requirements-dev.txt"}
                  or Path(name).name.startswith("test_")]
@@ -782,7 +782,7 @@ def test_package_and_bench_in_an_installed_plugin_name_the_checkout_they_need(
     """The plugin as Dify unpacks it has the CLI but not tools/: a clear error, exit 2."""
     with zipfile.ZipFile(built_by_the_cli) as archive:
         archive.extractall(tmp_path / "installed")
-    for command, tool in (("package", "packaging"), ("bench", "bench")):
+    for command, tool in (("package", "difypkg"), ("bench", "bench")):
         result = subprocess.run([sys.executable, "-m", "llamaindex_kb", command],
                                 cwd=tmp_path / "installed", capture_output=True, text=True,
                                 timeout=120)

@@ -1,6 +1,6 @@
 """`serve` as a user runs it: a separate process on a free port, driven over real sockets.
 
-The test process is gevent-patched (conftest imports dify_plugin); these servers run
+A whole test run is gevent-patched (the SDK's test modules import dify_plugin); these servers run
 in their own unpatched interpreters, as `python -m llamaindex_kb serve` does.
 """
 

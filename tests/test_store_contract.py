@@ -32,7 +32,7 @@ from llama_index.core.schema import TextNode
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 from qdrant_client import QdrantClient, models
-from test_filters import records_and_condition
+from test_conditions import records_and_condition
 
 from llamaindex_kb.conditions.compiled import (
     Predicate,

@@ -540,7 +540,7 @@ def test_waitress_disconnect_flag_in_the_environ_stops_an_upload(data_dir: Path)
     assert written(data_dir) == []
 
 
-# Run apart: the test process is gevent-patched by the Dify SDK (conftest), where
+# Run apart: a whole test run is gevent-patched by the Dify SDK's test modules, where
 # threads are greenlets that never preempt each other, as in the plugin. The
 # standalone server has real threads, and so does this script.
 TAKING_TURNS = """

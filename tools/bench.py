@@ -183,7 +183,7 @@ class InProcessServer:
     """The standalone server on a free port, in a thread of this process."""
 
     def __init__(self, target: Target, mode: str | None, api_key: str) -> None:
-        from llamaindex_kb.http.server import create_server
+        from llamaindex_kb.server import create_server
 
         settings = load_settings(target.settings(api_key=api_key, port=0, retrieval_mode=mode),
                                  environ={})

@@ -5,7 +5,7 @@
 tokenizer in ``_static/minilm/``. It needs no torch and no network. Its vectors
 match sentence-transformers' for the same model (mean pooling, L2 normalised,
 inputs cut at 256 tokens) to a cosine of about 0.9995; queries take a faster int8
-path (``query_model``), within a cosine of 0.97-0.999 of them. English only:
+path (``query_graph.py``), within a cosine of 0.97-0.999 of them. English only:
 its vocabulary has 244 CJK characters, so most Chinese text becomes [UNK] and its
 vectors carry little meaning; Chinese knowledge bases need another model or BM25.
 
@@ -130,7 +130,7 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
 
     The model has no prefixes, but queries and documents take two paths: documents
     the exact one (fp32 arithmetic on the int8-stored weights), queries the faster
-    rewrite with int8 arithmetic and fused operators (``query_model``), ~3 ms less a
+    rewrite with int8 arithmetic and fused operators (``query_graph.py``), ~3 ms less a
     query and within a cosine of 0.97-0.999 of the exact vector.
     """
 

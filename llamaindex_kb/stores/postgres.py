@@ -8,7 +8,7 @@ Tables (created on first use)::
     llamaindex_kb_chunks_<id>  searchable chunks: node JSON, metadata (jsonb), embedding
                                (vector(dim), HNSW cosine index)
     llamaindex_kb_postings_<id>  the keyword index: per term of our analyzer
-                               (keyword.tokenize, so Chinese works without a PostgreSQL
+                               (text.analyzer.tokenize, so Chinese works without a PostgreSQL
                                parser) and per publish ("segment"), the rows holding it
                                with their term frequency and length, packed in a bytea
 
@@ -19,10 +19,9 @@ Packed postings rather than a row per occurrence: a query reads one value per te
 and segment and scores them with numpy; at 100k chunks, fetching tens of thousands of
 occurrence rows cost 150-500 ms a query.
 
-Scores equal the embedded store's: cosine similarity clipped to [0, 1]; BM25 (bm25s's
-"lucene" variant, same k1 and b) divided by the query's attainable maximum, computed
-from the postings of the query's terms and the corpus statistics kept per base;
-hybrid is the same weighted sum, its top-k found exactly by candidate_search. Writers
+Scores equal the embedded store's (``scoring.py``): the BM25 of ``text/bm25.py``,
+computed from the postings of the query's terms and the corpus statistics kept per
+base; the hybrid top-k found exactly by ``exact_topk.rank``. Writers
 hold a transaction-scoped advisory lock per knowledge base and publish in one
 transaction, so readers (REPEATABLE READ) see a whole change or none of it.
 
@@ -451,7 +450,7 @@ class PostgresKnowledgeBase:
 
 
 class _Search:
-    """One query's candidates (candidate_search.CandidateSource) in one read transaction."""
+    """One query's candidates (exact_topk.CandidateSource) in one read transaction."""
 
     def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan,
                  query_vector: _QueryVector | None) -> None:

@@ -16,7 +16,7 @@ Collections::
                                 the chunk collection they belong to
     llamaindex_kb_<id>_<uuid>   a version's chunks: point id = row, a "dense" cosine
                                 vector, a "sparse" vector of our analyzer's terms
-                                (keyword.tokenize, hashed; never fastembed) with
+                                (text.analyzer.tokenize, hashed; never fastembed) with
                                 ``Modifier.IDF``, payload: node JSON, metadata, term counts
 
 A publish writes a new chunk collection (kept chunks copied, new ones added), then
@@ -33,9 +33,9 @@ locked to one process by qdrant-client itself.
 Scores equal the embedded store's. Both candidate searches run server-side with the
 query API: sparse (every chunk holding a query term, with its term counts and dense
 vector) and dense (exact filter parts pushed down). The store scores the candidates
-itself: cosine clipped to [0, 1]; BM25 from the term counts by
-``keyword.score_postings``; hybrid = w·vector + (1−w)·keyword, its exact top-k found
-by ``candidate_search.rank`` (as pg_store); conditions re-checked with
+itself by ``scoring.py``'s policy: BM25 from the term counts by
+``text.bm25.score_postings``; the hybrid top-k found exactly by ``exact_topk.rank`` (as
+on PostgreSQL); conditions re-checked with
 ``Predicate.matches``; the dense search is pre-filtered by the condition's exact part,
 translated straight into a Qdrant ``Filter`` (``qdrant_filter``).
 
@@ -541,7 +541,7 @@ class QdrantKnowledgeBase:
 
 
 class _Search:
-    """One query's candidates (candidate_search.CandidateSource) from one chunk collection;
+    """One query's candidates (exact_topk.CandidateSource) from one chunk collection;
     payloads and similarities are kept, so no point is fetched twice."""
 
     def __init__(self, store: QdrantStore, client: QdrantClient, knowledge_id: str,
@@ -554,13 +554,13 @@ class _Search:
 
     def keyword_ranking(self, query: str) -> KeywordRanking:
         """Every chunk holding a query term (a server-side sparse search), scored from
-        its term counts by keyword.score_postings."""
+        its term counts by text.bm25.score_postings."""
         terms = tokenize(query)
         sparse = _sparse(Counter(terms))
         if sparse is None or self.base.total_length == 0:
             return KeywordRanking.empty()
         # Only the query terms' counts and the length: their vectors and the rest of
-        # their payload are fetched later for the few rows candidate_search looks up
+        # their payload are fetched later for the few rows exact_topk looks up
         # (fetching them for every match cost 0.7 s a query at 5k chunks in local mode).
         wanted = sorted(set(terms))
         found = self.client.query_points(

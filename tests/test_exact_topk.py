@@ -1,4 +1,4 @@
-"""candidate_search.rank must equal scoring every chunk, whatever the windows hold."""
+"""exact_topk.rank must equal scoring every chunk, whatever the windows hold."""
 
 from __future__ import annotations
 
