@@ -33,7 +33,7 @@ PLUGIN_NAME = "llamaindex_kb"
 # Defined here, the lowest module that needs them: settings take a mode, and the store
 # contract (stores.base), ingestion, uploads and the CLI import them from here.
 RetrievalMode = Literal["vector", "keyword", "hybrid"]
-RETRIEVAL_MODES: tuple[RetrievalMode, ...] = ("vector", "keyword", "hybrid")
+RETRIEVAL_MODES: tuple[RetrievalMode, ...] = ("hybrid", "vector", "keyword")
 
 
 class Settings(BaseModel):
@@ -57,7 +57,7 @@ class Settings(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port
     retrieval_mode: RetrievalMode | None = None
     semantic_weight: float | None = Field(default=None, ge=0.0, le=1.0)
-    # Which models a request uses (service.models_for): in the plugin, a Dify workspace
+    # Which models a request uses (models/choose.py): in the plugin, a Dify workspace
     # model; else an OpenAI-compatible embeddings server; else the bundled local model.
     # The plugin form's model-selector value: {"provider", "model", "model_type"}.
     embedding_model: dict[str, Any] | None = None

@@ -235,8 +235,8 @@ def check_same_embedding(manifest: KBManifest, embed_model: BaseEmbedding | None
     if embed_model is None or spec is None or built_with is None or spec.id != built_with.id:
         raise EmbeddingMismatchError(
             f"knowledge base {manifest.knowledge_id!r} was built with embedding "
-            f"{built_with.id if built_with else 'none'}, but "
-            f"{spec.id if spec is not None else 'none'} is configured: configure the same "
-            "embedding model, or drop and rebuild the knowledge base"
+            f"{built_with.id if built_with else 'none'}, but this server is configured with "
+            f"{spec.id if spec is not None else 'none'}: configure the same embedding model "
+            "or rebuild the knowledge base"
         )
     return embed_model
