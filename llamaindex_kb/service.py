@@ -20,7 +20,8 @@ from llamaindex_kb.config import Settings, plugin_settings
 from llamaindex_kb.errors import KBError
 from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.ingestion.pipeline import file_source, ingest_paths, scan
-from llamaindex_kb.models.choose import local_embedding_for, models_for
+from llamaindex_kb.models.choose import local_embedding, models_for
+from llamaindex_kb.models.local import LocalMiniLMEmbedding
 from llamaindex_kb.redaction import redact_url
 from llamaindex_kb.retrieval import DEMO_KB, DEMO_SOURCE, Library
 from llamaindex_kb.stores.base import KnowledgeStore
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 _libraries: dict[tuple[object, ...], Library] = {}
 _demo_ready: set[str] = set()
 _lock = threading.Lock()
+
+
+def local_embedding_for(store: KnowledgeStore) -> LocalMiniLMEmbedding:
+    """The local model, its threads tuned to where ``store`` searches."""
+    return local_embedding(spin_threads=not store.searches_in_process)
 
 
 def library_for(settings: Settings) -> Library:
@@ -53,7 +59,8 @@ def library_for(settings: Settings) -> Library:
 
 def api_for(settings: Settings, session: object | None = None) -> KnowledgeAPI:
     library = library_for(settings)
-    return KnowledgeAPI(settings, library, models_for(settings, session, library.store))
+    models = models_for(settings, session, spin_threads=not library.store.searches_in_process)
+    return KnowledgeAPI(settings, library, models)
 
 
 def ensure_demo(store: KnowledgeStore, embed_model: BaseEmbedding | None) -> None:

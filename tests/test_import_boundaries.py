@@ -122,6 +122,34 @@ def test_no_import_cycle_among_the_package_modules_function_level_imports_includ
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+# The layers of README "Development", lowest first: a module may import its own layer and
+# those below it, never one above. Each module's layer is its longest matching prefix.
+LAYERS = [
+    ("errors", "limits", "config", "ids", "redaction", "lru"),
+    ("contract", "conditions", "text", "scoring"),
+    ("models",),
+    ("stores",),
+    ("retrieval", "ingestion"),
+    ("http",),
+    ("service",),
+    ("server", "cli", "__main__", ""),  # "" is the facade, llamaindex_kb itself
+]
+
+
+def layer_of(module: str) -> int:
+    inner = module.removeprefix("llamaindex_kb").removeprefix(".")
+    for rank, prefixes in enumerate(LAYERS):
+        if any(inner == p or (p and inner.startswith(p + ".")) for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS and the README")
+
+
+def test_imports_point_down_the_layers() -> None:
+    upward = sorted(f"{module} -> {target}" for module in MODULES
+                    for target in imports_of(module) if layer_of(target) > layer_of(module))
+    assert upward == []
+
+
 def test_the_graph_sees_imports_in_functions_relative_imports_and_registry_strings() -> None:
     # The cycle test is only as good as the graph: pin edges of each kind it must see.
     assert "llamaindex_kb.server" in imports_of("llamaindex_kb.cli")  # inside _run
@@ -130,6 +158,8 @@ def test_the_graph_sees_imports_in_functions_relative_imports_and_registry_strin
     assert "llamaindex_kb.service" in imports_of("llamaindex_kb")  # the facade's map
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    assert [layer_of(m) for m in ("llamaindex_kb.errors", "llamaindex_kb.stores.local.store",
+                                  "llamaindex_kb.server", "llamaindex_kb")] == [0, 3, 7, 7]
 
 
 def test_package_modules_import_the_defining_module_not_the_facade() -> None:

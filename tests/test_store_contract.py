@@ -61,9 +61,9 @@ from llamaindex_kb.ingestion.pipeline import (
     text_source,
 )
 from llamaindex_kb.models.base import Models
-from llamaindex_kb.models.choose import local_embedding, local_embedding_for
+from llamaindex_kb.models.choose import local_embedding
 from llamaindex_kb.retrieval import Library
-from llamaindex_kb.service import api_for
+from llamaindex_kb.service import api_for, local_embedding_for
 from llamaindex_kb.stores import qdrant as qdrant_store
 from llamaindex_kb.stores.base import KnowledgeStore, QueryPlan
 from llamaindex_kb.stores.local.store import LocalStore
