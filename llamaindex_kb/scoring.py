@@ -18,10 +18,11 @@ once, with its best child's score.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import numpy as np
 from llama_index.core.schema import BaseNode
+
+from llamaindex_kb.config import RetrievalMode
 
 # The smallest score returned: "no relation" is 0, and float32 arithmetic can leave a
 # sum of zeros a hair above it.
@@ -54,7 +55,7 @@ def clip_similarities(similarities: np.ndarray, dtype: type[np.floating] = np.fl
     return np.clip(similarities, 0.0, 1.0, dtype=dtype)
 
 
-def semantic_weight(mode: Literal["vector", "keyword", "hybrid"], weight: float) -> float:
+def semantic_weight(mode: RetrievalMode, weight: float) -> float:
     """The share of the vector score in the fused score for a retrieval mode."""
     return {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
 

@@ -97,8 +97,15 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
 )
 from llamaindex_kb.redaction import redact_text
-from llamaindex_kb.scoring import clip, lowest_returned
-from llamaindex_kb.stores.base import Change, DocumentInfo, KBManifest, Published, QueryPlan
+from llamaindex_kb.scoring import clip, lowest_returned, semantic_weight
+from llamaindex_kb.stores.base import (
+    Change,
+    DocumentInfo,
+    KBManifest,
+    Published,
+    QueryPlan,
+    effective_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -359,8 +366,8 @@ class LlamaCloudIndex:
             deadline = self._open_deadline
         body: dict[str, Any] = {"query": plan.query, "retrieval_mode": "chunks"}
         if plan.mode is not None:
-            body["alpha"] = {"vector": 1.0, "keyword": 0.0}.get(
-                plan.mode, 0.7 if plan.semantic_weight is None else plan.semantic_weight)
+            # LlamaCloud's alpha is our semantic share; unset, the index's own settings apply.
+            body["alpha"] = semantic_weight(*effective_mode(plan, self.manifest))
         pushed_everything = True
         if plan.predicate is not None:
             search_filters, pushed_everything = _search_filters(plan.predicate)
