@@ -27,6 +27,10 @@ from llamaindex_kb.stores.registry import store_for
 
 DEMO_KB = "demo"
 DEMO_SOURCE = Path(__file__).parent / "demo"
+# A reranker sees more candidates than asked for, so it can promote one the first stage
+# ranked below top_k.
+CANDIDATE_FACTOR = 3
+MIN_CANDIDATES = 20
 
 
 class Library:
@@ -81,12 +85,6 @@ def to_record(hit: NodeWithScore) -> Record:
         title=str(title),
         metadata=metadata,
     )
-
-
-CANDIDATE_FACTOR = 3
-
-
-MIN_CANDIDATES = 20
 
 
 def candidate_count(top_k: int) -> int:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from llamaindex_kb.stores.local.keyword import KeywordIndex
+from llamaindex_kb.text import bm25
 from llamaindex_kb.text.analyzer import tokenize
 from llamaindex_kb.text.bm25 import Postings, best_term_weights, score_postings
 
@@ -132,17 +132,7 @@ def test_rows_holding_the_same_terms_score_the_same() -> None:
 
 def postings_of(texts: list[str]) -> tuple[dict[str, Postings], int]:
     """What the database stores keep for ``texts``: each term's postings, and the total length."""
-    counted = [Counter(tokenize(text)) for text in texts]
-    lengths = np.array([sum(terms.values()) for terms in counted], dtype=np.int64)
-    found: dict[str, list[tuple[int, int]]] = {}
-    for row, terms in enumerate(counted):
-        for term, tf in terms.items():
-            found.setdefault(term, []).append((row, tf))
-    postings = {}
-    for term, occurrences in found.items():
-        rows, tfs = np.array(occurrences, dtype=np.int64).T
-        postings[term] = Postings(rows, tfs, lengths[rows])
-    return postings, int(lengths.sum())
+    return bm25.postings_of([tokenize(text) for text in texts])
 
 
 @pytest.mark.parametrize("query", [

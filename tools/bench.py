@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.store import LocalStore
 from llamaindex_kb.stores.registry import store_for
-from llamaindex_kb.text.bm25 import Postings, score_postings
+from llamaindex_kb.text.bm25 import postings_of, score_postings
 
 DATASETS_ENV = "LLAMAINDEX_KB_DATASETS"
 SETS = ["scifact", "nfcorpus", "cmrc2018_retrieval"]
@@ -158,22 +157,13 @@ def _publish(target: Target, knowledge_id: str, nodes: list[TextNode], vectors: 
 def whitespace_bm25(dataset: Dataset) -> float:
     """The baseline the CJK analyzer must beat: the same BM25 over str.split() tokens."""
     ids = list(dataset.corpus)
-    found: dict[str, list[tuple[int, int]]] = {}
-    lengths = np.zeros(len(ids), dtype=np.int64)
-    for row, doc_id in enumerate(ids):
-        tokens = dataset.text(dataset.corpus[doc_id]).lower().split()
-        lengths[row] = len(tokens)
-        for token, tf in Counter(tokens).items():
-            found.setdefault(token, []).append((row, tf))
-    postings = {}
-    for token, occurrences in found.items():
-        rows, tfs = np.array(occurrences, dtype=np.int64).T
-        postings[token] = Postings(rows, tfs, lengths[rows])
+    postings, total_length = postings_of(
+        [dataset.text(dataset.corpus[doc_id]).lower().split() for doc_id in ids])
     total = 0.0
     for qid, text in dataset.queries.items():
         tokens = text.lower().split()
         rows, scores = score_postings(tokens, {t: postings[t] for t in tokens if t in postings},
-                                      len(ids), int(lengths.sum()), absent_term_weight=0.0)
+                                      len(ids), total_length, absent_term_weight=0.0)
         top = rows[np.argsort(-scores, kind="stable")[:10]]
         total += ndcg_at_10([ids[i] for i in top], dataset.qrels[qid])
     return total / len(dataset.queries)

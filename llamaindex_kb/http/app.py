@@ -29,7 +29,7 @@ from llamaindex_kb.errors import (
     WrongKeyError,
     error_status,
 )
-from llamaindex_kb.http import upload as documents
+from llamaindex_kb.http import upload
 from llamaindex_kb.ingestion.pipeline import delete_document
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.retrieval import Library
@@ -149,7 +149,7 @@ class KnowledgeAPI:
         return json_response(RetrievalResponse(records=records).model_dump())
 
     def _upload(self, request: Request) -> Response:
-        info, summary = documents.upload(request, self.library.store, self.models,
+        info, summary = upload.upload(request, self.library.store, self.models,
                                          self.settings.limits)
         return json_response({"knowledge_id": summary.knowledge_id,
                               "document": info.model_dump(exclude={"parent_ids", "source_root"}),

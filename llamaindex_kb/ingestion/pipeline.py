@@ -301,10 +301,6 @@ def check_writable(store: KnowledgeStore, knowledge_id: str) -> None:
         raise ReadOnlyStoreError.refusing(knowledge_id, store.read_only)
 
 
-def current_kb(store: KnowledgeStore, knowledge_id: str) -> KnowledgeBaseHandle | None:
-    return store.find(knowledge_id)
-
-
 def ingest_paths(
     store: KnowledgeStore,
     knowledge_id: str,

@@ -174,7 +174,7 @@ class DifyWorkspaceReranker:
         if not texts or top_n <= 0:
             return []
         # Threshold 0 at the model: the request's score_threshold applies afterwards
-        # (rerank.rerank_hits), to the same scores, so one place decides what passes.
+        # (retrieval.rerank_hits), to the same scores, so one place decides what passes.
         config = RerankModelConfig(
             provider=self.provider, model=self.model, score_threshold=0.0, top_n=top_n
         )

@@ -670,7 +670,7 @@ def _pack(rows: Sequence[tuple[int, int, int]]) -> bytes:
 
 
 def _absent_term_weight(cur: psycopg.Cursor, base: _Base, n: int, total_length: int) -> float:
-    """keyword.best_term_weights over the whole vocabulary, read term by term."""
+    """text.bm25.best_term_weights over the whole vocabulary, read term by term."""
     if total_length == 0:
         return 0.0
     with cur.connection.cursor(name="llamaindex_kb_vocabulary", binary=True) as vocabulary:

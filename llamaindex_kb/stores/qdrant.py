@@ -780,7 +780,7 @@ def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[s
 
 
 def _absent_term_weight(stats: list[tuple[dict[str, int], int]]) -> float:
-    """keyword.best_term_weights over the chunks' term counts and lengths."""
+    """text.bm25.best_term_weights over the chunks' term counts and lengths."""
     occurrences: dict[str, list[tuple[int, int, int]]] = {}
     for row, (terms, length) in enumerate(stats):
         for term, tf in terms.items():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "Postings", "TermWeights", "best_term_weights", "idf", "median_best_weight",
+    "Postings", "TermWeights", "best_term_weights", "idf", "median_best_weight", "postings_of",
     "score_postings", "score_rows", "score_terms", "term_weights", "weights",
 ]
 
@@ -54,6 +54,22 @@ class TermWeights:
     @property
     def nbytes(self) -> int:
         return self.rows.nbytes + self.weights.nbytes
+
+
+def postings_of(rows: Sequence[Sequence[str]]) -> tuple[dict[str, Postings], int]:
+    """Each term's postings over rows of terms (row ``i`` is ``rows[i]``), and the
+    corpus's total length: what a store keeps to score with ``score_postings``."""
+    counted = [Counter(terms) for terms in rows]
+    lengths = np.array([len(terms) for terms in rows], dtype=np.int64)
+    found: dict[str, list[tuple[int, int]]] = {}
+    for row, terms in enumerate(counted):
+        for term, tf in terms.items():
+            found.setdefault(term, []).append((row, tf))
+    postings = {}
+    for term, occurrences in found.items():
+        term_rows, tfs = np.array(occurrences, dtype=np.int64).T
+        postings[term] = Postings(term_rows, tfs, lengths[term_rows])
+    return postings, int(lengths.sum())
 
 
 def idf(document_frequency: int, chunk_count: int) -> float:
