@@ -15,10 +15,17 @@ from typing import Any
 
 import pytest
 from conftest import API_KEY, ServerTransport, dify_body, standalone_server
+from hypothesis import assume, given, settings
+from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
+from llama_index.core.vector_stores.utils import build_metadata_filter_fn
+from test_conditions import records_and_condition
 from werkzeug import Request, Response
 from werkzeug.serving import make_server
 
+from llamaindex_kb.conditions.compiled import compile_condition
+from llamaindex_kb.conditions.model import MetadataCondition
 from llamaindex_kb.errors import ConfigurationError, ReadOnlyStoreError
+from llamaindex_kb.stores.llamacloud import _search_filters
 
 LLAMA_KEY = "llx-fake-key"
 ORG_ID = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"
@@ -579,3 +586,24 @@ def test_store_url_forms(monkeypatch: pytest.MonkeyPatch) -> None:
         LlamaCloudStore("llamacloud://k@api.cloud.llamaindex.ai/?region=eu")
     with pytest.raises(ConfigurationError, match="unknown parameter"):
         LlamaCloudStore("llamacloud://k@/?projet=x")
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=records_and_condition(pushable=True))
+def test_search_filters_never_drop_a_matching_record(
+        case: tuple[list[dict[str, Any]], MetadataCondition]) -> None:
+    """What LlamaCloud is sent, read as LlamaIndex reads MetadataFilters, keeps every record
+    Dify's semantics match, and exactly those when it expresses the whole condition."""
+    records, condition = case
+    predicate = compile_condition(condition)
+    payload, complete = _search_filters(predicate)
+    reference = {i for i, record in enumerate(records) if predicate.matches(record)}
+    assume(payload is not None)  # nothing sent: LlamaCloud filters nothing, we check all
+    assert payload is not None
+    filters = MetadataFilters(filters=[MetadataFilter(**f) for f in payload["filters"]],
+                              condition=payload["condition"])
+    keep = build_metadata_filter_fn(lambda node_id: records[int(node_id)], filters)
+    pushed = {i for i in range(len(records)) if keep(str(i))}
+    assert reference <= pushed
+    if complete:
+        assert reference == pushed
