@@ -27,6 +27,7 @@ _META_FILE = "keyword.json"
 _TOKEN_MAX_FILE = "token_max.npy"  # each term's best weight
 _VOCAB_FILE = "vocab.index.json"  # term -> column
 _CSC_FILES = {name: f"{name}.csc.index.npy" for name in ("data", "indices", "indptr")}
+_SLICE = 1 << 20  # occurrences weighed at a time
 
 
 class KeywordIndex:
@@ -56,19 +57,21 @@ class KeywordIndex:
         if not vocab:
             return cls._empty(len(texts))
         lengths = np.fromiter((ids.size for ids in corpus_ids), np.int64, count=len(corpus_ids))
-        row_of = np.repeat(np.arange(len(corpus_ids), dtype=np.int64), lengths)
-        # One (term, row) key per occurrence; sorted and counted, they come out in CSC
-        # order (by term, then row) with their term frequencies.
-        keys, tfs = np.unique((np.concatenate(corpus_ids).astype(np.int64) << 32) | row_of,
-                              return_counts=True)
-        terms, rows = keys >> 32, (keys & 0xFFFFFFFF).astype(np.int32)
+        terms, rows, tfs = _occurrence_counts(corpus_ids, lengths)
+        del corpus_ids
         document_frequency = np.bincount(terms, minlength=len(vocab))
         indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
         np.cumsum(document_frequency, out=indptr[1:])
         # idf by math.log, once per distinct document frequency: there are few.
         distinct, which = np.unique(document_frequency, return_inverse=True)
         term_idf = np.array([idf(int(df), len(texts)) for df in distinct])[which]
-        data = weights(tfs, lengths[rows], term_idf[terms], int(lengths.sum()) / len(texts))
+        average_length = int(lengths.sum()) / len(texts)
+        # In slices: the float64 temporaries of a whole 100k-chunk corpus took ~300 MB.
+        data = np.empty(rows.size, dtype=np.float32)
+        for at in range(0, rows.size, _SLICE):
+            part = slice(at, at + _SLICE)
+            data[part] = weights(tfs[part], lengths[rows[part]], term_idf[terms[part]],
+                                 average_length)
         token_max = np.maximum.reduceat(data, indptr[:-1])  # every term has a row
         return cls(vocab, data, rows, indptr, token_max, len(texts))
 
@@ -170,3 +173,20 @@ def _check_matrix(vocab: dict[str, int], data: np.ndarray, indices: np.ndarray, 
         raise ValueError(f"vocabulary holds a term id that is not a number ({exc})") from exc
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= terms):
         raise ValueError("vocabulary names terms outside the score matrix")
+
+
+def _occurrence_counts(corpus_ids: list[np.ndarray], lengths: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(term, row, term frequency) of every distinct term of every row, in CSC order (by
+    term, then row). One (term, row) key per occurrence, sorted in place and counted:
+    a 100k-chunk corpus has ~10 million occurrences, so every whole-corpus temporary
+    counts, and none is made twice."""
+    keys = np.concatenate(corpus_ids).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= np.repeat(np.arange(len(corpus_ids), dtype=np.uint64), lengths)
+    keys.sort()
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    tfs = np.diff(np.append(starts, keys.size)).astype(np.int32)
+    keys = keys[starts]
+    return ((keys >> np.uint64(32)).astype(np.int32),
+            (keys & np.uint64(0xFFFFFFFF)).astype(np.int32), tfs)
