@@ -38,6 +38,11 @@ FACTORIES: dict[str, str] = {
     "http": "llamaindex_kb.stores.qdrant:from_url",
     "https": "llamaindex_kb.stores.qdrant:from_url",
     "llamacloud": "llamaindex_kb.stores.llamacloud:from_url",
+    "llamaindex": "llamaindex_kb.stores.llamaindex.persisted:from_url",
+    "llamaindex+postgresql": "llamaindex_kb.stores.llamaindex.postgres:from_url",
+    "llamaindex+postgres": "llamaindex_kb.stores.llamaindex.postgres:from_url",
+    "llamaindex+qdrant": "llamaindex_kb.stores.llamaindex.qdrant:from_url",
+    "python": "llamaindex_kb.stores.llamaindex.factory:from_url",
 }
 
 _stores: dict[str, KnowledgeStore] = {}
