@@ -1,0 +1,317 @@
+"""Indexes a user built with LlamaIndex itself, served through the real standalone server.
+
+Every index here is built in the test with LlamaIndex's own classes (``VectorStoreIndex``,
+``StorageContext.persist``) and the bundled local model as its ``embed_model``, the model
+the server embeds queries with; then the server must answer as LlamaIndex's own
+retriever does, in Dify's shape.
+
+* ``llamaindex:///abs/path``: a folder written by ``storage_context.persist()``.
+* ``python://package.module:factory``: whatever the user's factory returns (a retriever,
+  an index or a vector store), standalone server and CLI only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import API_KEY, ServerTransport, dify_body, standalone_server
+from llama_index.core import Document, StorageContext, VectorStoreIndex
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.indices.base import BaseIndex
+
+from llamaindex_kb.models.choose import local_embedding
+from llamaindex_kb.stores.llamaindex import store as llamaindex_store
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+JSON = {**AUTH, "Content-Type": "application/json"}
+
+# (doc_id, text, metadata): "year" is a string, as LlamaIndex readers often leave it,
+# so a numeric comparison on it is Dify's (numeric forms) and not MetadataFilters'.
+HANDBOOK = [
+    ("leave", "Employees get twenty-five days of paid leave every year.",
+     {"title": "Leave policy", "category": "hr", "year": "2021", "tags": "policy,leave"}),
+    ("expenses", "Travel expenses are reimbursed within thirty days of the receipt.",
+     {"title": "Expenses", "category": "finance", "year": "2023", "tags": "policy,travel"}),
+    ("laptops", "Every new employee receives a laptop on the first working day.",
+     {"title": "Laptops", "category": "it", "year": "2019", "tags": "hardware"}),
+    ("vpn", "Connect to the office network from home through the VPN client.",
+     {"title": "VPN", "category": "it", "year": "2024", "tags": "network,remote"}),
+    ("remote", "Remote work is allowed two days a week after the probation period.",
+     {"title": "Remote work", "category": "hr", "year": "2022", "tags": "policy,remote"}),
+    ("vector-zh", "向量检索通过比较嵌入向量的余弦相似度来查找相关的文本片段。",
+     {"title": "向量检索", "category": "search", "year": "2024", "tags": "中文"}),
+    ("keyword-zh", "关键词检索根据词频和稀有程度对文本片段进行排序。",
+     {"title": "关键词检索", "category": "search", "year": "2020", "tags": "中文"}),
+    ("security", "Passwords must be rotated every ninety days and never shared.",
+     {"title": "Security", "category": "it", "file_name": "security.md", "year": "2023",
+      "tags": "policy,security"}),
+]
+FAQ = [
+    ("faq-wifi", "The guest Wi-Fi password is printed at the reception desk.",
+     {"title": "Guest Wi-Fi", "category": "faq"}),
+    ("faq-parking", "Parking spaces are assigned by the facilities team.",
+     {"title": "Parking", "category": "faq"}),
+]
+QUERIES = ["how many days of paid leave", "reimbursing travel costs", "working from home",
+           "password rules", "new laptop for employees"]
+
+
+def documents(rows: list[tuple[str, str, dict[str, Any]]]) -> list[Document]:
+    return [Document(text=text, metadata=dict(metadata), doc_id=doc_id)
+            for doc_id, text, metadata in rows]
+
+
+def build_folder(folder: Path) -> dict[str, VectorStoreIndex]:
+    """Two indexes in one StorageContext, persisted as a LlamaIndex user does."""
+    storage = StorageContext.from_defaults()
+    indexes = {}
+    for index_id, rows in (("handbook", HANDBOOK), ("faq", FAQ)):
+        index = VectorStoreIndex.from_documents(documents(rows), storage_context=storage,
+                                                embed_model=local_embedding())
+        index.set_index_id(index_id)
+        indexes[index_id] = index
+    storage.persist(persist_dir=str(folder))
+    return indexes
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, VectorStoreIndex]]:
+    folder = tmp_path_factory.mktemp("storage")
+    return folder, build_folder(folder)
+
+
+@contextlib.contextmanager
+def server(data_dir: Path, store: str, **settings: Any) -> Iterator[ServerTransport]:
+    with standalone_server(data_dir, store=store, **settings) as url:
+        yield ServerTransport(url)
+
+
+@pytest.fixture(scope="module")
+def client(built: tuple[Path, dict[str, VectorStoreIndex]],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerTransport]:
+    with server(tmp_path_factory.mktemp("data"), f"llamaindex://{built[0]}") as transport:
+        yield transport
+
+
+def retrieval(api: ServerTransport, knowledge_id: str, query: str, *, top_k: int = 5,
+              threshold: float = 0.0, condition: dict[str, Any] | None = None) -> Any:
+    payload: dict[str, Any] = {
+        "knowledge_id": knowledge_id, "query": query,
+        "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}}
+    if condition is not None:
+        payload["metadata_condition"] = condition
+    return api.post("/retrieval", dify_body(payload), JSON)
+
+
+def records(api: ServerTransport, knowledge_id: str, query: str, **kwargs: Any) -> list[dict]:
+    reply = retrieval(api, knowledge_id, query, **kwargs)
+    assert reply.status == 200, reply.body
+    return reply.json()["records"]
+
+
+def expect_error(reply: Any, status: int, code: int, *words: str) -> str:
+    assert reply.status == status, reply.body
+    body = reply.json()
+    assert body["error_code"] == code, body
+    for word in words:
+        assert word in body["error_msg"], body
+    return body["error_msg"]
+
+
+def llamaindex_answer(index: BaseIndex, query: str, top_k: int) -> list[tuple[str, float]]:
+    """LlamaIndex's own answer, less what our scale calls no relation (a cosine <= 0)."""
+    return [(hit.node.node_id, float(hit.score or 0.0))
+            for hit in index.as_retriever(similarity_top_k=top_k).retrieve(query)
+            if (hit.score or 0.0) > 0.0]
+
+
+# --- llamaindex:///abs/path ------------------------------------------------------------
+
+
+def test_listing_names_every_index_in_the_folder(client: ServerTransport) -> None:
+    reply = client.send("GET", "/knowledge-bases", None, AUTH)
+    assert reply.status == 200, reply.body
+    listed = {kb["knowledge_id"]: kb for kb in reply.json()["knowledge_bases"]}
+    assert set(listed) == {"handbook", "faq"}
+    assert listed["handbook"]["chunks"] == len(HANDBOOK)
+    assert listed["handbook"]["embedding"]["dimension"] == 384
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+def test_vector_retrieval_is_llamaindex_own_retriever_in_dify_shape(
+        client: ServerTransport, built: tuple[Path, dict[str, VectorStoreIndex]],
+        top_k: int) -> None:
+    index = built[1]["handbook"]
+    for query in QUERIES:
+        expected = llamaindex_answer(index, query, top_k)
+        found = records(client, "handbook", query, top_k=top_k)
+        assert [r["metadata"]["chunk_id"] for r in found] == [node for node, _ in expected]
+        for record, (_, score) in zip(found, expected, strict=True):
+            assert record["score"] == pytest.approx(score, abs=1e-6)
+
+
+def test_records_carry_the_node_text_title_and_metadata(
+        client: ServerTransport, built: tuple[Path, dict[str, VectorStoreIndex]]) -> None:
+    found = records(client, "handbook", "password rules", top_k=1)
+    node = built[1]["handbook"].docstore.get_node(found[0]["metadata"]["chunk_id"])
+    assert found[0]["content"] == node.get_content()
+    assert found[0]["title"] == "Security"
+    assert found[0]["metadata"]["document_id"] == "security" == node.ref_doc_id
+    assert found[0]["metadata"]["file_name"] == "security.md"
+    faq = records(client, "faq", "guest wifi password", top_k=1)
+    assert faq[0]["metadata"]["document_id"] == "faq-wifi"
+
+
+def dify_selects(metadata: dict[str, Any]) -> bool:
+    """The condition of the next test, evaluated by hand as Dify's SQL would: year is
+    compared by its numeric form, contains is a case-sensitive substring."""
+    return (metadata.get("category") in {"hr", "it"}
+            and float(metadata["year"]) > 2020
+            and "policy" in metadata.get("tags", "")
+            and metadata.get("title") != "Leave policy")
+
+
+def test_metadata_condition_selects_what_dify_selects(
+        client: ServerTransport, built: tuple[Path, dict[str, VectorStoreIndex]]) -> None:
+    condition = {"logical_operator": "and", "conditions": [
+        {"name": ["category"], "comparison_operator": "in", "value": ["hr", "it"]},
+        {"name": ["year"], "comparison_operator": ">", "value": 2020},
+        {"name": ["tags"], "comparison_operator": "contains", "value": "policy"},
+        {"name": ["title"], "comparison_operator": "is not", "value": "Leave policy"}]}
+    index = built[1]["handbook"]
+    selected = 0
+    for query in QUERIES:
+        ranked = llamaindex_answer(index, query, len(HANDBOOK))
+        wanted = [node for node, _ in ranked
+                  if dify_selects(index.docstore.get_node(node).metadata)]
+        selected += len(wanted)
+        found = records(client, "handbook", query, top_k=len(HANDBOOK), condition=condition)
+        assert [r["metadata"]["chunk_id"] for r in found] == wanted
+        # top_k is filled from further down the ranking, not cut before the condition
+        one = records(client, "handbook", query, top_k=1, condition=condition)
+        assert [r["metadata"]["chunk_id"] for r in one] == wanted[:1]
+    assert selected >= len(QUERIES), "the condition must select something to mean anything"
+    either = {"logical_operator": "or", "conditions": [
+        {"name": "year", "comparison_operator": "<", "value": "2020"},
+        {"name": "title", "comparison_operator": "start with", "value": "关键词"}]}
+    found = records(client, "handbook", "search", top_k=8, condition=either)
+    assert {r["metadata"]["document_id"] for r in found} == {"laptops", "keyword-zh"}
+
+
+def test_score_threshold_and_top_k(
+        client: ServerTransport, built: tuple[Path, dict[str, VectorStoreIndex]]) -> None:
+    query = "how many days of paid leave"
+    ranked = llamaindex_answer(built[1]["handbook"], query, len(HANDBOOK))
+    threshold = (ranked[1][1] + ranked[2][1]) / 2  # between the second and the third
+    found = records(client, "handbook", query, top_k=8, threshold=threshold)
+    assert [r["metadata"]["chunk_id"] for r in found] == [node for node, _ in ranked[:2]]
+    assert all(r["score"] >= threshold for r in found)
+    assert len(records(client, "handbook", query, top_k=2)) == 2
+    assert records(client, "handbook", query, top_k=8, threshold=1.0) == []
+
+
+def test_keyword_mode_finds_chinese_text(
+        built: tuple[Path, dict[str, VectorStoreIndex]], tmp_path: Path) -> None:
+    with server(tmp_path, f"llamaindex://{built[0]}", retrieval_mode="keyword") as api:
+        found = records(api, "handbook", "关键词检索", top_k=8)
+        assert found[0]["metadata"]["document_id"] == "keyword-zh"
+        # keyword mode scores by the words: every record shares one with the query
+        assert {r["metadata"]["document_id"] for r in found} <= {"keyword-zh", "vector-zh"}
+        assert all(0.0 < r["score"] <= 1.0 for r in found)
+        english = records(api, "handbook", "probation", top_k=8)
+        assert [r["metadata"]["document_id"] for r in english] == ["remote"]
+        assert records(api, "handbook", "probation", top_k=8, condition={"conditions": [
+            {"name": "category", "comparison_operator": "is", "value": "it"}]}) == []
+
+
+def test_hybrid_mode_ranks_by_meaning_and_words(
+        built: tuple[Path, dict[str, VectorStoreIndex]], tmp_path: Path) -> None:
+    with server(tmp_path, f"llamaindex://{built[0]}", retrieval_mode="hybrid") as api:
+        found = records(api, "handbook", "关键词检索", top_k=3)
+        assert found[0]["metadata"]["document_id"] == "keyword-zh"
+        assert len(found) == 3 and all(0.0 < r["score"] <= 1.0 for r in found)
+        assert [r["score"] for r in found] == sorted((r["score"] for r in found), reverse=True)
+        leave = records(api, "handbook", "paid leave", top_k=1)
+        assert leave[0]["metadata"]["document_id"] == "leave"
+
+
+def test_a_model_of_another_dimension_is_refused_naming_both(tmp_path: Path) -> None:
+    folder = tmp_path / "storage"
+    storage = StorageContext.from_defaults()
+    index = VectorStoreIndex.from_documents(documents(FAQ), storage_context=storage,
+                                            embed_model=MockEmbedding(embed_dim=8))
+    index.set_index_id("mock")
+    storage.persist(persist_dir=str(folder))
+    with server(tmp_path / "data", f"llamaindex://{folder}") as api:
+        expect_error(retrieval(api, "mock", "parking"), 400, 3004, "8-dimensional",
+                     "384-dimensional")
+
+
+def test_writes_are_refused_as_read_only(client: ServerTransport) -> None:
+    request = httpx.Request("POST", "http://x/documents", data={"knowledge_id": "handbook"},
+                            files={"file": ("note.md", b"# Note\n\nA new note.")})
+    reply = client.post("/documents", request.read(),
+                        {**AUTH, "Content-Type": request.headers["Content-Type"]})
+    expect_error(reply, 400, 3007, "your own LlamaIndex code")
+    posted = client.post("/documents", json.dumps({"knowledge_id": "handbook", "title": "t",
+                                                   "text": "A new note."}).encode(), JSON)
+    expect_error(posted, 400, 3007)
+    deleted = client.send("DELETE", "/knowledge-bases/handbook/documents/leave", None, AUTH)
+    expect_error(deleted, 400, 3007, "your own LlamaIndex code")
+    assert len(records(client, "handbook", "paid leave", top_k=8)) == len(HANDBOOK)
+
+
+def test_documents_are_listed_from_the_docstore(client: ServerTransport) -> None:
+    reply = client.send("GET", "/knowledge-bases/handbook/documents", None, AUTH)
+    assert reply.status == 200, reply.body
+    listed = {doc["document_id"]: doc for doc in reply.json()["documents"]}
+    assert set(listed) == {doc_id for doc_id, _, _ in HANDBOOK}
+    assert listed["security"]["file_name"] == "security.md"
+    assert listed["vpn"]["title"] == "VPN" and listed["vpn"]["chunks"] == 1
+    faq = client.send("GET", "/knowledge-bases/faq/documents", None, AUTH).json()
+    assert {doc["document_id"] for doc in faq["documents"]} == {"faq-wifi", "faq-parking"}
+
+
+def test_nodes_the_user_inserts_show_up_without_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llamaindex_store, "RECHECK_S", 0.0)
+    folder = tmp_path / "storage"
+    indexes = build_folder(folder)
+    with server(tmp_path / "data", f"llamaindex://{folder}") as api:
+        query = "where do visitors find the canteen menu"
+        assert "canteen" not in {r["metadata"]["document_id"] for r in
+                                 records(api, "handbook", query, top_k=8)}
+        index = indexes["handbook"]
+        index.insert(Document(text="The canteen menu for visitors hangs next to the lifts.",
+                              metadata={"title": "Canteen", "category": "facilities"},
+                              doc_id="canteen"))
+        time.sleep(0.01)  # a new modification time even on coarse clocks
+        index.storage_context.persist(persist_dir=str(folder))
+        found = records(api, "handbook", query, top_k=3)
+        assert [r["metadata"]["chunk_id"] for r in found] == \
+            [node for node, _ in llamaindex_answer(index, query, 3)]
+        assert found[0]["metadata"]["document_id"] == "canteen"
+        listed = api.send("GET", "/knowledge-bases/handbook/documents", None, AUTH).json()
+        assert "canteen" in {doc["document_id"] for doc in listed["documents"]}
+
+
+def test_an_unknown_index_is_404(client: ServerTransport) -> None:
+    expect_error(retrieval(client, "nope", "paid leave"), 404, 2001, "nope")
+    expect_error(client.send("GET", "/knowledge-bases/nope/documents", None, AUTH), 404, 2001)
+
+
+def test_a_folder_without_an_index_store_is_a_configuration_error(tmp_path: Path) -> None:
+    folder = tmp_path / "not-an-index"
+    folder.mkdir()
+    (folder / "docstore.json").write_text("{}")
+    with server(tmp_path / "data", f"llamaindex://{folder}") as api:
+        expect_error(retrieval(api, "handbook", "paid leave"), 400, 3005, "index_store.json")
+        expect_error(api.send("GET", "/knowledge-bases", None, AUTH), 400, 3005,
+                     "index_store.json")
