@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -191,12 +192,27 @@ def default_plugin_data_dir(environ: Mapping[str, str]) -> Path:
     return Path(data_home) / PLUGIN_NAME
 
 
+def _names_code(store: object) -> bool:
+    """Whether a store URL is python://module:factory (stores/llamaindex/factory.py)."""
+    if not isinstance(store, str):
+        return False
+    try:
+        return urlsplit(store).scheme.lower() == "python"
+    except ValueError:  # not a URL at all: the store registry says what is wrong
+        return False
+
+
 def plugin_settings(form: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from the plugin's settings form; only the data-dir default reads the env."""
     known = {name: form.get(name) for name in Settings.model_fields if name in form}
     # The form says store_url: "store" alone reads ambiguously in Dify's settings dialog.
     if form.get("store_url"):
         known["store"] = form["store_url"]
+    if _names_code(known.get("store")):
+        raise ConfigurationError(
+            "setting store_url: python:// names Python code to import and run, so it is "
+            "for the standalone server and the CLI only: a store URL in a settings form "
+            "must never run code")
     if not known.get("data_dir"):
         known["data_dir"] = default_plugin_data_dir(os.environ if environ is None else environ)
     return load_settings(known, environ={})

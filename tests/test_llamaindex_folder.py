@@ -22,10 +22,16 @@ from typing import Any
 import httpx
 import pytest
 from conftest import API_KEY, ServerTransport, dify_body, standalone_server
-from llama_index.core import Document, StorageContext, VectorStoreIndex
+from llama_index.core import Document, QueryBundle, StorageContext, VectorStoreIndex
+from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.indices.base import BaseIndex
+from llama_index.core.schema import NodeWithScore
+from llama_index.vector_stores.qdrant import QdrantVectorStore
+from qdrant_client import QdrantClient
 
+from llamaindex_kb.config import plugin_settings
+from llamaindex_kb.errors import ConfigurationError
 from llamaindex_kb.models.choose import local_embedding
 from llamaindex_kb.stores.llamaindex import store as llamaindex_store
 
@@ -315,3 +321,165 @@ def test_a_folder_without_an_index_store_is_a_configuration_error(tmp_path: Path
         expect_error(retrieval(api, "handbook", "paid leave"), 400, 3005, "index_store.json")
         expect_error(api.send("GET", "/knowledge-bases", None, AUTH), 400, 3005,
                      "index_store.json")
+
+
+# --- python://package.module:factory ---------------------------------------------------
+
+# What the user's factory (below) returns per knowledge_id; filled by the fixture.
+MADE_BY_THE_USER: dict[str, object] = {}
+FACTORY_CALLS: list[str] = []
+FACTORY_URL = "python://test_llamaindex_folder:made_by_the_user"
+
+
+def made_by_the_user(knowledge_id: str) -> object:
+    """The user's own factory, as python://test_llamaindex_folder:made_by_the_user names it."""
+    FACTORY_CALLS.append(knowledge_id)
+    made = MADE_BY_THE_USER.get(knowledge_id)
+    if isinstance(made, Exception):
+        raise made
+    return made
+
+
+class FixedRetriever(BaseRetriever):
+    """A user's own retriever with no top_k to set: it answers what it answers, scores
+    on its own scale (over 1, negative)."""
+
+    def __init__(self, hits: list[NodeWithScore]) -> None:
+        super().__init__()
+        self.hits = hits
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return list(self.hits)
+
+
+@pytest.fixture(scope="module")
+def made(built: tuple[Path, dict[str, VectorStoreIndex]]) -> Iterator[dict[str, Any]]:
+    handbook = built[1]["handbook"]
+    client = QdrantClient(location=":memory:")
+    qdrant = QdrantVectorStore(client=client, collection_name="handbook")
+    in_qdrant = VectorStoreIndex.from_documents(
+        documents(HANDBOOK), storage_context=StorageContext.from_defaults(vector_store=qdrant),
+        embed_model=local_embedding())
+    nodes = [handbook.docstore.get_node(node_id)
+             for node_id in handbook.index_struct.nodes_dict.values()]
+    by_doc = {node.ref_doc_id: node for node in nodes}
+    fixed = [NodeWithScore(node=by_doc["vpn"], score=3.5),
+             NodeWithScore(node=by_doc["remote"], score=0.4),
+             NodeWithScore(node=by_doc["leave"], score=0.2),
+             NodeWithScore(node=by_doc["laptops"], score=-1.0)]
+    MADE_BY_THE_USER.update({
+        "index": handbook,
+        "retriever": handbook.as_retriever(similarity_top_k=2),
+        "qdrant": qdrant,
+        "fixed": FixedRetriever(fixed),
+        "broken": RuntimeError("the database is down"),
+        "wrong": "a string",
+    })
+    yield {"handbook": handbook, "qdrant": in_qdrant}
+    MADE_BY_THE_USER.clear()
+
+
+@pytest.fixture(scope="module")
+def factory_client(made: dict[str, Any],
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerTransport]:
+    with server(tmp_path_factory.mktemp("data"), FACTORY_URL) as transport:
+        yield transport
+
+
+@pytest.mark.parametrize("knowledge_id", ["index", "retriever", "qdrant"])
+def test_a_factory_index_retriever_or_vector_store_answers_as_llamaindex(
+        factory_client: ServerTransport, made: dict[str, Any], knowledge_id: str) -> None:
+    reference = made["qdrant"] if knowledge_id == "qdrant" else made["handbook"]
+    for top_k in (1, 3, 6):
+        for query in QUERIES:
+            expected = llamaindex_answer(reference, query, top_k)
+            found = records(factory_client, knowledge_id, query, top_k=top_k)
+            assert [r["metadata"]["chunk_id"] for r in found] == [n for n, _ in expected]
+            for record, (_, score) in zip(found, expected, strict=True):
+                assert record["score"] == pytest.approx(score, abs=1e-6)
+
+
+@pytest.mark.parametrize("knowledge_id", ["index", "retriever", "qdrant"])
+def test_a_factory_answer_is_rechecked_and_asked_for_more(
+        factory_client: ServerTransport, made: dict[str, Any], knowledge_id: str) -> None:
+    reference = made["qdrant"] if knowledge_id == "qdrant" else made["handbook"]
+    condition = {"logical_operator": "and", "conditions": [
+        {"name": ["category"], "comparison_operator": "in", "value": ["hr", "it"]},
+        {"name": ["year"], "comparison_operator": ">", "value": 2020},
+        {"name": ["tags"], "comparison_operator": "contains", "value": "policy"},
+        {"name": ["title"], "comparison_operator": "is not", "value": "Leave policy"}]}
+    query = "how many days of paid leave"
+    ranked = llamaindex_answer(reference, query, len(HANDBOOK))
+    wanted = [node for node, _ in ranked if dify_selects(_metadata(reference, node))]
+    assert wanted and wanted[0] != ranked[0][0], "the first pick must be rejected"
+    # the retriever was made with similarity_top_k=2: a copy is asked for more
+    found = records(factory_client, knowledge_id, query, top_k=1, condition=condition)
+    assert [r["metadata"]["chunk_id"] for r in found] == wanted[:1]
+    threshold = (ranked[0][1] + ranked[1][1]) / 2
+    above = records(factory_client, knowledge_id, query, top_k=5, threshold=threshold)
+    assert [r["metadata"]["chunk_id"] for r in above] == [ranked[0][0]]
+
+
+def _metadata(index: VectorStoreIndex, node_id: str) -> dict[str, Any]:
+    [hit] = [hit for hit in index.as_retriever(similarity_top_k=len(HANDBOOK)).retrieve("x")
+             if hit.node.node_id == node_id]
+    return hit.node.metadata
+
+
+def test_a_retriever_without_top_k_is_clipped_filtered_and_cut(
+        factory_client: ServerTransport) -> None:
+    found = records(factory_client, "fixed", "anything", top_k=3)
+    assert [(r["metadata"]["document_id"], r["score"]) for r in found] == \
+        [("vpn", 1.0), ("remote", 0.4), ("leave", 0.2)]
+    assert [r["metadata"]["document_id"] for r in
+            records(factory_client, "fixed", "anything", top_k=5, threshold=0.3)] == \
+        ["vpn", "remote"]
+    hr = {"conditions": [{"name": "category", "comparison_operator": "is", "value": "hr"}]}
+    assert [r["metadata"]["document_id"] for r in
+            records(factory_client, "fixed", "anything", top_k=1, condition=hr)] == ["remote"]
+
+
+def test_a_factory_lists_nothing_it_cannot_know(factory_client: ServerTransport) -> None:
+    listed = factory_client.send("GET", "/knowledge-bases", None, AUTH)
+    assert listed.status == 200 and listed.json()["knowledge_bases"] == []
+    documents_reply = factory_client.send("GET", "/knowledge-bases/index/documents", None, AUTH)
+    assert documents_reply.status == 200 and documents_reply.json()["documents"] == []
+
+
+def test_factory_errors(factory_client: ServerTransport) -> None:
+    expect_error(retrieval(factory_client, "unknown", "paid leave"), 404, 2001, "unknown")
+    expect_error(retrieval(factory_client, "wrong", "paid leave"), 400, 3005, "str",
+                 "BaseRetriever")
+    expect_error(retrieval(factory_client, "broken", "paid leave"), 500, 5000,
+                 "the database is down")
+    posted = factory_client.post("/documents", json.dumps(
+        {"knowledge_id": "index", "title": "t", "text": "A new note."}).encode(), JSON)
+    expect_error(posted, 400, 3007, "your own LlamaIndex code")
+
+
+def test_keyword_mode_is_refused_for_a_factory(made: dict[str, Any], tmp_path: Path) -> None:
+    with server(tmp_path, FACTORY_URL, retrieval_mode="hybrid") as api:
+        expect_error(retrieval(api, "index", "paid leave"), 400, 3005, "'hybrid'",
+                     "retrieval mode 'vector'")
+
+
+def test_the_cli_serves_a_factory(made: dict[str, Any], capsys: pytest.CaptureFixture[str]
+                                  ) -> None:
+    from llamaindex_kb.cli import main
+
+    assert main(["list", "--store", FACTORY_URL]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["list", "--store", "python://no_such_module_here:factory"]) != 0
+    assert "no_such_module_here" in capsys.readouterr().err
+
+
+def test_the_plugin_form_refuses_python_urls() -> None:
+    calls = len(FACTORY_CALLS)
+    for form in ({"api_key": "k", "store_url": FACTORY_URL},
+                 {"api_key": "k", "store": "PYTHON://os:system"}):
+        with pytest.raises(ConfigurationError, match="standalone server and the CLI only") as err:
+            plugin_settings(form, environ={})
+        assert (err.value.status, err.value.error_code) == (400, 3005)
+    assert len(FACTORY_CALLS) == calls
+    assert plugin_settings({"api_key": "k", "store_url": "llamaindex:///srv/storage"},
+                           environ={}).store == "llamaindex:///srv/storage"

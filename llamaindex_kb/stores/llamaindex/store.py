@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -27,7 +27,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 
 from llamaindex_kb.conditions.compiled import Predicate
-from llamaindex_kb.errors import EmbeddingMismatchError, ReadOnlyStoreError
+from llamaindex_kb.errors import ConfigurationError, EmbeddingMismatchError, ReadOnlyStoreError
 from llamaindex_kb.models.spec import EmbeddingSpec
 from llamaindex_kb.scoring import clip, lowest_returned, semantic_weight
 from llamaindex_kb.stores.base import (
@@ -53,13 +53,25 @@ READ_ONLY = ("this index is managed by your own LlamaIndex code: add, replace or
 
 
 @dataclass(frozen=True)
+class OwnRetrieval:
+    """An index searched only its own way (a user's retriever, ``factory.py``): no nodes
+    to list or to score here. ``search(query, top_k)`` answers best first; ``sized``
+    says whether it honours ``top_k``, so that asking for more may give more."""
+
+    search: Callable[[str, int], list[NodeWithScore]]
+    sized: bool
+
+
+@dataclass(frozen=True)
 class LoadedIndex:
     """One index as read: its nodes, and row ``i``'s embedding when the source has them
-    at hand (a persisted folder always does; a database only when asked to keep them)."""
+    at hand (a persisted folder always does; a database only when asked to keep them).
+    An index with ``own`` retrieval has no nodes: every query goes to ``own``."""
 
     nodes: list[BaseNode]
     embeddings: np.ndarray | None
     dimension: int | None  # the index's vector dimension, when known
+    own: OwnRetrieval | None = None
 
 
 class IndexSource(Protocol):
@@ -92,6 +104,7 @@ class LlamaIndexKnowledgeBase:
         self.knowledge_id = index_id
         self.index = NodeIndex(loaded.nodes, loaded.embeddings)
         self.dimension = loaded.dimension or self.index.dimension
+        self.own = loaded.own
 
     @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
@@ -109,6 +122,9 @@ class LlamaIndexKnowledgeBase:
     def manifest(self) -> KBManifest:
         embedding = (None if self.dimension is None else
                      EmbeddingSpec(kind="llamaindex", model="index", dimension=self.dimension))
+        if self.own is not None:  # a retriever cannot count what it searches
+            return KBManifest(knowledge_id=self.knowledge_id, embedding=embedding,
+                              retrieval_mode="vector", documents=None, chunks=None)
         return KBManifest(knowledge_id=self.knowledge_id, embedding=embedding,
                           retrieval_mode="vector", documents=len(self.documents),
                           chunks=len(self.index))
@@ -117,34 +133,51 @@ class LlamaIndexKnowledgeBase:
                  ) -> list[NodeWithScore]:
         if not plan.query.strip() or plan.top_k <= 0:
             return []
+        if self.own is not None:
+            return self._own_search(plan, self.own)
         weight = semantic_weight(*effective_mode(plan, self.manifest))
         query_vector = None if weight == 0.0 else self._embed(plan.query, embed_model)
         if weight == 1.0 and query_vector is not None:
-            found = self.source.vector_search(self.knowledge_id, query_vector,
+            vector = query_vector
+            found = self.source.vector_search(self.knowledge_id, vector,
                                               plan.top_k, plan.predicate)
             if found is not None:
-                return self._vector_search(plan, query_vector, found)
+                return self._rechecked(plan, found, lambda want: self.source.vector_search(
+                    self.knowledge_id, vector, want, plan.predicate) or [])
         return self.index.retrieve(plan.query, query_vector, weight, plan.top_k,
                                    plan.score_threshold, plan.predicate)
 
-    def _vector_search(self, plan: QueryPlan, query_vector: np.ndarray,
-                       found: list[NodeWithScore]) -> list[NodeWithScore]:
-        """LlamaIndex's answer, re-checked: asked for more while Dify's condition rejected
-        some and the index had more to give."""
+    def _own_search(self, plan: QueryPlan, own: OwnRetrieval) -> list[NodeWithScore]:
+        """The user's retriever, which embeds the query itself: vector mode only, since
+        keyword and hybrid need node texts this index does not give."""
+        mode, _ = effective_mode(plan, self.manifest)
+        if mode != "vector":
+            raise ConfigurationError(
+                f"knowledge base {self.knowledge_id!r} is searched by your own LlamaIndex "
+                f"code only ({self.source.shown}), which gives no node texts for retrieval "
+                f"mode {mode!r}: use retrieval mode 'vector'")
+        found = own.search(plan.query, plan.top_k)
+        return self._rechecked(plan, found, (lambda want: own.search(plan.query, want))
+                               if own.sized else None)
+
+    def _rechecked(self, plan: QueryPlan, found: list[NodeWithScore],
+                   fetch: Callable[[int], list[NodeWithScore]] | None) -> list[NodeWithScore]:
+        """LlamaIndex's answer, re-checked: asked for more (``fetch``, when the search
+        honours a bigger ``top_k``) while Dify's condition rejected some and the index
+        had more to give."""
         want = plan.top_k
         floor = lowest_returned(plan.score_threshold)
         while True:
             passing = [NodeWithScore(node=hit.node, score=clip(hit.score)) for hit in found
                        if plan.predicate is None or plan.predicate.matches(hit.node.metadata)]
             passing = [hit for hit in passing if (hit.score or 0.0) >= floor]
-            exhausted = len(found) < want
+            exhausted = fetch is None or len(found) < want
             # Scores only fall down the list: once one is under the floor, none after passes.
             below = bool(found) and clip(found[-1].score) < floor
             if len(passing) >= plan.top_k or exhausted or below:
                 return passing[: plan.top_k]
             want *= FETCH_FACTOR
-            found = self.source.vector_search(self.knowledge_id, query_vector, want,
-                                              plan.predicate) or []
+            found = fetch(want)
 
     def _embed(self, query: str, embed_model: BaseEmbedding | None) -> np.ndarray:
         if embed_model is None:
