@@ -27,7 +27,12 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
 
 from llamaindex_kb.conditions.compiled import Predicate
-from llamaindex_kb.errors import ConfigurationError, EmbeddingMismatchError, ReadOnlyStoreError
+from llamaindex_kb.errors import (
+    ConfigurationError,
+    EmbeddingMismatchError,
+    InvalidFieldError,
+    ReadOnlyStoreError,
+)
 from llamaindex_kb.models.spec import EmbeddingSpec
 from llamaindex_kb.scoring import clip, lowest_returned, semantic_weight
 from llamaindex_kb.stores.base import (
@@ -144,6 +149,10 @@ class LlamaIndexKnowledgeBase:
             if found is not None:
                 return self._rechecked(plan, found, lambda want: self.source.vector_search(
                     self.knowledge_id, vector, want, plan.predicate) or [])
+        if weight > 0.0 and self.index.dimension is None:
+            raise InvalidFieldError("retrieval_mode", (
+                f"knowledge base {self.knowledge_id!r} has no embeddings this server can "
+                "read, so it can be searched by keyword only: use retrieval mode 'keyword'"))
         return self.index.retrieve(plan.query, query_vector, weight, plan.top_k,
                                    plan.score_threshold, plan.predicate)
 
