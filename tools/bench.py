@@ -238,14 +238,22 @@ def quality(datasets_dir: Path, target: Target, sets: list[str], modes: list[str
 def build_synthetic_kb(datasets_dir: Path, target: Target, knowledge_id: str, size: int) -> None:
     if target.is_current(knowledge_id):
         return
+    print(f"  building a {size}-chunk synthetic knowledge base (cached afterwards)…", flush=True)
+    started = time.perf_counter()
+    nodes, vectors = synthetic_nodes(datasets_dir, size)
+    _publish(target, knowledge_id, nodes, vectors)
+    print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def synthetic_nodes(datasets_dir: Path, size: int) -> tuple[list[TextNode], np.ndarray]:
+    """Sentences of the first data set recombined, with random unit vectors recorded as the
+    local model's: the query embedding is real work, the vectors' meaning is not."""
     rng = np.random.default_rng(42)
     sentences: list[str] = []
     for doc in read_jsonl(datasets_dir / "scifact" / "corpus.jsonl"):
         sentences.extend(s.strip() for s in doc["text"].split(". ") if len(s.split()) > 3)
     if not sentences:
         raise SystemExit("no sentences to build the synthetic corpus from")
-    print(f"  building a {size}-chunk synthetic knowledge base (cached afterwards)…", flush=True)
-    started = time.perf_counter()
     picks = rng.integers(0, len(sentences), size=(size, 4))
     nodes = []
     for i in range(size):
@@ -255,9 +263,7 @@ def build_synthetic_kb(datasets_dir: Path, target: Target, knowledge_id: str, si
             metadata={"document_id": f"doc-{i // 5}", "category": f"c{i % 10}",
                       "year": 2000 + int(i % 25), "file_type": "md" if i % 3 else "txt"},
         ))
-    vectors = rng.standard_normal((size, 384)).astype(np.float32)
-    _publish(target, knowledge_id, nodes, vectors)
-    print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
+    return nodes, rng.standard_normal((size, 384)).astype(np.float32)
 
 
 def _free_port() -> int:
@@ -294,15 +300,31 @@ def scale(datasets_dir: Path, target: Target, size: int, queries: int) -> None:
     knowledge_id = f"synthetic-{size}"
     build_synthetic_kb(datasets_dir, target, knowledge_id, size)
     texts = [q["text"] for q in read_jsonl(datasets_dir / "scifact" / "queries.jsonl")][:queries]
+    # "repeated" sends the same queries again: their embeddings are cached, as when
+    # Dify asks several knowledge bases the same question, so it shows the store's
+    # own time apart from the query embedding's.
+    serve_and_time([*target.cli_flags(), "--retrieval-mode", "hybrid"], knowledge_id, texts,
+                   ("no filter", "filter", "repeated"))
+
+
+FILTER = {"logical_operator": "and", "conditions": [
+    {"name": "category", "comparison_operator": "is", "value": "c3"},
+    {"name": "year", "comparison_operator": ">", "value": 2010}]}
+
+
+def serve_and_time(flags: list[str], knowledge_id: str, texts: list[str],
+                   runs: tuple[str, ...]) -> dict[str, float]:
+    """Start a fresh ``serve`` with ``flags``, print its start-up time, latency percentiles
+    for each run ("no filter", "filter", "repeated") and peak memory; return each run's
+    server-side p50."""
     key, port = secrets.token_hex(8), _free_port()
     env = {**os.environ, "LLAMAINDEX_KB_API_KEY": key}
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llamaindex_kb", "serve", *target.cli_flags(),
-         "--port", str(port), "--retrieval-mode", "hybrid"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "llamaindex_kb", "serve", *flags,
+                             "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    p50s: dict[str, float] = {}
     try:
         with httpx.Client(timeout=5.0) as client:
             while True:
@@ -315,26 +337,56 @@ def scale(datasets_dir: Path, target: Target, size: int, queries: int) -> None:
                     time.sleep(0.02)
             ready = time.perf_counter() - started
             print(f"  ready to answer {ready:.2f} s after process start")
-            condition = {"logical_operator": "and", "conditions": [
-                {"name": "category", "comparison_operator": "is", "value": "c3"},
-                {"name": "year", "comparison_operator": ">", "value": 2010}]}
-            # "repeated" sends the same queries again: their embeddings are cached, as when
-            # Dify asks several knowledge bases the same question, so it shows the store's
-            # own time apart from the query embedding's.
-            for label, cond in (("no filter", None), ("filter", condition),
-                                ("repeated", None)):
+            for label in runs:
+                cond = FILTER if label == "filter" else None
                 server_ms, trip_ms, ticks = [], [], _cpu_ticks()
                 for text in texts:
                     records, s_ms, t_ms = retrieve(client, url, key, knowledge_id, text, 10, cond)
                     assert len(records) == 10, "top_k must be filled"
                     server_ms.append(s_ms)
                     trip_ms.append(t_ms)
+                p50s[label] = float(np.percentile(server_ms, 50))
                 print(f"  {label:<10} server {percentiles(server_ms)}   "
                       f"round trip {percentiles(trip_ms)}{_stolen(ticks)}", flush=True)
         print(f"  peak memory of the server process: {_peak_rss_mb(proc.pid):.0f} MB")
     finally:
         proc.terminate()
         proc.wait()
+    return p50s
+
+
+def llamaindex_indexes(datasets_dir: Path, work_dir: Path, size: int, queries: int) -> None:
+    """An index built with LlamaIndex's own classes (a persisted folder), served through
+    ``llamaindex://``, against our embedded store holding the same nodes and vectors;
+    vector mode, query embedding included."""
+    from llama_index.core import StorageContext, VectorStoreIndex
+
+    from llamaindex_kb.models.choose import local_embedding
+
+    print(f"\n== a persisted LlamaIndex folder of {size} nodes vs the embedded store, "
+          "vector mode, fresh `serve` process ==")
+    knowledge_id = f"synthetic-{size}"
+    texts = [q["text"] for q in read_jsonl(datasets_dir / "scifact" / "queries.jsonl")][:queries]
+    folder = (work_dir / f"llamaindex-{size}").resolve()
+    own = LocalStore(work_dir / "llamaindex-own")
+    if not (folder / "index_store.json").is_file() or own.find(knowledge_id) is None:
+        print("  building both (cached afterwards)…", flush=True)
+        nodes, vectors = synthetic_nodes(datasets_dir, size)
+        publish_nodes(own, knowledge_id, nodes, vectors, local_embedding().spec, mode="vector")
+        for node, vector in zip(nodes, vectors, strict=True):
+            node.embedding = vector.tolist()  # already embedded: LlamaIndex keeps it
+        index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(),
+                                 embed_model=local_embedding())
+        index.set_index_id(knowledge_id)
+        index.storage_context.persist(str(folder))
+    print("  llamaindex:// (persisted folder)")
+    theirs = serve_and_time(["--store", f"llamaindex://{folder}"], knowledge_id, texts,
+                            ("no filter", "filter"))
+    print("  the embedded store, same nodes and vectors")
+    ours = serve_and_time(["--data-dir", str(own.data_dir), "--retrieval-mode", "vector"],
+                          knowledge_id, texts, ("no filter", "filter"))
+    print("  p50 ratio, persisted folder / embedded store: " + ", ".join(
+        f"{label} {theirs[label] / ours[label]:.2f}x" for label in theirs))
 
 
 def _ingest_folder(datasets_dir: Path, root: Path, chunks: int) -> Path:
@@ -426,6 +478,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-ingestion", action="store_true")
+    parser.add_argument("--skip-llamaindex", action="store_true")
+    parser.add_argument("--llamaindex-nodes", type=int, default=10_000,
+                        help="nodes of the persisted LlamaIndex folder served by llamaindex://")
     parser.add_argument("--ingest-chunks", type=int, default=100_000,
                         help="chunks for the ingestion run")
     args = parser.parse_args(argv)
@@ -447,6 +502,8 @@ def main(argv: list[str]) -> int:
         quality(args.datasets, target, args.sets.split(","), args.modes.split(","))
     if not args.skip_scale:
         scale(args.datasets, target, args.scale, args.queries)
+    if not args.skip_llamaindex:
+        llamaindex_indexes(args.datasets, args.work_dir, args.llamaindex_nodes, args.queries)
     if not args.skip_ingestion:
         ingestion(args.datasets, args.work_dir, args.ingest_chunks)
     return 0
