@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from conftest import API_KEY, ServerTransport, dify_body, standalone_server
 from llama_index.core import Document, StorageContext, VectorStoreIndex
@@ -241,6 +242,19 @@ def test_only_what_qdrant_tests_as_dify_does_is_pushed_down() -> None:
     assert metadata_filters(compile_condition_from({"logical_operator": "or", "conditions": [
         {"name": "category", "comparison_operator": "is", "value": "hr"},
         {"name": "year", "comparison_operator": ">", "value": 2020}]})) is None
+
+
+def test_the_pushed_part_is_filtered_by_qdrant_itself(api: ServerTransport, built: Built) -> None:
+    # The server's own source (one store per URL per process), asked directly: what
+    # comes back from Qdrant is already filtered, before any re-check.
+    served = store_for(load_settings({"store": f"llamaindex+qdrant://{built.folder}"},
+                                     environ={}))
+    vector = np.asarray(local_embedding().get_query_embedding("office policy"))
+    hits = served.source.vector_search("handbook", vector, len(HANDBOOK),
+                                       compile_condition_from(CONDITION))
+    assert {hit.node.ref_doc_id for hit in hits} == \
+        {doc_id for doc_id, _, metadata in HANDBOOK if metadata["category"] in {"hr", "it"}}
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
 
 
 def compile_condition_from(condition: dict[str, Any]) -> Predicate:

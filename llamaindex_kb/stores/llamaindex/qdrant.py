@@ -212,17 +212,18 @@ class QdrantCollections:
     def version(self, index_id: str) -> Hashable | None:
         with self._translated():
             info = self._info(index_id)
-            if info is None:
-                return None
-            dense = _dense_vector(info)
-            if dense is None:
+            dense = None if info is None else _dense_vector(info)
+            if info is None or dense is None:
+                self._served.discard(index_id)
                 return None
             count = info.points_count or 0
             if index_id not in self._served:
-                if count and not self._written_by_llamaindex(index_id):
+                if count == 0:
+                    # Nothing to tell by: served when it is named as LlamaIndex names it.
+                    return (0, *dense) if dense[0] in ("", _HYBRID_DENSE) else None
+                if not self._written_by_llamaindex(index_id):
                     return None
-                if count:
-                    self._served.add(index_id)
+                self._served.add(index_id)
         return (count, *dense)
 
     def load(self, index_id: str) -> LoadedIndex:
