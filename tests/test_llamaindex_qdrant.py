@@ -250,8 +250,8 @@ def test_the_pushed_part_is_filtered_by_qdrant_itself(api: ServerTransport, buil
     served = store_for(load_settings({"store": f"llamaindex+qdrant://{built.folder}"},
                                      environ={}))
     vector = np.asarray(local_embedding().get_query_embedding("office policy"))
-    hits = served.source.vector_search("handbook", vector, len(HANDBOOK),
-                                       compile_condition_from(CONDITION))
+    hits = served.source.llamaindex_query("handbook", vector, len(HANDBOOK),
+                                          compile_condition_from(CONDITION))
     assert {hit.node.ref_doc_id for hit in hits} == \
         {doc_id for doc_id, _, metadata in HANDBOOK if metadata["category"] in {"hr", "it"}}
     assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
