@@ -83,21 +83,21 @@ def documents(rows: list[tuple[str, str, dict[str, Any]]]) -> list[Document]:
 
 
 def pg_vector_store(db_url: str, table_name: str, schema: str = "public",
-                    embed_dim: int = 384) -> PGVectorStore:
+                    embed_dim: int = 384, **options: Any) -> PGVectorStore:
     """What a user writes; the session's server listens on a socket, so the connection
     strings are given whole instead of host and port."""
     rest = db_url.removeprefix("postgresql://")
     return PGVectorStore.from_params(
         connection_string=f"postgresql+psycopg2://{rest}",
         async_connection_string=f"postgresql+asyncpg://{rest}",
-        table_name=table_name, schema_name=schema, embed_dim=embed_dim)
+        table_name=table_name, schema_name=schema, embed_dim=embed_dim, **options)
 
 
 def build(db_url: str, table_name: str, rows: list[tuple[str, str, dict[str, Any]]],
-          schema: str = "public") -> VectorStoreIndex:
+          schema: str = "public", **options: Any) -> VectorStoreIndex:
     Settings.llm = None
     storage = StorageContext.from_defaults(
-        vector_store=pg_vector_store(db_url, table_name, schema))
+        vector_store=pg_vector_store(db_url, table_name, schema, **options))
     return VectorStoreIndex.from_documents(documents(rows), storage_context=storage,
                                            embed_model=local_embedding())
 
@@ -197,6 +197,20 @@ def test_vector_retrieval_is_llamaindex_own_retriever_in_dify_shape(
         assert chunk_ids(found) == [node for node, _ in expected]
         for record, (_, score) in zip(found, expected, strict=True):
             assert record["score"] == pytest.approx(score, abs=1e-6)
+
+
+def test_an_hnsw_table_is_searched_with_the_ef_search_the_user_gave(
+        database: str, tmp_path: Path) -> None:
+    # ef_search 2: pgvector's HNSW scan finds at most 2 rows, and LlamaIndex returns those.
+    hnsw = {"hnsw_m": 16, "hnsw_ef_construction": 64, "hnsw_ef_search": 2}
+    index = build(database, "hnsw", HANDBOOK, schema="hnsw", hnsw_kwargs=hnsw)
+    query = "how many days of paid leave"
+    expected = [node for node, _, _ in llamaindex_answer(index, query, 5)]
+    assert len(expected) == 2
+    with server(tmp_path / "a", served(database, schema="hnsw") + "&hnsw_ef_search=2") as api:
+        assert chunk_ids(records(api, "hnsw", query, top_k=5)) == expected
+    with server(tmp_path / "b", served(database, schema="hnsw")) as api:  # pgvector's 40
+        assert len(records(api, "hnsw", query, top_k=5)) == 5
 
 
 def test_records_carry_the_node_text_title_and_metadata(
@@ -385,6 +399,16 @@ def test_an_unreachable_server_is_a_503_within_seconds(tmp_path: Path) -> None:
     assert SECRET not in message and "***" in message
     with pytest.raises(StoreUnavailableError):
         open_store(url, load_settings({}, environ={})).manifests()
+
+
+def test_the_first_request_after_the_server_dropped_its_connections_succeeds(
+        client: ServerTransport, database: str) -> None:
+    assert records(client, "handbook", "paid leave", top_k=2)
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'")
+    assert len(records(client, "handbook", "paid leave", top_k=2)) == 2
+    assert client.send("GET", "/knowledge-bases", None, AUTH).status == 200
 
 
 def test_wrong_credentials_or_database_are_a_configuration_error(

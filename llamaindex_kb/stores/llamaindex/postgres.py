@@ -142,9 +142,12 @@ class PGVectorTables:
         probed = False
         while True:
             try:
+                # Client-side binding, as psycopg2 under the user's PGVectorStore does:
+                # it sends "SET hnsw.ef_search = :n" with a parameter.
                 return psycopg.connect(
                     self._conninfo, connect_timeout=CONNECT_TIMEOUT_S,
-                    options=f"-c statement_timeout={int(DEADLINE_S * 1000)}")
+                    options=f"-c statement_timeout={int(DEADLINE_S * 1000)}",
+                    cursor_factory=psycopg.ClientCursor)
             except psycopg.OperationalError as exc:
                 problem = self._problem(exc)
                 if exc.sqlstate is None and not probed and not _unresolved(problem):
@@ -179,36 +182,40 @@ class PGVectorTables:
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
-        """The database's errors as ours; not chained where a message may hold a secret."""
+        """The database's errors as ours, raised through SQLAlchemy (PGVectorStore's
+        queries) or by psycopg itself (ours); not chained: a message may hold a secret."""
         try:
             yield
         except KBError:
             raise
         except sqlalchemy.exc.DBAPIError as exc:
             cause = exc.orig if isinstance(exc.orig, psycopg.Error) else exc
-            problem = self._problem(cause)
-            if isinstance(cause, psycopg.errors.InsufficientPrivilege):
-                raise ConfigurationError(
-                    f"store {self.shown}: {problem}; the user needs SELECT on the "
-                    "PGVectorStore tables") from None
-            if isinstance(cause, psycopg.errors.QueryCanceled):
-                raise StoreUnavailableError(
-                    f"store {self.shown} did not answer in time ({problem}); try again"
-                ) from None
-            if isinstance(cause, psycopg.OperationalError) or exc.connection_invalidated:
-                raise StoreUnavailableError(
-                    f"store {self.shown}: connection lost ({problem}); try again") from None
-            raise KnowledgeBaseDamaged(
-                f"store {self.shown}: reading a PGVectorStore table failed ({problem})"
-            ) from None
+            raise self._ours(cause, lost=exc.connection_invalidated) from None
+        except psycopg.Error as exc:
+            raise self._ours(exc, lost=False) from None
+
+    def _ours(self, cause: BaseException, *, lost: bool) -> KBError:
+        problem = self._problem(cause)
+        if isinstance(cause, psycopg.errors.InsufficientPrivilege):
+            return ConfigurationError(f"store {self.shown}: {problem}; the user needs SELECT "
+                                      "on the PGVectorStore tables")
+        if isinstance(cause, psycopg.errors.QueryCanceled):
+            return StoreUnavailableError(
+                f"store {self.shown} did not answer in time ({problem}); try again")
+        if lost or isinstance(cause, psycopg.OperationalError):
+            return StoreUnavailableError(
+                f"store {self.shown}: connection lost ({problem}); try again")
+        return KnowledgeBaseDamaged(
+            f"store {self.shown}: reading a PGVectorStore table failed ({problem})")
 
     @contextlib.contextmanager
-    def _cursor(self, *, binary: bool = False) -> Iterator[psycopg.Cursor]:
-        """A cursor on a pooled connection, in one read-only transaction."""
+    def _cursor(self) -> Iterator[psycopg.Cursor]:
+        """A cursor on a pooled connection, in one transaction rolled back at the end."""
         with self._translated():
             conn = self._engine.raw_connection()
             try:
-                with conn.cursor(binary=binary) as cur:  # type: ignore[call-arg]
+                # A server-side binding cursor: binary results need one.
+                with psycopg.Cursor(conn.dbapi_connection) as cur:  # type: ignore[arg-type]
                     yield cur
             finally:
                 conn.close()  # back to the pool, rolled back
@@ -243,12 +250,13 @@ class PGVectorTables:
 
     def load(self, index_id: str) -> LoadedIndex:
         table = self._table(index_id)
-        with self._cursor(binary=True) as cur:
+        with self._cursor() as cur:
             cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
                 sql.Literal(LOAD_TIMEOUT_S * 1000)))
             # Binary: the vectors arrive as pgvector's packed floats, no text to parse.
             cur.execute(sql.SQL("SELECT node_id, text, metadata_, embedding FROM {} "
-                                "ORDER BY id").format(sql.Identifier(self.schema, table.name)))
+                                "ORDER BY id").format(sql.Identifier(self.schema, table.name)),
+                        binary=True)
             rows = cur.fetchall()
         nodes = [_node(node_id, text, metadata) for node_id, text, metadata, _ in rows]
         embeddings = _unpacked([packed for *_, packed in rows], table, self.shown)
