@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psycopg
 import pytest
 import test_store_contract
 from conftest import API_KEY, ServerTransport, dify_body, standalone_server
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.schema import TextNode
 from llama_index.core.vector_stores.types import VectorStoreQuery
 from llama_index.vector_stores.postgres import PGVectorStore
 
@@ -211,6 +213,32 @@ def test_an_hnsw_table_is_searched_with_the_ef_search_the_user_gave(
         assert chunk_ids(records(api, "hnsw", query, top_k=5)) == expected
     with server(tmp_path / "b", served(database, schema="hnsw")) as api:  # pgvector's 40
         assert len(records(api, "hnsw", query, top_k=5)) == 5
+
+
+def test_a_large_table_answers_as_pgvectorstore_scanning_it_whole(database: str) -> None:
+    """Without a vector index, rows held in memory choose the candidates pgvector ranks:
+    the answer must still be PGVectorStore's, near ties (clusters of close vectors)
+    included, with and without a condition."""
+    rng = np.random.default_rng(16)
+    centres = rng.standard_normal((40, 384))
+    vectors = centres[rng.integers(0, 40, 3000)] + 0.02 * rng.standard_normal((3000, 384))
+    vector_store = pg_vector_store(database, "scan", schema="scan")
+    vector_store.add([TextNode(text=f"row {i}", metadata={"group": f"g{i % 7}"},
+                               embedding=vector.tolist())
+                      for i, vector in enumerate(vectors)])
+    store = open_store(served(database, schema="scan"), load_settings({}, environ={}))
+    assert store.find("scan") is not None  # reads the rows
+    condition = compile_condition(parse_metadata_condition({"conditions": [
+        {"name": "group", "comparison_operator": "in", "value": ["g1", "g4"]}]}))
+    for query in centres[:10] + 0.05 * rng.standard_normal((10, 384)):
+        for top_k, predicate in ((1, None), (10, None), (50, None), (10, condition)):
+            found = store.source.vector_search("scan", query, top_k, predicate)
+            expected = vector_store.query(VectorStoreQuery(
+                query_embedding=query.tolist(), similarity_top_k=top_k,
+                filters=None if predicate is None else _metadata_filters(predicate)))
+            assert [hit.node.node_id for hit in found] == expected.ids
+            assert [hit.score for hit in found] == pytest.approx(expected.similarities,
+                                                                 abs=1e-12)
 
 
 def test_records_carry_the_node_text_title_and_metadata(

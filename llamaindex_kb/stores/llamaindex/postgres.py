@@ -8,21 +8,26 @@ knowledge base ``handbook`` is that table. Every table named ``data_*`` in the s
 the URL go to libpq as in a ``postgresql://`` URL; ``?hnsw_ef_search=N`` gives the
 value the user's own ``hnsw_kwargs`` set, for a table with an HNSW index.
 
-Vector retrieval is LlamaIndex's own: one ``PGVectorStore`` per table (all sharing
-this store's connection pool) runs its query, so the records and their order are
-``index.as_retriever(similarity_top_k=k)``'s. Its score, and so ours, is
-``1 - cosine distance`` (pgvector's ``<=>``): the cosine similarity, negatives shown
-as 0. The part of Dify's condition that ``MetadataFilters`` expresses exactly here is
-pushed down (``_metadata_filters``); every record is re-checked by the caller.
+Vector retrieval answers what ``index.as_retriever(similarity_top_k=k)`` answers: the
+records, their order and their score, which is PGVectorStore's (and so ours)
+``1 - cosine distance`` (pgvector's ``<=>``): the cosine similarity, negatives shown as
+0. On a table with an HNSW or IVFFlat index, PGVectorStore's own query runs (one
+``PGVectorStore`` per table, all sharing this store's connection pool), the part of
+Dify's condition that ``MetadataFilters`` expresses exactly pushed down
+(``_metadata_filters``). Without one, LlamaIndex's query scans and ranks every row
+(10 ms at 5k rows of 384 dimensions, growing with the table): the rows held in memory
+choose the few that can be in its top k, and pgvector ranks those with the same
+expression (``_ranked_by_pgvector``). Every record is re-checked by the caller.
 
-Keyword and hybrid retrieval, and the listing of documents, work on the table read
-whole into memory (``load``): the nodes, rebuilt from ``metadata_`` as LlamaIndex
-rebuilds them, and their embeddings (hybrid needs every node's cosine). That costs
-about ``8 · dimension`` bytes per node for the vectors (10k nodes of 1536 dimensions:
-~125 MB) plus the nodes themselves, paid when a table is first listed or searched and
-again after it changes. Whether it changed is asked at most once a second, by
-``count(*)`` and ``max(id)``: LlamaIndex only inserts (``id`` grows) and deletes;
-an ``UPDATE`` made by hand that keeps both is not seen.
+Keyword and hybrid retrieval, the choice above, and the listing of documents work on
+the table read whole into memory (``load``): the nodes, rebuilt from ``metadata_`` as
+LlamaIndex rebuilds them, and their embeddings (hybrid needs every node's cosine).
+That costs about ``12 · dimension`` bytes per node for the vectors (float64 for
+scoring, float32 for choosing; 10k nodes of 1536 dimensions: ~185 MB) plus the nodes
+themselves, paid when a table is first listed or searched and again after it changes.
+Whether it changed is asked at most once a second, by ``count(*)`` and ``max(id)``:
+LlamaIndex only inserts (``id`` grows) and deletes; an ``UPDATE`` made by hand that
+keeps both is not seen.
 
 Faults are those of the ``postgresql://`` store: unreachable is a 503 within
 ``DEADLINE_S``; wrong credentials, a missing database or something other than
@@ -36,6 +41,7 @@ import threading
 import time
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -54,6 +60,7 @@ from psycopg import sql
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from llamaindex_kb.conditions.compiled import ExactCheck, Predicate, TextEquals, TextIn, plain_key
+from llamaindex_kb.conditions.table import MetadataTable
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
     ConfigurationError,
@@ -87,7 +94,10 @@ _TABLES_SQL = """
 SELECT c.relname, c.oid::bigint, t.typname, e.atttypmod,
        EXISTS (SELECT 1 FROM pg_attribute s WHERE s.attrelid = c.oid
                AND s.attname = 'text_search_tsv' AND NOT s.attisdropped),
-       m.atttypid = 'jsonb'::regtype
+       m.atttypid = 'jsonb'::regtype,
+       EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+               JOIN pg_am am ON am.oid = ic.relam
+               WHERE i.indrelid = c.oid AND am.amname IN ('hnsw', 'ivfflat'))
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute e ON e.attrelid = c.oid AND e.attname = 'embedding' AND NOT e.attisdropped
@@ -112,6 +122,20 @@ class _Table:
     dimension: int | None  # None for a vector column declared without one
     hybrid: bool  # has text_search_tsv (PGVectorStore's hybrid_search)
     jsonb: bool  # metadata_ is jsonb (use_jsonb)
+    approximate: bool  # an HNSW or IVFFlat index may answer LlamaIndex's query
+
+
+@dataclass
+class _Rows:
+    """A table as last loaded: what chooses the rows pgvector then ranks."""
+
+    ids: np.ndarray  # the id column; row i is nodes[i]
+    nodes: list[BaseNode]
+    unit: np.ndarray  # float32 embeddings scaled to length 1 (zero rows stay zero)
+
+    @cached_property
+    def metadata(self) -> MetadataTable:
+        return MetadataTable([node.metadata for node in self.nodes])
 
 
 class PGVectorTables:
@@ -131,6 +155,7 @@ class PGVectorTables:
             max_overflow=0, pool_pre_ping=True)
         self._tables: dict[str, _Table] = {}  # index id -> the table as last described
         self._vector_stores: dict[_Table, PGVectorStore] = {}
+        self._rows: dict[str, _Rows] = {}  # index id -> the table as last loaded
         self._lock = threading.Lock()
 
     # --- connections ------------------------------------------------------------
@@ -227,8 +252,9 @@ class PGVectorTables:
                                   "table": table, "columns": list(COLUMNS),
                                   "count": len(COLUMNS)})
         return [_Table(name=name, oid=oid, halfvec=typname == "halfvec",
-                       dimension=typmod if typmod > 0 else None, hybrid=hybrid, jsonb=jsonb)
-                for name, oid, typname, typmod, hybrid, jsonb in cur.fetchall()]
+                       dimension=typmod if typmod > 0 else None, hybrid=hybrid, jsonb=jsonb,
+                       approximate=approximate)
+                for name, oid, typname, typmod, hybrid, jsonb, approximate in cur.fetchall()]
 
     def index_ids(self) -> list[str]:
         with self._cursor() as cur:
@@ -240,6 +266,7 @@ class PGVectorTables:
             found = self._describe(cur, _table_name(index_id))
             if not found:
                 self._tables.pop(index_id, None)
+                self._rows.pop(index_id, None)
                 return None
             table = found[0]
             cur.execute(sql.SQL("SELECT count(*), max(id) FROM {}").format(
@@ -254,18 +281,30 @@ class PGVectorTables:
             cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
                 sql.Literal(LOAD_TIMEOUT_S * 1000)))
             # Binary: the vectors arrive as pgvector's packed floats, no text to parse.
-            cur.execute(sql.SQL("SELECT node_id, text, metadata_, embedding FROM {} "
+            cur.execute(sql.SQL("SELECT id, node_id, text, metadata_, embedding FROM {} "
                                 "ORDER BY id").format(sql.Identifier(self.schema, table.name)),
                         binary=True)
             rows = cur.fetchall()
-        nodes = [_node(node_id, text, metadata) for node_id, text, metadata, _ in rows]
+        nodes = [_node(node_id, text, metadata) for _, node_id, text, metadata, _ in rows]
         embeddings = _unpacked([packed for *_, packed in rows], table, self.shown)
         dimension = table.dimension or (int(embeddings.shape[1]) if len(rows) else None)
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        self._rows[index_id] = _Rows(
+            ids=np.array([row[0] for row in rows], dtype=np.int64), nodes=nodes,
+            unit=embeddings / np.where(norms == 0, 1.0, norms).astype(np.float32))
         return LoadedIndex(nodes=nodes, embeddings=embeddings, dimension=dimension)
 
     def vector_search(self, index_id: str, query_vector: np.ndarray, top_k: int,
                       predicate: Predicate | None) -> list[NodeWithScore] | None:
-        store = self._vector_store(self._table(index_id))
+        table, rows = self._table(index_id), self._rows.get(index_id)
+        if table.approximate or rows is None or not np.any(query_vector):
+            return self._llamaindex_query(table, query_vector, top_k, predicate)
+        return self._ranked_by_pgvector(table, rows, query_vector, top_k, predicate)
+
+    def _llamaindex_query(self, table: _Table, query_vector: np.ndarray, top_k: int,
+                          predicate: Predicate | None) -> list[NodeWithScore]:
+        """PGVectorStore's own query: the HNSW or IVFFlat scan LlamaIndex's runs."""
+        store = self._vector_store(table)
         query = VectorStoreQuery(query_embedding=np.asarray(query_vector).tolist(),
                                  similarity_top_k=top_k,
                                  filters=None if predicate is None
@@ -275,6 +314,38 @@ class PGVectorTables:
         return [NodeWithScore(node=node, score=similarity)
                 for node, similarity in zip(result.nodes or [], result.similarities or [],
                                             strict=True)]
+
+    def _ranked_by_pgvector(self, table: _Table, rows: _Rows, query_vector: np.ndarray,
+                            top_k: int, predicate: Predicate | None) -> list[NodeWithScore]:
+        """LlamaIndex's answer on a table without a vector index, fast: its query scans
+        and ranks every row (10 ms at 5k rows of 384 dimensions, growing with the
+        table). The rows held here choose every row that can be in its top ``top_k``
+        (within rounding of the top ``top_k`` by a float32 cosine, Dify's condition
+        applied), then pgvector ranks those by PGVectorStore's expression: the same
+        order and scores, from a handful of rows."""
+        query = np.asarray(query_vector, dtype=np.float32)
+        similarities = rows.unit @ (query / np.linalg.norm(query))
+        if predicate is not None:
+            similarities = np.where(predicate.mask(rows.metadata), similarities, -np.inf)
+        candidates = np.flatnonzero(np.isfinite(similarities))
+        if len(candidates) > top_k:
+            kth = np.partition(similarities[candidates], -top_k)[-top_k]
+            candidates = candidates[similarities[candidates] >= kth - _margin(query.size)]
+        if not len(candidates):
+            return []
+        with self._cursor() as cur:
+            cur.execute(sql.SQL(
+                "SELECT id, 1 - (embedding <=> %(q)s::{kind}) FROM {table} WHERE id = ANY(%(ids)s) "
+                "ORDER BY embedding <=> %(q)s::{kind} LIMIT %(k)s").format(
+                    kind=sql.SQL("halfvec" if table.halfvec else "vector"),
+                    table=sql.Identifier(self.schema, table.name)),
+                {"q": _vector_text(query), "ids": rows.ids[candidates].tolist(), "k": top_k})
+            ranked = cur.fetchall()
+        position = {int(row_id): row for row, row_id in zip(candidates, rows.ids[candidates],
+                                                             strict=True)}
+        return [NodeWithScore(node=rows.nodes[position[row_id]],
+                              score=0.0 if similarity is None else float(similarity))
+                for row_id, similarity in ranked]
 
     def _table(self, index_id: str) -> _Table:
         table = self._tables.get(index_id)
@@ -367,6 +438,17 @@ def _unpacked(packed: list[bytes | None], table: _Table, shown: str) -> np.ndarr
         if blob is not None:
             rows[row] = np.frombuffer(blob, dtype=item, offset=4, count=dimension)
     return rows
+
+
+def _margin(dimension: int) -> float:
+    """A bound on how far a float32 cosine (numpy's here, pgvector's there) strays from
+    the exact one: a few roundings per dimension, for vectors of length 1."""
+    return 4.0 * dimension * float(np.finfo(np.float32).eps)
+
+
+def _vector_text(vector: np.ndarray) -> str:
+    """pgvector's text form; repr keeps every float32 exactly, as PGVectorStore sends it."""
+    return "[" + ",".join(map(repr, vector.tolist())) + "]"
 
 
 def _metadata_filters(predicate: Predicate) -> MetadataFilters | None:
