@@ -46,7 +46,7 @@ from llamaindex_kb.ingestion.pipeline import embed_nodes, publish_nodes
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.store import LocalStore
-from llamaindex_kb.stores.registry import store_for
+from llamaindex_kb.stores.registry import open_store, store_for
 from llamaindex_kb.text.bm25 import postings_of, score_postings
 
 DATASETS_ENV = "LLAMAINDEX_KB_DATASETS"
@@ -355,38 +355,98 @@ def serve_and_time(flags: list[str], knowledge_id: str, texts: list[str],
     return p50s
 
 
-def llamaindex_indexes(datasets_dir: Path, work_dir: Path, size: int, queries: int) -> None:
-    """An index built with LlamaIndex's own classes (a persisted folder), served through
-    ``llamaindex://``, against our embedded store holding the same nodes and vectors;
-    vector mode, query embedding included."""
+def llamaindex_indexes(datasets_dir: Path, work_dir: Path, size: int, queries: int,
+                       postgres_url: str | None) -> None:
+    """Indexes built with LlamaIndex's own classes, served through ``llamaindex…://``,
+    each against our own store of the same kind holding the same nodes and vectors;
+    vector mode, query embedding included: a persisted folder against the embedded
+    store, a QdrantVectorStore collection against ``qdrant://`` (both local mode), and
+    with ``--store postgresql://…`` a PGVectorStore table against ``postgresql://``."""
     from llama_index.core import StorageContext, VectorStoreIndex
 
     from llamaindex_kb.models.choose import local_embedding
 
-    print(f"\n== a persisted LlamaIndex folder of {size} nodes vs the embedded store, "
-          "vector mode, fresh `serve` process ==")
-    knowledge_id = f"synthetic-{size}"
+    # An underscore, not a hyphen: it is PGVectorStore's table_name too.
+    knowledge_id = f"synthetic_{size}"
     texts = [q["text"] for q in read_jsonl(datasets_dir / "scifact" / "queries.jsonl")][:queries]
-    folder = (work_dir / f"llamaindex-{size}").resolve()
-    own = LocalStore(work_dir / "llamaindex-own")
-    if not (folder / "index_store.json").is_file() or own.find(knowledge_id) is None:
-        print("  building both (cached afterwards)…", flush=True)
-        nodes, vectors = synthetic_nodes(datasets_dir, size)
-        publish_nodes(own, knowledge_id, nodes, vectors, local_embedding().spec, mode="vector")
-        for node, vector in zip(nodes, vectors, strict=True):
+    built: list[tuple[list[TextNode], np.ndarray]] = []
+
+    def nodes_and_vectors() -> tuple[list[TextNode], np.ndarray]:
+        if not built:
+            built.append(synthetic_nodes(datasets_dir, size))
+        return built[0]
+
+    def build_theirs(storage: StorageContext) -> VectorStoreIndex:
+        nodes, vectors = nodes_and_vectors()
+        embedded = [node.model_copy() for node in nodes]
+        for node, vector in zip(embedded, vectors, strict=True):
             node.embedding = vector.tolist()  # already embedded: LlamaIndex keeps it
-        index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(),
-                                 embed_model=local_embedding())
+        return VectorStoreIndex(embedded, storage_context=storage, embed_model=local_embedding())
+
+    def build_ours(store_url: str) -> None:
+        store = open_store(store_url, load_settings({}, environ={}))
+        if store.find(knowledge_id) is None:
+            nodes, vectors = nodes_and_vectors()
+            publish_nodes(store, knowledge_id, nodes, vectors, local_embedding().spec,
+                          mode="vector")
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()  # local Qdrant: the folder is the serving process's alone
+
+    def compare(kind: str, theirs_url: str, ours_url: str) -> None:
+        print(f"\n== {kind} of {size} nodes built by LlamaIndex vs our own store, vector "
+              "mode, fresh `serve` processes ==")
+        print(f"  {theirs_url.split('://')[0]}://")
+        theirs = serve_and_time(["--store", theirs_url], knowledge_id, texts,
+                                ("no filter", "filter"))
+        print(f"  {ours_url.split('://')[0]}:// (ours), same nodes and vectors")
+        ours = serve_and_time(["--store", ours_url, "--retrieval-mode", "vector"],
+                              knowledge_id, texts, ("no filter", "filter"))
+        print("  p50 ratio, LlamaIndex's / ours: " + ", ".join(
+            f"{label} {theirs[label] / ours[label]:.2f}x" for label in theirs))
+
+    folder = (work_dir / f"llamaindex-{size}").resolve()
+    if not (folder / "index_store.json").is_file():
+        print("  building the persisted folder (cached afterwards)…", flush=True)
+        index = build_theirs(StorageContext.from_defaults())
         index.set_index_id(knowledge_id)
         index.storage_context.persist(str(folder))
-    print("  llamaindex:// (persisted folder)")
-    theirs = serve_and_time(["--store", f"llamaindex://{folder}"], knowledge_id, texts,
-                            ("no filter", "filter"))
-    print("  the embedded store, same nodes and vectors")
-    ours = serve_and_time(["--data-dir", str(own.data_dir), "--retrieval-mode", "vector"],
-                          knowledge_id, texts, ("no filter", "filter"))
-    print("  p50 ratio, persisted folder / embedded store: " + ", ".join(
-        f"{label} {theirs[label] / ours[label]:.2f}x" for label in theirs))
+    own = (work_dir / "llamaindex-own").resolve()
+    build_ours(f"local://{own}")
+    compare("a persisted folder", f"llamaindex://{folder}", f"local://{own}")
+
+    from llama_index.vector_stores.qdrant import QdrantVectorStore
+    from qdrant_client import QdrantClient
+
+    qdrant_folder = (work_dir / f"llamaindex-qdrant-{size}").resolve()
+    client = QdrantClient(path=str(qdrant_folder))
+    try:
+        if not client.collection_exists(knowledge_id):
+            print("  building the QdrantVectorStore collection (cached afterwards)…", flush=True)
+            build_theirs(StorageContext.from_defaults(vector_store=QdrantVectorStore(
+                client=client, collection_name=knowledge_id)))
+    finally:
+        client.close()
+    qdrant_own = (work_dir / "qdrant-own").resolve()
+    build_ours(f"qdrant://{qdrant_own}")
+    compare("a QdrantVectorStore collection (local mode)",
+            f"llamaindex+qdrant://{qdrant_folder}", f"qdrant://{qdrant_own}")
+
+    if postgres_url is None or urlsplit(postgres_url).scheme not in {"postgresql", "postgres"}:
+        print("  (PostgreSQL: pass --store postgresql://… to compare PGVectorStore tables)")
+        return
+    from llama_index.vector_stores.postgres import PGVectorStore
+
+    theirs_url = "llamaindex+" + postgres_url
+    if open_store(theirs_url, load_settings({}, environ={})).find(knowledge_id) is None:
+        print("  building the PGVectorStore table (cached afterwards)…", flush=True)
+        rest = postgres_url.split("://", 1)[1]
+        build_theirs(StorageContext.from_defaults(vector_store=PGVectorStore.from_params(
+            connection_string=f"postgresql+psycopg2://{rest}",
+            async_connection_string=f"postgresql+asyncpg://{rest}",
+            table_name=knowledge_id, embed_dim=384)))
+    build_ours(postgres_url)
+    compare("a PGVectorStore table", theirs_url, postgres_url)
 
 
 def _ingest_folder(datasets_dir: Path, root: Path, chunks: int) -> Path:
@@ -503,7 +563,8 @@ def main(argv: list[str]) -> int:
     if not args.skip_scale:
         scale(args.datasets, target, args.scale, args.queries)
     if not args.skip_llamaindex:
-        llamaindex_indexes(args.datasets, args.work_dir, args.llamaindex_nodes, args.queries)
+        llamaindex_indexes(args.datasets, args.work_dir, args.llamaindex_nodes, args.queries,
+                           args.store)
     if not args.skip_ingestion:
         ingestion(args.datasets, args.work_dir, args.ingest_chunks)
     return 0
