@@ -201,6 +201,31 @@ def test_vector_retrieval_is_llamaindex_own_retriever_in_dify_shape(
             assert record["score"] == pytest.approx(score, abs=1e-6)
 
 
+def test_a_table_with_halfvec_jsonb_and_a_text_search_column_answers_as_llamaindex(
+        database: str, tmp_path: Path) -> None:
+    index = build(database, "variant", HANDBOOK, schema="variant", use_halfvec=True,
+                  use_jsonb=True, hybrid_search=True)
+    with server(tmp_path, served(database, schema="variant")) as api:
+        listed = api.send("GET", "/knowledge-bases", None, AUTH).json()["knowledge_bases"]
+        assert [(kb["knowledge_id"], kb["chunks"]) for kb in listed] == [
+            ("variant", len(HANDBOOK))]
+        for query in QUERIES:
+            expected = [(node, score) for node, score, _ in
+                        llamaindex_answer(index, query, 4) if score > 0]
+            found = records(api, "variant", query, top_k=4)
+            assert chunk_ids(found) == [node for node, _ in expected]
+            assert [r["score"] for r in found] == pytest.approx(
+                [score for _, score in expected], abs=1e-6)
+    source = open_store(served(database, schema="variant"), load_settings({}, environ={})).source
+    assert source.version("variant") is not None
+    loaded = source.load("variant")  # halfvec's packed halves, as keyword/hybrid use them
+    stored = {node.node_id: node.embedding for node in index.vector_store.get_nodes(
+        node_ids=[node.node_id for node in loaded.nodes])}
+    assert loaded.embeddings is not None and loaded.dimension == 384
+    assert np.allclose(loaded.embeddings,
+                       np.array([stored[node.node_id] for node in loaded.nodes]), atol=1e-6)
+
+
 def test_an_hnsw_table_is_searched_with_the_ef_search_the_user_gave(
         database: str, tmp_path: Path) -> None:
     # ef_search 2: pgvector's HNSW scan finds at most 2 rows, and LlamaIndex returns those.
