@@ -483,3 +483,14 @@ def test_the_plugin_form_refuses_python_urls() -> None:
     assert len(FACTORY_CALLS) == calls
     assert plugin_settings({"api_key": "k", "store_url": "llamaindex:///srv/storage"},
                            environ={}).store == "llamaindex:///srv/storage"
+
+
+def test_a_condition_on_document_id_selects_that_documents_records(
+        client: ServerTransport) -> None:
+    # document_id is not in a LlamaIndex node's own metadata, but it is in every record's:
+    # Dify's condition is checked against what the record shows.
+    wanted = HANDBOOK[1][0]
+    found = records(client, "handbook", "paid leave", top_k=8, condition={
+        "logical_operator": "and",
+        "conditions": [{"name": "document_id", "comparison_operator": "is", "value": wanted}]})
+    assert found and {r["metadata"]["document_id"] for r in found} == {wanted}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore
@@ -43,7 +44,7 @@ class NodeIndex:
 
     @cached_property
     def metadata(self) -> MetadataTable:
-        return MetadataTable([node.metadata for node in self.nodes])
+        return MetadataTable([record_metadata(node) for node in self.nodes])
 
     @property
     def keyword(self) -> KeywordIndex:
@@ -89,3 +90,14 @@ def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
     rows = np.asarray(embeddings, dtype=np.float64)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms == 0, 1.0, norms)
+
+
+def document_id_of(node: BaseNode) -> str:
+    """The document a node came from, as a record's ``metadata.document_id`` names it."""
+    return str(node.metadata.get("document_id") or node.ref_doc_id or node.node_id)
+
+
+def record_metadata(node: BaseNode) -> dict[str, Any]:
+    """The metadata Dify's condition is checked against: the record's, ``document_id``
+    included (``retrieval.to_record`` adds it the same way)."""
+    return {**node.metadata, "document_id": document_id_of(node)}

@@ -45,7 +45,7 @@ from llamaindex_kb.stores.base import (
     effective_mode,
     embed_query,
 )
-from llamaindex_kb.stores.llamaindex.engine import NodeIndex
+from llamaindex_kb.stores.llamaindex.engine import NodeIndex, document_id_of, record_metadata
 
 # How often a served index is asked whether the user's code changed it: a request
 # within this many seconds of the last check uses what is open.
@@ -178,7 +178,8 @@ class LlamaIndexKnowledgeBase:
         floor = lowest_returned(plan.score_threshold)
         while True:
             passing = [NodeWithScore(node=hit.node, score=clip(hit.score)) for hit in found
-                       if plan.predicate is None or plan.predicate.matches(hit.node.metadata)]
+                       if plan.predicate is None
+                       or plan.predicate.matches(record_metadata(hit.node))]
             passing = [hit for hit in passing if (hit.score or 0.0) >= floor]
             exhausted = fetch is None or len(found) < want
             # Scores only fall down the list: once one is under the floor, none after passes.
@@ -248,11 +249,6 @@ class LlamaIndexStore(FindingStore):
 
     def drop(self, knowledge_id: str) -> None:
         raise ReadOnlyStoreError.refusing(knowledge_id, READ_ONLY)
-
-
-def document_id_of(node: BaseNode) -> str:
-    """The document a node came from, as a record's ``metadata.document_id`` names it."""
-    return str(node.metadata.get("document_id") or node.ref_doc_id or node.node_id)
 
 
 def _document_info(document_id: str, node: BaseNode, chunks: int) -> DocumentInfo:
