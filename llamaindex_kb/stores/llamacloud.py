@@ -80,14 +80,10 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import httpx
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import NodeWithScore, TextNode
-from llama_index.core.vector_stores.types import FilterOperator
+from llama_index.core.vector_stores.types import MetadataFilter
 
 from llamaindex_kb.conditions.compiled import (
-    ExactCheck,
     Predicate,
-    TextEquals,
-    TextIn,
-    plain_key,
 )
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
@@ -106,6 +102,7 @@ from llamaindex_kb.stores.base import (
     QueryPlan,
     effective_mode,
 )
+from llamaindex_kb.stores.llamaindex.filters import exact_metadata_filters
 
 log = logging.getLogger(__name__)
 
@@ -418,26 +415,16 @@ class LlamaCloudIndex:
 
 
 def _search_filters(predicate: Predicate) -> tuple[dict[str, Any] | None, bool]:
-    """(LlamaCloud search_filters or None, whether they express the whole condition)."""
-    pushed = predicate.exact_part.translate(_search_filter)
-    if pushed is None:
+    """(LlamaCloud search_filters or None, whether they express the whole condition):
+    LlamaIndex ``MetadataFilters`` as JSON, without the keys this store adds itself."""
+    filters, complete = exact_metadata_filters(
+        predicate, key_ok=lambda key: key not in _SYNTHESIZED_KEYS)
+    if filters is None:
         return None, False
-    payload = {"filters": list(pushed.parts), "condition": pushed.logical_operator}
-    return payload, pushed.complete
-
-
-def _search_filter(check: ExactCheck) -> dict[str, Any] | None:
-    """One check as a LlamaIndex ``MetadataFilter``'s JSON, where LlamaIndex's operator
-    means what Dify's does; ``None`` elsewhere."""
-    if check.key in _SYNTHESIZED_KEYS or not plain_key(check.key):
-        return None
-    match check:
-        case TextEquals(key, text):
-            return {"key": key, "value": text, "operator": FilterOperator.EQ.value}
-        case TextIn(key, texts):
-            return {"key": key, "value": list(texts), "operator": FilterOperator.IN.value}
-    # LlamaIndex's EQ and GT on numbers miss Dify's numeric strings and ISO times.
-    return None
+    payload = {"filters": [{"key": f.key, "value": f.value, "operator": f.operator.value}
+                           for f in filters.filters if isinstance(f, MetadataFilter)],
+               "condition": str(filters.condition.value if filters.condition else "and")}
+    return payload, complete
 
 
 def _text_node(raw: dict[str, Any], position: int) -> TextNode:

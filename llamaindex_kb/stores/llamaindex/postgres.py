@@ -49,8 +49,6 @@ import psycopg
 import sqlalchemy
 from llama_index.core.schema import BaseNode, NodeWithScore, TextNode
 from llama_index.core.vector_stores.types import (
-    FilterOperator,
-    MetadataFilter,
     MetadataFilters,
     VectorStoreQuery,
 )
@@ -59,7 +57,7 @@ from llama_index.vector_stores.postgres import PGVectorStore
 from psycopg import sql
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from llamaindex_kb.conditions.compiled import ExactCheck, Predicate, TextEquals, TextIn, plain_key
+from llamaindex_kb.conditions.compiled import Predicate
 from llamaindex_kb.conditions.table import MetadataTable
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
@@ -69,6 +67,7 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
 )
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
+from llamaindex_kb.stores.llamaindex.filters import exact_metadata_filters
 from llamaindex_kb.stores.llamaindex.store import LlamaIndexStore, LoadedIndex
 
 # The same connection policy as our own PostgreSQL store, and its probe telling a
@@ -452,32 +451,16 @@ def _vector_text(vector: np.ndarray) -> str:
 
 
 def _metadata_filters(predicate: Predicate) -> MetadataFilters | None:
-    """The exactly expressible part of ``predicate`` as PGVectorStore's filters."""
-    pushed = predicate.exact_part.translate(_metadata_filter)
-    if pushed is None:
-        return None
-    return MetadataFilters(filters=list(pushed.parts), condition=pushed.logical_operator)
+    """The exactly expressible part of ``predicate`` as PGVectorStore's filters.
 
-
-def _metadata_filter(check: ExactCheck) -> MetadataFilter | None:
-    """One check as a filter meaning exactly what Dify's does, else None.
-
-    PGVectorStore renders ``metadata_->>'key' = 'text'`` and ``... IN ('a', 'b')``:
-    the text form compared, as Dify's SQL does, for the plain texts of ``TextEquals``
-    and ``TextIn`` (no quote, not a number's text). It pastes keys and values into the
-    SQL text unescaped, and SQLAlchemy reads ``:name`` there as a parameter: such keys
-    and values stay out. Its numeric filters cast without a guard (a non-numeric value
-    fails the query) and miss ISO times, so ``NumberCompare`` stays out too.
+    PGVectorStore renders ``metadata_->>'key' = 'text'`` and ``... IN ('a', 'b')``: the
+    text form compared, as Dify's SQL does. It pastes keys and values into the SQL text
+    unescaped, and SQLAlchemy reads ``:name`` there as a parameter: such keys and values
+    stay out, as do the keys LlamaIndex writes itself.
     """
-    if check.key in _WRITTEN_BY_LLAMAINDEX or not plain_key(check.key) \
-            or not _pasteable(check.key):
-        return None
-    match check:
-        case TextEquals(key, text) if _pasteable(text):
-            return MetadataFilter(key=key, value=text, operator=FilterOperator.EQ)
-        case TextIn(key, texts) if all(map(_pasteable, texts)):
-            return MetadataFilter(key=key, value=list(texts), operator=FilterOperator.IN)
-    return None
+    return exact_metadata_filters(
+        predicate, key_ok=lambda key: key not in _WRITTEN_BY_LLAMAINDEX and _pasteable(key),
+        value_ok=_pasteable)[0]
 
 
 def _pasteable(text: str) -> bool:

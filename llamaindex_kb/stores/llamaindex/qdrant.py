@@ -56,9 +56,6 @@ import httpx
 import numpy as np
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.vector_stores.types import (
-    FilterCondition,
-    FilterOperator,
-    MetadataFilter,
     MetadataFilters,
     VectorStoreQuery,
 )
@@ -68,7 +65,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from llamaindex_kb.conditions.compiled import ExactCheck, Predicate, TextEquals, TextIn, plain_key
+from llamaindex_kb.conditions.compiled import Predicate
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
     ConfigurationError,
@@ -77,6 +74,7 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
 )
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
+from llamaindex_kb.stores.llamaindex.filters import exact_metadata_filters
 from llamaindex_kb.stores.llamaindex.store import LlamaIndexStore, LoadedIndex
 from llamaindex_kb.stores.qdrant import (
     TIMEOUT_S,
@@ -340,27 +338,8 @@ def metadata_filters(predicate: Predicate) -> MetadataFilters | None:
     """The condition's exact part as LlamaIndex ``MetadataFilters``, which
     ``QdrantVectorStore`` turns into a Qdrant filter on the payload's top level: a
     superset of what Dify matches (a list matches an element in Qdrant), never less.
-    ``None``: nothing can be pushed down."""
-    pushed = predicate.exact_part.translate(_metadata_filter)
-    if pushed is None:
-        return None
-    condition = FilterCondition.AND if pushed.logical_operator == "and" else FilterCondition.OR
-    return MetadataFilters(filters=list(pushed.parts), condition=condition)
-
-
-def _metadata_filter(check: ExactCheck) -> MetadataFilter | None:
-    # Qdrant reads dots and brackets in a key as a path; the bookkeeping keys are not
-    # the node's metadata.
-    if check.key in _PAYLOAD_KEYS or not plain_key(check.key):
-        return None
-    match check:
-        case TextEquals(key, text):
-            return MetadataFilter(key=key, value=text, operator=FilterOperator.EQ)
-        case TextIn(key, texts):
-            return MetadataFilter(key=key, value=list(texts), operator=FilterOperator.IN)
-    # A Qdrant range compares JSON numbers only; Dify's numeric form also reads numeric
-    # strings and ISO times, which it would miss.
-    return None
+    LlamaIndex's bookkeeping keys are not the node's metadata; ``None``: nothing to send."""
+    return exact_metadata_filters(predicate, key_ok=lambda key: key not in _PAYLOAD_KEYS)[0]
 
 
 def _dense_vector(info: models.CollectionInfo) -> tuple[str, int] | None:
