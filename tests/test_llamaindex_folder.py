@@ -19,59 +19,32 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import API_KEY, ServerTransport, dify_body, standalone_server
+from conftest import ServerTransport, standalone_server
 from llama_index.core import Document, QueryBundle, StorageContext, VectorStoreIndex
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.indices.base import BaseIndex
 from llama_index.core.schema import NodeWithScore
 from llama_index.vector_stores.qdrant import QdrantVectorStore
+from llamaindex_cases import (
+    AUTH,
+    FAQ,
+    HANDBOOK,
+    JSON,
+    QUERIES,
+    assert_writes_refused,
+    documents,
+    expect_error,
+    records,
+    retrieval,
+)
 from qdrant_client import QdrantClient
 
 from llamaindex_kb.config import plugin_settings
 from llamaindex_kb.errors import ConfigurationError
 from llamaindex_kb.models.choose import local_embedding
 from llamaindex_kb.stores.llamaindex import store as llamaindex_store
-
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-JSON = {**AUTH, "Content-Type": "application/json"}
-
-# (doc_id, text, metadata): "year" is a string, as LlamaIndex readers often leave it,
-# so a numeric comparison on it is Dify's (numeric forms) and not MetadataFilters'.
-HANDBOOK = [
-    ("leave", "Employees get twenty-five days of paid leave every year.",
-     {"title": "Leave policy", "category": "hr", "year": "2021", "tags": "policy,leave"}),
-    ("expenses", "Travel expenses are reimbursed within thirty days of the receipt.",
-     {"title": "Expenses", "category": "finance", "year": "2023", "tags": "policy,travel"}),
-    ("laptops", "Every new employee receives a laptop on the first working day.",
-     {"title": "Laptops", "category": "it", "year": "2019", "tags": "hardware"}),
-    ("vpn", "Connect to the office network from home through the VPN client.",
-     {"title": "VPN", "category": "it", "year": "2024", "tags": "network,remote"}),
-    ("remote", "Remote work is allowed two days a week after the probation period.",
-     {"title": "Remote work", "category": "hr", "year": "2022", "tags": "policy,remote"}),
-    ("vector-zh", "向量检索通过比较嵌入向量的余弦相似度来查找相关的文本片段。",
-     {"title": "向量检索", "category": "search", "year": "2024", "tags": "中文"}),
-    ("keyword-zh", "关键词检索根据词频和稀有程度对文本片段进行排序。",
-     {"title": "关键词检索", "category": "search", "year": "2020", "tags": "中文"}),
-    ("security", "Passwords must be rotated every ninety days and never shared.",
-     {"title": "Security", "category": "it", "file_name": "security.md", "year": "2023",
-      "tags": "policy,security"}),
-]
-FAQ = [
-    ("faq-wifi", "The guest Wi-Fi password is printed at the reception desk.",
-     {"title": "Guest Wi-Fi", "category": "faq"}),
-    ("faq-parking", "Parking spaces are assigned by the facilities team.",
-     {"title": "Parking", "category": "faq"}),
-]
-QUERIES = ["how many days of paid leave", "reimbursing travel costs", "working from home",
-           "password rules", "new laptop for employees"]
-
-
-def documents(rows: list[tuple[str, str, dict[str, Any]]]) -> list[Document]:
-    return [Document(text=text, metadata=dict(metadata), doc_id=doc_id)
-            for doc_id, text, metadata in rows]
 
 
 def build_folder(folder: Path) -> dict[str, VectorStoreIndex]:
@@ -104,31 +77,6 @@ def client(built: tuple[Path, dict[str, VectorStoreIndex]],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerTransport]:
     with server(tmp_path_factory.mktemp("data"), f"llamaindex://{built[0]}") as transport:
         yield transport
-
-
-def retrieval(api: ServerTransport, knowledge_id: str, query: str, *, top_k: int = 5,
-              threshold: float = 0.0, condition: dict[str, Any] | None = None) -> Any:
-    payload: dict[str, Any] = {
-        "knowledge_id": knowledge_id, "query": query,
-        "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}}
-    if condition is not None:
-        payload["metadata_condition"] = condition
-    return api.post("/retrieval", dify_body(payload), JSON)
-
-
-def records(api: ServerTransport, knowledge_id: str, query: str, **kwargs: Any) -> list[dict]:
-    reply = retrieval(api, knowledge_id, query, **kwargs)
-    assert reply.status == 200, reply.body
-    return reply.json()["records"]
-
-
-def expect_error(reply: Any, status: int, code: int, *words: str) -> str:
-    assert reply.status == status, reply.body
-    body = reply.json()
-    assert body["error_code"] == code, body
-    for word in words:
-        assert word in body["error_msg"], body
-    return body["error_msg"]
 
 
 def llamaindex_answer(index: BaseIndex, query: str, top_k: int) -> list[tuple[str, float]]:
@@ -261,16 +209,7 @@ def test_a_model_of_another_dimension_is_refused_naming_both(tmp_path: Path) -> 
 
 
 def test_writes_are_refused_as_read_only(client: ServerTransport) -> None:
-    request = httpx.Request("POST", "http://x/documents", data={"knowledge_id": "handbook"},
-                            files={"file": ("note.md", b"# Note\n\nA new note.")})
-    reply = client.post("/documents", request.read(),
-                        {**AUTH, "Content-Type": request.headers["Content-Type"]})
-    expect_error(reply, 400, 3007, "your own LlamaIndex code")
-    posted = client.post("/documents", json.dumps({"knowledge_id": "handbook", "title": "t",
-                                                   "text": "A new note."}).encode(), JSON)
-    expect_error(posted, 400, 3007)
-    deleted = client.send("DELETE", "/knowledge-bases/handbook/documents/leave", None, AUTH)
-    expect_error(deleted, 400, 3007, "your own LlamaIndex code")
+    assert_writes_refused(client, "handbook", "leave")
     assert len(records(client, "handbook", "paid leave", top_k=8)) == len(HANDBOOK)
 
 

@@ -13,24 +13,30 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import json
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import psycopg
 import pytest
 import test_store_contract
-from conftest import API_KEY, ServerTransport, dify_body, standalone_server
+from conftest import ServerTransport, standalone_server
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.schema import TextNode
 from llama_index.core.vector_stores.types import VectorStoreQuery
 from llama_index.vector_stores.postgres import PGVectorStore
+from llamaindex_cases import (
+    AUTH,
+    assert_writes_refused,
+    documents,
+    expect_error,
+    records,
+    retrieval,
+)
 
 from llamaindex_kb.conditions.compiled import compile_condition
 from llamaindex_kb.conditions.model import parse_metadata_condition
@@ -44,8 +50,6 @@ from llamaindex_kb.stores.registry import open_store
 # The session's PostgreSQL of the store contract's tests, as the fixture `database` here.
 database = test_store_contract.postgres_url
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-JSON = {**AUTH, "Content-Type": "application/json"}
 
 # (doc_id, text, metadata): "year" is a string, as LlamaIndex readers often leave it, so
 # a numeric comparison on it is Dify's (numeric forms) and not what MetadataFilters do.
@@ -77,11 +81,6 @@ FAQ = [
 ]
 QUERIES = ["how many days of paid leave", "reimbursing travel costs", "working from home",
            "password rules", "new laptop for employees", "向量检索"]
-
-
-def documents(rows: list[tuple[str, str, dict[str, Any]]]) -> list[Document]:
-    return [Document(text=text, metadata=dict(metadata), doc_id=doc_id)
-            for doc_id, text, metadata in rows]
 
 
 def pg_vector_store(db_url: str, table_name: str, schema: str = "public",
@@ -133,33 +132,8 @@ def client(built: dict[str, VectorStoreIndex], database: str,
         yield transport
 
 
-def retrieval(api: ServerTransport, knowledge_id: str, query: str, *, top_k: int = 5,
-              threshold: float = 0.0, condition: dict[str, Any] | None = None) -> Any:
-    payload: dict[str, Any] = {
-        "knowledge_id": knowledge_id, "query": query,
-        "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}}
-    if condition is not None:
-        payload["metadata_condition"] = condition
-    return api.post("/retrieval", dify_body(payload), JSON)
-
-
-def records(api: ServerTransport, knowledge_id: str, query: str, **kwargs: Any) -> list[dict]:
-    reply = retrieval(api, knowledge_id, query, **kwargs)
-    assert reply.status == 200, reply.body
-    return reply.json()["records"]
-
-
 def chunk_ids(found: list[dict]) -> list[str]:
     return [record["metadata"]["chunk_id"] for record in found]
-
-
-def expect_error(reply: Any, status: int, code: int, *words: str) -> str:
-    assert reply.status == status, reply.body
-    body = reply.json()
-    assert body["error_code"] == code, body
-    for word in words:
-        assert word in body["error_msg"], body
-    return body["error_msg"]
 
 
 def llamaindex_answer(index: VectorStoreIndex, query: str, top_k: int
@@ -389,16 +363,7 @@ def test_documents_are_listed_from_the_stored_nodes(client: ServerTransport) -> 
 
 
 def test_writes_are_refused_as_read_only(client: ServerTransport) -> None:
-    request = httpx.Request("POST", "http://x/documents", data={"knowledge_id": "handbook"},
-                            files={"file": ("note.md", b"# Note\n\nA new note.")})
-    reply = client.post("/documents", request.read(),
-                        {**AUTH, "Content-Type": request.headers["Content-Type"]})
-    expect_error(reply, 400, 3007, "your own LlamaIndex code")
-    posted = client.post("/documents", json.dumps({"knowledge_id": "handbook", "title": "t",
-                                                   "text": "A new note."}).encode(), JSON)
-    expect_error(posted, 400, 3007)
-    deleted = client.send("DELETE", "/knowledge-bases/handbook/documents/leave", None, AUTH)
-    expect_error(deleted, 400, 3007, "your own LlamaIndex code")
+    assert_writes_refused(client, "handbook", "leave")
     assert len(records(client, "handbook", "paid leave", top_k=9)) == len(HANDBOOK)
 
 

@@ -21,14 +21,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-from conftest import API_KEY, ServerTransport, dify_body, standalone_server
+from conftest import ServerTransport, standalone_server
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.vector_stores.qdrant import QdrantVectorStore
+from llamaindex_cases import (
+    AUTH,
+    FAQ,
+    HANDBOOK,
+    QUERIES,
+    assert_writes_refused,
+    documents,
+    expect_error,
+    records,
+    retrieval,
+)
 from qdrant_client import QdrantClient, models
 
 from llamaindex_kb import load_settings
@@ -39,49 +49,12 @@ from llamaindex_kb.stores.llamaindex import store as llamaindex_store
 from llamaindex_kb.stores.llamaindex.qdrant import QdrantCollections, metadata_filters
 from llamaindex_kb.stores.registry import store_for
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-JSON = {**AUTH, "Content-Type": "application/json"}
-
-# (doc_id, text, metadata): "year" is a string, as LlamaIndex readers often leave it,
-# so a numeric comparison on it is Dify's (numeric forms), which MetadataFilters can't say.
-HANDBOOK = [
-    ("leave", "Employees get twenty-five days of paid leave every year.",
-     {"title": "Leave policy", "category": "hr", "year": "2021", "tags": "policy,leave"}),
-    ("expenses", "Travel expenses are reimbursed within thirty days of the receipt.",
-     {"title": "Expenses", "category": "finance", "year": "2023", "tags": "policy,travel"}),
-    ("laptops", "Every new employee receives a laptop on the first working day.",
-     {"title": "Laptops", "category": "it", "year": "2019", "tags": "hardware"}),
-    ("vpn", "Connect to the office network from home through the VPN client.",
-     {"title": "VPN", "category": "it", "year": "2024", "tags": "network,remote"}),
-    ("remote", "Remote work is allowed two days a week after the probation period.",
-     {"title": "Remote work", "category": "hr", "year": "2022", "tags": "policy,remote"}),
-    ("vector-zh", "向量检索通过比较嵌入向量的余弦相似度来查找相关的文本片段。",
-     {"title": "向量检索", "category": "search", "year": "2024", "tags": "中文"}),
-    ("keyword-zh", "关键词检索根据词频和稀有程度对文本片段进行排序。",
-     {"title": "关键词检索", "category": "search", "year": "2020", "tags": "中文"}),
-    ("security", "Passwords must be rotated every ninety days and never shared.",
-     {"title": "Security", "category": "it", "file_name": "security.md", "year": "2023",
-      "tags": "policy,security"}),
-]
-FAQ = [
-    ("faq-wifi", "The guest Wi-Fi password is printed at the reception desk.",
-     {"title": "Guest Wi-Fi", "category": "faq"}),
-    ("faq-parking", "Parking spaces are assigned by the facilities team.",
-     {"title": "Parking", "category": "faq"}),
-]
-QUERIES = ["how many days of paid leave", "reimbursing travel costs", "working from home",
-           "password rules", "new laptop for employees"]
 TOP_KS = [1, 3, len(HANDBOOK)]
 CONDITION = {"logical_operator": "and", "conditions": [
     {"name": ["category"], "comparison_operator": "in", "value": ["hr", "it"]},
     {"name": ["year"], "comparison_operator": ">", "value": 2020},
     {"name": ["tags"], "comparison_operator": "contains", "value": "policy"},
     {"name": ["title"], "comparison_operator": "is not", "value": "Leave policy"}]}
-
-
-def documents(rows: list[tuple[str, str, dict[str, Any]]]) -> list[Document]:
-    return [Document(text=text, metadata=dict(metadata), doc_id=doc_id)
-            for doc_id, text, metadata in rows]
 
 
 def build(client: QdrantClient, collection: str, rows: list[tuple[str, str, dict[str, Any]]],
@@ -135,31 +108,6 @@ def server(data_dir: Path, store: str, **settings: Any) -> Iterator[ServerTransp
 def api(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerTransport]:
     with server(tmp_path_factory.mktemp("data"), f"llamaindex+qdrant://{built.folder}") as api:
         yield api
-
-
-def retrieval(api: ServerTransport, knowledge_id: str, query: str, *, top_k: int = 5,
-              threshold: float = 0.0, condition: dict[str, Any] | None = None) -> Any:
-    payload: dict[str, Any] = {
-        "knowledge_id": knowledge_id, "query": query,
-        "retrieval_setting": {"top_k": top_k, "score_threshold": threshold}}
-    if condition is not None:
-        payload["metadata_condition"] = condition
-    return api.post("/retrieval", dify_body(payload), JSON)
-
-
-def records(api: ServerTransport, knowledge_id: str, query: str, **kwargs: Any) -> list[dict]:
-    reply = retrieval(api, knowledge_id, query, **kwargs)
-    assert reply.status == 200, reply.body
-    return reply.json()["records"]
-
-
-def expect_error(reply: Any, status: int, code: int, *words: str) -> str:
-    assert reply.status == status, reply.body
-    body = reply.json()
-    assert body["error_code"] == code, body
-    for word in words:
-        assert word in body["error_msg"], body
-    return body["error_msg"]
 
 
 def chunk_ids(found: list[dict]) -> list[str]:
@@ -295,16 +243,7 @@ def test_hybrid_mode_uses_the_vectors_read_from_qdrant(built: Built, tmp_path: P
 
 
 def test_writes_are_refused_as_read_only(api: ServerTransport) -> None:
-    request = httpx.Request("POST", "http://x/documents", data={"knowledge_id": "handbook"},
-                            files={"file": ("note.md", b"# Note\n\nA new note.")})
-    reply = api.post("/documents", request.read(),
-                     {**AUTH, "Content-Type": request.headers["Content-Type"]})
-    expect_error(reply, 400, 3007, "your own LlamaIndex code")
-    posted = api.post("/documents", json.dumps({"knowledge_id": "handbook", "title": "t",
-                                                "text": "A new note."}).encode(), JSON)
-    expect_error(posted, 400, 3007)
-    deleted = api.send("DELETE", "/knowledge-bases/handbook/documents/leave", None, AUTH)
-    expect_error(deleted, 400, 3007, "your own LlamaIndex code")
+    assert_writes_refused(api, "handbook", "leave")
     assert len(records(api, "handbook", "paid leave", top_k=8)) == len(HANDBOOK)
 
 
