@@ -206,16 +206,16 @@ class PostgresStore(FindingStore):
                 return conn
             except psycopg.OperationalError as exc:
                 problem = self._problem(exc)
-                if exc.sqlstate is None and not probed and not _unresolved(problem):
+                if exc.sqlstate is None and not probed and not unresolved(problem):
                     # No PostgreSQL error: whatever answers there may be something else.
                     probed = True
-                    answered = self._foreign_answer()
+                    answered = self.foreign_answer()
                     if answered is not None:
                         raise ConfigurationError(
                             f"store URL {self._shown} answered {answered}, which is not a "
                             "PostgreSQL server: check the host and port"
                         ) from exc
-                if _is_configuration_problem(exc, problem):
+                if is_configuration_problem(exc, problem):
                     raise ConfigurationError(
                         f"store {self._shown}: {problem}; check the user, password, host and "
                         "database in the store URL"
@@ -232,7 +232,7 @@ class PostgresStore(FindingStore):
         the parts of a URL it cannot parse, password included."""
         return redact_text(_first_line(exc), self._secrets)
 
-    def _foreign_answer(self) -> str | None:
+    def foreign_answer(self) -> str | None:
         """What answers at the URL's one TCP address if it is not PostgreSQL, else None
         (PostgreSQL, nothing, or a socket or several hosts, which are not probed)."""
         params = psycopg.conninfo.conninfo_to_dict(self._conninfo)
@@ -240,7 +240,7 @@ class PostgresStore(FindingStore):
         port = str(params.get("port") or os.environ.get("PGPORT") or 5432)
         if not host or host.startswith("/") or "," in host + port or not port.isdigit():
             return None
-        return _foreign_answer(host, int(port))
+        return foreign_answer(host, int(port))
 
     @contextlib.contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[psycopg.Cursor]:
@@ -906,17 +906,17 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _is_configuration_problem(exc: psycopg.OperationalError, message: str) -> bool:
+def is_configuration_problem(exc: psycopg.OperationalError, message: str) -> bool:
     # 28: invalid authorisation (password, role, pg_hba); 3D: no such database.
     if (exc.sqlstate or "")[:2] in {"28", "3D"}:
         return True
     lowered = message.lower()
     return any(hint in lowered for hint in (
         "password authentication failed", "does not exist", "no pg_hba.conf entry",
-        "invalid", "no password supplied")) or _unresolved(message)
+        "invalid", "no password supplied")) or unresolved(message)
 
 
-def _unresolved(message: str) -> bool:
+def unresolved(message: str) -> bool:
     """Whether the host name did not resolve (libpq's words, then psycopg's)."""
     return "could not translate host name" in message or "failed to resolve host" in message
 
@@ -966,7 +966,7 @@ _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 PROBE_S = 0.4  # per step of the probe: connect, then each wait for an answer
 
 
-def _foreign_answer(host: str, port: int) -> str | None:
+def foreign_answer(host: str, port: int) -> str | None:
     """What a server that is not PostgreSQL answers at host:port, else None.
 
     The probe sends PostgreSQL's SSLRequest, then, to a server still silent (an HTTP

@@ -41,7 +41,7 @@ translated straight into a Qdrant ``Filter`` (``qdrant_filter``).
 
 Faults, as Dify sees them: a refused or silent connection, a 429 and a 5xx are retried
 for ``RETRY_S`` (reads), then a 503 (``StoreUnavailableError``). Every answer is
-checked (``_check_answer``): one no Qdrant gives (a web page, another API's JSON), a
+checked (``check_answer``): one no Qdrant gives (a web page, another API's JSON), a
 TLS mismatch and an answer that is not HTTP are a 400 (``ConfigurationError``) saying
 what answered. Messages show the URL without its ``api_key``.
 """
@@ -145,11 +145,11 @@ class _Gone(Exception):
     """The chunk collection was replaced by a concurrent publish: read again."""
 
 
-class _NotQdrant(Exception):
-    """An answer no Qdrant gives (raised inside the client by ``_check_answer``)."""
+class NotQdrant(Exception):
+    """An answer no Qdrant gives (raised inside the client by ``check_answer``)."""
 
 
-def _check_answer(response: httpx.Response) -> None:
+def check_answer(response: httpx.Response) -> None:
     """Stop at the first answer that shows the URL reaches something other than Qdrant.
 
     Qdrant answers JSON, its errors a JSON object with a "status". Left alone, a web
@@ -171,7 +171,7 @@ def _check_answer(response: httpx.Response) -> None:
             body = None
         if isinstance(body, dict) and "status" in body:
             return
-    raise _NotQdrant(f"HTTP {status} ({kind or 'no content type'})")
+    raise NotQdrant(f"HTTP {status} ({kind or 'no content type'})")
 
 
 class QdrantStore(FindingStore):
@@ -205,7 +205,7 @@ class QdrantStore(FindingStore):
             self._shown = f"qdrant://{path}"
             try:
                 Path(path).mkdir(parents=True, exist_ok=True)
-                self._client = _one_call_at_a_time(QdrantClient(path=path))
+                self._client = one_call_at_a_time(QdrantClient(path=path))
             except RuntimeError as exc:
                 # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
                 if "already accessed" not in str(exc):
@@ -227,12 +227,12 @@ class QdrantStore(FindingStore):
             self._shown = (f"{'https' if https else 'http'}://{parts.hostname}:{port or 6333}"
                            + (f"/{prefix}" if prefix else ""))
             try:
-                self._client = _retrying_reads(QdrantClient(
+                self._client = retrying_reads(QdrantClient(
                     url=f"{'https' if https else 'http'}://{parts.hostname}",
                     port=port or 6333, api_key=api_key, timeout=TIMEOUT_S,
                     prefix=prefix or None, check_compatibility=False,
                     # Passed through to the httpx client: every answer is checked there.
-                    event_hooks={"response": [_check_answer]}))
+                    event_hooks={"response": [check_answer]}))
             except ValueError as exc:
                 raise ConfigurationError(f"store URL {shown!r}: {self._problem(exc)}") from exc
         self._meta_ready = False
@@ -276,7 +276,7 @@ class QdrantStore(FindingStore):
 
     def _not_answering(self, exc: BaseException) -> KBError:
         """A request that got no usable answer: what reached the URL, or an outage."""
-        if isinstance(exc, _NotQdrant):
+        if isinstance(exc, NotQdrant):
             return ConfigurationError(
                 f"store URL {self._shown} answered {exc}, which is not a Qdrant server: "
                 "check the host and port")
@@ -883,7 +883,7 @@ class _OneCallAtATime:
         return in_turn
 
 
-def _one_call_at_a_time(client: QdrantClient) -> QdrantClient:
+def one_call_at_a_time(client: QdrantClient) -> QdrantClient:
     return cast(QdrantClient, _OneCallAtATime(client))
 
 
@@ -928,7 +928,7 @@ class _RetryingReads:
 
 def _transient(failure: Exception) -> bool:
     """Whether a request that got no usable answer may get one if tried again."""
-    return not (isinstance(failure, _NotQdrant | ValidationError) or _not_http(failure)
+    return not (isinstance(failure, NotQdrant | ValidationError) or _not_http(failure)
                 or any(isinstance(cause, ssl.SSLError) for cause in _causes(failure)))
 
 
@@ -948,5 +948,5 @@ def _causes(failure: BaseException) -> Iterator[BaseException]:
         cause = cause.__cause__ or cause.__context__
 
 
-def _retrying_reads(client: QdrantClient) -> QdrantClient:
+def retrying_reads(client: QdrantClient) -> QdrantClient:
     return cast(QdrantClient, _RetryingReads(client))

@@ -75,9 +75,9 @@ from llamaindex_kb.stores.llamaindex.store import LlamaIndexStore, LoadedIndex
 from llamaindex_kb.stores.postgres import (
     CONNECT_TIMEOUT_S,
     DEADLINE_S,
-    _foreign_answer,
-    _is_configuration_problem,
-    _unresolved,
+    foreign_answer,
+    is_configuration_problem,
+    unresolved,
 )
 
 TABLE_PREFIX = "data_"  # PGVectorStore's table is data_<table_name>
@@ -174,14 +174,14 @@ class PGVectorTables:
                     cursor_factory=psycopg.ClientCursor)
             except psycopg.OperationalError as exc:
                 problem = self._problem(exc)
-                if exc.sqlstate is None and not probed and not _unresolved(problem):
+                if exc.sqlstate is None and not probed and not unresolved(problem):
                     probed = True
-                    answered = self._foreign_answer()
+                    answered = self.foreign_answer()
                     if answered is not None:
                         raise ConfigurationError(
                             f"store URL {self.shown} answered {answered}, which is not a "
                             "PostgreSQL server: check the host and port") from None
-                if _is_configuration_problem(exc, problem):
+                if is_configuration_problem(exc, problem):
                     raise ConfigurationError(
                         f"store {self.shown}: {problem}; check the user, password, host and "
                         "database in the store URL") from None
@@ -191,13 +191,13 @@ class PGVectorTables:
                         "running and reachable from here?") from None
                 time.sleep(0.25)
 
-    def _foreign_answer(self) -> str | None:
+    def foreign_answer(self) -> str | None:
         params = psycopg.conninfo.conninfo_to_dict(self._conninfo)
         host = str(params.get("hostaddr") or params.get("host") or "")
         port = str(params.get("port") or 5432)
         if not host or host.startswith("/") or "," in host + port or not port.isdigit():
             return None
-        return _foreign_answer(host, int(port))
+        return foreign_answer(host, int(port))
 
     def _problem(self, exc: BaseException) -> str:
         """A driver's first line without the URL's secrets (libpq may quote them)."""

@@ -78,10 +78,10 @@ from llamaindex_kb.stores.llamaindex.filters import exact_metadata_filters
 from llamaindex_kb.stores.llamaindex.store import LlamaIndexStore, LoadedIndex
 from llamaindex_kb.stores.qdrant import (
     TIMEOUT_S,
-    _check_answer,
-    _NotQdrant,
-    _one_call_at_a_time,
-    _retrying_reads,
+    NotQdrant,
+    check_answer,
+    one_call_at_a_time,
+    retrying_reads,
 )
 
 NODE_CONTENT = "_node_content"
@@ -149,11 +149,11 @@ class QdrantCollections:
                 url=f"{scheme}://{parts.hostname}", port=port or 6333, api_key=api_key,
                 timeout=TIMEOUT_S, prefix=prefix or None, check_compatibility=False,
                 # Passed through to the httpx client: an answer no Qdrant gives stops there.
-                event_hooks={"response": [_check_answer]})
+                event_hooks={"response": [check_answer]})
         except ValueError as exc:
             raise ConfigurationError(
                 f"store URL {shown!r}: {redact_text(str(exc), secrets)}") from exc
-        reads = _retrying_reads(client)
+        reads = retrying_reads(client)
         return cls(lambda: reads, shown, local=False, secrets=secrets)
 
     @classmethod
@@ -171,7 +171,7 @@ class QdrantCollections:
                     f"store {shown}: {path} is not a folder; point it at the folder given "
                     "to QdrantClient(path=...)")
             try:
-                return _one_call_at_a_time(QdrantClient(path=path))
+                return one_call_at_a_time(QdrantClient(path=path))
             except RuntimeError as exc:
                 # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
                 if "already accessed" not in str(exc):
@@ -322,7 +322,7 @@ class QdrantCollections:
             raise self._not_answering(exc) from exc
 
     def _not_answering(self, exc: BaseException) -> KBError:
-        if isinstance(exc, _NotQdrant | ValidationError | json.JSONDecodeError):
+        if isinstance(exc, NotQdrant | ValidationError | json.JSONDecodeError):
             return ConfigurationError(
                 f"store URL {self.shown} answered something that is not a Qdrant answer "
                 f"({self._problem(exc)}): check the host and port")
