@@ -6,7 +6,9 @@ query, knowledge base and store. Scores are absolute, in [0, 1]:
 * vector: cosine similarity of query and chunk embeddings, negatives clipped to 0;
 * keyword: BM25 divided by the query's attainable maximum (``text/bm25.py``);
 * hybrid: ``w · vector + (1 − w) · keyword`` with ``w`` the semantic weight (Dify's
-  "weight settings", 0.7 / 0.3 by default); vector mode is ``w = 1``, keyword ``w = 0``;
+  "weight settings", 0.7 / 0.3 by default) times the share of the query the embedding
+  model can read, unless the server sets the weight; vector mode is ``w = 1``, keyword
+  ``w = 0``;
 * reranked: the reranker's relevance replaces the first-stage score.
 
 A chunk scoring 0 (no relation at all) is never returned, whatever the threshold;
@@ -55,9 +57,14 @@ def clip_similarities(similarities: np.ndarray, dtype: type[np.floating] = np.fl
     return np.clip(similarities, 0.0, 1.0, dtype=dtype)
 
 
-def semantic_weight(mode: RetrievalMode, weight: float) -> float:
-    """The share of the vector score in the fused score for a retrieval mode."""
-    return {"vector": 1.0, "keyword": 0.0}.get(mode, weight)
+def semantic_weight(mode: RetrievalMode, weight: float, readable: float = 1.0) -> float:
+    """The share of the vector score in the fused score for a retrieval mode.
+
+    In hybrid mode it shrinks with ``readable``, the share of the query the embedding
+    model can read: a model that reads a Chinese query as unknown tokens gives it a
+    vector that means little, and at full weight that noise buried the keyword side.
+    """
+    return {"vector": 1.0, "keyword": 0.0}.get(mode, weight * readable)
 
 
 def fuse(semantic: np.ndarray, keyword: np.ndarray, weight: float) -> np.ndarray:

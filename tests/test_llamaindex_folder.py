@@ -190,7 +190,10 @@ def test_hybrid_mode_ranks_by_meaning_and_words(
     with server(tmp_path, f"llamaindex://{built[0]}", retrieval_mode="hybrid") as api:
         found = records(api, "handbook", "关键词检索", top_k=3)
         assert found[0]["metadata"]["document_id"] == "keyword-zh"
-        assert len(found) == 3 and all(0.0 < r["score"] <= 1.0 for r in found)
+        # The local model reads none of this query: its words decide, and only the two
+        # documents holding them are found; a query it reads gets meaning's share too.
+        assert len(found) == 2 and all(0.0 < r["score"] <= 1.0 for r in found)
+        assert len(records(api, "handbook", "paid leave", top_k=3)) == 3
         assert [r["score"] for r in found] == sorted((r["score"] for r in found), reverse=True)
         leave = records(api, "handbook", "paid leave", top_k=1)
         assert leave[0]["metadata"]["document_id"] == "leave"

@@ -237,7 +237,10 @@ def test_hybrid_mode_uses_the_vectors_read_from_qdrant(built: Built, tmp_path: P
     with server(tmp_path, f"llamaindex+qdrant://{built.folder}", retrieval_mode="hybrid") as h:
         found = records(h, "handbook", "关键词检索", top_k=3)
         assert found[0]["metadata"]["document_id"] == "keyword-zh"
-        assert len(found) == 3 and all(0.0 < r["score"] <= 1.0 for r in found)
+        # The local model reads none of this query: its words decide, and only the two
+        # documents holding them are found; a query it reads gets meaning's share too.
+        assert len(found) == 2 and all(0.0 < r["score"] <= 1.0 for r in found)
+        assert len(records(h, "handbook", "paid leave", top_k=3)) == 3
         leave = records(h, "handbook", "paid leave", top_k=1)
         assert leave[0]["metadata"]["document_id"] == "leave"
 

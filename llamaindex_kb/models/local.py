@@ -16,6 +16,7 @@ than ``MAX_TOKENS - 2`` (two special tokens) would be truncated silently.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -108,6 +109,13 @@ def _shared_session(spin_threads: bool, queries: bool) -> ort.InferenceSession:
     return session
 
 
+@functools.cache
+def _unknown_id() -> int:
+    unknown = _tokenizers()[0].token_to_id("[UNK]")
+    assert unknown is not None, "the vendored vocabulary has [UNK]"
+    return unknown
+
+
 def _encode_ids(text: str) -> list[int]:
     return _tokenizers()[0].encode(text, add_special_tokens=False).ids
 
@@ -186,6 +194,12 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
             batch = order[start : start + self.micro_batch_size]
             vectors[batch] = _run(session, [encodings[i] for i in batch])
         return vectors
+
+    def readable_share(self, text: str) -> float:
+        """The share of ``text``'s tokens that are not [UNK]: the vocabulary has 244 CJK
+        characters, so Chinese text is mostly unknown to this model."""
+        ids = _encode_ids(text)
+        return 1.0 - ids.count(_unknown_id()) / len(ids) if ids else 1.0
 
     def query_vector(self, query: str) -> np.ndarray:
         """``get_query_embedding`` as a read-only float32 array, skipping LlamaIndex's

@@ -44,3 +44,14 @@ class BlockingEmbedding(BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+    def readable_share(self, text: str) -> float:
+        """The share of ``text`` this model can read, in [0, 1]: all of it, unless the
+        model knows better (a vocabulary that reads other scripts as unknown tokens)."""
+        return 1.0
+
+
+def readable_share(embed_model: BaseEmbedding | None, text: str) -> float:
+    """The share of ``text`` ``embed_model`` can read; a model that cannot say (any other
+    LlamaIndex embedding) is taken to read all of it."""
+    return embed_model.readable_share(text) if isinstance(embed_model, BlockingEmbedding) else 1.0

@@ -20,7 +20,7 @@ from llamaindex_kb.errors import (
     InvalidFieldError,
     KnowledgeBaseNotFound,
 )
-from llamaindex_kb.models.spec import EmbeddingSpec
+from llamaindex_kb.models.spec import EmbeddingSpec, readable_share
 from llamaindex_kb.scoring import semantic_weight
 
 
@@ -186,9 +186,15 @@ def effective_mode(plan: QueryPlan, manifest: KBManifest) -> tuple[RetrievalMode
     return mode, weight
 
 
-def fused_weight(plan: QueryPlan, manifest: KBManifest) -> float:
-    """The semantic weight of the fused score: vector mode 1, keyword mode 0."""
-    return semantic_weight(*effective_mode(plan, manifest))
+def fused_weight(plan: QueryPlan, manifest: KBManifest,
+                 embed_model: BaseEmbedding | None) -> float:
+    """The semantic weight of the fused score (``scoring.semantic_weight``): vector mode 1,
+    keyword mode 0, hybrid the weight times the share of the query ``embed_model`` can
+    read, unless the plan sets the weight (the server's setting wins)."""
+    mode, weight = effective_mode(plan, manifest)
+    readable = 1.0 if plan.semantic_weight is not None else readable_share(embed_model,
+                                                                            plan.query)
+    return semantic_weight(mode, weight, readable)
 
 
 def query_embedding(plan: QueryPlan, manifest: KBManifest,
@@ -196,7 +202,7 @@ def query_embedding(plan: QueryPlan, manifest: KBManifest,
     """For stores that search elsewhere: the semantic weight of the fused score (vector
     mode 1, keyword mode 0) and the query's embedding, when that weight needs one."""
     mode, _ = effective_mode(plan, manifest)
-    weight = fused_weight(plan, manifest)
+    weight = fused_weight(plan, manifest, embed_model)
     if weight == 0.0:
         return weight, None
     check_embedding(manifest, mode, embed_model)

@@ -34,7 +34,7 @@ from llamaindex_kb.errors import (
     ReadOnlyStoreError,
 )
 from llamaindex_kb.models.spec import EmbeddingSpec
-from llamaindex_kb.scoring import clip, lowest_returned, semantic_weight
+from llamaindex_kb.scoring import clip, lowest_returned
 from llamaindex_kb.stores.base import (
     Change,
     DocumentInfo,
@@ -44,6 +44,7 @@ from llamaindex_kb.stores.base import (
     QueryPlan,
     effective_mode,
     embed_query,
+    fused_weight,
 )
 from llamaindex_kb.stores.llamaindex.engine import NodeIndex, document_id_of, record_metadata
 
@@ -140,7 +141,7 @@ class LlamaIndexKnowledgeBase:
             return []
         if self.own is not None:
             return self._own_search(plan, self.own)
-        weight = semantic_weight(*effective_mode(plan, self.manifest))
+        weight = fused_weight(plan, self.manifest, embed_model)
         query_vector = None if weight == 0.0 else self._embed(plan.query, embed_model)
         if weight == 1.0 and query_vector is not None:
             vector = query_vector

@@ -37,7 +37,6 @@ from llamaindex_kb.scoring import (
     fuse,
     lowest_returned,
     parent_id,
-    semantic_weight,
 )
 from llamaindex_kb.stores.base import (
     FORMAT_VERSION,
@@ -48,6 +47,7 @@ from llamaindex_kb.stores.base import (
     check_embedding,
     effective_mode,
     embed_query,
+    fused_weight,
 )
 from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
 from llamaindex_kb.stores.local.keyword import KeywordIndex
@@ -185,9 +185,10 @@ class KnowledgeBase:
         return int(self.node_ids.shape[0])
 
     def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None) -> list[NodeWithScore]:
-        mode, weight = effective_mode(plan, self.manifest)
         if len(self) == 0 or not plan.query.strip():
             return []
+        mode, _ = effective_mode(plan, self.manifest)
+        weight = fused_weight(plan, self.manifest, embed_model)
         scores = self._scores(plan.query, mode, weight, embed_model)
         keep = scores >= lowest_returned(plan.score_threshold)
         if plan.predicate is not None:
@@ -235,7 +236,6 @@ class KnowledgeBase:
     def _scores(
         self, query: str, mode: RetrievalMode, weight: float, embed_model: BaseEmbedding | None
     ) -> np.ndarray:
-        weight = semantic_weight(mode, weight)
         if weight == 0.0:
             return self.keyword.scores(query)
         semantic = self._semantic_scores(query, mode, embed_model)
