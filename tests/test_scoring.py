@@ -122,3 +122,24 @@ def test_a_weight_set_on_the_server_is_used_as_it_is(chinese_base):
     # The same weight, given explicitly, is not scaled down: the unknown tokens' vector
     # side counts in full, so the scores differ.
     assert [score for _, score in server_weighted] != [score for _, score in default]
+
+
+def test_ingestion_records_how_much_of_the_documents_the_model_reads(chinese_base):
+    from llamaindex_kb.stores.local.store import LocalStore
+
+    manifest = LocalStore(chinese_base).open("zh").manifest
+    # Three of the four documents are Chinese, which the local model mostly cannot read.
+    assert manifest.readable_share is not None and 0.2 < manifest.readable_share < 0.7
+
+
+def test_the_bases_share_scales_the_weight_of_a_query_the_model_reads(chinese_base):
+    from llamaindex_kb.models.choose import local_embedding
+    from llamaindex_kb.stores.base import QueryPlan, fused_weight
+    from llamaindex_kb.stores.local.store import LocalStore
+
+    manifest = LocalStore(chinese_base).open("zh").manifest
+    english = QueryPlan(query="how to brew green tea", top_k=3)
+    assert fused_weight(english, manifest, local_embedding()) == pytest.approx(
+        0.7 * manifest.readable_share)
+    explicit = english.model_copy(update={"semantic_weight": 0.7})
+    assert fused_weight(explicit, manifest, local_embedding()) == 0.7

@@ -149,9 +149,12 @@ def build_dataset_kb(dataset: Dataset, target: Target) -> None:
 
 
 def _publish(target: Target, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray) -> None:
+    """As ingestion would: with the share of the texts the local model reads recorded."""
     from llamaindex_kb.models.choose import local_embedding
 
-    publish_nodes(target.store, knowledge_id, nodes, vectors, local_embedding().spec)
+    model = local_embedding()
+    readable = float(np.mean([model.readable_share(node.get_content()) for node in nodes]))
+    publish_nodes(target.store, knowledge_id, nodes, vectors, model.spec, readable=readable)
 
 
 def whitespace_bm25(dataset: Dataset) -> float:

@@ -55,7 +55,7 @@ from llamaindex_kb.ingestion.readers import (
 )
 from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, too_large
 from llamaindex_kb.models.local import MAX_TOKENS, LocalMiniLMEmbedding, minilm_tokenizer
-from llamaindex_kb.models.spec import EmbeddingSpec
+from llamaindex_kb.models.spec import EmbeddingSpec, readable_share
 from llamaindex_kb.stores.base import (
     Change,
     DocumentInfo,
@@ -390,9 +390,11 @@ def apply_changes(
                                      summary if keep_going else None)
     new_vectors = None
     if manifest.embedding is not None and result.chunks:
-        new_vectors = embed_texts([n.get_content() for n in result.chunks],
-                                  check_same_embedding(manifest, embed_model), progress,
+        texts = [n.get_content() for n in result.chunks]
+        new_vectors = embed_texts(texts, check_same_embedding(manifest, embed_model), progress,
                                   checkpoint)
+        manifest = manifest.model_copy(update={"readable_share": _readable_share(
+            manifest, texts, embed_model, existing.manifest.chunks if existing else 0)})
     counts: dict[str, int] = {}
     for node in result.chunks:
         counts[node.metadata["document_id"]] = counts.get(node.metadata["document_id"], 0) + 1
@@ -479,16 +481,18 @@ def publish_nodes(
     vectors: np.ndarray | None,
     embedding: EmbeddingSpec | None,
     mode: RetrievalMode = "hybrid",
+    readable: float | None = None,
 ) -> None:
     """Publish ready-made nodes (row i = nodes[i] = vectors[i]) as a whole knowledge base.
 
-    For corpora that arrive already split and embedded (the benchmark, tests).
+    For corpora that arrive already split and embedded (the benchmark, tests);
+    ``readable`` is the share of their tokens the embedding model read, if known.
     """
     counts = Counter(str(node.metadata["document_id"]) for node in nodes)
     documents = {doc_id: DocumentInfo(document_id=doc_id, title=doc_id, chunks=count)
                  for doc_id, count in counts.items()}
     manifest = KBManifest(knowledge_id=knowledge_id, embedding=embedding, retrieval_mode=mode,
-                          documents=len(documents))
+                          documents=len(documents), readable_share=readable)
     store.publish(knowledge_id, Change(
         manifest=manifest, chunks=list(nodes), vectors=vectors, documents=documents,
         replace=True))
@@ -508,6 +512,17 @@ def delete_document(store: KnowledgeStore, knowledge_id: str,
 
 def drop_knowledge_base(store: KnowledgeStore, knowledge_id: str) -> None:
     store.drop(knowledge_id)
+
+
+def _readable_share(manifest: KBManifest, texts: Sequence[str],
+                    embed_model: BaseEmbedding | None, chunks_before: int | None) -> float:
+    """The base's share of tokens the model reads, with ``texts`` added: a chunk-weighted
+    mean of what was recorded and the new chunks' shares (``stores.base.fused_weight``)."""
+    added = float(np.mean([readable_share(embed_model, text) for text in texts]))
+    before = manifest.readable_share
+    if before is None or not chunks_before:
+        return added
+    return (before * chunks_before + added * len(texts)) / (chunks_before + len(texts))
 
 
 def _manifest_for(existing: KnowledgeBaseHandle | None, knowledge_id: str,

@@ -139,6 +139,9 @@ class KBManifest(BaseModel):
     retrieval_mode: RetrievalMode = "hybrid"
     semantic_weight: float = Field(default=0.7, ge=0.0, le=1.0)
     chunking: dict[str, Any] = Field(default_factory=dict)
+    # The share of the chunks' tokens the embedding model reads, recorded at ingestion
+    # (a chunk-weighted mean, approximate once documents are deleted); None: not known.
+    readable_share: float | None = Field(default=None, ge=0.0, le=1.0)
     # None: the store cannot count them (LlamaCloud lists an index's files only on
     # request, and never its chunks), which is not the same as none.
     documents: int | None = 0
@@ -190,10 +193,13 @@ def fused_weight(plan: QueryPlan, manifest: KBManifest,
                  embed_model: BaseEmbedding | None) -> float:
     """The semantic weight of the fused score (``scoring.semantic_weight``): vector mode 1,
     keyword mode 0, hybrid the weight times the share of the query ``embed_model`` can
-    read, unless the plan sets the weight (the server's setting wins)."""
+    read and the share of the base's chunks it read, unless the plan sets the weight
+    (the server's setting wins)."""
     mode, weight = effective_mode(plan, manifest)
-    readable = 1.0 if plan.semantic_weight is not None else readable_share(embed_model,
-                                                                            plan.query)
+    readable = 1.0
+    if plan.semantic_weight is None:
+        base_share = 1.0 if manifest.readable_share is None else manifest.readable_share
+        readable = readable_share(embed_model, plan.query) * base_share
     return semantic_weight(mode, weight, readable)
 
 
