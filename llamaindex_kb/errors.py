@@ -38,6 +38,11 @@ from __future__ import annotations
 import errno
 
 
+def first_line(exc: BaseException) -> str:
+    """What an exception says, in one line (a driver's message can run to many)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def shown(value: object, limit: int = 80) -> str:
     """A client's value inside a message: its repr, escaped, and cut to ``limit``."""
     text = repr(value)

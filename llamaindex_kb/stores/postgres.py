@@ -59,7 +59,12 @@ from psycopg.adapt import Dumper
 from psycopg.types.json import Json, Jsonb
 
 from llamaindex_kb.config import Settings
-from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseNotFound, StoreUnavailableError
+from llamaindex_kb.errors import (
+    ConfigurationError,
+    KnowledgeBaseNotFound,
+    StoreUnavailableError,
+    first_line,
+)
 from llamaindex_kb.lru import LRU
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.scoring import CHILDREN_PER_PARENT
@@ -230,7 +235,7 @@ class PostgresStore(FindingStore):
     def _problem(self, exc: BaseException) -> str:
         """The first line of a driver's message, without the URL's secrets: libpq quotes
         the parts of a URL it cannot parse, password included."""
-        return redact_text(_first_line(exc), self._secrets)
+        return redact_text(first_line(exc), self._secrets)
 
     def foreign_answer(self) -> str | None:
         """What answers at the URL's one TCP address if it is not PostgreSQL, else None
@@ -902,10 +907,6 @@ def _vector_text(vector: np.ndarray) -> str:
     return "[" + ",".join(map(repr, np.asarray(vector, dtype=np.float32).tolist())) + "]"
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def is_configuration_problem(exc: psycopg.OperationalError, message: str) -> bool:
     # 28: invalid authorisation (password, role, pg_hba); 3D: no such database.
     if (exc.sqlstate or "")[:2] in {"28", "3D"}:
@@ -924,7 +925,7 @@ def unresolved(message: str) -> bool:
 @contextlib.contextmanager
 def _translated_errors(shown: str, secrets: Sequence[str]) -> Iterator[None]:
     def problem(exc: BaseException) -> str:
-        return redact_text(_first_line(exc), secrets)
+        return redact_text(first_line(exc), secrets)
 
     try:
         yield

@@ -91,6 +91,7 @@ from llamaindex_kb.errors import (
     KBError,
     KnowledgeBaseNotFound,
     StoreUnavailableError,
+    first_line,
 )
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.stores.base import (
@@ -188,7 +189,7 @@ class QdrantStore(FindingStore):
             port = parts.port
         except ValueError as exc:
             raise ConfigurationError(
-                f"store URL {shown!r}: {redact_text(_first_line(exc), url_secrets(url))}"
+                f"store URL {shown!r}: {redact_text(first_line(exc), url_secrets(url))}"
             ) from exc
         scheme = parts.scheme.lower()
         query = parse_qs(parts.query)
@@ -209,14 +210,14 @@ class QdrantStore(FindingStore):
             except RuntimeError as exc:
                 # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
                 if "already accessed" not in str(exc):
-                    raise ConfigurationError(f"store {self._shown}: {_first_line(exc)}") from exc
+                    raise ConfigurationError(f"store {self._shown}: {first_line(exc)}") from exc
                 raise ConfigurationError(
                     f"store {self._shown} is in use by another process (local mode opens a "
                     "folder in one process at a time): stop the other server or CLI "
                     "command, or run a Qdrant server (qdrant://host:6333) to share "
                     "knowledge bases between processes") from exc
             except OSError as exc:
-                raise ConfigurationError(f"store {self._shown}: {_first_line(exc)}") from exc
+                raise ConfigurationError(f"store {self._shown}: {first_line(exc)}") from exc
         else:
             if not parts.hostname:
                 raise ConfigurationError(
@@ -234,7 +235,10 @@ class QdrantStore(FindingStore):
                     # Passed through to the httpx client: every answer is checked there.
                     event_hooks={"response": [check_answer]}))
             except ValueError as exc:
-                raise ConfigurationError(f"store URL {shown!r}: {self._problem(exc)}") from exc
+                raise ConfigurationError(
+                    f"store URL {shown!r}: {redact_text(first_line(exc), self._secrets)}"
+                ) from exc
+        self._failures = QdrantFailures(self._shown, self._secrets, _CONDITIONAL_UPDATES)
         self._meta_ready = False
         self._conditional_updates = self._local  # local mode has them; a server: asked
 
@@ -248,59 +252,17 @@ class QdrantStore(FindingStore):
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
-        try:
-            yield
-        except UnexpectedResponse as exc:
-            if exc.status_code in (401, 403):
-                raise ConfigurationError(
-                    f"store {self._shown} refused the API key ({exc.status_code}); set "
-                    "?api_key=… in the store URL or LLAMAINDEX_KB_STORE_API_KEY") from exc
-            if exc.status_code == 404:
-                raise _Gone() from exc
-            raise StoreUnavailableError(
-                f"store {self._shown}: {self._problem(exc)}; try again") from exc
-        except ResourceExhaustedResponse as exc:
-            raise StoreUnavailableError(
-                f"store {self._shown} is rate limiting requests (HTTP 429); try again in "
-                f"{exc.retry_after_s} s") from exc
-        except ResponseHandlingException as exc:
-            raise self._not_answering(exc.source) from exc
-        except (ConnectionError, TimeoutError) as exc:
-            raise self._not_answering(exc) from exc
-        except json.JSONDecodeError as exc:  # an answer said JSON and was not
-            raise self._not_answering(exc) from exc
-        except ValueError as exc:
-            if "not found" in str(exc).lower():  # local mode's missing collection
-                raise _Gone() from exc
-            raise
-
-    def _not_answering(self, exc: BaseException) -> KBError:
-        """A request that got no usable answer: what reached the URL, or an outage."""
-        if isinstance(exc, NotQdrant):
-            return ConfigurationError(
-                f"store URL {self._shown} answered {exc}, which is not a Qdrant server: "
-                "check the host and port")
-        if isinstance(exc, ValidationError | json.JSONDecodeError):
-            what = "JSON" if isinstance(exc, ValidationError) else "a body"
-            return ConfigurationError(
-                f"store URL {self._shown} answered {what} that is not a Qdrant answer: check "
-                "the host and port, and that the server runs Qdrant "
-                f"{'.'.join(map(str, _CONDITIONAL_UPDATES))} or later")
-        if _not_http(exc):
-            return ConfigurationError(
-                f"store URL {self._shown} answered something that is not HTTP "
-                f"({self._problem(exc)}), so not a Qdrant server: check the host and port")
-        if any(isinstance(cause, ssl.SSLError) for cause in _causes(exc)):
-            return ConfigurationError(
-                f"store URL {self._shown}: the TLS handshake failed ({self._problem(exc)}): "
-                "use http:// or qdrant:// for a server without TLS, and https:// only with "
-                "a certificate this machine trusts")
-        return StoreUnavailableError(
-            f"store {self._shown} is unreachable ({self._problem(exc)}); is Qdrant "
-            "running and reachable from here?")
-
-    def _problem(self, exc: BaseException) -> str:
-        return redact_text(_first_line(exc), self._secrets)
+        with self._failures.translated():
+            try:
+                yield
+            except UnexpectedResponse as exc:
+                if exc.status_code == 404:
+                    raise _Gone() from exc
+                raise
+            except ValueError as exc:
+                if "not found" in str(exc).lower():  # local mode's missing collection
+                    raise _Gone() from exc
+                raise
 
     def _ensure_meta(self) -> None:
         if self._meta_ready:
@@ -855,8 +817,68 @@ def _qdrant_condition(check: ExactCheck) -> models.Condition | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+class QdrantFailures:
+    """What a failed Qdrant call means to Dify, with the store URL shown redacted: a 400
+    naming what answered instead of Qdrant, a refused key or a TLS mismatch; a 503 for an
+    outage or rate limiting. One reading for this store and for the collections
+    LlamaIndex wrote (``stores/llamaindex/qdrant.py``)."""
+
+    def __init__(self, shown: str, secrets: tuple[str, ...],
+                 oldest: tuple[int, int] | None = None) -> None:
+        self.shown = shown
+        self.secrets = secrets
+        self.oldest = oldest  # the oldest Qdrant whose answers the caller can use
+
+    @contextmanager
+    def translated(self) -> Iterator[None]:
+        try:
+            yield
+        except UnexpectedResponse as exc:
+            if exc.status_code in (401, 403):
+                raise ConfigurationError(
+                    f"store {self.shown} refused the API key ({exc.status_code}); set "
+                    "?api_key=… in the store URL or LLAMAINDEX_KB_STORE_API_KEY") from exc
+            raise StoreUnavailableError(
+                f"store {self.shown}: {self.problem(exc)}; try again") from exc
+        except ResourceExhaustedResponse as exc:
+            raise StoreUnavailableError(
+                f"store {self.shown} is rate limiting requests (HTTP 429); try again in "
+                f"{exc.retry_after_s} s") from exc
+        except ResponseHandlingException as exc:
+            raise self.not_answering(exc.source) from exc
+        except (ConnectionError, TimeoutError, httpx.HTTPError) as exc:
+            raise self.not_answering(exc) from exc
+        except json.JSONDecodeError as exc:  # an answer said JSON and was not
+            raise self.not_answering(exc) from exc
+
+    def not_answering(self, exc: BaseException) -> KBError:
+        """A request that got no usable answer: what reached the URL, or an outage."""
+        if isinstance(exc, NotQdrant):
+            return ConfigurationError(
+                f"store URL {self.shown} answered {exc}, which is not a Qdrant server: "
+                "check the host and port")
+        if isinstance(exc, ValidationError | json.JSONDecodeError):
+            what = "JSON" if isinstance(exc, ValidationError) else "a body"
+            oldest = "" if self.oldest is None else (
+                f", and that the server runs Qdrant {'.'.join(map(str, self.oldest))} or later")
+            return ConfigurationError(
+                f"store URL {self.shown} answered {what} that is not a Qdrant answer: check "
+                f"the host and port{oldest}")
+        if _not_http(exc):
+            return ConfigurationError(
+                f"store URL {self.shown} answered something that is not HTTP "
+                f"({self.problem(exc)}), so not a Qdrant server: check the host and port")
+        if any(isinstance(cause, ssl.SSLError) for cause in _causes(exc)):
+            return ConfigurationError(
+                f"store URL {self.shown}: the TLS handshake failed ({self.problem(exc)}): "
+                "use http:// or qdrant:// for a server without TLS, and https:// only with "
+                "a certificate this machine trusts")
+        return StoreUnavailableError(
+            f"store {self.shown} is unreachable ({self.problem(exc)}); is Qdrant "
+            "running and reachable from here?")
+
+    def problem(self, exc: BaseException) -> str:
+        return redact_text(first_line(exc), self.secrets)
 
 
 class _OneCallAtATime:

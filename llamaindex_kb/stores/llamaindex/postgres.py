@@ -65,6 +65,7 @@ from llamaindex_kb.errors import (
     KBError,
     KnowledgeBaseDamaged,
     StoreUnavailableError,
+    first_line,
 )
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.stores.llamaindex.filters import exact_metadata_filters
@@ -201,8 +202,7 @@ class PGVectorTables:
 
     def _problem(self, exc: BaseException) -> str:
         """A driver's first line without the URL's secrets (libpq may quote them)."""
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return redact_text(first, self._secrets)
+        return redact_text(first_line(exc), self._secrets)
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:

@@ -45,14 +45,11 @@ Faults: a server that refuses connections or stays silent answers 503
 
 from __future__ import annotations
 
-import json
 import threading
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import httpx
 import numpy as np
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.vector_stores.types import (
@@ -60,25 +57,22 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 from llama_index.vector_stores.qdrant import QdrantVectorStore
-from pydantic import ValidationError
 from qdrant_client import QdrantClient, models
-from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from llamaindex_kb.conditions.compiled import Predicate
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
     ConfigurationError,
-    KBError,
     KnowledgeBaseNotFound,
-    StoreUnavailableError,
+    first_line,
 )
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.stores.llamaindex.filters import exact_metadata_filters
 from llamaindex_kb.stores.llamaindex.store import LlamaIndexStore, LoadedIndex
 from llamaindex_kb.stores.qdrant import (
     TIMEOUT_S,
-    NotQdrant,
+    QdrantFailures,
     check_answer,
     one_call_at_a_time,
     retrying_reads,
@@ -109,7 +103,7 @@ class QdrantCollections:
         self._client: QdrantClient | None = None
         self.shown = shown
         self.searches_in_process = local
-        self._secrets = secrets
+        self._failures = QdrantFailures(shown, secrets)
         # collection -> (dense vector name, dimension, its QdrantVectorStore)
         self._stores: dict[str, tuple[str, int, QdrantVectorStore]] = {}
         self._served: set[str] = set()  # collections whose points proved LlamaIndex's
@@ -175,7 +169,7 @@ class QdrantCollections:
             except RuntimeError as exc:
                 # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
                 if "already accessed" not in str(exc):
-                    raise ConfigurationError(f"store {shown}: {_first_line(exc)}") from exc
+                    raise ConfigurationError(f"store {shown}: {first_line(exc)}") from exc
                 raise ConfigurationError(
                     f"store {shown} is in use by another process (qdrant-client's local "
                     "mode opens a folder in one process at a time): close the QdrantClient "
@@ -203,12 +197,12 @@ class QdrantCollections:
     # --- IndexSource ------------------------------------------------------------------
 
     def index_ids(self) -> list[str]:
-        with self._translated():
+        with self._failures.translated():
             names = [c.name for c in self.client.get_collections().collections]
         return sorted(name for name in names if self.version(name) is not None)
 
     def version(self, index_id: str) -> Hashable | None:
-        with self._translated():
+        with self._failures.translated():
             info = self._info(index_id)
             dense = None if info is None else _dense_vector(info)
             if info is None or dense is None:
@@ -225,7 +219,7 @@ class QdrantCollections:
         return (count, *dense)
 
     def load(self, index_id: str) -> LoadedIndex:
-        with self._translated():
+        with self._failures.translated():
             store, dense_name, dimension = self._vector_store(index_id)
             nodes: list[BaseNode] = []
             offset = None
@@ -260,7 +254,7 @@ class QdrantCollections:
         query = VectorStoreQuery(
             query_embedding=[float(x) for x in query_vector], similarity_top_k=top_k,
             filters=None if predicate is None else metadata_filters(predicate))
-        with self._translated():
+        with self._failures.translated():
             store, _, _ = self._vector_store(index_id)
             result = store.query(query)
         similarities = result.similarities or [None] * len(result.nodes or [])
@@ -301,38 +295,6 @@ class QdrantCollections:
                 self._stores[index_id] = held
         return held[2], held[0], held[1]
 
-    @contextmanager
-    def _translated(self) -> Iterator[None]:
-        try:
-            yield
-        except UnexpectedResponse as exc:
-            if exc.status_code in (401, 403):
-                raise ConfigurationError(
-                    f"store {self.shown} refused the API key ({exc.status_code}); set "
-                    "?api_key=… in the store URL or LLAMAINDEX_KB_STORE_API_KEY") from exc
-            raise StoreUnavailableError(
-                f"store {self.shown}: {self._problem(exc)}; try again") from exc
-        except ResourceExhaustedResponse as exc:
-            raise StoreUnavailableError(
-                f"store {self.shown} is rate limiting requests (HTTP 429); try again in "
-                f"{exc.retry_after_s} s") from exc
-        except ResponseHandlingException as exc:
-            raise self._not_answering(exc.source) from exc
-        except (ConnectionError, TimeoutError, httpx.HTTPError) as exc:
-            raise self._not_answering(exc) from exc
-
-    def _not_answering(self, exc: BaseException) -> KBError:
-        if isinstance(exc, NotQdrant | ValidationError | json.JSONDecodeError):
-            return ConfigurationError(
-                f"store URL {self.shown} answered something that is not a Qdrant answer "
-                f"({self._problem(exc)}): check the host and port")
-        return StoreUnavailableError(
-            f"store {self.shown} is unreachable ({self._problem(exc)}); is Qdrant "
-            "running and reachable from here?")
-
-    def _problem(self, exc: BaseException) -> str:
-        return redact_text(_first_line(exc), self._secrets)
-
 
 def metadata_filters(predicate: Predicate) -> MetadataFilters | None:
     """The condition's exact part as LlamaIndex ``MetadataFilters``, which
@@ -359,5 +321,3 @@ def _dense_vector(info: models.CollectionInfo) -> tuple[str, int] | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
