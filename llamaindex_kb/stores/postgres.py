@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import psycopg
@@ -195,57 +195,18 @@ class PostgresStore(FindingStore):
     # --- connections --------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection:
-        """A new connection, retried while the deadline allows; errors made actionable."""
-        deadline = time.monotonic() + DEADLINE_S
-        probed = False
-        while True:
-            try:
-                # The HNSW settings every first window uses are session defaults, so a
-                # query needs no SET statement of its own.
-                conn = psycopg.connect(
-                    self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                    options=f"-c statement_timeout={int(DEADLINE_S * 1000)} "
-                            f"-c hnsw.iterative_scan=off -c hnsw.ef_search={_SESSION_EF}",
-                )
-                conn.adapters.register_dumper(_QueryVector, _QueryVectorDumper)
-                return conn
-            except psycopg.OperationalError as exc:
-                problem = self._problem(exc)
-                if exc.sqlstate is None and not probed and not unresolved(problem):
-                    # No PostgreSQL error: whatever answers there may be something else.
-                    probed = True
-                    answered = self.foreign_answer()
-                    if answered is not None:
-                        raise ConfigurationError(
-                            f"store URL {self._shown} answered {answered}, which is not a "
-                            "PostgreSQL server: check the host and port"
-                        ) from exc
-                if is_configuration_problem(exc, problem):
-                    raise ConfigurationError(
-                        f"store {self._shown}: {problem}; check the user, password, host and "
-                        "database in the store URL"
-                    ) from exc
-                if time.monotonic() + CONNECT_TIMEOUT_S + 0.25 > deadline:
-                    raise StoreUnavailableError(
-                        f"store {self._shown} is unreachable ({problem}); is PostgreSQL "
-                        "running and reachable from here?"
-                    ) from exc
-                time.sleep(0.25)
+        # The HNSW settings every first window uses are session defaults, so a query
+        # needs no SET statement of its own.
+        conn = connect(self._conninfo, self._shown, self._secrets, autocommit=True,
+                       options=f"-c statement_timeout={int(DEADLINE_S * 1000)} "
+                               f"-c hnsw.iterative_scan=off -c hnsw.ef_search={_SESSION_EF}")
+        conn.adapters.register_dumper(_QueryVector, _QueryVectorDumper)
+        return conn
 
     def _problem(self, exc: BaseException) -> str:
         """The first line of a driver's message, without the URL's secrets: libpq quotes
         the parts of a URL it cannot parse, password included."""
         return redact_text(first_line(exc), self._secrets)
-
-    def foreign_answer(self) -> str | None:
-        """What answers at the URL's one TCP address if it is not PostgreSQL, else None
-        (PostgreSQL, nothing, or a socket or several hosts, which are not probed)."""
-        params = psycopg.conninfo.conninfo_to_dict(self._conninfo)
-        host = str(params.get("hostaddr") or params.get("host") or "")
-        port = str(params.get("port") or os.environ.get("PGPORT") or 5432)
-        if not host or host.startswith("/") or "," in host + port or not port.isdigit():
-            return None
-        return foreign_answer(host, int(port))
 
     @contextlib.contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[psycopg.Cursor]:
@@ -907,17 +868,17 @@ def _vector_text(vector: np.ndarray) -> str:
     return "[" + ",".join(map(repr, np.asarray(vector, dtype=np.float32).tolist())) + "]"
 
 
-def is_configuration_problem(exc: psycopg.OperationalError, message: str) -> bool:
+def _is_configuration_problem(exc: psycopg.OperationalError, message: str) -> bool:
     # 28: invalid authorisation (password, role, pg_hba); 3D: no such database.
     if (exc.sqlstate or "")[:2] in {"28", "3D"}:
         return True
     lowered = message.lower()
     return any(hint in lowered for hint in (
         "password authentication failed", "does not exist", "no pg_hba.conf entry",
-        "invalid", "no password supplied")) or unresolved(message)
+        "invalid", "no password supplied")) or _unresolved(message)
 
 
-def unresolved(message: str) -> bool:
+def _unresolved(message: str) -> bool:
     """Whether the host name did not resolve (libpq's words, then psycopg's)."""
     return "could not translate host name" in message or "failed to resolve host" in message
 
@@ -967,7 +928,50 @@ _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 PROBE_S = 0.4  # per step of the probe: connect, then each wait for an answer
 
 
-def foreign_answer(host: str, port: int) -> str | None:
+def connect(conninfo: str, shown: str, secrets: tuple[str, ...],
+            **options: Any) -> psycopg.Connection:
+    """A new connection (``options`` for ``psycopg.connect``), retried while
+    ``DEADLINE_S`` allows. Failures answer as ours, never chained (libpq may quote the
+    password): something else answering at the address, or wrong credentials or
+    database, is a ``ConfigurationError``; a server that stays away is a
+    ``StoreUnavailableError``."""
+    deadline = time.monotonic() + DEADLINE_S
+    probed = False
+    while True:
+        try:
+            return psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT_S, **options)
+        except psycopg.OperationalError as exc:
+            problem = redact_text(first_line(exc), secrets)
+            if exc.sqlstate is None and not probed and not _unresolved(problem):
+                # No PostgreSQL error: whatever answers there may be something else.
+                probed = True
+                answered = _answering_instead(conninfo)
+                if answered is not None:
+                    raise ConfigurationError(
+                        f"store URL {shown} answered {answered}, which is not a "
+                        "PostgreSQL server: check the host and port") from None
+            if _is_configuration_problem(exc, problem):
+                raise ConfigurationError(
+                    f"store {shown}: {problem}; check the user, password, host and "
+                    "database in the store URL") from None
+            if time.monotonic() + CONNECT_TIMEOUT_S + 0.25 > deadline:
+                raise StoreUnavailableError(
+                    f"store {shown} is unreachable ({problem}); is PostgreSQL "
+                    "running and reachable from here?") from None
+            time.sleep(0.25)
+
+
+def _answering_instead(conninfo: str) -> str | None:
+    """What answers at the URL's one TCP address if it is not PostgreSQL, else None
+    (PostgreSQL, nothing, or a socket or several hosts, which are not probed)."""
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    host = str(params.get("hostaddr") or params.get("host") or "")
+    port = str(params.get("port") or os.environ.get("PGPORT") or 5432)
+    if not host or host.startswith("/") or "," in host + port or not port.isdigit():
+        return None
+    return _foreign_answer(host, int(port))
+
+def _foreign_answer(host: str, port: int) -> str | None:
     """What a server that is not PostgreSQL answers at host:port, else None.
 
     The probe sends PostgreSQL's SSLRequest, then, to a server still silent (an HTTP

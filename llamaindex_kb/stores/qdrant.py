@@ -146,7 +146,7 @@ class _Gone(Exception):
     """The chunk collection was replaced by a concurrent publish: read again."""
 
 
-class NotQdrant(Exception):
+class _NotQdrant(Exception):
     """An answer no Qdrant gives (raised inside the client by ``check_answer``)."""
 
 
@@ -172,7 +172,7 @@ def check_answer(response: httpx.Response) -> None:
             body = None
         if isinstance(body, dict) and "status" in body:
             return
-    raise NotQdrant(f"HTTP {status} ({kind or 'no content type'})")
+    raise _NotQdrant(f"HTTP {status} ({kind or 'no content type'})")
 
 
 class QdrantStore(FindingStore):
@@ -853,7 +853,7 @@ class QdrantFailures:
 
     def not_answering(self, exc: BaseException) -> KBError:
         """A request that got no usable answer: what reached the URL, or an outage."""
-        if isinstance(exc, NotQdrant):
+        if isinstance(exc, _NotQdrant):
             return ConfigurationError(
                 f"store URL {self.shown} answered {exc}, which is not a Qdrant server: "
                 "check the host and port")
@@ -950,7 +950,7 @@ class _RetryingReads:
 
 def _transient(failure: Exception) -> bool:
     """Whether a request that got no usable answer may get one if tried again."""
-    return not (isinstance(failure, NotQdrant | ValidationError) or _not_http(failure)
+    return not (isinstance(failure, _NotQdrant | ValidationError) or _not_http(failure)
                 or any(isinstance(cause, ssl.SSLError) for cause in _causes(failure)))
 
 

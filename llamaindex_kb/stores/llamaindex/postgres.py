@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -74,11 +73,8 @@ from llamaindex_kb.stores.llamaindex.store import LlamaIndexStore, LoadedIndex
 # The same connection policy as our own PostgreSQL store, and its probe telling a
 # server that is not PostgreSQL.
 from llamaindex_kb.stores.postgres import (
-    CONNECT_TIMEOUT_S,
     DEADLINE_S,
-    foreign_answer,
-    is_configuration_problem,
-    unresolved,
+    connect,
 )
 
 TABLE_PREFIX = "data_"  # PGVectorStore's table is data_<table_name>
@@ -161,44 +157,13 @@ class PGVectorTables:
     # --- connections ------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection:
-        """A new connection for the pool, retried while the deadline allows; errors made
-        ours here, since the pool hands them on as they are."""
-        deadline = time.monotonic() + DEADLINE_S
-        probed = False
-        while True:
-            try:
-                # Client-side binding, as psycopg2 under the user's PGVectorStore does:
-                # it sends "SET hnsw.ef_search = :n" with a parameter.
-                return psycopg.connect(
-                    self._conninfo, connect_timeout=CONNECT_TIMEOUT_S,
-                    options=f"-c statement_timeout={int(DEADLINE_S * 1000)}",
-                    cursor_factory=psycopg.ClientCursor)
-            except psycopg.OperationalError as exc:
-                problem = self._problem(exc)
-                if exc.sqlstate is None and not probed and not unresolved(problem):
-                    probed = True
-                    answered = self.foreign_answer()
-                    if answered is not None:
-                        raise ConfigurationError(
-                            f"store URL {self.shown} answered {answered}, which is not a "
-                            "PostgreSQL server: check the host and port") from None
-                if is_configuration_problem(exc, problem):
-                    raise ConfigurationError(
-                        f"store {self.shown}: {problem}; check the user, password, host and "
-                        "database in the store URL") from None
-                if time.monotonic() + CONNECT_TIMEOUT_S + 0.25 > deadline:
-                    raise StoreUnavailableError(
-                        f"store {self.shown} is unreachable ({problem}); is PostgreSQL "
-                        "running and reachable from here?") from None
-                time.sleep(0.25)
-
-    def foreign_answer(self) -> str | None:
-        params = psycopg.conninfo.conninfo_to_dict(self._conninfo)
-        host = str(params.get("hostaddr") or params.get("host") or "")
-        port = str(params.get("port") or 5432)
-        if not host or host.startswith("/") or "," in host + port or not port.isdigit():
-            return None
-        return foreign_answer(host, int(port))
+        """A new connection for the pool; errors made ours here, since the pool hands
+        them on as they are."""
+        # Client-side binding, as psycopg2 under the user's PGVectorStore does: it sends
+        # "SET hnsw.ef_search = :n" with a parameter.
+        return connect(self._conninfo, self.shown, self._secrets,
+                       options=f"-c statement_timeout={int(DEADLINE_S * 1000)}",
+                       cursor_factory=psycopg.ClientCursor)
 
     def _problem(self, exc: BaseException) -> str:
         """A driver's first line without the URL's secrets (libpq may quote them)."""
