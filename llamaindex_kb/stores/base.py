@@ -197,7 +197,7 @@ def fused_weight(plan: QueryPlan, manifest: KBManifest,
     (the server's setting wins)."""
     mode, weight = effective_mode(plan, manifest)
     readable = 1.0
-    if plan.semantic_weight is None:
+    if mode == "hybrid" and plan.semantic_weight is None:  # only hybrid mixes the two sides
         base_share = 1.0 if manifest.readable_share is None else manifest.readable_share
         readable = readable_share(embed_model, plan.query) * base_share
     return semantic_weight(mode, weight, readable)
