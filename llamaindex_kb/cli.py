@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from llamaindex_kb.config import RETRIEVAL_MODES, Settings, load_settings
+from llamaindex_kb.config import LOCAL_MODELS, RETRIEVAL_MODES, Settings, load_settings
 from llamaindex_kb.errors import ConfigurationError, KBError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,10 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="model name on that server")
     parser.add_argument("--embedding-api-key", dest="embedding_api_key",
                         help="API key for that server")
+    parser.add_argument("--local-model", dest="local_model", choices=LOCAL_MODELS,
+                        help="without an embeddings server: the bundled model for new knowledge "
+                             "bases; auto picks multilingual for mostly Chinese/Japanese/Korean "
+                             "documents [auto]")
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:
@@ -215,8 +219,7 @@ def _ingest(args: argparse.Namespace) -> int:
                                      if stage == "embedding" else "file", file=sys.stderr)
         bar.update(done - bar.n)
 
-    embed_model = models_for(settings).embed_model if args.mode != "keyword" else None
-    summary = ingest_paths(store_for(settings), args.kb, args.paths, embed_model=embed_model,
+    summary = ingest_paths(store_for(settings), args.kb, args.paths, models=models_for(settings),
                            mode=args.mode, semantic_weight=args.semantic_weight,
                            chunking=chunking, sync=args.sync, progress=progress,
                            limits=settings.limits)

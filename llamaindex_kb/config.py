@@ -35,6 +35,9 @@ PLUGIN_NAME = "llamaindex_kb"
 # contract (stores.base), ingestion, uploads and the CLI import them from here.
 RetrievalMode = Literal["vector", "keyword", "hybrid"]
 RETRIEVAL_MODES: tuple[RetrievalMode, ...] = ("hybrid", "vector", "keyword")
+# The bundled embedding model a new knowledge base gets (models/bundled.py).
+LocalModel = Literal["auto", "english", "multilingual"]
+LOCAL_MODELS: tuple[LocalModel, ...] = ("auto", "english", "multilingual")
 
 
 class Settings(BaseModel):
@@ -69,6 +72,9 @@ class Settings(BaseModel):
     embedding_base_url: str | None = None
     embedding_api_key: SecretStr | None = None
     embedding_model_name: str | None = None
+    # When none of those is set: the bundled model for new knowledge bases. One built
+    # with a bundled model keeps it, whatever this says later.
+    local_model: LocalModel = "auto"
     # Request limits (limits.py); None keeps the default.
     max_body_bytes: int | None = None
     max_query_chars: int | None = None

@@ -64,12 +64,13 @@ class Library:
             mode=self.settings.retrieval_mode,
             semantic_weight=self.settings.semantic_weight,
         )
+        embed_model = models.embedding_for(kb.manifest.embedding)
         if models.reranker is None:
-            hits = kb.retrieve(plan, models.embed_model)
+            hits = kb.retrieve(plan, embed_model)
         else:
             wider = plan.model_copy(update={"top_k": candidate_count(plan.top_k),
                                             "score_threshold": 0.0})
-            hits = rerank_hits(models.reranker, plan.query, kb.retrieve(wider, models.embed_model),
+            hits = rerank_hits(models.reranker, plan.query, kb.retrieve(wider, embed_model),
                                plan.top_k, plan.score_threshold)
         return [to_record(hit) for hit in hits]
 

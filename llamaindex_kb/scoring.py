@@ -3,7 +3,9 @@
 Every store follows it, so one ``score_threshold`` means the same relevance for every
 query, knowledge base and store. Scores are absolute, in [0, 1]:
 
-* vector: cosine similarity of query and chunk embeddings, negatives clipped to 0;
+* vector: cosine similarity of query and chunk embeddings, negatives clipped to 0, on
+  the scale of the model (``SimilarityScale``: the bundled multilingual model's cosines
+  are mapped onto the English model's, so a threshold means the same with both);
 * keyword: BM25 divided by the query's attainable maximum (``text/bm25.py``);
 * hybrid: ``w · vector + (1 − w) · keyword`` with ``w`` the semantic weight (Dify's
   "weight settings", 0.7 / 0.3 by default) times the share of the query the embedding
@@ -20,6 +22,7 @@ once, with its best child's score.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from llama_index.core.schema import BaseNode
@@ -51,9 +54,26 @@ def clip(score: object) -> float:
     return min(1.0, max(0.0, value))
 
 
-def clip_similarities(similarities: np.ndarray, dtype: type[np.floating] = np.float64
-                      ) -> np.ndarray:
-    """Cosine similarities on the score scale: negative means unrelated (0)."""
+@dataclass(frozen=True)
+class SimilarityScale:
+    """Where a model's cosine similarities sit on the score scale: ``zero`` scores 0,
+    ``one`` scores 1, linear between, clipped. Most models' cosine is the score as it
+    is; a model whose cosines crowd into a narrow band (e5's 0.7-0.9) is stretched."""
+
+    zero: float = 0.0
+    one: float = 1.0
+
+
+COSINE = SimilarityScale()
+
+
+def clip_similarities(similarities: np.ndarray, dtype: type[np.floating] = np.float64,
+                      scale: SimilarityScale = COSINE) -> np.ndarray:
+    """Cosine similarities on the score scale: at or below the scale's zero (for most
+    models, negative) means unrelated (0)."""
+    if scale != COSINE:
+        similarities = (np.asarray(similarities, dtype=dtype) - dtype(scale.zero)) / dtype(
+            scale.one - scale.zero)
     return np.clip(similarities, 0.0, 1.0, dtype=dtype)
 
 

@@ -13,13 +13,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from llama_index.core.base.embeddings.base import BaseEmbedding
 from werkzeug import Request, Response
 
 from llamaindex_kb.config import Settings, plugin_settings
 from llamaindex_kb.errors import KBError
 from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.ingestion.pipeline import file_source, ingest_paths, scan
+from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import local_embedding, models_for
 from llamaindex_kb.models.local import LocalMiniLMEmbedding
 from llamaindex_kb.redaction import redact_url
@@ -52,7 +52,7 @@ def library_for(settings: Settings) -> Library:
             # Per store, not per library: an endpoint without the demo may have opened
             # this store first.
             if settings.demo and url not in _demo_ready:
-                ensure_demo(library.store, local_embedding_for(library.store))
+                ensure_demo(library.store, Models(local_embedding_for(library.store)))
                 _demo_ready.add(url)
     return library
 
@@ -63,7 +63,7 @@ def api_for(settings: Settings, session: object | None = None) -> KnowledgeAPI:
     return KnowledgeAPI(settings, library, models)
 
 
-def ensure_demo(store: KnowledgeStore, embed_model: BaseEmbedding | None) -> None:
+def ensure_demo(store: KnowledgeStore, models: Models) -> None:
     """(Re)build the bundled demo knowledge base when it is missing or out of date.
 
     Up to date means it holds exactly the bundled files (ids and content hashes),
@@ -78,7 +78,7 @@ def ensure_demo(store: KnowledgeStore, embed_model: BaseEmbedding | None) -> Non
             return
         store.drop(DEMO_KB)
     log.info("building the demo knowledge base in %s", redact_url(store.url))
-    ingest_paths(store, DEMO_KB, [DEMO_SOURCE], embed_model=embed_model)
+    ingest_paths(store, DEMO_KB, [DEMO_SOURCE], models=models)
 
 
 def handle_plugin_request(

@@ -43,12 +43,13 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data directory holding the demo knowledge base, built once per test run."""
+    from llamaindex_kb.models.base import Models
     from llamaindex_kb.models.choose import local_embedding
     from llamaindex_kb.service import ensure_demo
     from llamaindex_kb.stores.local.store import LocalStore
 
     data_dir = tmp_path_factory.mktemp("demo-data")
-    ensure_demo(LocalStore(data_dir), local_embedding())
+    ensure_demo(LocalStore(data_dir), Models(local_embedding()))
     return data_dir
 
 

@@ -46,7 +46,7 @@ HELIUM = {"alpha": "Alpha particles are helium nuclei.", "beta": "Beta decay emi
 
 def publish(store: LocalStore, kb: str, docs: dict[str, str], embed: Any = None) -> None:
     sources = [text_source(doc_id, text, {}, doc_id) for doc_id, text in docs.items()]
-    apply_changes(store, kb, sources, set(), IngestSummary(knowledge_id=kb), embed_model=embed,
+    apply_changes(store, kb, sources, set(), IngestSummary(knowledge_id=kb), models=Models(embed),
                   mode="hybrid" if embed is not None else "keyword")
 
 

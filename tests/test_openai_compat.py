@@ -23,6 +23,7 @@ from conftest import API_KEY, dify_body, standalone_server
 
 from llamaindex_kb import ingest_paths, load_settings
 from llamaindex_kb.errors import ConfigurationError, EmbeddingMismatchError, StoreUnavailableError
+from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import local_embedding, models_for
 from llamaindex_kb.models.openai import OpenAICompatibleEmbedding, embedding_for
 from llamaindex_kb.stores.local.store import LocalStore
@@ -242,7 +243,7 @@ def test_standalone_retrieval_with_a_knowledge_base_built_through_the_server(
     for i, text in enumerate(TEXTS):
         (source / f"doc{i}.md").write_text(text, encoding="utf-8")
     data_dir = tmp_path / "data"
-    ingest_paths(LocalStore(data_dir), "energy", [source], embed_model=client(server),
+    ingest_paths(LocalStore(data_dir), "energy", [source], models=Models(client(server)),
                  mode="vector")
 
     settings = {"embedding_base_url": server.base_url, "embedding_model_name": MODEL,

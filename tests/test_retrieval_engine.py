@@ -50,7 +50,8 @@ def kb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, text in DOCS.items():
         (source / name).write_text(text, encoding="utf-8")
     data_dir = tmp_path_factory.mktemp("data")
-    summary = ingest_paths(LocalStore(data_dir), "energy", [source], embed_model=local_embedding())
+    summary = ingest_paths(LocalStore(data_dir), "energy", [source],
+                           models=Models(local_embedding()))
     assert summary.documents == len(DOCS) and not summary.failed
     return data_dir
 
@@ -121,7 +122,7 @@ def test_records_carry_source_file_name_path_and_stable_ids(kb_dir):
 def test_several_knowledge_bases_answer_independently(kb_dir, tmp_path):
     (tmp_path / "only.md").write_text("Kombucha is fermented sweet tea.", encoding="utf-8")
     ingest_paths(LocalStore(kb_dir), "drinks", [tmp_path / "only.md"],
-                 embed_model=local_embedding())
+                 models=Models(local_embedding()))
     lib = library(kb_dir)
     assert ask(lib, "fermented tea", kb="drinks")[0].metadata["file_name"] == "only.md"
     assert all(r.metadata["file_name"] != "only.md" for r in ask(lib, "fermented tea"))
@@ -135,9 +136,9 @@ def test_reingesting_a_changed_file_replaces_its_chunks(tmp_path):
     note = source / "note.md"
     note.write_text("The launch code is apple.", encoding="utf-8")
     data = tmp_path / "data"
-    ingest_paths(LocalStore(data), "kb", [source], embed_model=local_embedding(), mode="keyword")
+    ingest_paths(LocalStore(data), "kb", [source], models=Models(local_embedding()), mode="keyword")
     note.write_text("The launch code is banana.", encoding="utf-8")
-    ingest_paths(LocalStore(data), "kb", [source], embed_model=local_embedding(), mode="keyword")
+    ingest_paths(LocalStore(data), "kb", [source], models=Models(local_embedding()), mode="keyword")
     lib = library(data)
     assert ask(lib, "apple", kb="kb") == []
     assert len(ask(lib, "banana launch code", kb="kb")) == 1
@@ -185,14 +186,14 @@ def test_ingesting_with_another_embedding_model_is_the_same_mismatch_error(tmp_p
     publish_nodes(store, "foreign", [node], np.ones((1, 3), dtype=np.float32), other)
     (tmp_path / "a.md").write_text("more words", encoding="utf-8")
     with pytest.raises(EmbeddingMismatchError, match="text-embedding-3-small") as refused:
-        ingest_paths(store, "foreign", [tmp_path / "a.md"], embed_model=local_embedding())
+        ingest_paths(store, "foreign", [tmp_path / "a.md"], models=Models(local_embedding()))
     assert refused.value.error_code == 3004
     assert list(store.open("foreign").documents) == ["d1"]  # nothing written
 
 
 def test_keyword_only_knowledge_base_refuses_vector_mode_clearly(tmp_path):
     (tmp_path / "a.md").write_text("keyword only corpus", encoding="utf-8")
-    ingest_paths(LocalStore(tmp_path / "d"), "kw", [tmp_path / "a.md"], embed_model=None,
+    ingest_paths(LocalStore(tmp_path / "d"), "kw", [tmp_path / "a.md"], models=Models(None),
                  mode="keyword")
     assert ask(library(tmp_path / "d"), "corpus", kb="kw")
     with pytest.raises(InvalidFieldError, match="keyword search only"):
@@ -271,8 +272,8 @@ def test_parent_child_chunking_matches_children_and_returns_each_parent_once(tmp
              "Cutting boards are oiled monthly with food-safe mineral oil, then dried.")
     source.write_text(f"{baking}\n\n{tools}", encoding="utf-8")
     config = ChunkingConfig(mode="parent_child", child_max_tokens=50, parent_max_tokens=50)
-    ingest_paths(LocalStore(tmp_path / "d"), "kitchen", [source], embed_model=None, mode="keyword",
-                 chunking=config)
+    ingest_paths(LocalStore(tmp_path / "d"), "kitchen", [source], models=Models(None),
+                 mode="keyword", chunking=config)
     found = ask(library(tmp_path / "d"), "bread bakes preheated oven", top_k=5, kb="kitchen")
     assert [r.content for r in found] == [baking]
     both = ask(library(tmp_path / "d"), "weekly monthly bread", top_k=5, kb="kitchen")
@@ -286,7 +287,7 @@ def test_chunks_longer_than_the_local_model_reads_are_refused(tmp_path):
     (tmp_path / "a.md").write_text("text", encoding="utf-8")
     with pytest.raises(ConfigurationError, match="254"):
         ingest_paths(LocalStore(tmp_path / "d"), "k", [tmp_path / "a.md"],
-                     embed_model=local_embedding(),
+                     models=Models(local_embedding()),
                      chunking=ChunkingConfig(max_tokens=500))
     assert not (tmp_path / "d" / "kbs" / "k" / "CURRENT").exists()
 

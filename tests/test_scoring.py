@@ -97,13 +97,14 @@ def _records(data_dir: Path, query: str, **settings: object) -> list[tuple[str, 
 @pytest.fixture(scope="module")
 def chinese_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llamaindex_kb.ingestion.pipeline import ingest_paths
+    from llamaindex_kb.models.base import Models
     from llamaindex_kb.models.choose import local_embedding
     from llamaindex_kb.stores.local.store import LocalStore
 
     source, data = tmp_path_factory.mktemp("zh-source"), tmp_path_factory.mktemp("zh-data")
     for name, text in CHINESE.items():
         (source / name).write_text(text, encoding="utf-8")
-    ingest_paths(LocalStore(data), "zh", [source], embed_model=local_embedding())
+    ingest_paths(LocalStore(data), "zh", [source], models=Models(local_embedding()))
     return data
 
 

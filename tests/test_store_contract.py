@@ -62,6 +62,8 @@ from llamaindex_kb.ingestion.pipeline import (
 )
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import local_embedding
+from llamaindex_kb.models.local import LOCAL_MINILM_SPEC
+from llamaindex_kb.models.spec import EmbeddingSpec
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.service import api_for, local_embedding_for
 from llamaindex_kb.stores import qdrant as qdrant_store
@@ -109,7 +111,7 @@ def _build(store: KnowledgeStore, knowledge_id: str = KB, chunking: ChunkingConf
     sources = [text_source(title, text, metadata)
                for title, text, metadata in (corpus or _corpus())]
     apply_changes(store, knowledge_id, sources, set(), IngestSummary(knowledge_id=knowledge_id),
-                  embed_model=local_embedding(), chunking=chunking)
+                  models=Models(local_embedding()), chunking=chunking)
 
 
 @pytest.fixture(scope="session")
@@ -343,10 +345,29 @@ def test_missing_knowledge_bases_and_foreign_embeddings_are_refused(store):
     class Foreign:
         spec = None
 
+    other = EmbeddingSpec(kind="openai", model="text-embedding-3-small", dimension=384)
+    node = TextNode(text="dify answers", metadata={"document_id": "d1"})
+    publish_nodes(store, "foreign", [node], np.ones((1, 384), np.float32), other)
     library = Library(load_settings({}, environ={}), store=store)
+    request = RetrievalRequest.model_validate({"knowledge_id": "foreign", "query": "dify"})
+    for configured in (Foreign(), None):  # None: the bundled model, which did not build it
+        with pytest.raises(EmbeddingMismatchError, match="text-embedding-3-small"):
+            library.retrieve(request, Models(embed_model=configured, reranker=None))
+    store.drop("foreign")
+
+
+def test_a_base_built_with_a_bundled_model_keeps_it_whatever_is_configured(store):
+    """The bundled model is always at hand, so configuring a workspace model later
+    leaves the bases it built answering, with their own vectors."""
+
+    class Foreign:
+        spec = EmbeddingSpec(kind="dify", model="someone-else", dimension=384)
+
+    library = Library(load_settings({"retrieval_mode": "vector"}, environ={}), store=store)
     request = RetrievalRequest.model_validate({"knowledge_id": KB, "query": "dify"})
-    with pytest.raises(EmbeddingMismatchError):
-        library.retrieve(request, Models(embed_model=Foreign(), reranker=None))
+    expected = library.retrieve(request, Models(embed_model=local_embedding()))
+    assert expected
+    assert library.retrieve(request, Models(embed_model=Foreign())) == expected
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "qdrant"])
@@ -615,7 +636,8 @@ def test_the_local_model_spins_its_threads_only_where_the_search_runs_elsewhere(
     assert {kind: local_embedding_for(store).spin_threads for kind, store in stores.items()
             } == {"local": False, "postgresql": True, "qdrant": False}
     served = api_for(load_settings({"api_key": "k", "store": postgres_url}, environ={}))
-    assert served.models.embed_model.spin_threads
+    assert served.models.embedding_for(LOCAL_MINILM_SPEC).spin_threads
+    assert served.models.embedding_for(None).spin_threads  # a new English base's model
 
 
 def test_postgres_numeric_prefilter_never_loses_a_match_nor_fails(postgres_url):

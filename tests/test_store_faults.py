@@ -33,6 +33,7 @@ import pytest
 from conftest import API_KEY, Reply, ServerTransport, dify_body, standalone_server
 
 from llamaindex_kb import ingest_paths, load_settings
+from llamaindex_kb.models.base import Models
 from llamaindex_kb.stores.registry import store_for
 
 DIFY_TIMEOUT_S = 5.0
@@ -164,7 +165,7 @@ def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def build(store_url: str, docs: Path, data_dir: Path) -> None:
     settings = load_settings({"store": store_url, "data_dir": data_dir}, environ={})
-    ingest_paths(store_for(settings), KB, [docs], embed_model=None, mode="keyword")
+    ingest_paths(store_for(settings), KB, [docs], models=Models(None), mode="keyword")
 
 
 def ask(client: ServerTransport, query: str = "paid leave") -> tuple[Reply, float]:

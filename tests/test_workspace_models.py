@@ -318,10 +318,11 @@ def test_models_for_picks_workspace_models_from_the_plugin_form(tmp_path):
     empty = {"embedding_model": {"provider": "", "model": "", "model_type": "text-embedding"},
              "rerank_provider": "", "rerank_model": ""}
     local = models_for(plugin_settings(form(tmp_path, **empty)), session)
-    assert isinstance(local.embed_model, LocalMiniLMEmbedding) and local.reranker is None
+    assert local.embed_model is None and local.reranker is None  # a bundled model, then
+    assert isinstance(local.embedding_for(None), LocalMiniLMEmbedding)
     # Outside the plugin there is no session to call the workspace with.
     standalone = models_for(plugin_settings(form(tmp_path)))
-    assert isinstance(standalone.embed_model, LocalMiniLMEmbedding)
+    assert isinstance(standalone.embedding_for(None), LocalMiniLMEmbedding)
     assert standalone.reranker is None
 
 

@@ -43,6 +43,7 @@ from llama_index.core.schema import TextNode
 from llamaindex_kb.config import load_settings
 from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseDamaged
 from llamaindex_kb.ingestion.pipeline import embed_nodes, publish_nodes
+from llamaindex_kb.models.base import Models
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.store import LocalStore
@@ -504,9 +505,10 @@ def ingestion(datasets_dir: Path, work_dir: Path, chunks: int) -> None:
     model = local_embedding()
     # Both sides start warm: one-off costs (model session, sentence splitter, jieba)
     # are paid by a throwaway ingest, so the comparison is per-chunk work only.
-    ingest_paths(LocalStore(target), "warm-up", [sorted(small.glob("*.txt"))[0]], embed_model=model)
+    first = sorted(small.glob("*.txt"))[0]
+    ingest_paths(LocalStore(target), "warm-up", [first], models=Models(model))
     started = time.perf_counter()
-    summary = ingest_paths(LocalStore(target), "embed", [small], embed_model=model)
+    summary = ingest_paths(LocalStore(target), "embed", [small], models=Models(model))
     pipeline = time.perf_counter() - started
     texts = [n.get_content() for n in Library(load_settings({"data_dir": target}, environ={}))
              .open("embed").nodes(list(_node_ids(target, "embed")))]

@@ -91,7 +91,7 @@ def upload(
         source = read(checkpoint)
         summary = apply_changes(
             store, knowledge_id, [source], set(), IngestSummary(knowledge_id=knowledge_id),
-            embed_model=models.embed_model if mode != "keyword" else None, mode=mode,
+            models=models, mode=mode,
             chunking=chunking, limits=limits, checkpoint=checkpoint,
         )
     # From the source, not the store: opening the knowledge base only to answer would

@@ -54,6 +54,7 @@ from llamaindex_kb.ingestion.readers import (
     upload_name,
 )
 from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, too_large
+from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.local import MAX_TOKENS, LocalMiniLMEmbedding, minilm_tokenizer
 from llamaindex_kb.models.spec import EmbeddingSpec, readable_share
 from llamaindex_kb.stores.base import (
@@ -306,7 +307,7 @@ def ingest_paths(
     knowledge_id: str,
     paths: Sequence[Path],
     *,
-    embed_model: BaseEmbedding | None,
+    models: Models,
     mode: RetrievalMode = "hybrid",
     semantic_weight: float = 0.7,
     chunking: ChunkingConfig | None = None,
@@ -350,7 +351,7 @@ def ingest_paths(
         removed = {doc_id for doc_id, info in known.items()
                    if info.source_root in roots and doc_id not in seen}
     return apply_changes(store, knowledge_id, sources, removed, summary,
-                         embed_model=embed_model, mode=mode, semantic_weight=semantic_weight,
+                         models=models, mode=mode, semantic_weight=semantic_weight,
                          chunking=chunking, progress=progress, limits=limits, keep_going=True)
 
 
@@ -361,7 +362,7 @@ def apply_changes(
     removed: set[str],
     summary: IngestSummary,
     *,
-    embed_model: BaseEmbedding | None,
+    models: Models | None = None,
     mode: RetrievalMode = "hybrid",
     semantic_weight: float = 0.7,
     chunking: ChunkingConfig | None = None,
@@ -375,12 +376,21 @@ def apply_changes(
     A source over ``limits`` raises ``PayloadTooLargeError``, or with ``keep_going`` is
     left out and reported in ``summary.failed``. ``checkpoint`` is called between
     stages and batches; what it raises ends the work before anything is written.
+    ``models`` embeds the new chunks (``Models.embedding_for``: a base keeps the model
+    that built it); only a change that adds nothing may leave it out.
     """
     validate_knowledge_id(knowledge_id, creating=False)
     check_writable(store, knowledge_id)
     existing = store.find(knowledge_id)
     if existing is None:
         validate_knowledge_id(knowledge_id)
+    embed_model = None
+    if sources and (existing.manifest.embedding is not None if existing is not None
+                    else mode != "keyword"):
+        assert models is not None, "adding documents takes the request's models"
+        embed_model = models.embedding_for(
+            existing.manifest.embedding if existing is not None else None,
+            [doc.get_content() for source in sources for doc in source.documents])
     manifest = _manifest_for(existing, knowledge_id, embed_model, mode, semantic_weight, chunking)
     config = ChunkingConfig.model_validate(manifest.chunking)
     # Chunks are sized in the embedding model's tokens, so none is silently truncated;
@@ -506,7 +516,7 @@ def delete_document(store: KnowledgeStore, knowledge_id: str,
         raise DocumentNotFound(
             f"document {shown(document_id)} is not in knowledge base {shown(knowledge_id)}")
     apply_changes(store, knowledge_id, [], {document_id},
-                  IngestSummary(knowledge_id=knowledge_id), embed_model=None)
+                  IngestSummary(knowledge_id=knowledge_id))
     return info
 
 

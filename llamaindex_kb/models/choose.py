@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
 
 from llamaindex_kb.config import Settings
-from llamaindex_kb.models import openai
+from llamaindex_kb.models import bundled, openai
 from llamaindex_kb.models.base import Models, Reranker
 from llamaindex_kb.models.local import LocalMiniLMEmbedding
 
 
-@functools.cache
 def local_embedding(spin_threads: bool = False) -> LocalMiniLMEmbedding:
-    return LocalMiniLMEmbedding(spin_threads=spin_threads)
+    """The bundled English model (MiniLM)."""
+    return bundled.english(spin_threads)
 
 
 def models_for(settings: Settings, session: Any | None = None,
@@ -25,7 +24,8 @@ def models_for(settings: Settings, session: Any | None = None,
     ``session`` is the Dify plugin session of the request, if any; ``spin_threads``
     tunes the local model's threads (``LocalMiniLMEmbedding``). Precedence: the
     workspace embedding model chosen in the plugin form, then an OpenAI-compatible
-    server (``embedding_base_url``), then the bundled local model.
+    server (``embedding_base_url``), then a bundled model (``models/bundled.py``:
+    ``Models.embedding_for`` picks it per knowledge base).
     """
     embed_model: BaseEmbedding | None = None
     reranker: Reranker | None = None
@@ -38,6 +38,5 @@ def models_for(settings: Settings, session: Any | None = None,
         reranker = dify.workspace_reranker(settings, session)
     if embed_model is None:
         embed_model = openai.embedding_for(settings)
-    if embed_model is None:
-        embed_model = local_embedding(spin_threads)
-    return Models(embed_model=embed_model, reranker=reranker)
+    return Models(embed_model=embed_model, reranker=reranker,
+                  local_model=settings.local_model, spin_threads=spin_threads)

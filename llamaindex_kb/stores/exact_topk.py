@@ -25,6 +25,8 @@ import numpy as np
 from llama_index.core.schema import BaseNode, NodeWithScore
 
 from llamaindex_kb.scoring import (
+    COSINE,
+    SimilarityScale,
     best_parents,
     clip_similarities,
     fuse,
@@ -45,10 +47,12 @@ class Candidates(NamedTuple):
 
     @classmethod
     def of(cls, found: Sequence[tuple[int, float, Metadata | None]],
-           with_metadata: bool) -> Candidates:
-        """From (row, similarity, metadata) tuples, as a database cursor returns them."""
+           with_metadata: bool, scale: SimilarityScale = COSINE) -> Candidates:
+        """From (row, cosine similarity, metadata) tuples, as a database cursor returns
+        them; ``scale`` is the query's embedding model's (``scoring.SimilarityScale``)."""
         rows, similarity, metadata = tuple(zip(*found, strict=True)) or ((), (), ())
-        return cls(np.array(rows, np.int64), clip_similarities(np.array(similarity, np.float64)),
+        return cls(np.array(rows, np.int64),
+                   clip_similarities(np.array(similarity, np.float64), scale=scale),
                    [m or {} for m in metadata] if with_metadata else None)
 
     def where(self, keep: np.ndarray) -> Candidates:

@@ -66,8 +66,9 @@ from llamaindex_kb.errors import (
     first_line,
 )
 from llamaindex_kb.lru import LRU
+from llamaindex_kb.models.spec import similarity_scale
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
-from llamaindex_kb.scoring import CHILDREN_PER_PARENT
+from llamaindex_kb.scoring import CHILDREN_PER_PARENT, SimilarityScale
 from llamaindex_kb.stores.base import (
     Change,
     DocumentInfo,
@@ -400,7 +401,8 @@ class PostgresKnowledgeBase:
                     plan, embed_model)
             if base.chunk_count == 0:
                 return []
-            search = _Search(cur, base, plan, _QueryVector(vector) if vector is not None else None)
+            search = _Search(cur, base, plan, _QueryVector(vector) if vector is not None else None,
+                             similarity_scale(embed_model))
             parent_child = base.manifest.chunking.get("mode") == "parent_child"
             want = plan.top_k * (CHILDREN_PER_PARENT if parent_child else 1)
             keyword_side = _KeywordSide(self._store._term_weights, cur, base,
@@ -419,8 +421,8 @@ class _Search:
     """One query's candidates (exact_topk.CandidateSource) in one read transaction."""
 
     def __init__(self, cur: psycopg.Cursor, base: _Base, plan: QueryPlan,
-                 query_vector: _QueryVector | None) -> None:
-        self.cur, self.base, self.query_vector = cur, base, query_vector
+                 query_vector: _QueryVector | None, scale: SimilarityScale) -> None:
+        self.cur, self.base, self.query_vector, self.scale = cur, base, query_vector, scale
         pushdown = sql_prefilter(plan.predicate) if plan.predicate is not None else None
         self.filtered = pushdown is not None
         self.with_metadata = plan.predicate is not None
@@ -495,7 +497,7 @@ class _Search:
         return Candidates.joined(found)
 
     def _candidates(self, cur: psycopg.Cursor) -> Candidates:
-        return Candidates.of(cur.fetchall(), self.with_metadata)
+        return Candidates.of(cur.fetchall(), self.with_metadata, self.scale)
 
     def _send_lookup(self, cur: psycopg.Cursor, rows: Sequence[int]) -> psycopg.Cursor:
         cur.execute(self.sql.lookup,

@@ -93,7 +93,9 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
     first_line,
 )
+from llamaindex_kb.models.spec import similarity_scale
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
+from llamaindex_kb.scoring import SimilarityScale
 from llamaindex_kb.stores.base import (
     Change,
     DocumentInfo,
@@ -491,7 +493,7 @@ class QdrantKnowledgeBase:
                     if base.chunk_count == 0:
                         return []
                     search = _Search(self._store, client, self.knowledge_id, base, plan,
-                                     query_vector)
+                                     query_vector, similarity_scale(embed_model))
                     keyword = (search.keyword_ranking(plan.query) if weight < 1.0
                                else KeywordRanking.empty())
                     return retrieve(search, keyword, weight, plan,
@@ -507,9 +509,10 @@ class _Search:
     payloads and similarities are kept, so no point is fetched twice."""
 
     def __init__(self, store: QdrantStore, client: QdrantClient, knowledge_id: str,
-                 base: _Base, plan: QueryPlan, query_vector: np.ndarray | None) -> None:
+                 base: _Base, plan: QueryPlan, query_vector: np.ndarray | None,
+                 scale: SimilarityScale) -> None:
         self.store, self.client, self.knowledge_id = store, client, knowledge_id
-        self.base, self.query_vector = base, query_vector
+        self.base, self.query_vector, self.scale = base, query_vector, scale
         self.payloads: dict[int, dict[str, Any]] = {}
         self.similarity: dict[int, float] = {}
         self.filter = qdrant_filter(plan.predicate) if plan.predicate is not None else None
@@ -562,7 +565,7 @@ class _Search:
             self.similarity[row] = similarity
             metadata = self.payloads.setdefault(row, point.payload or {}).get("metadata")
             window.append((row, similarity, metadata))
-        return Candidates.of(window, with_metadata=True)
+        return Candidates.of(window, with_metadata=True, scale=self.scale)
 
     def lookup(self, rows: Sequence[int]) -> Candidates:
         missing = [row for row in rows if row not in self.payloads]
@@ -571,7 +574,8 @@ class _Search:
             self._fetch(missing, ["metadata"], vectors=self.query_vector is not None)
         return Candidates.of([(row, self.similarity.get(row, 0.0),
                                self.payloads[row].get("metadata"))
-                              for row in rows if row in self.payloads], with_metadata=True)
+                              for row in rows if row in self.payloads], with_metadata=True,
+                             scale=self.scale)
 
     def nodes(self, rows: Sequence[int]) -> list[BaseNode]:
         missing = [row for row in rows if "node" not in self.payloads.get(row, {})]

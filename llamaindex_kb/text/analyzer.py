@@ -25,7 +25,7 @@ from typing import Any
 
 import Stemmer
 
-__all__ = ["ANALYZER_VERSION", "tokenize"]
+__all__ = ["ANALYZER_VERSION", "cjk_share", "tokenize"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ _HAN = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _HAN_RANGES)
 _KANA = "\u3040-\u30ff\u31f0-\u31ff"
 _HANGUL = "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
 _WORDS = re.compile(r"[^\W_]+")
+# A CJK character, or a run of other letters and digits: one word each.
+_CJK_OR_WORD = re.compile(rf"([{_HAN}{_KANA}{_HANGUL}])|[^\W_{_HAN}{_KANA}{_HANGUL}]+")
 # Only for the rare non-ASCII word: capturing groups make findall several
 # times slower over whole documents.
 _SCRIPTS = re.compile(rf"([{_HAN}]+)|([{_KANA}]+)|([{_HANGUL}]+)|([^{_HAN}{_KANA}{_HANGUL}]+)")
@@ -169,3 +171,10 @@ def tokenize(text: str) -> list[str]:
     if words:
         terms.extend(_stem(words))
     return terms
+
+
+def cjk_share(text: str) -> float:
+    """The share of ``text``'s words that are Chinese, Japanese or Korean, each CJK
+    character counting as a word (0 for text without words)."""
+    found = _CJK_OR_WORD.findall(text)
+    return sum(1 for cjk in found if cjk) / len(found) if found else 0.0

@@ -162,4 +162,4 @@ def from_url(url: str, settings: Settings) -> LlamaIndexStore:
         raise ConfigurationError(
             f"store URL {url!r}: {module_name} has no function {function!r}")
     return LlamaIndexStore(FactorySource(target, factory,
-                                         lambda: models_for(settings).embed_model))
+                                         lambda: models_for(settings).embedding_for(None)))

@@ -31,6 +31,7 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
     out_of_resources,
 )
+from llamaindex_kb.models.spec import similarity_scale
 from llamaindex_kb.scoring import (
     best_parents,
     clip_similarities,
@@ -249,7 +250,8 @@ class KnowledgeBase:
         check_embedding(self.manifest, mode, embed_model)
         assert self.vectors is not None and embed_model is not None
         embedding = embed_query(embed_model, query)
-        return clip_similarities(self.vectors.similarities(embedding), np.float32)
+        return clip_similarities(self.vectors.similarities(embedding), np.float32,
+                                 similarity_scale(embed_model))
 
 
 # What reading a damaged file raises (json, pydantic and numpy errors are ValueErrors).
