@@ -15,6 +15,8 @@ import httpx
 import pytest
 from conftest import API_KEY, PluginTransport, Reply, ServerTransport, standalone_server
 
+from llamaindex_kb.models import multilingual
+
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -179,3 +181,18 @@ def test_uploaded_file_name_keeps_only_its_last_part(api):
     assert reply.status == 201, reply.body
     assert reply.json()["document"]["file_name"] == "notes.txt"
     assert reply.json()["document"]["file_path"] == "upload/notes.txt"
+
+
+@pytest.mark.skipif(multilingual.unavailable_reason() is not None,
+                    reason=f"{multilingual.unavailable_reason()}")
+def test_a_chinese_upload_gets_the_multilingual_model_and_answers_an_english_question(api):
+    texts = {"长城": "长城是中国古代的军事防御工程，东起山海关，西至嘉峪关，全长两万多公里。",
+             "蛋白质": "成年人每天每公斤体重大约需要零点八克蛋白质，鸡蛋和豆腐都是好的来源。"}
+    for title, text in texts.items():
+        reply = post_json(api, "/documents", {"knowledge_id": "zh", "title": title, "text": text})
+        assert reply.status == 201, reply.body
+    bases = api.send("GET", "/knowledge-bases", None, AUTH).json()["knowledge_bases"]
+    assert next(b for b in bases if b["knowledge_id"] == "zh")["embedding"]["model"] == (
+        multilingual.MODEL_NAME)
+    found = retrieve(api, "zh", "How long is the Great Wall?")
+    assert found[0]["title"] == "长城"

