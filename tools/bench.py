@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,10 +56,12 @@ import httpx
 import numpy as np
 from llama_index.core.schema import TextNode
 
-from llamaindex_kb.config import load_settings
+from llamaindex_kb.config import LOCAL_MODELS, LocalModel, load_settings
 from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseDamaged
 from llamaindex_kb.ingestion.pipeline import embed_nodes, publish_nodes
+from llamaindex_kb.models import bundled, multilingual
 from llamaindex_kb.models.base import Models
+from llamaindex_kb.models.spec import BlockingEmbedding
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.store import LocalStore
@@ -67,8 +69,19 @@ from llamaindex_kb.stores.registry import open_store, store_for
 from llamaindex_kb.text.bm25 import postings_of, score_postings
 
 DATASETS_ENV = "LLAMAINDEX_KB_DATASETS"
-SETS = ["scifact", "nfcorpus", "cmrc2018_retrieval"]
+SETS = ["scifact", "nfcorpus", "cmrc2018_retrieval", "cmrc2018_traditional"]
 MODES = ["keyword", "vector", "hybrid"]
+# Sets made at bench time from another: name -> (source set, opencc conversion).
+# cmrc2018_traditional stands in for a Traditional Chinese set we do not have.
+DERIVED = {"cmrc2018_traditional": ("cmrc2018_retrieval", "s2t")}
+# Questions no benchmark corpus answers: their best score is what a threshold must cut.
+OFF_TOPIC = {
+    "Chinese": ["今天天气怎么样", "股票价格走势分析", "如何学习弹钢琴", "周末去哪里玩",
+                "推荐一部好看的电影"],
+    "English": ["what's the weather like today", "stock price trend analysis",
+                "how to learn piano", "where to go this weekend", "recommend a good movie"],
+}
+OFF_TOPIC_MODES = ["hybrid", "vector"]
 _NS = uuid.UUID("0b0e7a52-6a39-4d59-8c0f-3c6f2f7d9e11")
 
 
@@ -108,16 +121,87 @@ def percentiles(values: list[float]) -> str:
 
 
 class Dataset:
-    def __init__(self, root: Path) -> None:
+    """A BEIR-layout set's documents, test queries and judgements; ``convert`` rewrites
+    every title, text and query (a derived set); ``suffix`` ends its knowledge ids."""
+
+    def __init__(self, root: Path, name: str | None = None,
+                 convert: Callable[[str], str] | None = None) -> None:
         self.root = root
-        self.name = root.name
+        self.name = name or root.name
+        self.suffix = ""
         self.corpus = {d["_id"]: d for d in read_jsonl(root / "corpus.jsonl")}
         self.qrels = read_qrels(root / "qrels" / "test.tsv")
         queries = {q["_id"]: q["text"] for q in read_jsonl(root / "queries.jsonl")}
         self.queries = {qid: queries[qid] for qid in self.qrels if qid in queries}
+        if convert is not None:
+            self.corpus = {doc_id: {**doc, "title": convert(doc.get("title") or ""),
+                                    "text": convert(doc.get("text") or "")}
+                           for doc_id, doc in self.corpus.items()}
+            self.queries = {qid: convert(text) for qid, text in self.queries.items()}
 
     def text(self, doc: dict[str, Any]) -> str:
         return f"{doc.get('title') or ''}\n{doc.get('text') or ''}".strip()
+
+    def texts(self) -> list[str]:
+        return [self.text(doc) for doc in self.corpus.values()]
+
+    def limit(self, max_docs: int) -> None:
+        """At most ``max_docs`` documents and test queries, for a quick run: test queries
+        in order while their judged documents fill half of it, then other documents
+        (in corpus order) as distractors. Knowledge ids get a ``--max<N>`` suffix."""
+        if len(self.corpus) <= max_docs:
+            return
+        keep: dict[str, None] = {}
+        queries: dict[str, str] = {}
+        for qid, text in self.queries.items():
+            relevant = [doc for doc in self.qrels[qid] if doc in self.corpus]
+            new = [doc for doc in relevant if doc not in keep]
+            if not relevant or len(keep) + len(new) > max_docs // 2:
+                continue
+            keep.update(dict.fromkeys(new))
+            queries[qid] = text
+            if len(queries) >= max_docs:
+                break
+        for doc_id in self.corpus:
+            if len(keep) >= max_docs:
+                break
+            keep.setdefault(doc_id)
+        self.corpus = {doc_id: self.corpus[doc_id] for doc_id in keep}
+        self.queries = queries
+        self.qrels = {qid: {doc: grade for doc, grade in self.qrels[qid].items()
+                            if doc in self.corpus} for qid in queries}
+        self.suffix = f"--max{max_docs}"
+
+
+def load_dataset(datasets_dir: Path, name: str, max_docs: int | None = None) -> Dataset | None:
+    """The set ``name`` (a folder of ``datasets_dir``, or one of ``DERIVED``), or None
+    with a message when its data is absent."""
+    source, conversion = DERIVED.get(name, (name, None))
+    root = datasets_dir / source
+    if not (root / "corpus.jsonl").is_file():
+        print(f"{name}: skipped, no data at {root}")
+        return None
+    convert = None
+    if conversion is not None:
+        from opencc_purepy import OpenCC
+
+        convert = OpenCC(conversion).convert
+    dataset = Dataset(root, name, convert)
+    if max_docs is not None:
+        dataset.limit(max_docs)
+    return dataset
+
+
+def model_name(model: BlockingEmbedding) -> str:
+    """"english" or "multilingual": which bundled model ``model`` is."""
+    return "multilingual" if model.spec == multilingual.SPEC else "english"
+
+
+def knowledge_id_for(dataset: Dataset, model: BlockingEmbedding) -> str:
+    """``<set>`` for the English model (the id the benchmark always used, so cached
+    bases keep working), ``<set>--multilingual`` for the multilingual one."""
+    name = model_name(model)
+    return dataset.name + ("" if name == "english" else f"--{name}") + dataset.suffix
 
 
 class Target:
@@ -144,12 +228,11 @@ class Target:
             return False
 
 
-def build_dataset_kb(dataset: Dataset, target: Target) -> None:
+def build_dataset_kb(dataset: Dataset, target: Target, model: BlockingEmbedding,
+                     knowledge_id: str) -> None:
     """One node per document, so a record's document_id is the BEIR corpus id."""
-    if target.is_current(dataset.name):
+    if target.is_current(knowledge_id):
         return
-    from llamaindex_kb.models.choose import local_embedding
-
     nodes = [
         TextNode(id_=str(uuid.uuid5(_NS, f"{dataset.name}/{doc_id}")), text=dataset.text(doc),
                  metadata={"document_id": doc_id, "title": doc.get("title") or doc_id})
@@ -157,19 +240,18 @@ def build_dataset_kb(dataset: Dataset, target: Target) -> None:
     ]
     for node in nodes:
         node.excluded_embed_metadata_keys = list(node.metadata)
-    print(f"  embedding {len(nodes)} documents of {dataset.name} (cached afterwards)…",
-          flush=True)
+    print(f"  embedding {len(nodes)} documents of {dataset.name} with the {model_name(model)} "
+          f"model into {knowledge_id} (cached afterwards)…", flush=True)
     started = time.perf_counter()
-    vectors = embed_nodes(nodes, local_embedding())
+    vectors = embed_nodes(nodes, model)
     print(f"  embedded in {time.perf_counter() - started:.0f} s", flush=True)
-    _publish(target, dataset.name, nodes, vectors)
+    _publish(target, knowledge_id, nodes, vectors, model)
 
 
-def _publish(target: Target, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray) -> None:
-    """As ingestion would: with the share of the texts the local model reads recorded."""
-    from llamaindex_kb.models.choose import local_embedding
-
-    model = local_embedding()
+def _publish(target: Target, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray,
+             model: BlockingEmbedding) -> None:
+    """As ingestion would: with the share of the texts ``model`` (which embedded them,
+    or whose vectors they stand for) reads recorded."""
     readable = float(np.mean([model.readable_share(node.get_content()) for node in nodes]))
     publish_nodes(target.store, knowledge_id, nodes, vectors, model.spec, readable=readable)
 
@@ -226,33 +308,105 @@ def retrieve(
     return response.json()["records"], server, round_trip
 
 
-def quality(datasets_dir: Path, target: Target, sets: list[str], modes: list[str]) -> None:
+def resolve_models(dataset: Dataset, choices: list[LocalModel]
+                   ) -> list[tuple[BlockingEmbedding, list[str]]]:
+    """Each distinct model the ``--local-models`` entries resolve to for ``dataset``, as a
+    new knowledge base of its documents would get it, with the entries naming it."""
+    texts = dataset.texts()
+    resolved: dict[str, tuple[BlockingEmbedding, list[str]]] = {}
+    for choice in choices:
+        try:
+            model = bundled.for_new(choice, texts)
+        except ConfigurationError as error:
+            print(f"  local model {choice}: skipped, {error}")
+            continue
+        resolved.setdefault(model_name(model), (model, []))[1].append(choice)
+    return list(resolved.values())
+
+
+def quality(datasets_dir: Path, target: Target, sets: list[str], modes: list[str],
+            choices: list[LocalModel], max_docs: int | None = None) -> None:
     key = secrets.token_hex(8)
     print("\n== quality: nDCG@10 / Recall@100, through POST /retrieval ==")
+    summary: list[tuple[str, str, bool, dict[str, tuple[float, float]]]] = []
     for name in sets:
-        root = datasets_dir / name
-        if not (root / "corpus.jsonl").is_file():
-            print(f"{name}: skipped, no data at {root}")
+        dataset = load_dataset(datasets_dir, name, max_docs)
+        if dataset is None:
             continue
-        dataset = Dataset(root)
-        print(f"{name}: {len(dataset.corpus)} documents, {len(dataset.queries)} test queries")
-        build_dataset_kb(dataset, target)
+        print(f"{name}: {len(dataset.corpus)} documents, {len(dataset.queries)} test queries"
+              + (f" (--max-docs {max_docs})" if dataset.suffix else ""))
         print(f"  {'whitespace BM25 baseline':<26} nDCG@10 {whitespace_bm25(dataset):.4f}")
-        for mode in modes:
-            server = InProcessServer(target, mode, key)
-            ndcg, recall, server_ms, trip_ms = [], [], [], []
+        for model, named_by in resolve_models(dataset, choices):
+            knowledge_id = knowledge_id_for(dataset, model)
+            is_default = "auto" in named_by
+            print(f"  model {model_name(model)} (local_model {' = '.join(named_by)}), "
+                  f"knowledge base {knowledge_id}", flush=True)
+            build_dataset_kb(dataset, target, model, knowledge_id)
+            scores = measure_modes(dataset, target, key, knowledge_id, modes, is_default)
+            summary.append((name, model_name(model), is_default, scores))
+            off_topic(target, key, knowledge_id)
+    if summary:
+        print_summary(summary, modes)
+
+
+def measure_modes(dataset: Dataset, target: Target, key: str, knowledge_id: str,
+                  modes: list[str], is_default: bool) -> dict[str, tuple[float, float]]:
+    """Every test query in each mode: print and return (nDCG@10, Recall@100) per mode."""
+    scores: dict[str, tuple[float, float]] = {}
+    for mode in modes:
+        server = InProcessServer(target, mode, key)
+        ndcg, recall, server_ms, trip_ms = [], [], [], []
+        try:
             with httpx.Client(timeout=5.0) as client:
                 for qid, text in dataset.queries.items():
-                    records, s_ms, t_ms = retrieve(client, server.url, key, name, text, 100)
+                    records, s_ms, t_ms = retrieve(client, server.url, key, knowledge_id,
+                                                   text, 100)
                     ranking = [r["metadata"]["document_id"] for r in records]
                     ndcg.append(ndcg_at_10(ranking, dataset.qrels[qid]))
                     recall.append(recall_at_100(ranking, dataset.qrels[qid]))
                     server_ms.append(s_ms)
                     trip_ms.append(t_ms)
+        finally:
             server.close()
-            print(f"  {mode:<26} nDCG@10 {np.mean(ndcg):.4f}  Recall@100 {np.mean(recall):.4f}"
-                  f"  server {percentiles(server_ms)}  round trip p50 "
-                  f"{np.percentile(trip_ms, 50):.1f} ms", flush=True)
+        scores[mode] = (float(np.mean(ndcg)), float(np.mean(recall)))
+        label = f"{mode} (default)" if is_default and mode == "hybrid" else mode
+        print(f"    {label:<24} nDCG@10 {scores[mode][0]:.4f}  Recall@100 {scores[mode][1]:.4f}"
+              f"  server {percentiles(server_ms)}  round trip p50 "
+              f"{np.percentile(trip_ms, 50):.1f} ms", flush=True)
+    return scores
+
+
+def off_topic(target: Target, key: str, knowledge_id: str) -> None:
+    """The best (top-1) score of questions the set does not answer, per language and mode,
+    through the same POST /retrieval (score_threshold 0)."""
+    best: dict[tuple[str, str], list[float]] = {}
+    for mode in OFF_TOPIC_MODES:
+        server = InProcessServer(target, mode, key)
+        try:
+            with httpx.Client(timeout=5.0) as client:
+                for language, queries in OFF_TOPIC.items():
+                    for query in queries:
+                        records, _, _ = retrieve(client, server.url, key, knowledge_id, query, 10)
+                        best.setdefault((language, mode), []).append(
+                            float(records[0]["score"]) if records else 0.0)
+        finally:
+            server.close()
+    for language in OFF_TOPIC:
+        ranges = "  ".join(f"{mode} {min(best[language, mode]):.3f}–{max(best[language, mode]):.3f}"
+                           for mode in OFF_TOPIC_MODES)
+        print(f"    off-topic {language:<14} top-1 score  {ranges}", flush=True)
+
+
+def print_summary(rows: list[tuple[str, str, bool, dict[str, tuple[float, float]]]],
+                  modes: list[str]) -> None:
+    print("\n== quality summary: nDCG@10 / Recall@100 (* = the default: local_model auto, "
+          "hybrid) ==")
+    print(f"  {'set':<22} {'model':<14}" + "".join(f" {mode:<14}" for mode in modes))
+    for name, model, is_default, scores in rows:
+        cells = "".join(
+            f" {scores[mode][0]:.4f}/{scores[mode][1]:.4f}"
+            + ("*" if is_default and mode == "hybrid" else " ") for mode in modes)
+        print(f"  {name:<22} {model + (' (auto)' if is_default else ''):<14}{cells}")
 
 
 def build_synthetic_kb(datasets_dir: Path, target: Target, knowledge_id: str, size: int) -> None:
@@ -261,7 +415,7 @@ def build_synthetic_kb(datasets_dir: Path, target: Target, knowledge_id: str, si
     print(f"  building a {size}-chunk synthetic knowledge base (cached afterwards)…", flush=True)
     started = time.perf_counter()
     nodes, vectors = synthetic_nodes(datasets_dir, size)
-    _publish(target, knowledge_id, nodes, vectors)
+    _publish(target, knowledge_id, nodes, vectors, bundled.english())
     print(f"  built in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -543,6 +697,122 @@ def _node_ids(data_dir: Path, knowledge_id: str) -> list[str]:
     return np.load(version / "node_ids.npy").tolist()
 
 
+def _query_texts(datasets_dir: Path, count: int) -> list[str]:
+    """``count`` distinct short queries, Chinese (cmrc2018) and English (scifact) in turn."""
+    pools = []
+    for name in ("cmrc2018_retrieval", "scifact"):
+        path = datasets_dir / name / "queries.jsonl"
+        if path.is_file():
+            pools.append(list(dict.fromkeys(q["text"] for q in read_jsonl(path))))
+    texts: list[str] = []
+    for row in zip(*pools, strict=False):
+        texts.extend(row)
+    return list(dict.fromkeys(texts))[:count]
+
+
+def _busy_loops(count: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def _query_latency(model: Any, texts: list[str], label: str) -> None:
+    """Each text embedded alone, its vector cache emptied first so every one is computed."""
+    from llamaindex_kb.lru import LRU
+
+    multilingual._query_vectors = LRU(512)  # the same texts again must not be cache hits
+    timings, ticks, load = [], _cpu_ticks(), os.getloadavg()[0]
+    for text in texts:
+        started = time.perf_counter()
+        model.query_vector(text)
+        timings.append((time.perf_counter() - started) * 1000)
+    p50, p95 = np.percentile(timings, [50, 95])
+    print(f"  {label:<34} p50 {p50:6.1f}  p95 {p95:6.1f}  max {max(timings):7.1f} ms"
+          f"   (1-min load before {load:.1f}){_stolen(ticks)}", flush=True)
+
+
+def _speed_folder(dataset: Dataset, root: Path, chunks: int) -> Path:
+    """Documents of ``dataset`` as .txt files, in corpus order, until default chunking
+    makes about ``chunks`` chunks of them (cached)."""
+    from llama_index.core import Document
+
+    from llamaindex_kb.ingestion.chunking import ChunkingConfig, chunk
+
+    folder = root / f"speed-source-{dataset.name}-{chunks}"
+    if (folder / ".complete").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config, made = ChunkingConfig(), 0
+    for number, (doc_id, doc) in enumerate(dataset.corpus.items()):
+        if made >= chunks:
+            break
+        text = dataset.text(doc)
+        made += len(chunk([Document(text=text, metadata={"document_id": doc_id})], config).chunks)
+        (folder / f"doc{number:06d}.txt").write_text(text, encoding="utf-8")
+    (folder / ".complete").write_text("")
+    return folder
+
+
+def _ingest_speed(folder: Path, work_dir: Path, local_model: LocalModel) -> float:
+    """Chunks per second of ``ingest_paths`` over ``folder`` with a bundled model, after a
+    warm-up ingest of its first file (model load, splitter, jieba: one-off costs)."""
+    import shutil
+
+    from llamaindex_kb.ingestion.pipeline import ingest_paths
+
+    target = work_dir / "speed-target"
+    shutil.rmtree(target, ignore_errors=True)
+    models = Models(None, local_model=local_model)
+    try:
+        first = sorted(folder.glob("*.txt"))[0]
+        ingest_paths(LocalStore(target), "warm-up", [first], models=models)
+        started = time.perf_counter()
+        summary = ingest_paths(LocalStore(target), "speed", [folder], models=models)
+        elapsed = time.perf_counter() - started
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    rate = summary.chunks / elapsed
+    print(f"    {local_model:<13} {summary.chunks:5d} chunks in {elapsed:6.1f} s = "
+          f"{rate:6.1f} chunks/s", flush=True)
+    return rate
+
+
+def multilingual_speed(datasets_dir: Path, work_dir: Path, queries: int, chunks: int) -> None:
+    print("\n== multilingual model speed ==")
+    reason = multilingual.unavailable_reason()
+    if reason is not None:
+        print(f"  skipped: the multilingual model cannot run here: {reason}")
+        return
+    from llamaindex_kb.models.multilingual import LocalMultilingualEmbedding
+
+    texts = _query_texts(datasets_dir, queries)
+    if texts:
+        print(f"  query embedding, {len(texts)} distinct short queries (Chinese and English), "
+              "one at a time:")
+        model = LocalMultilingualEmbedding()
+        model.query_vector("warm-up: 加载模型")  # loads the engine: a one-off cost
+        _query_latency(model, texts, "no added load")
+        busy = _busy_loops(2)
+        try:
+            time.sleep(0.5)
+            _query_latency(model, texts, "two busy-loop processes running")
+        finally:
+            for proc in busy:
+                proc.kill()
+                proc.wait()
+    else:
+        print("  query embedding: skipped, no cmrc2018_retrieval or scifact queries")
+    for name in ("cmrc2018_retrieval", "scifact"):
+        dataset = load_dataset(datasets_dir, name)
+        if dataset is None:
+            continue
+        folder = _speed_folder(dataset, work_dir, chunks)
+        print(f"  ingestion, ~{chunks} chunks of {name} documents "
+              f"({len(list(folder.glob('*.txt')))} files), default chunking, warm:")
+        compared: tuple[LocalModel, ...] = ("multilingual", "english")
+        rates = {local_model: _ingest_speed(folder, work_dir, local_model)
+                 for local_model in compared}
+        print(f"    english / multilingual: {rates['english'] / rates['multilingual']:.1f}x")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m llamaindex_kb bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -551,6 +821,13 @@ def main(argv: list[str]) -> int:
                         help=f"folder of BEIR-layout data sets [${DATASETS_ENV}]")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated data set names")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--local-models", default="auto", metavar="LIST",
+                        help="comma-separated bundled models to build each set's knowledge "
+                        f"base with, of {','.join(LOCAL_MODELS)} (auto: as a new knowledge base "
+                        "of the set's documents would get) [auto]")
+    parser.add_argument("--max-docs", type=int, metavar="N",
+                        help="a quick run: at most N documents and test queries per set, under "
+                        "knowledge ids ending --maxN [all]")
     parser.add_argument("--work-dir", type=Path, default=Path(".bench"),
                         help="where benchmark knowledge bases are cached [.bench]")
     parser.add_argument("--scale", type=int, default=100_000, help="chunks for the latency run")
@@ -560,11 +837,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-ingestion", action="store_true")
     parser.add_argument("--skip-llamaindex", action="store_true")
+    parser.add_argument("--skip-multilingual-speed", action="store_true")
+    parser.add_argument("--speed-queries", type=int, default=200, metavar="N",
+                        help="distinct queries for the multilingual query latency [200]")
+    parser.add_argument("--speed-chunks", type=int, default=300, metavar="N",
+                        help="chunks per set for the multilingual ingestion speed [300]")
     parser.add_argument("--llamaindex-nodes", type=int, default=10_000,
                         help="nodes of the persisted LlamaIndex folder served by llamaindex://")
     parser.add_argument("--ingest-chunks", type=int, default=100_000,
                         help="chunks for the ingestion run")
     args = parser.parse_args(argv)
+    choices: list[Any] = args.local_models.split(",")
+    if unknown := [c for c in choices if c not in LOCAL_MODELS]:
+        parser.error(f"--local-models: unknown {', '.join(unknown)}; "
+                     f"choose from {','.join(LOCAL_MODELS)}")
     if args.datasets is None:
         parser.error(f"--datasets DIR is required (or set {DATASETS_ENV}): a folder of "
                      "BEIR-layout data sets such as scifact/corpus.jsonl")
@@ -580,7 +866,10 @@ def main(argv: list[str]) -> int:
         parts = urlsplit(target.store_url)  # never print the password
         print(f"store: {parts.scheme}://{parts.hostname or ''}{parts.path}")
     if not args.skip_quality:
-        quality(args.datasets, target, args.sets.split(","), args.modes.split(","))
+        quality(args.datasets, target, args.sets.split(","), args.modes.split(","), choices,
+                args.max_docs)
+    if not args.skip_multilingual_speed:
+        multilingual_speed(args.datasets, args.work_dir, args.speed_queries, args.speed_chunks)
     if not args.skip_scale:
         scale(args.datasets, target, args.scale, args.queries)
     if not args.skip_llamaindex:
