@@ -401,12 +401,12 @@ def print_summary(rows: list[tuple[str, str, bool, dict[str, tuple[float, float]
                   modes: list[str]) -> None:
     print("\n== quality summary: nDCG@10 / Recall@100 (* = the default: local_model auto, "
           "hybrid) ==")
-    print(f"  {'set':<22} {'model':<14}" + "".join(f" {mode:<14}" for mode in modes))
+    print(f"  {'set':<22} {'model':<20}" + "".join(f" {mode:<14}" for mode in modes))
     for name, model, is_default, scores in rows:
         cells = "".join(
             f" {scores[mode][0]:.4f}/{scores[mode][1]:.4f}"
             + ("*" if is_default and mode == "hybrid" else " ") for mode in modes)
-        print(f"  {name:<22} {model + (' (auto)' if is_default else ''):<14}{cells}")
+        print(f"  {name:<22} {model + (' (auto)' if is_default else ''):<20}{cells}")
 
 
 def build_synthetic_kb(datasets_dir: Path, target: Target, knowledge_id: str, size: int) -> None:
