@@ -726,7 +726,7 @@ def _query_latency(model: Any, texts: list[str], label: str) -> None:
         timings.append((time.perf_counter() - started) * 1000)
     p50, p95 = np.percentile(timings, [50, 95])
     print(f"  {label:<34} p50 {p50:6.1f}  p95 {p95:6.1f}  max {max(timings):7.1f} ms"
-          f"   (1-min load before {load:.1f}){_stolen(ticks)}", flush=True)
+          f"   (load average at start {load:.1f}){_stolen(ticks)}", flush=True)
 
 
 def _speed_folder(dataset: Dataset, root: Path, chunks: int) -> Path:
@@ -859,7 +859,8 @@ def main(argv: list[str]) -> int:
         return 2
     args.work_dir.mkdir(parents=True, exist_ok=True)
     # One line per request (the access log, and the app's at -v) would bury the results.
-    for noisy in ("httpx", "werkzeug", "llamaindex_kb.access", "llamaindex_kb.http.app"):
+    for noisy in ("httpx", "werkzeug", "llamaindex_kb.access", "llamaindex_kb.http.app",
+                  "llamaindex_kb.ingestion.pipeline", "llamaindex_kb.stores.local.store"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     target = Target(args.work_dir, args.store)
     if target.store_url:
