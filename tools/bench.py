@@ -378,7 +378,8 @@ def measure_modes(dataset: Dataset, target: Target, key: str, knowledge_id: str,
 
 def off_topic(target: Target, key: str, knowledge_id: str) -> None:
     """The best (top-1) score of questions the set does not answer, per language and mode,
-    through the same POST /retrieval (score_threshold 0)."""
+    through the same POST /retrieval (score_threshold 0); a question nothing is returned
+    for (every chunk scored 0) counts 0 and is counted as "empty"."""
     best: dict[tuple[str, str], list[float]] = {}
     for mode in OFF_TOPIC_MODES:
         server = InProcessServer(target, mode, key)
@@ -392,9 +393,13 @@ def off_topic(target: Target, key: str, knowledge_id: str) -> None:
         finally:
             server.close()
     for language in OFF_TOPIC:
-        ranges = "  ".join(f"{mode} {min(best[language, mode]):.3f}–{max(best[language, mode]):.3f}"
-                           for mode in OFF_TOPIC_MODES)
-        print(f"    off-topic {language:<14} top-1 score  {ranges}", flush=True)
+        ranges = []
+        for mode in OFF_TOPIC_MODES:
+            scores = best[language, mode]
+            empty = scores.count(0.0)
+            ranges.append(f"{mode} {min(scores):.3f}–{max(scores):.3f}"
+                          + (f" ({empty} of {len(scores)} empty)" if empty else ""))
+        print(f"    off-topic {language:<14} top-1 score  {'  '.join(ranges)}", flush=True)
 
 
 def print_summary(rows: list[tuple[str, str, bool, dict[str, tuple[float, float]]]],
