@@ -715,8 +715,8 @@ def _query_texts(datasets_dir: Path, count: int) -> list[str]:
     return list(dict.fromkeys(texts))[:count]
 
 
-def _busy_loops(count: int) -> list[subprocess.Popen[bytes]]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+def _busy_loop() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def _query_latency(model: Any, texts: list[str], label: str) -> None:
@@ -795,8 +795,9 @@ def multilingual_speed(datasets_dir: Path, work_dir: Path, queries: int, chunks:
         model = LocalMultilingualEmbedding()
         model.query_vector("warm-up: 加载模型")  # loads the engine: a one-off cost
         _query_latency(model, texts, "no added load")
-        busy = _busy_loops(2)
-        try:
+        busy: list[subprocess.Popen[bytes]] = []
+        try:  # the loops are killed whatever happens, even if the second fails to start
+            busy.extend(_busy_loop() for _ in range(2))
             time.sleep(0.5)
             _query_latency(model, texts, "two busy-loop processes running")
         finally:
