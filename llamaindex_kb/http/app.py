@@ -158,7 +158,9 @@ class KnowledgeAPI:
 
     def _knowledge_bases(self, request: Request) -> Response:
         return json_response({"knowledge_bases": [
-            manifest.model_dump(mode="json") for manifest in self.library.manifests()]})
+            # The centroid is 384 numbers of scoring bookkeeping, nothing a reader needs.
+            manifest.model_dump(mode="json", exclude={"centroid"})
+            for manifest in self.library.manifests()]})
 
     def _documents(self, request: Request, knowledge_id: str) -> Response:
         return json_response({"knowledge_id": knowledge_id, "documents": [

@@ -20,8 +20,8 @@ from llamaindex_kb.errors import (
     InvalidFieldError,
     KnowledgeBaseNotFound,
 )
-from llamaindex_kb.models.spec import EmbeddingSpec, readable_share
-from llamaindex_kb.scoring import semantic_weight
+from llamaindex_kb.models.spec import EmbeddingSpec, readable_share, similarity_scale
+from llamaindex_kb.scoring import COSINE, SimilarityScale, semantic_weight
 
 
 @runtime_checkable
@@ -142,6 +142,9 @@ class KBManifest(BaseModel):
     # The share of the chunks' tokens the embedding model reads, recorded at ingestion
     # (a chunk-weighted mean, approximate once documents are deleted); None: not known.
     readable_share: float | None = Field(default=None, ge=0.0, le=1.0)
+    # The mean of the chunks' embeddings (chunk-weighted like readable_share): a query's
+    # similarity to it is its mean similarity to the chunks (scoring.SimilarityScale).
+    centroid: list[float] | None = None
     # None: the store cannot count them (LlamaCloud lists an index's files only on
     # request, and never its chunks), which is not the same as none.
     documents: int | None = 0
@@ -201,6 +204,22 @@ def fused_weight(plan: QueryPlan, manifest: KBManifest,
         base_share = 1.0 if manifest.readable_share is None else manifest.readable_share
         readable = readable_share(embed_model, plan.query) * base_share
     return semantic_weight(mode, weight, readable)
+
+
+def query_scale(manifest: KBManifest, embed_model: BaseEmbedding | None,
+                query_vector: np.ndarray | Sequence[float] | None) -> SimilarityScale:
+    """Where this query's cosine similarities sit on the score scale: the model's scale,
+    counted from the query's similarity to the base's centroid when it is centred
+    (without a query vector there is no similarity to place)."""
+    scale = similarity_scale(embed_model)
+    if query_vector is None:
+        return COSINE
+    if not scale.centred:
+        return scale
+    if manifest.centroid is None:
+        return scale.shifted(scale.background)
+    return scale.shifted(float(np.dot(np.asarray(query_vector, np.float64),
+                                      np.asarray(manifest.centroid, np.float64))))
 
 
 def query_embedding(plan: QueryPlan, manifest: KBManifest,

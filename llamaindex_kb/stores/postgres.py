@@ -66,7 +66,6 @@ from llamaindex_kb.errors import (
     first_line,
 )
 from llamaindex_kb.lru import LRU
-from llamaindex_kb.models.spec import similarity_scale
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.scoring import CHILDREN_PER_PARENT, SimilarityScale
 from llamaindex_kb.stores.base import (
@@ -77,6 +76,7 @@ from llamaindex_kb.stores.base import (
     Published,
     QueryPlan,
     query_embedding,
+    query_scale,
 )
 from llamaindex_kb.stores.exact_topk import (
     Candidates,
@@ -402,7 +402,7 @@ class PostgresKnowledgeBase:
             if base.chunk_count == 0:
                 return []
             search = _Search(cur, base, plan, _QueryVector(vector) if vector is not None else None,
-                             similarity_scale(embed_model))
+                             query_scale(base.manifest, embed_model, vector))
             parent_child = base.manifest.chunking.get("mode") == "parent_child"
             want = plan.top_k * (CHILDREN_PER_PARENT if parent_child else 1)
             keyword_side = _KeywordSide(self._store._term_weights, cur, base,

@@ -93,7 +93,6 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
     first_line,
 )
-from llamaindex_kb.models.spec import similarity_scale
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.scoring import SimilarityScale
 from llamaindex_kb.stores.base import (
@@ -104,6 +103,7 @@ from llamaindex_kb.stores.base import (
     Published,
     QueryPlan,
     query_embedding,
+    query_scale,
 )
 from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, retrieve
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
@@ -493,7 +493,8 @@ class QdrantKnowledgeBase:
                     if base.chunk_count == 0:
                         return []
                     search = _Search(self._store, client, self.knowledge_id, base, plan,
-                                     query_vector, similarity_scale(embed_model))
+                                     query_vector,
+                                     query_scale(base.manifest, embed_model, query_vector))
                     keyword = (search.keyword_ranking(plan.query) if weight < 1.0
                                else KeywordRanking.empty())
                     return retrieve(search, keyword, weight, plan,

@@ -31,7 +31,6 @@ from llamaindex_kb.errors import (
     StoreUnavailableError,
     out_of_resources,
 )
-from llamaindex_kb.models.spec import similarity_scale
 from llamaindex_kb.scoring import (
     best_parents,
     clip_similarities,
@@ -49,6 +48,7 @@ from llamaindex_kb.stores.base import (
     effective_mode,
     embed_query,
     fused_weight,
+    query_scale,
 )
 from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
 from llamaindex_kb.stores.local.keyword import KeywordIndex
@@ -251,7 +251,7 @@ class KnowledgeBase:
         assert self.vectors is not None and embed_model is not None
         embedding = embed_query(embed_model, query)
         return clip_similarities(self.vectors.similarities(embedding), np.float32,
-                                 similarity_scale(embed_model))
+                                 query_scale(self.manifest, embed_model, embedding))
 
 
 # What reading a damaged file raises (json, pydantic and numpy errors are ValueErrors).
