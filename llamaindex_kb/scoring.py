@@ -59,15 +59,14 @@ class SimilarityScale:
     """Where a model's cosine similarities sit on the score scale: ``zero`` scores 0,
     ``one`` scores 1, linear between, clipped. Most models' cosine is the score as it
     is. A ``centred`` scale counts from the query's similarity to the knowledge base's
-    centroid (its mean similarity to the base's chunks), ``background`` when the base
-    has none recorded: e5 puts any two texts of one language close (unrelated Chinese
-    pairs at 0.81, English ones at 0.80, English questions to Chinese text at 0.72),
-    so only the distance above that background says how related they are."""
+    centroid (its mean similarity to the base's chunks): e5 puts any two texts of one
+    language close (unrelated Chinese pairs at 0.82, English ones at 0.80, English
+    questions to Chinese text at 0.72), so only the distance above that background
+    says how related they are."""
 
     zero: float = 0.0
     one: float = 1.0
     centred: bool = False
-    background: float = 0.0
 
     def shifted(self, background: float) -> SimilarityScale:
         """This centred scale for a query whose similarity to the base's centroid is

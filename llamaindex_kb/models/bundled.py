@@ -16,6 +16,7 @@ are Chinese, Japanese or Korean (each CJK character counting as a word), else
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 
 from llamaindex_kb.config import LocalModel
@@ -24,6 +25,8 @@ from llamaindex_kb.models.local import LOCAL_MINILM_SPEC, LocalMiniLMEmbedding
 from llamaindex_kb.models.multilingual import LocalMultilingualEmbedding
 from llamaindex_kb.models.spec import BlockingEmbedding, EmbeddingSpec
 from llamaindex_kb.text.analyzer import cjk_share
+
+log = logging.getLogger(__name__)
 
 # From this share of CJK words on, ``auto`` picks the multilingual model.
 MOSTLY = 0.5
@@ -36,13 +39,10 @@ def english(spin_threads: bool = False) -> LocalMiniLMEmbedding:
     return LocalMiniLMEmbedding(spin_threads=spin_threads)
 
 
-def multilingual_model() -> LocalMultilingualEmbedding:
-    multilingual.check_available("local_model")
-    return _multilingual()
-
-
 @functools.cache
-def _multilingual() -> LocalMultilingualEmbedding:
+def multilingual_model() -> LocalMultilingualEmbedding:
+    """Chosen freely: where it cannot run, its first embedding says so (400), so a
+    keyword query on a base it built still answers."""
     return LocalMultilingualEmbedding()
 
 
@@ -59,9 +59,14 @@ def built_with(spec: EmbeddingSpec | None, spin_threads: bool = False
 def for_new(choice: LocalModel, texts: Sequence[str], spin_threads: bool = False
             ) -> BlockingEmbedding:
     """The bundled model a new knowledge base of ``texts`` is built with."""
-    if choice == "multilingual" or (choice == "auto" and _mostly_cjk(texts)
-                                    and multilingual.unavailable_reason() is None):
+    if choice == "multilingual":
         return multilingual_model()
+    if choice == "auto" and _mostly_cjk(texts):
+        reason = multilingual.unavailable_reason()
+        if reason is None:
+            return multilingual_model()
+        log.warning("documents mostly in Chinese, Japanese or Korean get the English local "
+                    "model: the multilingual one cannot run here (%s)", reason)
     return english(spin_threads)
 
 

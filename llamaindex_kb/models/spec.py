@@ -7,8 +7,6 @@ import asyncio
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from llamaindex_kb.scoring import COSINE, SimilarityScale
-
 
 class EmbeddingSpec(BaseModel):
     """Which embedding produced a set of vectors; stored with a knowledge base.
@@ -51,16 +49,6 @@ class BlockingEmbedding(BaseEmbedding):
         """The share of ``text`` this model can read, in [0, 1]: all of it, unless the
         model knows better (a vocabulary that reads other scripts as unknown tokens)."""
         return 1.0
-
-    @property
-    def similarity_scale(self) -> SimilarityScale:
-        """Where this model's cosines sit on the score scale (``scoring``)."""
-        return COSINE
-
-
-def similarity_scale(embed_model: BaseEmbedding | None) -> SimilarityScale:
-    """``embed_model``'s scale; any other LlamaIndex embedding's cosine is the score."""
-    return embed_model.similarity_scale if isinstance(embed_model, BlockingEmbedding) else COSINE
 
 
 def readable_share(embed_model: BaseEmbedding | None, text: str) -> float:

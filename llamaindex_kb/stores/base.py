@@ -18,9 +18,11 @@ from llamaindex_kb.config import RetrievalMode
 from llamaindex_kb.errors import (
     EmbeddingMismatchError,
     InvalidFieldError,
+    KnowledgeBaseDamaged,
     KnowledgeBaseNotFound,
 )
-from llamaindex_kb.models.spec import EmbeddingSpec, readable_share, similarity_scale
+from llamaindex_kb.models.multilingual import scale_of
+from llamaindex_kb.models.spec import EmbeddingSpec, readable_share
 from llamaindex_kb.scoring import COSINE, SimilarityScale, semantic_weight
 
 
@@ -142,8 +144,9 @@ class KBManifest(BaseModel):
     # The share of the chunks' tokens the embedding model reads, recorded at ingestion
     # (a chunk-weighted mean, approximate once documents are deleted); None: not known.
     readable_share: float | None = Field(default=None, ge=0.0, le=1.0)
-    # The mean of the chunks' embeddings (chunk-weighted like readable_share): a query's
-    # similarity to it is its mean similarity to the chunks (scoring.SimilarityScale).
+    # The mean of the chunks' unit embeddings, kept by the store as it publishes, for
+    # models whose scores count from it (stores.base.with_centroid): a query's similarity
+    # to it is its mean similarity to the chunks.
     centroid: list[float] | None = None
     # None: the store cannot count them (LlamaCloud lists an index's files only on
     # request, and never its chunks), which is not the same as none.
@@ -206,20 +209,52 @@ def fused_weight(plan: QueryPlan, manifest: KBManifest,
     return semantic_weight(mode, weight, readable)
 
 
-def query_scale(manifest: KBManifest, embed_model: BaseEmbedding | None,
+def query_scale(manifest: KBManifest,
                 query_vector: np.ndarray | Sequence[float] | None) -> SimilarityScale:
-    """Where this query's cosine similarities sit on the score scale: the model's scale,
-    counted from the query's similarity to the base's centroid when it is centred
-    (without a query vector there is no similarity to place)."""
-    scale = similarity_scale(embed_model)
-    if query_vector is None:
-        return COSINE
-    if not scale.centred:
-        return scale
+    """Where this query's cosine similarities sit on the score scale: the scale of the
+    model that built the base, counted from the query's similarity to the base's
+    centroid when it is centred (without a query vector there is nothing to place)."""
+    scale = scale_of(manifest.embedding)
+    if query_vector is None or not scale.centred:
+        return scale if query_vector is not None else COSINE
     if manifest.centroid is None:
-        return scale.shifted(scale.background)
+        raise KnowledgeBaseDamaged.naming(
+            manifest.knowledge_id, "its manifest lacks the centroid its model's scores count "
+            "from; rebuild it")
     return scale.shifted(float(np.dot(np.asarray(query_vector, np.float64),
                                       np.asarray(manifest.centroid, np.float64))))
+
+
+def needs_centroid(manifest: KBManifest) -> bool:
+    """Whether the base's scores count from its centroid (``scoring.SimilarityScale``)."""
+    return scale_of(manifest.embedding).centred
+
+
+def with_centroid(manifest: KBManifest, vector_sum: np.ndarray | None, count: int
+                  ) -> KBManifest:
+    """``manifest`` with the centroid of a base whose unit vectors sum to ``vector_sum``
+    over ``count`` chunks, if its scores count from one. Every store calls this as it
+    publishes, under its write lock, from the vectors the base then holds: so the
+    centroid stays exact through replacements, deletions and concurrent writers."""
+    centroid = None
+    if needs_centroid(manifest) and vector_sum is not None and count:
+        centroid = [round(float(x), 7) for x in np.asarray(vector_sum, np.float64) / count]
+    return manifest.model_copy(update={"centroid": centroid})
+
+
+def check_publishable(existing: KBManifest | None, change: Change) -> None:
+    """Refuse, under the store's write lock, a change embedded by another model than the
+    base's: two first uploads to a new base may each have picked a model (``auto``
+    picks by language), and vectors of two models must never share a base (3004)."""
+    if existing is None or change.replace or not change.chunks:
+        return
+    if existing.embedding != change.manifest.embedding:
+        raise EmbeddingMismatchError(
+            f"knowledge base {existing.knowledge_id!r} was built with embedding "
+            f"{existing.embedding.id if existing.embedding else 'none'} while these "
+            f"documents were embedded with "
+            f"{change.manifest.embedding.id if change.manifest.embedding else 'none'} "
+            "(another upload created it meanwhile): send them again")
 
 
 def query_embedding(plan: QueryPlan, manifest: KBManifest,

@@ -75,8 +75,11 @@ from llamaindex_kb.stores.base import (
     KBManifest,
     Published,
     QueryPlan,
+    check_publishable,
+    needs_centroid,
     query_embedding,
     query_scale,
+    with_centroid,
 )
 from llamaindex_kb.stores.exact_topk import (
     Candidates,
@@ -310,6 +313,7 @@ class PostgresStore(FindingStore):
             if base is not None and change.replace:
                 _drop_base(cur, base)
                 base = None
+            check_publishable(base.manifest if base is not None else None, change)
             created = base is None
             if base is None:
                 base = _create_base(cur, knowledge_id, change.manifest)
@@ -327,8 +331,10 @@ class PostgresStore(FindingStore):
             cur.execute("SELECT count(*) FROM llamaindex_kb_documents WHERE base = %s",
                         [base.id])
             documents = int(cur.fetchone()[0])
-            manifest = change.manifest.model_copy(update={
-                "documents": documents, "chunks": chunk_count, "updated_at": time.time()})
+            manifest = with_centroid(change.manifest.model_copy(update={
+                "documents": documents, "chunks": chunk_count, "updated_at": time.time()}),
+                _vector_sum(cur, base) if needs_centroid(change.manifest) else None,
+                chunk_count)
             cur.execute(
                 "UPDATE llamaindex_kb_bases SET manifest = %s, chunk_count = %s, "
                 "total_length = %s, absent_term_weight = %s WHERE id = %s",
@@ -402,7 +408,7 @@ class PostgresKnowledgeBase:
             if base.chunk_count == 0:
                 return []
             search = _Search(cur, base, plan, _QueryVector(vector) if vector is not None else None,
-                             query_scale(base.manifest, embed_model, vector))
+                             query_scale(base.manifest, vector))
             parent_child = base.manifest.chunking.get("mode") == "parent_child"
             want = plan.top_k * (CHILDREN_PER_PARENT if parent_child else 1)
             keyword_side = _KeywordSide(self._store._term_weights, cur, base,
@@ -776,6 +782,14 @@ def _rewrite_postings(cur: psycopg.Cursor, base: _Base, terms: list[str],
     if emptied:
         cur.executemany(sql.SQL("DELETE FROM {} WHERE term = %s AND segment = %s")
                         .format(base.postings), emptied)
+
+
+def _vector_sum(cur: psycopg.Cursor, base: _Base) -> np.ndarray | None:
+    """The sum of the base's unit-length embeddings, in this transaction."""
+    cur.execute(sql.SQL("SELECT sum(l2_normalize(embedding))::real[] FROM {}").format(
+        base.chunks))
+    found = cur.fetchone()[0]
+    return None if found is None else np.asarray(found, np.float64)
 
 
 def _add_chunks(cur: psycopg.Cursor, base: _Base, chunks: Sequence[BaseNode],

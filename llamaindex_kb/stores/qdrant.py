@@ -102,8 +102,10 @@ from llamaindex_kb.stores.base import (
     KBManifest,
     Published,
     QueryPlan,
+    check_publishable,
     query_embedding,
     query_scale,
+    with_centroid,
 )
 from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, retrieve
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
@@ -362,12 +364,14 @@ class QdrantStore(FindingStore):
         counted = [Counter(tokenize(node.get_content())) for node in change.chunks]
         with self._writing(knowledge_id) as client:
             old = self._load_base(client, knowledge_id)
+            check_publishable(old.manifest if old is not None else None, change)
             keep_old = old is not None and not change.replace
             replaced = set(change.documents) | change.removed
             collection = f"{_collection_prefix(knowledge_id)}_{uuid.uuid4().hex[:12]}"
             _create_chunks(client, collection, change.manifest)
             documents: dict[str, DocumentInfo] = {}
             parents: list[dict[str, Any]] = []
+            vector_sum: np.ndarray | None = None
             next_row = old.next_row if old is not None else 0
             stats: list[tuple[dict[str, int], int]] = []  # (term counts, length) per chunk
             removed = 0
@@ -383,7 +387,7 @@ class QdrantStore(FindingStore):
                 parents = [p for p in self._meta_scroll(client, knowledge_id, "parent",
                                                         old.collection)
                            if p["node_id"] in kept_parents]
-                _copy_chunks(client, old.collection, collection, replaced, stats)
+                vector_sum = _copy_chunks(client, old.collection, collection, replaced, stats)
             documents.update(change.documents)
             points = []
             for offset, (node, terms) in enumerate(zip(change.chunks, counted, strict=True)):
@@ -418,8 +422,12 @@ class QdrantStore(FindingStore):
             for start in range(0, len(meta_points), _BATCH):
                 client.upsert(META, meta_points[start:start + _BATCH], wait=True)
             total_length = sum(length for _, length in stats)
-            manifest = change.manifest.model_copy(update={
-                "documents": len(documents), "chunks": len(stats), "updated_at": time.time()})
+            if change.vectors is not None and len(change.vectors):
+                added = _unit(change.vectors).sum(axis=0)
+                vector_sum = added if vector_sum is None else vector_sum + added
+            manifest = with_centroid(change.manifest.model_copy(update={
+                "documents": len(documents), "chunks": len(stats), "updated_at": time.time()}),
+                vector_sum, len(stats))
             switched = _switch(client, knowledge_id, old, {
                 "kb": knowledge_id, "kind": "base", "collection": collection,
                 "manifest": manifest.model_dump(mode="json"),
@@ -494,7 +502,7 @@ class QdrantKnowledgeBase:
                         return []
                     search = _Search(self._store, client, self.knowledge_id, base, plan,
                                      query_vector,
-                                     query_scale(base.manifest, embed_model, query_vector))
+                                     query_scale(base.manifest, query_vector))
                     keyword = (search.keyword_ranking(plan.query) if weight < 1.0
                                else KeywordRanking.empty())
                     return retrieve(search, keyword, weight, plan,
@@ -726,8 +734,9 @@ def _create_chunks(client: QdrantClient, collection: str, manifest: KBManifest) 
 
 
 def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[str],
-                 stats: list[tuple[dict[str, int], int]]) -> None:
-    """Copy the chunks of documents not replaced, in row order (the tie-break order)."""
+                 stats: list[tuple[dict[str, int], int]]) -> np.ndarray | None:
+    """Copy the chunks of documents not replaced, in row order (the tie-break order);
+    the sum of their unit-length dense vectors (None without any)."""
     offset = None
     kept: list[models.Record] = []
     while True:
@@ -744,6 +753,14 @@ def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[s
         client.upsert(target, [models.PointStruct(
             id=p.id, vector=p.vector if isinstance(p.vector, dict) else {},
             payload=p.payload) for p in kept[start:start + _BATCH]], wait=True)
+    dense = [p.vector["dense"] for p in kept if isinstance(p.vector, dict) and "dense" in p.vector]
+    return _unit(np.asarray(dense, np.float64)).sum(axis=0) if dense else None
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, np.float64)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
 
 
 def _absent_term_weight(stats: list[tuple[dict[str, int], int]]) -> float:

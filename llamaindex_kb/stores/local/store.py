@@ -20,7 +20,16 @@ from llamaindex_kb.errors import (
     KnowledgeBaseNotFound,
 )
 from llamaindex_kb.redaction import redact_url
-from llamaindex_kb.stores.base import Change, DocumentInfo, FindingStore, KBManifest, Published
+from llamaindex_kb.stores.base import (
+    Change,
+    DocumentInfo,
+    FindingStore,
+    KBManifest,
+    Published,
+    check_publishable,
+    needs_centroid,
+    with_centroid,
+)
 from llamaindex_kb.stores.local.layout import (
     MANIFEST_FILE,
     KBLayout,
@@ -28,6 +37,7 @@ from llamaindex_kb.stores.local.layout import (
     all_layouts,
     current_version,
 )
+from llamaindex_kb.stores.local.vectors import normalise
 from llamaindex_kb.stores.local.version import KnowledgeBase, read_manifest
 from llamaindex_kb.stores.local.writer import disk_space, write_version
 
@@ -130,6 +140,7 @@ class LocalStore(FindingStore):
                     "or choose another id"))
             # The open version, read under the lock: another writer may have published.
             existing = None if change.replace else self.find(knowledge_id)
+            check_publishable(existing.manifest if existing is not None else None, change)
             replaced = set(change.documents) | change.removed
             kept_nodes: list[BaseNode] = []
             kept_parents: list[BaseNode] = []
@@ -153,7 +164,10 @@ class LocalStore(FindingStore):
                 parts = [v for v in (kept_vectors, change.vectors) if v is not None and len(v)]
                 vectors = (np.vstack(parts) if parts
                            else np.zeros((0, embedding.dimension), dtype=np.float32))
-            manifest = change.manifest.model_copy(update={"documents": len(documents)})
+            manifest = with_centroid(
+                change.manifest.model_copy(update={"documents": len(documents)}),
+                None if vectors is None or not needs_centroid(change.manifest) else
+                normalise(vectors).sum(axis=0, dtype=np.float64), len(nodes))
             version = write_version(layout, manifest, nodes, vectors, documents,
                                     parents=kept_parents + list(change.parents))
             # This process lets go of the versions it replaced (queries running on

@@ -251,7 +251,7 @@ class KnowledgeBase:
         assert self.vectors is not None and embed_model is not None
         embedding = embed_query(embed_model, query)
         return clip_similarities(self.vectors.similarities(embedding), np.float32,
-                                 query_scale(self.manifest, embed_model, embedding))
+                                 query_scale(self.manifest, embedding))
 
 
 # What reading a damaged file raises (json, pydantic and numpy errors are ValueErrors).
