@@ -1,11 +1,13 @@
 """The retrieval policy: what a score means, and which chunks a query gets back.
 
 Every store follows it, so one ``score_threshold`` means the same relevance for every
-query, knowledge base and store. Scores are absolute, in [0, 1]:
+query and store, and about the same across knowledge bases and embedding models (the
+README, Models, has the measured limits). Scores are absolute, in [0, 1]:
 
 * vector: cosine similarity of query and chunk embeddings, negatives clipped to 0, on
-  the scale of the model (``SimilarityScale``: the bundled multilingual model's cosines
-  are mapped onto the English model's, so a threshold means the same with both);
+  the scale of the model that built the base (``SimilarityScale``: the bundled
+  multilingual model's cosines count from the base's centroid and are mapped onto the
+  English model's);
 * keyword: BM25 divided by the query's attainable maximum (``text/bm25.py``);
 * hybrid: ``w · vector + (1 − w) · keyword`` with ``w`` the semantic weight (Dify's
   "weight settings", 0.7 / 0.3 by default) times the share of the query the embedding

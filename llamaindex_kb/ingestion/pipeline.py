@@ -394,8 +394,10 @@ def apply_changes(
             [doc.get_content() for source in sources for doc in source.documents])
     manifest = _manifest_for(existing, knowledge_id, embed_model, mode, semantic_weight, chunking)
     config = ChunkingConfig.model_validate(manifest.chunking)
-    # Chunks are sized in the embedding model's tokens, so none is silently truncated;
-    # a keyword-only knowledge base has no such limit and uses a far cheaper count.
+    # Chunks are sized in MiniLM's tokens, what the English model reads (at most 254, so
+    # none is silently cut); e5 reads 512 of its own, fewer than MiniLM counts for
+    # Chinese, and embeds longer text in windows. Other models read far more. A
+    # keyword-only knowledge base has no such limit and uses a far cheaper count.
     tokenizer = minilm_tokenizer() if manifest.embedding is not None else approximate_tokens
     result, sources = _chunk_sources(sources, config, tokenizer, limits, checkpoint,
                                      summary if keep_going else None)

@@ -2,7 +2,7 @@
 
 - ``english``: all-MiniLM-L6-v2 (``local.py``), fast, English only;
 - ``multilingual``: multilingual-e5-small (``multilingual.py``), ~100 languages
-  including Chinese, about eight times slower to ingest with.
+  including Chinese, several times slower to ingest with (README, Benchmark).
 
 A knowledge base built with one of them is always queried and extended with it,
 whatever the settings say now: its vectors mean nothing to another model, and both
