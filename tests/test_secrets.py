@@ -28,11 +28,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from conftest import PLUGIN_ROOT, PluginTransport, Reply, ServerTransport, standalone_server
+from llama_index.core.schema import TextNode
 from test_llamacloud_store import LLAMA_KEY, FakeLlamaCloud
 from test_openai_compat import embeddings_answer
 from test_store_faults import PostgresServer, closed_port, web_server
+
+from llamaindex_kb.config import load_settings
+from llamaindex_kb.ingestion.pipeline import publish_nodes
+from llamaindex_kb.models.spec import EmbeddingSpec
+from llamaindex_kb.stores.registry import open_store
 
 API_SECRET = "sentinel-api-key-7d1e"
 PG_SECRET = "sentinel-pg-password-2b9c"
@@ -202,11 +209,17 @@ def test_postgres_store_with_every_secret_set_shows_none_on_any_route(
     settings = {"api_key": API_SECRET, "store": postgres.url(PG_SECRET), "demo": True,
                 "store_api_key": STORE_KEY_SECRET, "embedding_base_url": embeddings.base_url,
                 "embedding_api_key": EMBEDDING_SECRET, "embedding_model_name": MODEL}
+    # A base built with another embedding server's model: its 3004 names models, no secret.
+    publish_nodes(open_store(postgres.url(PG_SECRET), load_settings({}, environ={})), "foreign",
+                  [TextNode(text="paid leave", metadata={"document_id": "d1"})],
+                  np.ones((1, 3), np.float32),
+                  EmbeddingSpec(kind="openai", model="text-embedding-3-small", dimension=3))
     with standalone_server(tmp_path, **settings) as base:
         client = ServerTransport(base)
         replies = drive(client)
         # Built with the bundled model, which it keeps whatever the server is configured with.
         replies["demo, built with the bundled model"] = retrieval(client, "demo")
+        replies["built with another embedding"] = retrieval(client, "foreign")
         postgres.stop()
         try:
             down = {"retrieval": retrieval(client),
@@ -221,7 +234,8 @@ def test_postgres_store_with_every_secret_set_shows_none_on_any_route(
         "upload": 201, "retrieval": 200, "wrong key": 403, "no key": 403, "bad body": 400,
         "missing knowledge base": 404, "knowledge bases": 200, "documents": 200,
         "documents of a missing base": 404, "upload without a file": 400, "delete": 200,
-        "delete again": 404, "demo, built with the bundled model": 200}
+        "delete again": 404, "demo, built with the bundled model": 200,
+        "built with another embedding": 400}
     assert {name: got[name] for name in expected} == expected
     assert all(got[name] < 500 for name in ("health", "ready", "unknown route", "wrong method"))
     assert statuses(down) == dict.fromkeys(down, 503)

@@ -31,6 +31,13 @@ embedding is real work) is served by a fresh ``python -m llamaindex_kb serve``
 process; the time from process start to the first answer, its peak memory, and the
 server-side (Server-Timing) and round-trip latency percentiles are printed, with
 and without a metadata filter.
+
+Changes: on the store under test, the same kind of synthetic knowledge base at each
+``--change-sizes`` size (the scale section's, cached), one one-chunk text document is
+added through ``apply_changes`` and deleted again through ``delete_document``, three
+times, in this process (as the server and the plugin make changes: model loaded,
+store open); the median and maximum of each, the embedding's share of the add, and
+the process's memory before and after are printed. Each pair restores the base.
 """
 
 from __future__ import annotations
@@ -58,7 +65,15 @@ from llama_index.core.schema import TextNode
 
 from llamaindex_kb.config import LOCAL_MODELS, LocalModel, load_settings
 from llamaindex_kb.errors import ConfigurationError, KnowledgeBaseDamaged
-from llamaindex_kb.ingestion.pipeline import embed_nodes, publish_nodes
+from llamaindex_kb.ingestion import pipeline
+from llamaindex_kb.ingestion.pipeline import (
+    IngestSummary,
+    apply_changes,
+    delete_document,
+    embed_nodes,
+    publish_nodes,
+    text_source,
+)
 from llamaindex_kb.models import bundled, multilingual
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.spec import BlockingEmbedding
@@ -534,6 +549,92 @@ def serve_and_time(flags: list[str], knowledge_id: str, texts: list[str],
     return p50s
 
 
+# The one-page document the changes section adds and deletes: one chunk, English.
+CHANGE_TITLE = "bench one page"
+CHANGE_TEXT = (
+    "Incremental indexing keeps a knowledge base current without rebuilding it. When one "
+    "document is added, only its chunks are split, embedded and written; when one is "
+    "deleted, only its rows are removed. The rest of the base, its postings and vectors, "
+    "should not be read or rewritten, so the cost of a change follows the size of the "
+    "document rather than the size of the knowledge base that receives it."
+)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _median_max(values: list[float]) -> str:
+    return f"median {np.median(values):.2f} s (max {max(values):.2f})"
+
+
+def changes(datasets_dir: Path, target: Target, sizes: list[int], repeats: int = 3) -> None:
+    """Add one one-chunk document to, and delete it from, a synthetic base of each size.
+
+    In this process, as the server and the plugin change a base: the model is loaded and
+    the store open before the first add (a fresh CLI process adds its start, ~1.5 s, and
+    the model's load). The embedding is timed apart by wrapping the pipeline's
+    ``embed_texts`` (looked up in its module at each call) for the add's duration."""
+    label = urlsplit(target.store_url).scheme if target.store_url else "local"
+    print(f"\n== changes: add one document and delete it again, {label} store, "
+          f"{repeats} times, in this process ==")
+    store = target.store
+    model = bundled.english()
+    model.get_text_embedding_batch(["warm-up: load the model"])  # a one-off cost
+    models = Models(model)
+    document_id = text_source(CHANGE_TITLE, CHANGE_TEXT, {}).info.document_id
+    embed_texts = pipeline.embed_texts
+    spent: list[float] = []  # the current add's embedding time
+
+    def timed(*args: Any, **kwargs: Any) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return embed_texts(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - started)
+
+    for size in sizes:
+        knowledge_id = f"synthetic-{size}"
+        build_synthetic_kb(datasets_dir, target, knowledge_id, size)
+        if document_id in store.open(knowledge_id).documents:  # an interrupted run's
+            delete_document(store, knowledge_id, document_id)
+        adds, embeddings, deletes, chunks = [], [], [], set()
+        ticks, load, rss = _cpu_ticks(), os.getloadavg()[0], _rss_mb()
+        for run in range(repeats):
+            # A different text each time: nothing may be served from a cache.
+            source = text_source(CHANGE_TITLE, f"{CHANGE_TEXT} (Run {run + 1}.)", {})
+            spent.clear()
+            pipeline.embed_texts = timed
+            try:
+                started = time.perf_counter()
+                summary = apply_changes(store, knowledge_id, [source], set(),
+                                        IngestSummary(knowledge_id=knowledge_id), models=models)
+                adds.append(time.perf_counter() - started)
+            finally:
+                pipeline.embed_texts = embed_texts
+            embeddings.append(sum(spent))
+            chunks.add(summary.chunks)
+            if summary.total_chunks != size + summary.chunks:
+                raise SystemExit(f"{knowledge_id}: {summary.total_chunks} chunks after the add")
+            started = time.perf_counter()
+            delete_document(store, knowledge_id, document_id)
+            deletes.append(time.perf_counter() - started)
+        after = store.find(knowledge_id)
+        if after is None or after.manifest.chunks != size:
+            raise SystemExit(f"{knowledge_id}: not restored to {size} chunks")
+        after = None  # hold no version: the local store keeps a held one on disk
+        without = [add - emb for add, emb in zip(adds, embeddings, strict=True)]
+        print(f"{label:<6} {size:>7,} chunks: add one document {_median_max(adds)}, "
+              f"delete {_median_max(deletes)}", flush=True)
+        print(f"  add: embedding {_median_max(embeddings)}, the rest {_median_max(without)}; "
+              f"{'/'.join(map(str, sorted(chunks)))} chunk(s) a document; process RSS "
+              f"{rss:.0f} -> {_rss_mb():.0f} MB; load average at start {load:.1f}"
+              f"{_stolen(ticks)}", flush=True)
+
+
 def llamaindex_indexes(datasets_dir: Path, work_dir: Path, size: int, queries: int,
                        postgres_url: str | None) -> None:
     """Indexes built with LlamaIndex's own classes, served through ``llamaindex…://``,
@@ -844,6 +945,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-ingestion", action="store_true")
     parser.add_argument("--skip-llamaindex", action="store_true")
     parser.add_argument("--skip-multilingual-speed", action="store_true")
+    parser.add_argument("--skip-changes", action="store_true")
+    parser.add_argument("--change-sizes", default="10000,100000", metavar="LIST",
+                        help="comma-separated chunk counts of the bases one document is "
+                        "added to and deleted from [10000,100000]")
     parser.add_argument("--speed-queries", type=int, default=200, metavar="N",
                         help="distinct queries for the multilingual query latency [200]")
     parser.add_argument("--speed-chunks", type=int, default=300, metavar="N",
@@ -884,5 +989,7 @@ def main(argv: list[str]) -> int:
                            args.store)
     if not args.skip_ingestion:
         ingestion(args.datasets, args.work_dir, args.ingest_chunks)
+    if not args.skip_changes:
+        changes(args.datasets, target, [int(n) for n in args.change_sizes.split(",")])
     return 0
 
