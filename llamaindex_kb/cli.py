@@ -197,6 +197,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
     from llamaindex_kb.ingestion.chunking import ChunkingConfig
     from llamaindex_kb.ingestion.pipeline import ingest_paths
+    from llamaindex_kb.models.base import Models
     from llamaindex_kb.models.choose import models_for
     from llamaindex_kb.stores.registry import store_for
 
@@ -219,7 +220,9 @@ def _ingest(args: argparse.Namespace) -> int:
                                      if stage == "embedding" else "file", file=sys.stderr)
         bar.update(done - bar.n)
 
-    summary = ingest_paths(store_for(settings), args.kb, args.paths, models=models_for(settings),
+    # Keyword-only: no embedding settings are read, so none can fail the ingest.
+    models = Models(None) if args.mode == "keyword" else models_for(settings)
+    summary = ingest_paths(store_for(settings), args.kb, args.paths, models=models,
                            mode=args.mode, semantic_weight=args.semantic_weight,
                            chunking=chunking, sync=args.sync, progress=progress,
                            limits=settings.limits)

@@ -513,7 +513,6 @@ class E5Onnx:
         self.bos = self.tokenizer.token_to_id("<s>")
         self.eos = self.tokenizer.token_to_id("</s>")
         self.pad = self.tokenizer.token_to_id("<pad>")
-        self.dim = DIM
 
     def _content(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
         texts = [prefix + t.split("\0", 1)[0] for t in texts]
