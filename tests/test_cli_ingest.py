@@ -86,6 +86,7 @@ def test_list_delete_and_drop(tmp_path, folder):
     cli("ingest", str(folder), "--kb", "k", "--data-dir", str(data), "--mode", "keyword",
         "--no-progress")
     assert cli("list", "--data-dir", str(data)).stdout.startswith("k\t3 documents")
+    assert cli("list", "--data-dir", str(data)).stdout.rstrip().endswith("\tno embedding")
     listing = cli("list", "--kb", "k", "--data-dir", str(data)).stdout.splitlines()
     beta = next(line.split("\t")[0] for line in listing if line.endswith("docs/sub/beta.txt"))
     cli("delete", "--kb", "k", beta, "--data-dir", str(data))

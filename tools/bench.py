@@ -627,7 +627,7 @@ def changes(datasets_dir: Path, target: Target, sizes: list[int], repeats: int =
             raise SystemExit(f"{knowledge_id}: not restored to {size} chunks")
         after = None  # hold no version: the local store keeps a held one on disk
         without = [add - emb for add, emb in zip(adds, embeddings, strict=True)]
-        print(f"{label:<6} {size:>7,} chunks: add one document {_median_max(adds)}, "
+        print(f"{label:<10} {size:>7,} chunks: add one document {_median_max(adds)}, "
               f"delete {_median_max(deletes)}", flush=True)
         print(f"  add: embedding {_median_max(embeddings)}, the rest {_median_max(without)}; "
               f"{'/'.join(map(str, sorted(chunks)))} chunk(s) a document; process RSS "
