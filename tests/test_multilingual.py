@@ -5,6 +5,7 @@ base's centroid, and refused clearly where it cannot run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -266,3 +267,24 @@ def test_an_empty_folder_makes_no_base_and_no_error(tmp_path):
     summary = ingest_paths(Library(_settings(tmp_path / "d")).store, "empty",
                            [_folder(tmp_path / "none", {})], models=Models(None))
     assert summary.documents == 0 and not summary.failed
+
+
+@needs_the_model
+def test_damaged_converted_files_are_rebuilt_once_and_then_embed(tmp_path):
+    """A half-copied cache (here: garbage in both files) must not answer 500 forever."""
+    folder = tmp_path / "cache" / multilingual.cache_dir().name
+    folder.mkdir(parents=True)
+    for name in ("model.onnx", "tokenizer.json"):
+        (folder / name).write_bytes(b"not a model")
+    script = """
+import numpy as np
+from llamaindex_kb.models.multilingual import LocalMultilingualEmbedding
+vector = LocalMultilingualEmbedding().query_vector("长城有多长")
+print(round(float(np.linalg.norm(vector)), 4))
+"""
+    env = {**os.environ, "LLAMAINDEX_KB_MODEL_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=PLUGIN_ROOT, timeout=300, check=True, env=env)
+    assert result.stdout.strip().splitlines()[-1] == "1.0"
+    assert "converting again" in result.stderr
+    assert (folder / "model.onnx").stat().st_size > 10_000_000

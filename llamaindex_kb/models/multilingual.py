@@ -107,9 +107,14 @@ def cache_dir() -> Path:
     given = os.environ.get("LLAMAINDEX_KB_MODEL_CACHE")
     if given:
         return Path(given) / name
-    home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     private = Path(tempfile.gettempdir()) / f"llamaindex_kb-{os.getuid()}"
-    for root in (Path(home) / "llamaindex_kb", private):
+    candidates = [private]
+    try:  # a daemon's user may have no home at all
+        home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        candidates.insert(0, Path(home) / "llamaindex_kb")
+    except (RuntimeError, KeyError):
+        pass
+    for root in candidates:
         try:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError:
