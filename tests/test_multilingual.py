@@ -235,7 +235,7 @@ def test_the_plugin_form_offers_exactly_the_bundled_model_choices():
 
 
 @needs_the_model
-def test_the_centroid_stays_the_mean_of_the_bases_vectors_through_adds_replaces_deletes(
+def test_the_centroids_stay_the_mean_of_each_scripts_vectors_through_every_change(
         tmp_path):
     data, folder = tmp_path / "d", _folder(tmp_path / "zh", CHINESE)
     library = Library(_settings(data, api_key="k"))
@@ -243,12 +243,19 @@ def test_the_centroid_stays_the_mean_of_the_bases_vectors_through_adds_replaces_
     def assert_exact() -> None:
         version = library.open("zh")
         vectors = version.vectors.rows(np.arange(len(version.vectors)))
-        assert np.allclose(version.manifest.centroid, vectors.mean(axis=0), atol=1e-6)
+        cjk = multilingual.is_cjk(vectors)
+        expected = {"cjk": vectors[cjk], "other": vectors[~cjk]}
+        assert set(version.manifest.centroids) == {k for k, v in expected.items() if len(v)}
+        for script, centroid in version.manifest.centroids.items():
+            assert np.allclose(centroid, expected[script].mean(axis=0), atol=1e-6)
 
     _ingest(data, "zh", folder)
     assert_exact()
-    _ingest(data, "zh", _folder(tmp_path / "more", {"silk.md": "丝绸之路连接中国与西方。"}))
+    assert set(library.open("zh").manifest.centroids) == {"cjk"}
+    _ingest(data, "zh", _folder(tmp_path / "more", {"silk.md": "丝绸之路连接中国与西方。",
+                                                    "solar.md": ENGLISH["solar.md"]}))
     assert_exact()
+    assert set(library.open("zh").manifest.centroids) == {"cjk", "other"}
     (folder / "tea.md").write_text("绿茶不发酵，龙井和碧螺春都是绿茶。", encoding="utf-8")
     _ingest(data, "zh", folder)  # tea.md replaced
     assert_exact()
@@ -260,7 +267,7 @@ def test_the_centroid_stays_the_mean_of_the_bases_vectors_through_adds_replaces_
     request = Request(EnvironBuilder(path="/knowledge-bases", method="GET",
                                      headers={"Authorization": "Bearer k"}).get_environ())
     listed = json.loads(api.handle(request).get_data())["knowledge_bases"]
-    assert listed and all("centroid" not in base for base in listed)
+    assert listed and all("centroids" not in base for base in listed)
 
 
 def test_an_empty_folder_makes_no_base_and_no_error(tmp_path):

@@ -991,5 +991,8 @@ def main(argv: list[str]) -> int:
         ingestion(args.datasets, args.work_dir, args.ingest_chunks)
     if not args.skip_changes:
         changes(args.datasets, target, [int(n) for n in args.change_sizes.split(",")])
+    close = getattr(target.store, "close", None)
+    if close is not None:
+        close()  # local Qdrant: closed now, not by its finalizer as Python shuts down
     return 0
 

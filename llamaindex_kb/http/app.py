@@ -158,8 +158,8 @@ class KnowledgeAPI:
 
     def _knowledge_bases(self, request: Request) -> Response:
         return json_response({"knowledge_bases": [
-            # The centroid is 384 numbers of scoring bookkeeping, nothing a reader needs.
-            manifest.model_dump(mode="json", exclude={"centroid"})
+            # Centroids are hundreds of numbers of scoring bookkeeping, nothing a reader needs.
+            manifest.model_dump(mode="json", exclude={"centroids"})
             for manifest in self.library.manifests()]})
 
     def _documents(self, request: Request, knowledge_id: str) -> Response:

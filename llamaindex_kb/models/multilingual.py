@@ -58,6 +58,11 @@ SPEC = EmbeddingSpec(kind="local", model=MODEL_NAME, dimension=DIMENSION)
 # pairs land on MiniLM's.
 SCALE = SimilarityScale(zero=-0.013, one=0.1364, centred=True)
 WEIGHTS_FILE = "e5-small-q4.bin"
+# e5 puts Chinese/Japanese/Korean text and other text on two sides of this direction
+# (tools/language_probe.py: the difference of the two centroids on training documents,
+# threshold last). It sorts chunks, and queries, to the centroid of their own script.
+_PROBE_FILE = Path(__file__).parent / "_static" / "e5_script_probe.npy"
+SCRIPTS = ("cjk", "other")
 _THREADS = min(2, os.cpu_count() or 1)
 # Texts per engine call during ingestion: enough to keep both threads busy, few enough
 # that a stop (checkpoint) or progress report is never far away.
@@ -72,6 +77,24 @@ def scale_of(spec: EmbeddingSpec | None) -> SimilarityScale:
     """Where the cosine similarities of vectors made by ``spec``'s model sit on the score
     scale: this model's own (centred) scale; any other model's cosine as it is."""
     return SCALE if spec == SPEC else COSINE
+
+
+@cache
+def _probe() -> tuple[np.ndarray, float]:
+    saved = np.load(_PROBE_FILE).astype(np.float64)
+    return saved[:-1], float(saved[-1])
+
+
+def is_cjk(vectors: np.ndarray) -> np.ndarray:
+    """Per row of unit-length e5 vectors: on the CJK side of the script probe."""
+    direction, threshold = _probe()
+    return np.asarray(vectors, np.float64) @ direction > threshold
+
+
+def probe_sql() -> tuple[list[float], float]:
+    """The probe for a database to sort rows itself: (direction, threshold)."""
+    direction, threshold = _probe()
+    return direction.tolist(), threshold
 
 
 @cache

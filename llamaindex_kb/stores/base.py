@@ -21,7 +21,7 @@ from llamaindex_kb.errors import (
     KnowledgeBaseDamaged,
     KnowledgeBaseNotFound,
 )
-from llamaindex_kb.models.multilingual import scale_of
+from llamaindex_kb.models.multilingual import SCRIPTS, is_cjk, scale_of
 from llamaindex_kb.models.spec import EmbeddingSpec, readable_share
 from llamaindex_kb.scoring import COSINE, SimilarityScale, semantic_weight
 
@@ -144,10 +144,10 @@ class KBManifest(BaseModel):
     # The share of the chunks' tokens the embedding model reads, recorded at ingestion
     # (a chunk-weighted mean, approximate once documents are deleted); None: not known.
     readable_share: float | None = Field(default=None, ge=0.0, le=1.0)
-    # The mean of the chunks' unit embeddings, kept by the store as it publishes, for
-    # models whose scores count from it (stores.base.with_centroid): a query's similarity
-    # to it is its mean similarity to the chunks.
-    centroid: list[float] | None = None
+    # The mean of the chunks' unit embeddings per script ("cjk", "other"), kept by the
+    # store as it publishes, for models whose scores count from it (with_centroids): a
+    # query's similarity to its script's centroid is its mean similarity to those chunks.
+    centroids: dict[str, list[float]] | None = None
     # None: the store cannot count them (LlamaCloud lists an index's files only on
     # request, and never its chunks), which is not the same as none.
     documents: int | None = 0
@@ -217,12 +217,16 @@ def query_scale(manifest: KBManifest,
     scale = scale_of(manifest.embedding)
     if query_vector is None or not scale.centred:
         return scale if query_vector is not None else COSINE
-    if manifest.centroid is None:
+    if not manifest.centroids:
         raise KnowledgeBaseDamaged.naming(
             manifest.knowledge_id, "its manifest lacks the centroid its model's scores count "
             "from; rebuild it")
-    return scale.shifted(float(np.dot(np.asarray(query_vector, np.float64),
-                                      np.asarray(manifest.centroid, np.float64))))
+    query = np.asarray(query_vector, np.float64)
+    # The centroid of the query's own script: on a base mixing Chinese and English, the
+    # mean over both would sit between them and lift off-topic scores (README, Models).
+    own = SCRIPTS[0] if is_cjk(query[None, :])[0] else SCRIPTS[1]
+    centroid = manifest.centroids.get(own) or next(iter(manifest.centroids.values()))
+    return scale.shifted(float(np.dot(query, np.asarray(centroid, np.float64))))
 
 
 def needs_centroid(manifest: KBManifest) -> bool:
@@ -230,16 +234,40 @@ def needs_centroid(manifest: KBManifest) -> bool:
     return scale_of(manifest.embedding).centred
 
 
-def with_centroid(manifest: KBManifest, vector_sum: np.ndarray | None, count: int
-                  ) -> KBManifest:
-    """``manifest`` with the centroid of a base whose unit vectors sum to ``vector_sum``
-    over ``count`` chunks, if its scores count from one. Every store calls this as it
-    publishes, under its write lock, from the vectors the base then holds: so the
-    centroid stays exact through replacements, deletions and concurrent writers."""
-    centroid = None
-    if needs_centroid(manifest) and vector_sum is not None and count:
-        centroid = [round(float(x), 7) for x in np.asarray(vector_sum, np.float64) / count]
-    return manifest.model_copy(update={"centroid": centroid})
+VectorSums = dict[str, tuple[np.ndarray, int]]
+
+
+def vector_sums(vectors: np.ndarray | None) -> VectorSums:
+    """Per script, the sum of the rows (made unit-length) and how many, for
+    ``with_centroids`` (stores that hold all the base's vectors at publish time)."""
+    if vectors is None or not len(vectors):
+        return {}
+    rows = np.asarray(vectors, np.float64)
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    cjk = is_cjk(rows)
+    return {script: (rows[side].sum(axis=0), int(side.sum()))
+            for script, side in zip(SCRIPTS, (cjk, ~cjk), strict=True) if side.any()}
+
+
+def merged(first: VectorSums, second: VectorSums) -> VectorSums:
+    """Two sets of per-script sums as one."""
+    both = dict(first)
+    for script, (total, count) in second.items():
+        old_total, old_count = both.get(script, (0.0, 0))
+        both[script] = (old_total + total, old_count + count)
+    return both
+
+
+def with_centroids(manifest: KBManifest, sums: VectorSums) -> KBManifest:
+    """``manifest`` with the centroids of a base whose vectors add up to ``sums``, if its
+    scores count from them. Every store calls this as it publishes, under its write
+    lock, from the vectors the base then holds: so the centroids stay exact through
+    replacements, deletions and concurrent writers."""
+    centroids = None
+    if needs_centroid(manifest) and sums:
+        centroids = {script: [round(float(x), 7) for x in total / count]
+                     for script, (total, count) in sums.items() if count}
+    return manifest.model_copy(update={"centroids": centroids})
 
 
 def check_publishable(existing: KBManifest | None, change: Change) -> None:

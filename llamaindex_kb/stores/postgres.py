@@ -66,6 +66,7 @@ from llamaindex_kb.errors import (
     first_line,
 )
 from llamaindex_kb.lru import LRU
+from llamaindex_kb.models.multilingual import SCRIPTS, probe_sql
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.scoring import CHILDREN_PER_PARENT, SimilarityScale
 from llamaindex_kb.stores.base import (
@@ -75,11 +76,12 @@ from llamaindex_kb.stores.base import (
     KBManifest,
     Published,
     QueryPlan,
+    VectorSums,
     check_publishable,
     needs_centroid,
     query_embedding,
     query_scale,
-    with_centroid,
+    with_centroids,
 )
 from llamaindex_kb.stores.exact_topk import (
     Candidates,
@@ -331,10 +333,9 @@ class PostgresStore(FindingStore):
             cur.execute("SELECT count(*) FROM llamaindex_kb_documents WHERE base = %s",
                         [base.id])
             documents = int(cur.fetchone()[0])
-            manifest = with_centroid(change.manifest.model_copy(update={
+            manifest = with_centroids(change.manifest.model_copy(update={
                 "documents": documents, "chunks": chunk_count, "updated_at": time.time()}),
-                _vector_sum(cur, base) if needs_centroid(change.manifest) else None,
-                chunk_count)
+                _vector_sums(cur, base) if needs_centroid(change.manifest) else {})
             cur.execute(
                 "UPDATE llamaindex_kb_bases SET manifest = %s, chunk_count = %s, "
                 "total_length = %s, absent_term_weight = %s WHERE id = %s",
@@ -784,12 +785,17 @@ def _rewrite_postings(cur: psycopg.Cursor, base: _Base, terms: list[str],
                         .format(base.postings), emptied)
 
 
-def _vector_sum(cur: psycopg.Cursor, base: _Base) -> np.ndarray | None:
-    """The sum of the base's unit-length embeddings, in this transaction."""
-    cur.execute(sql.SQL("SELECT sum(l2_normalize(embedding))::real[] FROM {}").format(
-        base.chunks))
-    found = cur.fetchone()[0]
-    return None if found is None else np.asarray(found, np.float64)
+def _vector_sums(cur: psycopg.Cursor, base: _Base) -> VectorSums:
+    """Per script, the sum of the base's unit-length embeddings and their count, in this
+    transaction (stores.base.vector_sums, sorted by the same probe in SQL)."""
+    direction, threshold = probe_sql()
+    # <#> is the negative inner product: "v . d > t" reads "(v <#> d) < -t".
+    cur.execute(sql.SQL(
+        "SELECT (l2_normalize(embedding) <#> %s::vector) < %s, "
+        "sum(l2_normalize(embedding))::real[], count(*) FROM {} GROUP BY 1").format(base.chunks),
+        [_vector_text(np.asarray(direction)), -threshold])
+    return {SCRIPTS[0] if cjk else SCRIPTS[1]: (np.asarray(total, np.float64), int(count))
+            for cjk, total, count in cur.fetchall() if total is not None}
 
 
 def _add_chunks(cur: psycopg.Cursor, base: _Base, chunks: Sequence[BaseNode],

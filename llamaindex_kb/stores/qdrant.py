@@ -102,10 +102,13 @@ from llamaindex_kb.stores.base import (
     KBManifest,
     Published,
     QueryPlan,
+    VectorSums,
     check_publishable,
+    merged,
     query_embedding,
     query_scale,
-    with_centroid,
+    vector_sums,
+    with_centroids,
 )
 from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, retrieve
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
@@ -371,7 +374,7 @@ class QdrantStore(FindingStore):
             _create_chunks(client, collection, change.manifest)
             documents: dict[str, DocumentInfo] = {}
             parents: list[dict[str, Any]] = []
-            vector_sum: np.ndarray | None = None
+            sums: VectorSums = {}
             next_row = old.next_row if old is not None else 0
             stats: list[tuple[dict[str, int], int]] = []  # (term counts, length) per chunk
             removed = 0
@@ -387,7 +390,7 @@ class QdrantStore(FindingStore):
                 parents = [p for p in self._meta_scroll(client, knowledge_id, "parent",
                                                         old.collection)
                            if p["node_id"] in kept_parents]
-                vector_sum = _copy_chunks(client, old.collection, collection, replaced, stats)
+                sums = _copy_chunks(client, old.collection, collection, replaced, stats)
             documents.update(change.documents)
             points = []
             for offset, (node, terms) in enumerate(zip(change.chunks, counted, strict=True)):
@@ -422,12 +425,9 @@ class QdrantStore(FindingStore):
             for start in range(0, len(meta_points), _BATCH):
                 client.upsert(META, meta_points[start:start + _BATCH], wait=True)
             total_length = sum(length for _, length in stats)
-            if change.vectors is not None and len(change.vectors):
-                added = _unit(change.vectors).sum(axis=0)
-                vector_sum = added if vector_sum is None else vector_sum + added
-            manifest = with_centroid(change.manifest.model_copy(update={
+            manifest = with_centroids(change.manifest.model_copy(update={
                 "documents": len(documents), "chunks": len(stats), "updated_at": time.time()}),
-                vector_sum, len(stats))
+                merged(sums, vector_sums(change.vectors)))
             switched = _switch(client, knowledge_id, old, {
                 "kb": knowledge_id, "kind": "base", "collection": collection,
                 "manifest": manifest.model_dump(mode="json"),
@@ -734,9 +734,9 @@ def _create_chunks(client: QdrantClient, collection: str, manifest: KBManifest) 
 
 
 def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[str],
-                 stats: list[tuple[dict[str, int], int]]) -> np.ndarray | None:
+                 stats: list[tuple[dict[str, int], int]]) -> VectorSums:
     """Copy the chunks of documents not replaced, in row order (the tie-break order);
-    the sum of their unit-length dense vectors (None without any)."""
+    the per-script sums of their dense vectors (stores.base.vector_sums)."""
     offset = None
     kept: list[models.Record] = []
     while True:
@@ -754,13 +754,7 @@ def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[s
             id=p.id, vector=p.vector if isinstance(p.vector, dict) else {},
             payload=p.payload) for p in kept[start:start + _BATCH]], wait=True)
     dense = [p.vector["dense"] for p in kept if isinstance(p.vector, dict) and "dense" in p.vector]
-    return _unit(np.asarray(dense, np.float64)).sum(axis=0) if dense else None
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, np.float64)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0)
+    return vector_sums(np.asarray(dense, np.float32)) if dense else {}
 
 
 def _absent_term_weight(stats: list[tuple[dict[str, int], int]]) -> float:

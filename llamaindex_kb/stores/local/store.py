@@ -28,7 +28,8 @@ from llamaindex_kb.stores.base import (
     Published,
     check_publishable,
     needs_centroid,
-    with_centroid,
+    vector_sums,
+    with_centroids,
 )
 from llamaindex_kb.stores.local.layout import (
     MANIFEST_FILE,
@@ -37,7 +38,6 @@ from llamaindex_kb.stores.local.layout import (
     all_layouts,
     current_version,
 )
-from llamaindex_kb.stores.local.vectors import normalise
 from llamaindex_kb.stores.local.version import KnowledgeBase, read_manifest
 from llamaindex_kb.stores.local.writer import disk_space, write_version
 
@@ -164,10 +164,9 @@ class LocalStore(FindingStore):
                 parts = [v for v in (kept_vectors, change.vectors) if v is not None and len(v)]
                 vectors = (np.vstack(parts) if parts
                            else np.zeros((0, embedding.dimension), dtype=np.float32))
-            manifest = with_centroid(
+            manifest = with_centroids(
                 change.manifest.model_copy(update={"documents": len(documents)}),
-                None if vectors is None or not needs_centroid(change.manifest) else
-                normalise(vectors).sum(axis=0, dtype=np.float64), len(nodes))
+                vector_sums(vectors) if needs_centroid(change.manifest) else {})
             version = write_version(layout, manifest, nodes, vectors, documents,
                                     parents=kept_parents + list(change.parents))
             # This process lets go of the versions it replaced (queries running on
