@@ -571,6 +571,16 @@ def _median_max(values: list[float]) -> str:
     return f"median {np.median(values):.2f} s (max {max(values):.2f})"
 
 
+def _io_stall_us() -> int:
+    """Microseconds some task waited on I/O since boot (Linux's pressure stall
+    information); 0 where it is not available."""
+    try:
+        line = Path("/proc/pressure/io").read_text().splitlines()[0]
+        return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def changes(datasets_dir: Path, target: Target, sizes: list[int], repeats: int = 3) -> None:
     """Add one one-chunk document to, and delete it from, a synthetic base of each size.
 
@@ -603,6 +613,7 @@ def changes(datasets_dir: Path, target: Target, sizes: list[int], repeats: int =
             delete_document(store, knowledge_id, document_id)
         adds, embeddings, deletes, chunks = [], [], [], set()
         ticks, load, rss = _cpu_ticks(), os.getloadavg()[0], _rss_mb()
+        stalled, began = _io_stall_us(), time.perf_counter()
         for run in range(repeats):
             # A different text each time: nothing may be served from a cache.
             source = text_source(CHANGE_TITLE, f"{CHANGE_TEXT} (Run {run + 1}.)", {})
@@ -622,6 +633,7 @@ def changes(datasets_dir: Path, target: Target, sizes: list[int], repeats: int =
             started = time.perf_counter()
             delete_document(store, knowledge_id, document_id)
             deletes.append(time.perf_counter() - started)
+        io_share = (_io_stall_us() - stalled) / 1e6 / (time.perf_counter() - began)
         after = store.find(knowledge_id)
         if after is None or after.manifest.chunks != size:
             raise SystemExit(f"{knowledge_id}: not restored to {size} chunks")
@@ -632,7 +644,8 @@ def changes(datasets_dir: Path, target: Target, sizes: list[int], repeats: int =
         print(f"  add: embedding {_median_max(embeddings)}, the rest {_median_max(without)}; "
               f"{'/'.join(map(str, sorted(chunks)))} chunk(s) a document; process RSS "
               f"{rss:.0f} -> {_rss_mb():.0f} MB; load average at start {load:.1f}"
-              f"{_stolen(ticks)}", flush=True)
+              f"{_stolen(ticks)}" + (f"   machine I/O pressure {io_share:4.0%}" if stalled else ""),
+              flush=True)
 
 
 def llamaindex_indexes(datasets_dir: Path, work_dir: Path, size: int, queries: int,
