@@ -248,7 +248,8 @@ def _list(args: argparse.Namespace) -> int:
                   f"{info.file_path or info.title}")
         return 0
     for manifest in library.manifests():
-        model = manifest.embedding.id if manifest.embedding is not None else "no embedding"
+        model = (manifest.embedding.id if manifest.embedding is not None
+                 else "no embedding" if manifest.retrieval_mode == "keyword" else "?")
         print(f"{manifest.knowledge_id}\t{_count(manifest.documents)} documents\t"
               f"{_count(manifest.chunks)} chunks\t{manifest.retrieval_mode}\t{model}")
     return 0

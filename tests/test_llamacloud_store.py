@@ -565,7 +565,7 @@ def test_cli_listing_says_unknown_counts(
     from llamaindex_kb.cli import main
 
     assert main(["list", "--store", fake.store_url()]) == 0
-    assert capsys.readouterr().out == "handbook\t? documents\t? chunks\thybrid\n"
+    assert capsys.readouterr().out == "handbook\t? documents\t? chunks\thybrid\t?\n"
     assert main(["list", "--store", fake.store_url(), "--kb", "handbook"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "file-draft\t? chunks\tdraft.md" in lines and len(lines) == len(NODES) + 1
