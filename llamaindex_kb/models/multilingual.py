@@ -19,8 +19,8 @@ What we add around the weights:
 - **Scores.** e5's cosines crowd into 0.7-0.95 for related and unrelated text alike,
   higher for Chinese than for English, so the raw cosine means nothing next to
   MiniLM's or a threshold. ``SCALE`` counts it from the query's similarity to the
-  base's centroid and maps that onto MiniLM's scale, fitted on training queries
-  (``tools/calibration.py``).
+  centroid of the base's chunks in the query's own script (``is_cjk``), and maps
+  that onto MiniLM's scale, fitted on training queries (``tools/calibration.py``).
 """
 
 from __future__ import annotations
