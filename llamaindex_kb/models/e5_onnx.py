@@ -232,6 +232,12 @@ def _build_graph(d: dict, nbits_parts: frozenset[str]):
         W = C(pre + ".w", wf.reshape(nout, nin).T.copy())  # [nin, nout]
         return N("Add", [N("MatMul", [xin, W]), b])
 
+    def add_and_norm(residual: str, update: str, norm: str) -> str:
+        total = N("Add", [residual, update])
+        weight = C(norm + ".w", _f32(d, norm + ".w", (H,)))
+        bias = C(norm + ".b", _f32(d, norm + ".b", (H,)))
+        return N("LayerNormalization", [total, weight, bias], axis=-1, epsilon=eps)
+
     def heads(t: str, perm: list[int]) -> str:
         return N("Transpose", [N("Reshape", [t, "shp_heads"])], perm=perm)
 
@@ -244,31 +250,13 @@ def _build_graph(d: dict, nbits_parts: frozenset[str]):
             "Softmax", [N("Add", [N("Mul", [N("MatMul", [qh, kh]), "scale"]), mask_bias])], axis=-1
         )
         ctx = N("Reshape", [N("Transpose", [N("MatMul", [att, vh])], perm=[0, 2, 1, 3]), "shp_h"])
-        x = N(
-            "LayerNormalization",
-            [
-                N("Add", [x, linear(ctx, p + "ao", H, H)]),
-                C(p + "aln.w", _f32(d, p + "aln.w", (H,))),
-                C(p + "aln.b", _f32(d, p + "aln.b", (H,))),
-            ],
-            axis=-1,
-            epsilon=eps,
-        )
+        x = add_and_norm(x, linear(ctx, p + "ao", H, H), p + "aln")
         mid = linear(x, p + "fi", FF, H)
         gelu = N(
             "Mul",
             [N("Mul", [mid, N("Add", [N("Erf", [N("Div", [mid, "sqrt2"])]), "one"])]), "half"],
         )
-        x = N(
-            "LayerNormalization",
-            [
-                N("Add", [x, linear(gelu, p + "fo", H, FF)]),
-                C(p + "oln.w", _f32(d, p + "oln.w", (H,))),
-                C(p + "oln.b", _f32(d, p + "oln.b", (H,))),
-            ],
-            axis=-1,
-            epsilon=eps,
-        )
+        x = add_and_norm(x, linear(gelu, p + "fo", H, FF), p + "oln")
 
     m3 = N("Unsqueeze", [mf, "ax2"])  # [B,L,1]
     mean = N(
