@@ -220,9 +220,14 @@ def _ingest(args: argparse.Namespace) -> int:
                                      if stage == "embedding" else "file", file=sys.stderr)
         bar.update(done - bar.n)
 
-    # Keyword-only: no embedding settings are read, so none can fail the ingest.
-    models = Models(None) if args.mode == "keyword" else models_for(settings)
-    summary = ingest_paths(store_for(settings), args.kb, args.paths, models=models,
+    store = store_for(settings)
+    existing = store.find(args.kb)
+    # A new keyword-only base reads no embedding settings, so none can fail its ingest;
+    # --mode is ignored for an existing base, which keeps its model.
+    keyword_only = (existing.manifest.embedding is None if existing is not None
+                    else args.mode == "keyword")
+    models = Models(None) if keyword_only else models_for(settings)
+    summary = ingest_paths(store, args.kb, args.paths, models=models,
                            mode=args.mode, semantic_weight=args.semantic_weight,
                            chunking=chunking, sync=args.sync, progress=progress,
                            limits=settings.limits)

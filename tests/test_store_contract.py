@@ -931,3 +931,20 @@ def test_a_change_embedded_by_another_model_than_the_bases_is_refused(store):
     with pytest.raises(EmbeddingMismatchError, match="meanwhile"):
         store.publish(KB, change)
     assert "late" not in store.open(KB).documents
+
+
+def test_a_base_of_another_dimension_takes_changes_on_every_store(store):
+    """The script probe is e5's, 384 numbers: bases of other models never meet it."""
+    spec = EmbeddingSpec(kind="openai", model="text-embedding-3-large", dimension=5)
+    nodes = [TextNode(text=f"wide vector {i}", metadata={"document_id": f"d{i}"})
+             for i in range(3)]
+    publish_nodes(store, "wide", nodes, np.eye(3, 5, dtype=np.float32), spec)
+    try:
+        late = TextNode(text="one more", metadata={"document_id": "d3"})
+        store.publish("wide", Change(manifest=store.open("wide").manifest, chunks=[late],
+                                     vectors=np.ones((1, 5), np.float32), removed=frozenset({"d0"}),
+                                     documents={"d3": DocumentInfo(document_id="d3", title="d3")}))
+        manifest = store.open("wide").manifest
+        assert manifest.chunks == 3 and manifest.centroids is None
+    finally:
+        store.drop("wide")

@@ -39,7 +39,6 @@ import numpy as np
 from llama_index.core.base.embeddings.base import Embedding
 from pydantic import Field
 
-from llamaindex_kb.config import default_plugin_data_dir
 from llamaindex_kb.errors import ConfigurationError
 from llamaindex_kb.lru import LRU
 from llamaindex_kb.models.e5_onnx import E5_FILES, E5Onnx, build_session_files
@@ -136,13 +135,14 @@ def cache_dir() -> Path:
         return Path(given) / name
     private = Path(tempfile.gettempdir()) / f"llamaindex_kb-{os.getuid()}"
     candidates = [private]
-    if os.environ.get("PLUGIN_WORKING_PATH"):
-        candidates.insert(0, default_plugin_data_dir(os.environ).with_name("llamaindex_kb-models"))
     try:  # a daemon's user may have no home at all
         home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        candidates.insert(-1, Path(home) / "llamaindex_kb")
+        candidates.insert(0, Path(home) / "llamaindex_kb")
     except (RuntimeError, KeyError):
         pass
+    working = Path(os.environ.get("PLUGIN_WORKING_PATH") or "/nonexistent")
+    if working.is_dir():  # the daemon's layout: see config.default_plugin_data_dir
+        candidates.insert(0, working.parent / "plugin_data" / "llamaindex_kb-models")
     for root in candidates:
         try:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -790,12 +790,13 @@ def _vector_sums(cur: psycopg.Cursor, base: _Base) -> VectorSums:
     transaction (stores.base.vector_sums, sorted by the same probe in SQL)."""
     direction, threshold = probe_sql()
     # <#> is the negative inner product: "v . d > t" reads "(v <#> d) < -t".
+    # avg, not sum: pgvector's sum adds in single precision, its avg in double.
     cur.execute(sql.SQL(
         "SELECT (l2_normalize(embedding) <#> %s::vector) < %s, "
-        "sum(l2_normalize(embedding))::real[], count(*) FROM {} GROUP BY 1").format(base.chunks),
+        "avg(l2_normalize(embedding))::real[], count(*) FROM {} GROUP BY 1").format(base.chunks),
         [_vector_text(np.asarray(direction)), -threshold])
-    return {SCRIPTS[0] if cjk else SCRIPTS[1]: (np.asarray(total, np.float64), int(count))
-            for cjk, total, count in cur.fetchall() if total is not None}
+    return {SCRIPTS[0] if cjk else SCRIPTS[1]: (np.asarray(mean, np.float64) * count, int(count))
+            for cjk, mean, count in cur.fetchall() if mean is not None}
 
 
 def _add_chunks(cur: psycopg.Cursor, base: _Base, chunks: Sequence[BaseNode],

@@ -105,6 +105,7 @@ from llamaindex_kb.stores.base import (
     VectorSums,
     check_publishable,
     merged,
+    needs_centroid,
     query_embedding,
     query_scale,
     vector_sums,
@@ -390,7 +391,8 @@ class QdrantStore(FindingStore):
                 parents = [p for p in self._meta_scroll(client, knowledge_id, "parent",
                                                         old.collection)
                            if p["node_id"] in kept_parents]
-                sums = _copy_chunks(client, old.collection, collection, replaced, stats)
+                sums = _copy_chunks(client, old.collection, collection, replaced, stats,
+                                    needs_centroid(change.manifest))
             documents.update(change.documents)
             points = []
             for offset, (node, terms) in enumerate(zip(change.chunks, counted, strict=True)):
@@ -427,7 +429,8 @@ class QdrantStore(FindingStore):
             total_length = sum(length for _, length in stats)
             manifest = with_centroids(change.manifest.model_copy(update={
                 "documents": len(documents), "chunks": len(stats), "updated_at": time.time()}),
-                merged(sums, vector_sums(change.vectors)))
+                merged(sums, vector_sums(change.vectors))
+                if needs_centroid(change.manifest) else {})
             switched = _switch(client, knowledge_id, old, {
                 "kb": knowledge_id, "kind": "base", "collection": collection,
                 "manifest": manifest.model_dump(mode="json"),
@@ -734,9 +737,9 @@ def _create_chunks(client: QdrantClient, collection: str, manifest: KBManifest) 
 
 
 def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[str],
-                 stats: list[tuple[dict[str, int], int]]) -> VectorSums:
+                 stats: list[tuple[dict[str, int], int]], with_sums: bool) -> VectorSums:
     """Copy the chunks of documents not replaced, in row order (the tie-break order);
-    the per-script sums of their dense vectors (stores.base.vector_sums)."""
+    with ``with_sums``, the per-script sums of their dense vectors (``vector_sums``)."""
     offset = None
     kept: list[models.Record] = []
     while True:
@@ -753,6 +756,8 @@ def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[s
         client.upsert(target, [models.PointStruct(
             id=p.id, vector=p.vector if isinstance(p.vector, dict) else {},
             payload=p.payload) for p in kept[start:start + _BATCH]], wait=True)
+    if not with_sums:
+        return {}
     dense = [p.vector["dense"] for p in kept if isinstance(p.vector, dict) and "dense" in p.vector]
     return vector_sums(np.asarray(dense, np.float32)) if dense else {}
 
