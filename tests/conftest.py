@@ -63,6 +63,17 @@ class Reply:
         return json.loads(self.body)
 
 
+def expect_error(reply: Reply, status: int, code: int, *words: str) -> str:
+    """The error answer a user would see: its status, error_code and the words its
+    error_msg must hold; the message, for more checks."""
+    assert reply.status == status, reply.body
+    body = reply.json()
+    assert body["error_code"] == code, body
+    for word in words:
+        assert word in body["error_msg"], body
+    return body["error_msg"]
+
+
 def dify_body(payload: dict[str, Any]) -> bytes:
     """What Dify's httpx client puts on the wire: json.dumps, so CJK arrives as \\uXXXX."""
     return json.dumps(payload).encode()

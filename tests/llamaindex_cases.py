@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import httpx
-from conftest import API_KEY, ServerTransport, dify_body
+from conftest import API_KEY, ServerTransport, dify_body, expect_error
 from llama_index.core import Document
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -66,13 +66,16 @@ def records(api: ServerTransport, knowledge_id: str, query: str, **kwargs: Any) 
     return reply.json()["records"]
 
 
-def expect_error(reply: Any, status: int, code: int, *words: str) -> str:
-    assert reply.status == status, reply.body
-    body = reply.json()
-    assert body["error_code"] == code, body
-    for word in words:
-        assert word in body["error_msg"], body
-    return body["error_msg"]
+def assert_handbook_listed(api: ServerTransport,
+                           rows: list[tuple[str, str, dict[str, Any]]] = HANDBOOK) -> None:
+    """The handbook (``rows``) is listed, one document per LlamaIndex document, with the
+    file name and title its metadata gives."""
+    reply = api.send("GET", "/knowledge-bases/handbook/documents", None, AUTH)
+    assert reply.status == 200, reply.body
+    listed = {doc["document_id"]: doc for doc in reply.json()["documents"]}
+    assert set(listed) == {doc_id for doc_id, _, _ in rows}
+    assert listed["security"]["file_name"] == "security.md"
+    assert listed["vpn"]["title"] == "VPN" and listed["vpn"]["chunks"] == 1
 
 
 def assert_writes_refused(api: ServerTransport, knowledge_id: str, document_id: str) -> None:

@@ -33,6 +33,7 @@ from llamaindex_cases import (
     HANDBOOK,
     JSON,
     QUERIES,
+    assert_handbook_listed,
     assert_writes_refused,
     documents,
     expect_error,
@@ -217,12 +218,7 @@ def test_writes_are_refused_as_read_only(client: ServerTransport) -> None:
 
 
 def test_documents_are_listed_from_the_docstore(client: ServerTransport) -> None:
-    reply = client.send("GET", "/knowledge-bases/handbook/documents", None, AUTH)
-    assert reply.status == 200, reply.body
-    listed = {doc["document_id"]: doc for doc in reply.json()["documents"]}
-    assert set(listed) == {doc_id for doc_id, _, _ in HANDBOOK}
-    assert listed["security"]["file_name"] == "security.md"
-    assert listed["vpn"]["title"] == "VPN" and listed["vpn"]["chunks"] == 1
+    assert_handbook_listed(client)
     faq = client.send("GET", "/knowledge-bases/faq/documents", None, AUTH).json()
     assert {doc["document_id"] for doc in faq["documents"]} == {"faq-wifi", "faq-parking"}
 

@@ -33,6 +33,7 @@ from llamaindex_cases import (
     FAQ,
     HANDBOOK,
     QUERIES,
+    assert_handbook_listed,
     assert_writes_refused,
     documents,
     expect_error,
@@ -251,12 +252,7 @@ def test_writes_are_refused_as_read_only(api: ServerTransport) -> None:
 
 
 def test_documents_are_listed_from_the_payloads(api: ServerTransport) -> None:
-    reply = api.send("GET", "/knowledge-bases/handbook/documents", None, AUTH)
-    assert reply.status == 200, reply.body
-    listed = {doc["document_id"]: doc for doc in reply.json()["documents"]}
-    assert set(listed) == {doc_id for doc_id, _, _ in HANDBOOK}
-    assert listed["security"]["file_name"] == "security.md"
-    assert listed["vpn"]["title"] == "VPN" and listed["vpn"]["chunks"] == 1
+    assert_handbook_listed(api)
 
 
 def test_a_model_of_another_dimension_is_refused_naming_both(tmp_path: Path) -> None:

