@@ -214,16 +214,10 @@ class QdrantStore(FindingStore):
             self._shown = f"qdrant://{path}"
             try:
                 Path(path).mkdir(parents=True, exist_ok=True)
-                self._client = one_call_at_a_time(QdrantClient(path=path))
-            except RuntimeError as exc:
-                # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
-                if "already accessed" not in str(exc):
-                    raise ConfigurationError(f"store {self._shown}: {first_line(exc)}") from exc
-                raise ConfigurationError(
-                    f"store {self._shown} is in use by another process (local mode opens a "
-                    "folder in one process at a time): stop the other server or CLI "
-                    "command, or run a Qdrant server (qdrant://host:6333) to share "
-                    "knowledge bases between processes") from exc
+                self._client = open_local(path, self._shown, (
+                    "(local mode opens a folder in one process at a time): stop the other "
+                    "server or CLI command, or run a Qdrant server (qdrant://host:6333) to "
+                    "share knowledge bases between processes"))
             except OSError as exc:
                 raise ConfigurationError(f"store {self._shown}: {first_line(exc)}") from exc
         else:
@@ -928,6 +922,20 @@ class _OneCallAtATime:
 
 def one_call_at_a_time(client: QdrantClient) -> QdrantClient:
     return cast(QdrantClient, _OneCallAtATime(client))
+
+
+def open_local(path: str, shown: str, in_use: str) -> QdrantClient:
+    """qdrant-client's local mode on ``path``, one call at a time; a folder another
+    process holds is a ``ConfigurationError`` saying "in use by another process", then
+    ``in_use`` (what to do about it), and any other failure one naming ``shown``."""
+    try:
+        return one_call_at_a_time(QdrantClient(path=path))
+    except RuntimeError as exc:
+        # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
+        if "already accessed" not in str(exc):
+            raise ConfigurationError(f"store {shown}: {first_line(exc)}") from exc
+        raise ConfigurationError(
+            f"store {shown} is in use by another process {in_use}") from exc
 
 
 _READS = frozenset({"collection_exists", "count", "get_collection", "get_collections", "info",

@@ -65,7 +65,6 @@ from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
     ConfigurationError,
     KnowledgeBaseNotFound,
-    first_line,
 )
 from llamaindex_kb.redaction import redact_text, redact_url, url_secrets
 from llamaindex_kb.stores.llamaindex.filters import exact_metadata_filters
@@ -74,7 +73,7 @@ from llamaindex_kb.stores.qdrant import (
     TIMEOUT_S,
     QdrantFailures,
     check_answer,
-    one_call_at_a_time,
+    open_local,
     retrying_reads,
 )
 
@@ -164,17 +163,10 @@ class QdrantCollections:
                 raise ConfigurationError(
                     f"store {shown}: {path} is not a folder; point it at the folder given "
                     "to QdrantClient(path=...)")
-            try:
-                return one_call_at_a_time(QdrantClient(path=path))
-            except RuntimeError as exc:
-                # qdrant-client flocks <path>/.lock without waiting: a second opener fails.
-                if "already accessed" not in str(exc):
-                    raise ConfigurationError(f"store {shown}: {first_line(exc)}") from exc
-                raise ConfigurationError(
-                    f"store {shown} is in use by another process (qdrant-client's local "
-                    "mode opens a folder in one process at a time): close the QdrantClient "
-                    "of your LlamaIndex code first, or run a Qdrant server to share the "
-                    "collections") from exc
+            return open_local(path, shown, (
+                "(qdrant-client's local mode opens a folder in one process at a time): "
+                "close the QdrantClient of your LlamaIndex code first, or run a Qdrant "
+                "server to share the collections"))
 
         # Opened on first use, so a server starts while the user's code still holds the
         # folder, and answers once it is released.
