@@ -26,6 +26,11 @@ class LRU[K: Hashable, V]:
             self._items.move_to_end(key)
             return item[0]
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._total = 0
+
     def put(self, key: K, value: V) -> None:
         weight = self._weigh(value)
         with self._lock:

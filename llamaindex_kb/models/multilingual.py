@@ -36,13 +36,11 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from llama_index.core.base.embeddings.base import Embedding
 from pydantic import Field
 
 from llamaindex_kb.errors import ConfigurationError
-from llamaindex_kb.lru import LRU
 from llamaindex_kb.models.e5_onnx import E5_FILES, E5Onnx, build_session_files
-from llamaindex_kb.models.spec import BlockingEmbedding, EmbeddingSpec
+from llamaindex_kb.models.spec import EmbeddingSpec, InProcessEmbedding
 from llamaindex_kb.scoring import COSINE, SimilarityScale
 
 log = logging.getLogger(__name__)
@@ -169,31 +167,33 @@ def _loaded() -> E5Onnx:
 def _open(folder: Path) -> E5Onnx:
     """The engine from ``folder``, converting the weights first when the files are
     missing, and once more when they do not load (damaged, or half-copied by hand)."""
-    for attempt in (1, 2):
-        if attempt == 2 or not all((folder / f).is_file() for f in E5_FILES):
-            # Each file is renamed into place when complete: a crash or a concurrent
-            # build (identical bytes) never leaves a half-written one.
-            log.info("converting the multilingual model for onnxruntime (once, a few "
-                     "seconds) into %s", folder)
-            weights = weights_path()
-            assert weights is not None
-            try:
-                build_session_files(weights, folder)
-            except OSError as exc:
-                raise _unavailable(f"its converted files could not be written to {folder} "
-                                   f"({exc.strerror or exc}); set LLAMAINDEX_KB_MODEL_CACHE "
-                                   "to a writable folder with 200 MB free") from exc
-        try:
-            return E5Onnx(folder, threads=_THREADS)
-        except Exception:
-            if attempt == 2:
-                raise
-            log.warning("the multilingual model's files in %s do not load; converting "
-                        "again", folder, exc_info=True)
-    raise AssertionError("unreachable")
+    if not all((folder / name).is_file() for name in E5_FILES):
+        _convert(folder)
+    try:
+        return E5Onnx(folder, threads=_THREADS)
+    except Exception:
+        log.warning("the multilingual model's files in %s do not load; converting again",
+                    folder, exc_info=True)
+    _convert(folder)
+    return E5Onnx(folder, threads=_THREADS)
 
 
-class LocalMultilingualEmbedding(BlockingEmbedding):
+def _convert(folder: Path) -> None:
+    # Each file is renamed into place when complete: a crash or a concurrent build
+    # (identical bytes) never leaves a half-written one.
+    log.info("converting the multilingual model for onnxruntime (once, a few seconds) "
+             "into %s", folder)
+    weights = weights_path()
+    assert weights is not None
+    try:
+        build_session_files(weights, folder)
+    except OSError as exc:
+        raise _unavailable(f"its converted files could not be written to {folder} "
+                           f"({exc.strerror or exc}); set LLAMAINDEX_KB_MODEL_CACHE to a "
+                           "writable folder with 200 MB free") from exc
+
+
+class LocalMultilingualEmbedding(InProcessEmbedding):
     """multilingual-e5-small (int8, FFN down-projections 4-bit) on onnxruntime: offline,
     384 dimensions, unit-length vectors, ~100 languages; inputs over 512 tokens are
     embedded in windows and averaged, so nothing is cut."""
@@ -209,7 +209,7 @@ class LocalMultilingualEmbedding(BlockingEmbedding):
     def spec(self) -> EmbeddingSpec:
         return SPEC
 
-    def _run(self, texts: Sequence[str], *, queries: bool) -> np.ndarray:
+    def _embed(self, texts: Sequence[str], *, queries: bool = False) -> np.ndarray:
         engine = _loaded()
         if queries:  # onnxruntime and tokenizers are thread-safe: a query never waits
             return engine.query(list(texts))
@@ -221,23 +221,3 @@ class LocalMultilingualEmbedding(BlockingEmbedding):
                 out[start : start + len(batch)] = engine.passage(batch)
         return out
 
-    def query_vector(self, query: str) -> np.ndarray:
-        """The query's vector, read-only and cached (see ``LocalMiniLMEmbedding``)."""
-        vector = _query_vectors.get(query)
-        if vector is None:
-            vector = self._run([query], queries=True)[0]
-            vector.setflags(write=False)
-            _query_vectors.put(query, vector)
-        return vector
-
-    def _get_query_embedding(self, query: str) -> Embedding:
-        return self.query_vector(query).tolist()
-
-    def _get_text_embedding(self, text: str) -> Embedding:
-        return self._run([text], queries=False)[0].tolist()
-
-    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return self._run(texts, queries=False).tolist()
-
-
-_query_vectors: LRU[str, np.ndarray] = LRU(512)

@@ -215,9 +215,11 @@ def query_scale(manifest: KBManifest,
     model that built the base, counted from the query's similarity to the base's
     centroid of the base's chunks in the query's own script when it is centred (without
     a query vector there is nothing to place)."""
+    if query_vector is None:
+        return COSINE
     scale = scale_of(manifest.embedding)
-    if query_vector is None or not scale.centred:
-        return scale if query_vector is not None else COSINE
+    if not scale.centred:
+        return scale
     if not manifest.centroids:
         raise KnowledgeBaseDamaged.naming(
             manifest.knowledge_id, "its manifest lacks the centroid its model's scores count "
