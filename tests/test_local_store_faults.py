@@ -210,9 +210,13 @@ def data_dir(two_bases: Path, tmp_path: Path) -> Path:
 
 
 def live_file(data_dir: Path, kb: str, name: str) -> Path:
+    """A file of the live version, or of the one segment it lists."""
     version = KBLayout(data_dir, kb).current_version()
     assert version is not None
-    return version / name
+    if (version / name).exists():
+        return version / name
+    (segment,) = json.loads((version / "segments.json").read_text())["segments"]
+    return version.parent / "segments" / segment["name"] / name
 
 
 def truncate(path: Path) -> None:
@@ -229,8 +233,10 @@ DAMAGES = [
     ("node_ids.npy", truncate), ("document_ids.npy", garble),
     ("metadata.json", truncate),
     ("vectors/vectors.npy", truncate), ("vectors/vectors.npy", garble),
-    ("keyword/data.csc.index.npy", truncate), ("keyword/indices.csc.index.npy", garble),
-    ("keyword/vocab.index.json", truncate), ("keyword/keyword.json", garble),
+    ("segments.json", truncate), ("segments.json", garble),
+    ("postings/tfs.npy", truncate), ("postings/rows.npy", garble),
+    ("postings/vocab.json", truncate), ("postings/postings.json", garble),
+    ("postings/front.npy", truncate), ("postings/row_terms.npy", garble),
 ]
 
 
@@ -342,8 +348,8 @@ def test_truncating_files_of_an_open_base_never_takes_the_process_down(data_dir)
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         before_a, before_b = ask("query", "a"), ask("query", "b")
         assert before_a[0] == before_b[0] == 200 and before_a[2]
-        for name in ("vectors/vectors.npy", "keyword/data.csc.index.npy",
-                     "keyword/indices.csc.index.npy", "node_ids.npy"):
+        for name in ("vectors/vectors.npy", "postings/tfs.npy",
+                     "postings/rows.npy", "node_ids.npy"):
             os.truncate(live_file(data_dir, "a", name), 64)
         # What it had read stays right; the other base is untouched.
         assert ask("query", "a") == before_a
@@ -444,6 +450,9 @@ def test_a_small_change_on_a_nearly_full_disk_lands_whole_or_is_refused_whole(sm
     # "disk I/O error" when its WAL index cannot grow, "disk is full" elsewhere.
     data = small_disk / "data"
     store = LocalStore(data)
+    # Merged here, between the measured changes, rather than in the background
+    # while the disk is being filled.
+    store.compact_in_background = False
     publish(store, "k", HELIUM)
     landed = refused = 0
     for free_kb in range(0, 200, 4):
@@ -459,6 +468,7 @@ def test_a_small_change_on_a_nearly_full_disk_lands_whole_or_is_refused_whole(sm
             landed += 1
         (small_disk / "filler").unlink()
         assert len(versions(data, "k")) <= 2
+        store.compact("k")
     assert refused and landed
 
 

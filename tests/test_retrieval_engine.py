@@ -292,15 +292,16 @@ def test_chunks_longer_than_the_local_model_reads_are_refused(tmp_path):
     assert not (tmp_path / "d" / "kbs" / "k" / "CURRENT").exists()
 
 
-def test_a_versions_chunks_are_readable_through_llamaindex_docstore(kb_dir):
+def test_a_segments_chunks_are_readable_through_llamaindex_docstore(kb_dir):
     # docstore.sqlite keeps chunks where LlamaIndex's KVDocumentStore looks for them.
     from llama_index.core.storage.docstore.keyval_docstore import KVDocumentStore
 
     from llamaindex_kb.stores.local.docstore import SQLiteKVStore
 
     kb = LocalStore(kb_dir).open("energy")
-    node_ids = [str(node_id) for node_id in kb.node_ids]
-    docstore = KVDocumentStore(SQLiteKVStore(kb.version_dir / "docstore.sqlite", read_only=True))
+    (segment,) = kb.segments
+    node_ids = [str(node_id) for node_id in segment.node_ids]
+    docstore = KVDocumentStore(SQLiteKVStore(segment.folder / "docstore.sqlite", read_only=True))
     assert [docstore.get_node(node_id).get_content() for node_id in node_ids] == [
-        node.get_content() for node in kb.nodes(node_ids)]
+        node.get_content() for node in kb.chunks(range(len(node_ids)))]
     assert len(node_ids) >= len(DOCS)

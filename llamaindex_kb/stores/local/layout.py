@@ -5,11 +5,14 @@
     <data_dir>/kbs/<dir>/            one folder per knowledge base (<dir> derived from knowledge_id)
         CURRENT                      name of the live version folder (replaced atomically)
         .lock                        held by writers (several processes may ingest)
-        v<ns>-<pid>/                 an immutable version: manifest.json + indices
+        v<ns>-<pid>/                 an immutable version: manifest.json + segments.json
+        segments/s<ns>-<pid>/        an immutable segment of chunks with their indices
 
-A writer builds a complete new version folder, fsyncs it, then renames a temp file
-over CURRENT. Readers only ever see a whole old or a whole new version, so a crash
-(even kill -9) mid-build leaves the knowledge base answering as before.
+A writer writes the new segment a change needs, then a new version folder listing
+the segments, fsyncs both, then renames a temp file over CURRENT. Readers only ever
+see a whole old or a whole new version, so a crash (even kill -9) mid-change leaves
+the knowledge base answering as before; what the crash left is removed by the next
+writer. (Versions written before segments hold their one segment's files themselves.)
 
 Every reader of a version (in any process) holds a shared ``flock`` on its
 ``manifest.json`` for as long as it uses it; the kernel drops the lock when the reader
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST_FILE = "manifest.json"
+SEGMENTS_DIR = "segments"
 
 _SAFE_DIR = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # The folder name of a hashed id. An id spelled like one is hashed too, so the direct
@@ -92,12 +96,15 @@ class KBLayout:
         path.mkdir(parents=True)
         return path
 
+    def new_segment_dir(self) -> Path:
+        """A name for a new segment; the caller creates it."""
+        (self.root / SEGMENTS_DIR).mkdir(parents=True, exist_ok=True)
+        return self.root / SEGMENTS_DIR / f"s{time.time_ns()}-{os.getpid()}"
+
     def publish(self, version: Path) -> None:
-        """Make ``version`` live in one atomic rename, after its files are on disk."""
-        for file in version.rglob("*"):
-            if file.is_file():
-                _fsync(file)
-        _fsync(version)
+        """Make ``version`` live in one atomic rename, after its files are on disk
+        (those of the segments it lists: ``sync`` them first)."""
+        sync(version)
         tmp = self.root / f".CURRENT.{os.getpid()}"
         try:
             tmp.write_text(version.name)
@@ -116,6 +123,16 @@ class KBLayout:
                 if not _remove_unless_held(child):
                     kept.append(child)
         return kept
+
+    def remove_unused_segments(self, listed: set[str]) -> None:
+        """Delete every segment no version on disk lists (``listed``, read by the caller
+        under the write lock after ``remove_stale_versions``): left by a writer that
+        died, or by versions since removed."""
+        folder = self.root / SEGMENTS_DIR
+        if folder.is_dir():
+            for child in folder.iterdir():
+                if child.name not in listed:
+                    shutil.rmtree(child, ignore_errors=True)
 
     def drop(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -266,6 +283,15 @@ def _checked_header(handle: io.FileIO, path: Path) -> tuple[tuple[int, ...], np.
     if size != expected:
         raise ValueError(f"{path.name} is {size} bytes, its header promises {expected}")
     return shape, dtype
+
+
+def sync(folder: Path) -> None:
+    """Every file of ``folder`` and the folder itself on disk."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    for child in (*(p for p in folder.rglob("*") if p.is_dir()), folder):
+        _fsync(child)
 
 
 def _fsync(path: Path) -> None:

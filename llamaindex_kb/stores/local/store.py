@@ -10,7 +10,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
-from llama_index.core.schema import BaseNode
 
 from llamaindex_kb.config import Settings
 from llamaindex_kb.errors import (
@@ -22,15 +21,18 @@ from llamaindex_kb.errors import (
 from llamaindex_kb.redaction import redact_url
 from llamaindex_kb.stores.base import (
     Change,
-    DocumentInfo,
     FindingStore,
     KBManifest,
     Published,
+    VectorSums,
     check_publishable,
+    merged,
     needs_centroid,
     vector_sums,
     with_centroids,
 )
+from llamaindex_kb.stores.local.compaction import merge, plan
+from llamaindex_kb.stores.local.corpus import CorpusStats, Part, corpus_stats
 from llamaindex_kb.stores.local.layout import (
     MANIFEST_FILE,
     KBLayout,
@@ -38,8 +40,21 @@ from llamaindex_kb.stores.local.layout import (
     all_layouts,
     current_version,
 )
-from llamaindex_kb.stores.local.version import KnowledgeBase, read_manifest
-from llamaindex_kb.stores.local.writer import disk_space, write_version
+from llamaindex_kb.stores.local.segment import Segment
+from llamaindex_kb.stores.local.version import (
+    SEGMENTS,
+    KnowledgeBase,
+    Listing,
+    SegmentEntry,
+    read_manifest,
+    segment_folder,
+)
+from llamaindex_kb.stores.local.writer import (
+    disk_space,
+    new_segment,
+    remove_unused,
+    write_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +70,8 @@ class LocalStore(FindingStore):
     """The embedded store: a folder of knowledge bases, each a series of versions."""
 
     searches_in_process = True
+    # Tests that count segments turn merges off, or run them with ``compact``.
+    compact_in_background = True
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -64,6 +81,7 @@ class LocalStore(FindingStore):
         # included) until its last query ends.
         self._open: OrderedDict[str, KnowledgeBase] = OrderedDict()
         self._lock = threading.Lock()
+        self._compacting: set[str] = set()
 
     def find(self, knowledge_id: str) -> KnowledgeBase | None:
         # Checking the tiny CURRENT pointer on every call picks up a version another
@@ -80,10 +98,11 @@ class LocalStore(FindingStore):
         with self._lock:
             cached = self._open.get(knowledge_id)
             if cached is None or cached.version_dir != version:
-                # Released first: a large base need not be in memory twice.
-                self._open.pop(knowledge_id, None)
+                # Opened while the one it replaces is held: the segments both list
+                # are read once (SegmentCache), not again from disk.
                 cached = self._open_live(layout)
                 if cached is None:
+                    self._open.pop(knowledge_id, None)
                     return None
                 self._open[knowledge_id] = cached
                 log.info("opened knowledge base %s (%d chunks)", knowledge_id, len(cached))
@@ -130,6 +149,9 @@ class LocalStore(FindingStore):
         return sorted(found, key=lambda manifest: manifest.knowledge_id)
 
     def publish(self, knowledge_id: str, change: Change) -> Published:
+        """Write the change's chunks as one new segment, and a version listing it with
+        the segments kept (less the documents the change replaces or removes): the
+        work is the change's, not the base's. Merges follow in the background."""
         layout = KBLayout(self.data_dir, knowledge_id)
         with disk_space(layout), layout.write_lock():
             other = layout.foreign_owner()
@@ -141,42 +163,106 @@ class LocalStore(FindingStore):
             # The open version, read under the lock: another writer may have published.
             existing = None if change.replace else self.find(knowledge_id)
             check_publishable(existing.manifest if existing is not None else None, change)
-            replaced = set(change.documents) | change.removed
-            kept_nodes: list[BaseNode] = []
-            kept_parents: list[BaseNode] = []
-            kept_vectors = None
-            documents: dict[str, DocumentInfo] = {}
+            kept: list[tuple[Segment, SegmentEntry]] = []
             removed = 0
             if existing is not None:
                 removed = len(change.removed & existing.documents.keys())
-                keep_rows = np.flatnonzero(~np.isin(existing.document_ids, list(replaced)))
-                kept_nodes = existing.nodes(existing.node_ids[keep_rows].tolist())
-                documents = {k: v for k, v in existing.documents.items() if k not in replaced}
-                kept_parents = existing.nodes([p for info in documents.values()
-                                               for p in info.parent_ids])
-                if existing.vectors is not None:
-                    kept_vectors = existing.vectors.rows(keep_rows)
-            documents.update(change.documents)
-            nodes = kept_nodes + list(change.chunks)
-            vectors = None
-            embedding = change.manifest.embedding
-            if embedding is not None:
-                parts = [v for v in (kept_vectors, change.vectors) if v is not None and len(v)]
-                vectors = (np.vstack(parts) if parts
-                           else np.zeros((0, embedding.dimension), dtype=np.float32))
-            manifest = with_centroids(
-                change.manifest.model_copy(update={"documents": len(documents)}),
-                vector_sums(vectors) if needs_centroid(change.manifest) else {})
-            version = write_version(layout, manifest, nodes, vectors, documents,
-                                    parents=kept_parents + list(change.parents))
-            # This process lets go of the versions it replaced (queries running on
-            # them keep theirs), so they can be removed now rather than by a later writer.
+                kept = _without(_segments(layout, existing),
+                                set(change.documents) | change.removed)
+            if change.chunks or change.documents or change.parents:
+                kept.append(self._new_segment(layout, change))
+            version = self._publish(layout, change.manifest, kept)
+            # This process lets go of the version it replaced (queries running on it
+            # keep theirs), so it can be removed now rather than by a later writer.
             existing = None
+            remove_unused(layout)
+        self._compact_soon(knowledge_id)
+        return Published(documents=version.manifest.documents, chunks=len(version),
+                         removed=removed)
+
+    def _new_segment(self, layout: KBLayout, change: Change) -> tuple[Segment, SegmentEntry]:
+        vectors = change.vectors
+        embedding = change.manifest.embedding
+        if embedding is not None and vectors is None:
+            vectors = np.zeros((0, embedding.dimension), dtype=np.float32)
+        name = new_segment(layout, change.chunks, vectors, change.documents, change.parents)
+        return _read(layout, name), SegmentEntry(name=name)
+
+    def _publish(self, layout: KBLayout, manifest: KBManifest,
+                 segments: list[tuple[Segment, SegmentEntry]],
+                 stats: CorpusStats | None = None, touch: bool = True) -> KnowledgeBase:
+        """Make a version of ``segments`` live and open it here (before the version it
+        replaces is let go, so the segments both use are never read twice)."""
+        parts, offset = [], 0
+        sums: VectorSums = {}
+        documents = 0
+        for segment, entry in segments:
+            rows = segment.rows_of(entry.removed)
+            parts.append(Part(segment.postings, offset, rows))  # type: ignore[arg-type]
+            offset += len(segment)
+            if needs_centroid(manifest) and segment.vectors is not None:
+                sums = merged(sums, vector_sums(np.delete(
+                    segment.vectors.rows(np.arange(len(segment))), rows, axis=0)))
+            documents += len(segment.documents().keys() - set(entry.removed))
+        stats = stats or corpus_stats(parts)
+        manifest = with_centroids(manifest.model_copy(update={"documents": documents}), sums)
+        listing = Listing(segments=[entry for _, entry in segments], chunks=stats.chunks,
+                          total_length=stats.total_length,
+                          absent_term_weight=stats.absent_term_weight)
+        version = write_version(layout, manifest, listing, touch=touch)
+        opened = KnowledgeBase(version, layout.knowledge_id)
+        with self._lock:
+            self._open[layout.knowledge_id] = opened
+            self._open.move_to_end(layout.knowledge_id)
+            self._evict()
+        return opened
+
+    def compact(self, knowledge_id: str) -> bool:
+        """Merge the base's segments if it needs it (``compaction.plan``); whether it did.
+        Writers wait meanwhile; readers never do."""
+        layout = KBLayout(self.data_dir, knowledge_id)
+        with disk_space(layout), layout.write_lock():
+            existing = self.find(knowledge_id)
+            run = None if existing is None else plan(existing)
+            if existing is None or run is None:
+                return False
+            if existing.listing is None:
+                segments = _segments(layout, existing)
+            else:
+                entry = merge(layout, existing, run)
+                every = _segments(layout, existing)
+                segments = [*every[: run.start], (_read(layout, entry.name), entry),
+                            *every[run.stop :]]
+            # The same live rows in the same order: the statistics stand.
+            self._publish(layout, existing.manifest, segments,
+                          stats=None if existing.listing is None else existing.listing.stats,
+                          touch=False)
+            existing = None
+            remove_unused(layout)
+        log.info("merged %d segments of knowledge base %s", run.stop - run.start, knowledge_id)
+        return True
+
+    def _compact_soon(self, knowledge_id: str) -> None:
+        """Start a merge in the background if the base needs one and none runs here."""
+        with self._lock:
+            current = self._open.get(knowledge_id)
+            if (not self.compact_in_background or current is None or plan(current) is None
+                    or knowledge_id in self._compacting):
+                return
+            self._compacting.add(knowledge_id)
+        threading.Thread(target=self._compact_logged, args=(knowledge_id,), daemon=True,
+                         name=f"llamaindex_kb-merge-{knowledge_id[:40]}").start()
+
+    def _compact_logged(self, knowledge_id: str) -> None:
+        try:
+            while self.compact(knowledge_id):
+                pass
+        except Exception:
+            # The base answers as before: a merge only ever replaces a version whole.
+            log.exception("merging the segments of knowledge base %s failed", knowledge_id)
+        finally:
             with self._lock:
-                if knowledge_id in self._open and self._open[knowledge_id].version_dir != version:
-                    del self._open[knowledge_id]
-            layout.remove_stale_versions()
-        return Published(documents=len(documents), chunks=len(nodes), removed=removed)
+                self._compacting.discard(knowledge_id)
 
     def drop(self, knowledge_id: str) -> None:
         layout = KBLayout(self.data_dir, knowledge_id)
@@ -186,6 +272,34 @@ class LocalStore(FindingStore):
             layout.drop()
         with self._lock:
             self._open.pop(knowledge_id, None)
+
+
+def _read(layout: KBLayout, name: str) -> Segment:
+    return SEGMENTS.get(segment_folder(layout.root, name),
+                        lambda _: contextlib.nullcontext())
+
+
+def _segments(layout: KBLayout, kb: KnowledgeBase) -> list[tuple[Segment, SegmentEntry]]:
+    """The live version's segments, each with its entry; a version written before
+    segments is first rewritten as one segment (once: ``compaction.merge``)."""
+    if kb.listing is None:
+        entry = merge(layout, kb, slice(0, len(kb.segments)))
+        return [(_read(layout, entry.name), entry)]
+    return list(zip(kb.segments, kb.listing.segments, strict=True))
+
+
+def _without(segments: list[tuple[Segment, SegmentEntry]], documents: set[str]
+             ) -> list[tuple[Segment, SegmentEntry]]:
+    """The segments less ``documents``; a segment left with no live row or document
+    is no longer listed."""
+    kept = []
+    for segment, entry in segments:
+        gone = set(entry.removed) | (documents & segment.documents().keys())
+        if (segment.rows_of(gone).size == len(segment)
+                and not segment.documents().keys() - gone):
+            continue
+        kept.append((segment, SegmentEntry(name=entry.name, removed=sorted(gone))))
+    return kept
 
 
 def from_url(url: str, settings: Settings) -> LocalStore:

@@ -1,8 +1,11 @@
 """One knowledge base version, opened read-only: the indices a query runs on.
 
-Row ``i`` means the same chunk in every index (vectors, keyword, metadata table,
-node ids), so a filter mask and both score vectors combine with plain numpy: every
-chunk is scored, by the policy in ``scoring.py``.
+A version is a list of segments (``segment.py``), each less the documents removed from
+it since, listed in ``segments.json`` with the keyword statistics of the live rows.
+Versions written before segments hold one segment's files themselves. The version's
+rows are its segments' rows in order, so a filter mask and both score vectors combine
+with plain numpy: every chunk is scored, by the policy in ``scoring.py``, and removed
+rows are masked out.
 """
 
 from __future__ import annotations
@@ -12,16 +15,16 @@ import json
 import os
 import sqlite3
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import BaseNode, NodeWithScore
-from llama_index.core.storage.docstore.utils import json_to_doc
+from pydantic import BaseModel, Field
 
-from llamaindex_kb.conditions.table import MetadataTable
 from llamaindex_kb.errors import (
     OUT_OF_RESOURCES_MESSAGE,
     ConfigurationError,
@@ -50,18 +53,37 @@ from llamaindex_kb.stores.base import (
     fused_weight,
     query_scale,
 )
-from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
-from llamaindex_kb.stores.local.keyword import KeywordIndex
-from llamaindex_kb.stores.local.layout import MANIFEST_FILE, hold_version, read_array
-from llamaindex_kb.stores.local.vectors import VectorMatrix, top_rows
+from llamaindex_kb.stores.local.corpus import CorpusKeyword, CorpusStats, Part
+from llamaindex_kb.stores.local.layout import MANIFEST_FILE, SEGMENTS_DIR, hold_version
+from llamaindex_kb.stores.local.segment import (
+    DOCSTORE_FILE,
+    DOCUMENTS_FILE,
+    SegmentCache,
+)
+from llamaindex_kb.stores.local.vectors import top_rows
 
-DOCSTORE_FILE = "docstore.sqlite"
-KEYWORD_DIR = "keyword"
-VECTOR_DIR = "vectors"
-METADATA_FILE = "metadata.json"
-NODE_IDS_FILE = "node_ids.npy"
-DOCUMENTS_FILE = "documents.json"
-DOCUMENT_IDS_FILE = "document_ids.npy"
+SEGMENTS_FILE = "segments.json"
+
+
+class SegmentEntry(BaseModel):
+    """One segment of a version: its folder (under the base's ``segments/``) and the
+    documents removed from it since it was written."""
+
+    name: str
+    removed: list[str] = Field(default_factory=list)
+
+
+class Listing(BaseModel):
+    """``segments.json``: what a version is made of."""
+
+    segments: list[SegmentEntry]
+    chunks: int
+    total_length: int
+    absent_term_weight: float
+
+    @property
+    def stats(self) -> CorpusStats:
+        return CorpusStats(self.chunks, self.total_length, self.absent_term_weight)
 
 
 def read_manifest(version_dir: Path) -> KBManifest:
@@ -72,9 +94,17 @@ def write_manifest(version_dir: Path, manifest: KBManifest) -> None:
     (version_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
 
 
-def write_documents(version_dir: Path, documents: dict[str, DocumentInfo]) -> None:
-    payload = {doc_id: info.model_dump() for doc_id, info in documents.items()}
-    (version_dir / DOCUMENTS_FILE).write_text(json.dumps(payload, ensure_ascii=False))
+def write_listing(version_dir: Path, listing: Listing) -> None:
+    (version_dir / SEGMENTS_FILE).write_text(listing.model_dump_json())
+
+
+def segment_folder(kb_root: Path, name: str) -> Path:
+    return kb_root / SEGMENTS_DIR / name
+
+
+# One cache for the process: a segment is immutable, so every store object reading
+# the same folder may share what was read of it.
+SEGMENTS = SegmentCache()
 
 
 class KnowledgeBase:
@@ -82,8 +112,9 @@ class KnowledgeBase:
 
     Its arrays are read into memory, not mapped (``layout.read_array`` says why); only
     the docstore is read per query. It holds its version (``layout.hold_version``)
-    until garbage-collected, so publishes meanwhile never remove its files.
-    Damaged files answer ``KnowledgeBaseDamaged`` naming the knowledge base and file.
+    until garbage-collected, so publishes meanwhile never remove its files (nor the
+    segments it lists). Damaged files answer ``KnowledgeBaseDamaged`` naming the
+    knowledge base and file.
     """
 
     def __init__(self, version_dir: Path, knowledge_id: str | None = None) -> None:
@@ -102,7 +133,6 @@ class KnowledgeBase:
             raise
 
     def _load(self, manifest: bytes, *, named: bool) -> None:
-        version_dir = self.version_dir
         with self._reading(MANIFEST_FILE):
             self.manifest = KBManifest.model_validate_json(manifest)
         if not named:
@@ -113,43 +143,63 @@ class KnowledgeBase:
                 f"{self.manifest.format}, this version reads format {FORMAT_VERSION}: "
                 "drop it and ingest its documents again"
             )
-        # The cheap check first: a base whose docstore is cut short is refused before
-        # hundreds of megabytes of arrays are read, on every query that asks for it.
-        with self._reading(DOCSTORE_FILE):
-            self._kv = SQLiteKVStore(version_dir / DOCSTORE_FILE, read_only=True)
-            self._kv.check()
-        with self._reading(NODE_IDS_FILE):
-            self.node_ids: np.ndarray = read_array(version_dir / NODE_IDS_FILE)
-        with self._reading(DOCUMENT_IDS_FILE):
-            self.document_ids: np.ndarray = read_array(version_dir / DOCUMENT_IDS_FILE)
-        with self._reading(KEYWORD_DIR):
-            self.keyword = KeywordIndex.load(version_dir / KEYWORD_DIR)
-        with self._reading(VECTOR_DIR):
-            self.vectors = (
-                VectorMatrix.load(version_dir / VECTOR_DIR, self.node_ids)
-                if self.manifest.embedding is not None
-                else None
-            )
-        with self._reading(METADATA_FILE):
-            self.metadata = MetadataTable.load(version_dir / METADATA_FILE)
+        self.listing: Listing | None = None
+        if (self.version_dir / SEGMENTS_FILE).exists():
+            with self._reading(SEGMENTS_FILE):
+                self.listing = Listing.model_validate_json(
+                    (self.version_dir / SEGMENTS_FILE).read_bytes())
+            root = self.version_dir.parent
+            folders = [segment_folder(root, e.name) for e in self.listing.segments]
+            removed = [e.removed for e in self.listing.segments]
+        else:
+            folders, removed = [self.version_dir], [[]]
+        self.segments = [SEGMENTS.get(folder, self._reading) for folder in folders]
+        with self._reading(SEGMENTS_FILE):
+            self.removed_rows = [segment.rows_of(gone)
+                                 for segment, gone in zip(self.segments, removed, strict=True)]
+        self.removed_documents = [frozenset(gone) for gone in removed]
+        sizes = [len(segment) for segment in self.segments]
+        self.offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        self.rows = int(self.offsets[-1])
+        self.live: np.ndarray | None = None
+        if any(rows.size for rows in self.removed_rows):
+            self.live = np.ones(self.rows, dtype=bool)
+            for offset, rows in zip(self.offsets, self.removed_rows, strict=False):
+                self.live[rows + offset] = False
         self._check_rows()
+        if self.listing is None:
+            legacy = self.segments[0].legacy_keyword
+            assert legacy is not None
+            self.keyword: CorpusKeyword | KeywordScorer = legacy
+        else:
+            parts = []
+            for segment, offset, rows in zip(self.segments, self.offsets, self.removed_rows,
+                                             strict=False):
+                with self._reading(SEGMENTS_FILE):
+                    if segment.postings is None:
+                        raise ValueError(f"segment {segment.folder.name} has no postings")
+                parts.append(Part(segment.postings, int(offset), rows))
+            self.keyword = CorpusKeyword(parts, self.listing.stats, self.rows)
 
     def _check_rows(self) -> None:
         """Row i is the same chunk in every index: a file swapped in from another version
         or cut short would otherwise fail a query halfway, or answer wrong chunks."""
-        rows = self.manifest.chunks
-        counts = {NODE_IDS_FILE: self.node_ids.shape, DOCUMENT_IDS_FILE: self.document_ids.shape,
-                  KEYWORD_DIR: (len(self.keyword),), METADATA_FILE: (len(self.metadata),)}
         embedding = self.manifest.embedding
-        if self.vectors is not None and embedding is not None:
-            counts[VECTOR_DIR] = (len(self.vectors),)
-            if rows and self.vectors.dimension != embedding.dimension:
-                raise self._damaged(f"{VECTOR_DIR}: {self.vectors.dimension} dimensions, "
+        for segment in self.segments:
+            rows = len(segment)
+            if embedding is not None and segment.vectors is None:
+                raise self._damaged(f"segment {segment.folder.name} has no vectors")
+            if (segment.vectors is not None and embedding is not None and rows
+                    and segment.vectors.dimension != embedding.dimension):
+                raise self._damaged(f"vectors: {segment.vectors.dimension} dimensions, "
                                     f"{MANIFEST_FILE} says {embedding.dimension}")
-        for name, shape in counts.items():
-            if shape != (rows,):
-                raise self._damaged(f"{name}: {shape[0] if shape else 0} rows, "
-                                    f"{MANIFEST_FILE} says {rows}")
+            for name, shape in segment.row_counts().items():
+                if shape != (rows,):
+                    raise self._damaged(f"{name}: {shape[0] if shape else 0} rows, "
+                                        f"{segment.folder.name} has {rows}")
+        live = self.rows - sum(rows.size for rows in self.removed_rows)
+        if live != self.manifest.chunks:
+            raise self._damaged(f"{live} chunks, {MANIFEST_FILE} says {self.manifest.chunks}")
 
     def _damaged(self, problem: str) -> KnowledgeBaseDamaged:
         return KnowledgeBaseDamaged.naming(self.knowledge_id, problem)
@@ -174,16 +224,19 @@ class KnowledgeBase:
     @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
         """Loaded on first use: queries never need it."""
+        found: dict[str, DocumentInfo] = {}
         with self._reading(DOCUMENTS_FILE):
-            raw = json.loads((self.version_dir / DOCUMENTS_FILE).read_text())
-            return {k: DocumentInfo.model_validate(v) for k, v in raw.items()}
+            for segment, gone in zip(self.segments, self.removed_documents, strict=True):
+                found.update((k, v) for k, v in segment.documents().items() if k not in gone)
+        return found
 
     @property
     def parent_child(self) -> bool:
         return self.manifest.chunking.get("mode") == "parent_child"
 
     def __len__(self) -> int:
-        return int(self.node_ids.shape[0])
+        """Live chunks."""
+        return self.manifest.chunks
 
     def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None) -> list[NodeWithScore]:
         if len(self) == 0 or not plan.query.strip():
@@ -192,47 +245,73 @@ class KnowledgeBase:
         weight = fused_weight(plan, self.manifest, embed_model)
         scores = self._scores(plan.query, mode, weight, embed_model)
         keep = scores >= lowest_returned(plan.score_threshold)
+        if self.live is not None:
+            keep &= self.live
         if plan.predicate is not None:
-            keep &= plan.predicate.mask(self.metadata)
+            keep &= np.concatenate([plan.predicate.mask(segment.metadata)
+                                    for segment in self.segments])
         ranked = np.where(keep, scores, -np.inf)
         if self.parent_child:
             return self._parents(ranked, plan.top_k)
         rows = top_rows(ranked, plan.top_k)
-        nodes = self.nodes([str(self.node_ids[row]) for row in rows])
-        return [
-            NodeWithScore(node=node, score=float(scores[row]))
-            for row, node in zip(rows, nodes, strict=True)
-        ]
+        return [NodeWithScore(node=node, score=float(scores[row]))
+                for row, node in zip(rows, self.chunks(rows), strict=True)]
 
     def _parents(self, ranked: np.ndarray, top_k: int) -> list[NodeWithScore]:
         available = int(np.isfinite(ranked).sum())
+        # A parent is in the segment of its children.
+        home: dict[str, int] = {}
 
         def children(want: int) -> list[tuple[int, float]]:
             return [(int(row), float(ranked[row]))
                     for row in top_rows(ranked, min(want, available))]
 
         def parent_ids(rows: list[int]) -> list[str]:
-            return [parent_id(child)
-                    for child in self.nodes([str(self.node_ids[row]) for row in rows])]
+            found = []
+            for row, child in zip(rows, self.chunks(rows), strict=True):
+                found.append(parent_id(child))
+                home.setdefault(found[-1], self._segment_of(row))
+            return found
 
         chosen = best_parents(children, parent_ids, top_k)
-        parents = self.nodes([parent for parent, _ in chosen])
-        return [NodeWithScore(node=node, score=score)
-                for node, (_, score) in zip(parents, chosen, strict=True)]
+        return [NodeWithScore(node=self._node(home[parent], parent), score=score)
+                for parent, score in chosen]
 
-    def nodes(self, node_ids: list[str]) -> list[BaseNode]:
-        """The nodes, in order; read in one query rather than the docstore's one per id."""
-        found = []
-        batch = 500  # SQLite's bound-parameter limit is far above this; keeps queries short
+    def _segment_of(self, row: int) -> int:
+        return int(np.searchsorted(self.offsets, row, side="right")) - 1
+
+    def chunks(self, rows: Sequence[int] | np.ndarray) -> list[BaseNode]:
+        """The chunks at these rows, in order; one docstore query per segment."""
+        rows = np.asarray(rows, dtype=np.int64)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        found: list[BaseNode | None] = [None] * rows.size
+        for index in np.unique(which):
+            segment, at = self.segments[index], np.flatnonzero(which == index)
+            ids = segment.node_ids[rows[at] - self.offsets[index]].tolist()
+            with self._reading(DOCSTORE_FILE):
+                nodes = segment.nodes(ids)
+            for position, node_id, node in zip(at, ids, nodes, strict=True):
+                if node is None:
+                    raise self._damaged(f"{DOCSTORE_FILE} lacks chunk {node_id}")
+                found[position] = node
+        return found  # type: ignore[return-value]
+
+    def _node(self, index: int, node_id: str) -> BaseNode:
         with self._reading(DOCSTORE_FILE):
-            for start in range(0, len(node_ids), batch):
-                ids = node_ids[start : start + batch]
-                for node_id, data in zip(ids, self._kv.get_many(ids, NODE_COLLECTION),
-                                         strict=True):
-                    if data is None:
-                        raise self._damaged(f"{DOCSTORE_FILE} lacks chunk {node_id}")
-                    found.append(json_to_doc(data))
-        return found
+            (node,) = self.segments[index].nodes([node_id])
+        if node is None:
+            raise self._damaged(f"{DOCSTORE_FILE} lacks chunk {node_id}")
+        return node
+
+    def vectors(self) -> np.ndarray:
+        """Every live chunk's unit-length embedding, in row order."""
+        parts = []
+        for segment, removed in zip(self.segments, self.removed_rows, strict=True):
+            if segment.vectors is not None:
+                parts.append(np.delete(segment.vectors.rows(np.arange(len(segment))), removed,
+                                       axis=0))
+        dimension = self.manifest.embedding.dimension if self.manifest.embedding else 0
+        return np.vstack(parts) if parts else np.zeros((0, dimension), np.float32)
 
     def _scores(
         self, query: str, mode: RetrievalMode, weight: float, embed_model: BaseEmbedding | None
@@ -248,10 +327,16 @@ class KnowledgeBase:
         self, query: str, mode: RetrievalMode, embed_model: BaseEmbedding | None
     ) -> np.ndarray:
         check_embedding(self.manifest, mode, embed_model)
-        assert self.vectors is not None and embed_model is not None
+        assert embed_model is not None
         embedding = embed_query(embed_model, query)
-        return clip_similarities(self.vectors.similarities(embedding), np.float32,
-                                 query_scale(self.manifest, embedding))
+        similarities = np.concatenate([segment.vectors.similarities(embedding)
+                                       for segment in self.segments
+                                       if segment.vectors is not None])
+        return clip_similarities(similarities, np.float32, query_scale(self.manifest, embedding))
+
+
+class KeywordScorer(Protocol):
+    def scores(self, query: str) -> np.ndarray: ...
 
 
 # What reading a damaged file raises (json, pydantic and numpy errors are ValueErrors).

@@ -1,4 +1,4 @@
-"""Write a complete knowledge base version from nodes, then publish it atomically."""
+"""Write segments and versions, and publish a version atomically."""
 
 from __future__ import annotations
 
@@ -12,92 +12,87 @@ from pathlib import Path
 
 import numpy as np
 from llama_index.core.schema import BaseNode
-from llama_index.core.storage.docstore.utils import doc_to_json
 
-from llamaindex_kb.conditions.table import MetadataTable
 from llamaindex_kb.errors import DISK_FULL_ERRNOS, DiskFullError
 from llamaindex_kb.stores.base import DocumentInfo, KBManifest
-from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
-from llamaindex_kb.stores.local.keyword import KeywordIndex
-from llamaindex_kb.stores.local.layout import KBLayout
-from llamaindex_kb.stores.local.vectors import VectorMatrix, normalise
+from llamaindex_kb.stores.local.layout import KBLayout, sync
+from llamaindex_kb.stores.local.postings import SegmentPostings
+from llamaindex_kb.stores.local.segment import write_segment
 from llamaindex_kb.stores.local.version import (
-    DOCSTORE_FILE,
-    DOCUMENT_IDS_FILE,
-    KEYWORD_DIR,
-    METADATA_FILE,
-    NODE_IDS_FILE,
-    VECTOR_DIR,
-    write_documents,
+    SEGMENTS_FILE,
+    Listing,
+    write_listing,
     write_manifest,
 )
 
 
-def write_version(
-    layout: KBLayout,
-    manifest: KBManifest,
-    nodes: Sequence[BaseNode],
-    vectors: np.ndarray | None,
-    documents: dict[str, DocumentInfo],
-    parents: Sequence[BaseNode] = (),
-) -> Path:
-    """Build every index for ``nodes`` (row i = nodes[i] = vectors[i]) and make it live.
+def new_segment(layout: KBLayout, nodes: Sequence[BaseNode], vectors: np.ndarray | None,
+                documents: dict[str, DocumentInfo], parents: Sequence[BaseNode] = (),
+                postings: SegmentPostings | None = None) -> str:
+    """Write a segment (``segment.write_segment``) and sync it; its name.
 
-    ``parents`` (parent-child chunking) go to the docstore only: they are returned,
-    never matched.
+    Call with ``layout.write_lock()`` held. On any failure the half-written folder
+    is removed."""
+    folder = layout.new_segment_dir()
+    with _cleaned_on_failure(layout, folder):
+        write_segment(folder, nodes, vectors, documents, parents, postings)
+        sync(folder)
+    return folder.name
+
+
+def write_version(layout: KBLayout, manifest: KBManifest, listing: Listing, *,
+                  touch: bool = True) -> Path:
+    """Make a version of these segments live: the manifest gets the chunk count, and
+    with ``touch`` the time (a merge changes nothing a user sees).
 
     Call with ``layout.write_lock()`` held. On any failure the half-built folder is
-    removed and the previous version stays live. Versions left behind are removed by
-    the caller (``layout.remove_stale_versions``) once it no longer reads them itself.
+    removed and the previous version stays live. Versions and segments left behind
+    are removed by the caller (``remove_unused``) once it no longer reads them itself.
     """
-    if vectors is not None and vectors.shape[0] != len(nodes):
-        raise ValueError(f"{vectors.shape[0]} vectors for {len(nodes)} nodes")
     version = layout.new_version_dir()
-    try:
-        node_ids = np.array([node.node_id for node in nodes], dtype=str)
-        np.save(version / NODE_IDS_FILE, node_ids)
-        document_ids = [str(node.metadata.get("document_id", node.node_id)) for node in nodes]
-        np.save(version / DOCUMENT_IDS_FILE, np.array(document_ids, dtype=str))
-        KeywordIndex.build([node.get_content() for node in nodes]).save(version / KEYWORD_DIR)
-        MetadataTable([dict(node.metadata) for node in nodes]).save(version / METADATA_FILE)
-        if vectors is not None:
-            VectorMatrix(normalise(vectors.astype(np.float32, copy=False))).save(
-                version / VECTOR_DIR, node_ids)
-        _store_nodes(version / DOCSTORE_FILE, [*nodes, *parents])
-        write_documents(version, documents)
-        write_manifest(version, manifest.model_copy(
-            update={"chunks": len(nodes), "updated_at": time.time()}))
+    with _cleaned_on_failure(layout, version):
+        write_listing(version, listing)
+        update: dict[str, object] = {"chunks": listing.chunks}
+        if touch:
+            update["updated_at"] = time.time()
+        write_manifest(version, manifest.model_copy(update=update))
         layout.publish(version)
-    except BaseException as exc:
-        # Asked before the cleanup frees the space the failed write filled.
-        full = isinstance(exc, Exception) and disk_full(exc, version)
-        # Only the final fsync of the folder follows the switch: if that failed, the
-        # version is live and must stay.
-        if layout.current_version() != version:
-            shutil.rmtree(version, ignore_errors=True)
-        if full:
-            raise _disk_full_error(layout) from exc
-        raise
     return version
 
 
-def _store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:
-    """Write nodes where ``KVDocumentStore.get_nodes`` reads them, in one transaction.
+def remove_unused(layout: KBLayout) -> None:
+    """Remove the versions no reader holds but the live one, then the segments that no
+    remaining version lists. Call with ``layout.write_lock()`` held."""
+    layout.remove_stale_versions()
+    listed: set[str] = set()
+    for child in layout.root.iterdir():
+        if not (child.is_dir() and child.name.startswith("v")
+                and (child / SEGMENTS_FILE).exists()):
+            continue
+        try:
+            listing = Listing.model_validate_json((child / SEGMENTS_FILE).read_bytes())
+        except (OSError, ValueError):
+            # A version whose list cannot be read keeps every segment: removing one it
+            # may list would damage it further.
+            return
+        listed.update(entry.name for entry in listing.segments)
+    layout.remove_unused_segments(listed)
 
-    ``add_documents`` would also maintain ref-doc and hash collections per node
-    (a read per node), which versions never use: documents.json records them.
-    """
-    kv = SQLiteKVStore(path)
+
+@contextlib.contextmanager
+def _cleaned_on_failure(layout: KBLayout, folder: Path) -> Iterator[None]:
     try:
-        # In batches, so 100k nodes never exist as JSON all at once.
-        for start in range(0, len(nodes), 2000):
-            batch = nodes[start : start + 2000]
-            kv.put_all([(node.node_id, doc_to_json(node)) for node in batch],
-                       collection=NODE_COLLECTION)
-    finally:
-        kv.close()
-
-
+        yield
+    except BaseException as exc:
+        # Asked before the cleanup frees the space the failed write filled.
+        full = isinstance(exc, Exception) and disk_full(exc, folder.parent)
+        # Only the final fsync of the folder follows the switch: if that failed, the
+        # version is live and must stay.
+        if layout.current_version() != folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        if full:
+            raise _disk_full_error(layout) from exc
+        raise
 
 
 def disk_full(exc: Exception, folder: Path) -> bool:
