@@ -337,6 +337,25 @@ def test_delete_and_replace_documents_alike(stores):
             store.open("edits")
 
 
+def test_the_share_of_text_the_model_reads_is_that_of_the_chunks_left(store):
+    # Hybrid scores weigh the vector side by it: a running mean would keep counting
+    # deleted chunks, and a base changed in steps would score unlike one built at once.
+    english = [(f"Bread {i}", f"Sourdough bread number {i} rises overnight.", {})
+               for i in range(4)]
+    chinese = [(f"面包 {i}", f"酸面包 {i} 需要 一夜 发酵 ㄅㄆㄇ", {}) for i in range(3)]
+    _build(store, "shares", corpus=english + chinese)
+    for title, _, _ in chinese[:2] + english[:1]:
+        victim = next(doc_id for doc_id, info in store.open("shares").documents.items()
+                      if info.title == title)
+        delete_document(store, "shares", victim)
+    _build(store, "shares-at-once", corpus=english[1:] + chinese[2:])
+    stepped = store.open("shares").manifest.readable_share
+    assert stepped == store.open("shares-at-once").manifest.readable_share
+    assert stepped is not None and stepped < 1.0
+    for knowledge_id in ("shares", "shares-at-once"):
+        store.drop(knowledge_id)
+
+
 def test_missing_knowledge_bases_and_foreign_embeddings_are_refused(store):
     with pytest.raises(KnowledgeBaseNotFound):
         _retrieve(store, "anything", knowledge_id="no-such-kb")

@@ -12,7 +12,10 @@ resolves to (one node per document, title + text; cached in the work directory a
 standalone server answers every test query over HTTP in each mode, and nDCG@10 and
 Recall@100 are printed beside a whitespace-tokenised BM25 baseline; then the best
 (top-1) hybrid and vector score of five Chinese and five English off-topic queries,
-and a summary table in which ``*`` marks the default (auto + hybrid).
+and a summary table in which ``*`` marks the default (auto + hybrid). With
+``--small-changes N`` (100 unless 0) each default base is built again from the same
+nodes and vectors in N changes (every tenth also deleting documents a later one adds
+back) and its hybrid nDCG@10 printed beside the bulk build's: the two must be equal.
 ``cmrc2018_traditional`` is derived at bench time: cmrc2018_retrieval's corpus and
 queries converted Simplified -> Traditional (opencc_purepy "s2t"), same test qrels.
 ``--max-docs N`` makes a small run (smoke test): at most N documents per set, about
@@ -78,6 +81,7 @@ from llamaindex_kb.models import bundled, multilingual
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.spec import QUERY_VECTORS, BlockingEmbedding
 from llamaindex_kb.retrieval import Library
+from llamaindex_kb.stores.base import Change, DocumentInfo, KBManifest
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.store import LocalStore
 from llamaindex_kb.stores.registry import open_store, store_for
@@ -243,11 +247,8 @@ class Target:
             return False
 
 
-def build_dataset_kb(dataset: Dataset, target: Target, model: BlockingEmbedding,
-                     knowledge_id: str) -> None:
+def dataset_nodes(dataset: Dataset) -> list[TextNode]:
     """One node per document, so a record's document_id is the BEIR corpus id."""
-    if target.is_current(knowledge_id):
-        return
     nodes = [
         TextNode(id_=str(uuid.uuid5(_NS, f"{dataset.name}/{doc_id}")), text=dataset.text(doc),
                  metadata={"document_id": doc_id, "title": doc.get("title") or doc_id})
@@ -255,12 +256,74 @@ def build_dataset_kb(dataset: Dataset, target: Target, model: BlockingEmbedding,
     ]
     for node in nodes:
         node.excluded_embed_metadata_keys = list(node.metadata)
+    return nodes
+
+
+def dataset_vectors(dataset: Dataset, target: Target, model: BlockingEmbedding,
+                    knowledge_id: str, nodes: list[TextNode]) -> np.ndarray:
+    """The nodes' embeddings, kept in the work folder: a second build of the same corpus
+    (the small-changes build) need not embed it again."""
+    cached = target.work_dir / "vectors" / f"{knowledge_id}.npy"
+    if cached.exists():
+        vectors = np.load(cached)
+        if vectors.shape[0] == len(nodes):
+            return vectors
     print(f"  embedding {len(nodes)} documents of {dataset.name} with the {model_name(model)} "
           f"model into {knowledge_id} (cached afterwards)…", flush=True)
     started = time.perf_counter()
     vectors = embed_nodes(nodes, model)
     print(f"  embedded in {time.perf_counter() - started:.0f} s", flush=True)
-    _publish(target, knowledge_id, nodes, vectors, model)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cached, vectors)
+    return vectors
+
+
+def build_dataset_kb(dataset: Dataset, target: Target, model: BlockingEmbedding,
+                     knowledge_id: str) -> None:
+    if target.is_current(knowledge_id):
+        return
+    nodes = dataset_nodes(dataset)
+    _publish(target, knowledge_id, nodes,
+             dataset_vectors(dataset, target, model, knowledge_id, nodes), model)
+
+
+def build_in_small_changes(dataset: Dataset, target: Target, model: BlockingEmbedding,
+                           bulk_id: str, count: int) -> str:
+    """The bulk base's documents published again in ``count`` changes into another base:
+    one in ten changes also deletes documents an earlier one added, which a later one
+    adds back, so the content ends the same as the bulk build's. Its id."""
+    knowledge_id = f"{bulk_id}--{count}-changes"
+    if target.is_current(knowledge_id):
+        return knowledge_id
+    nodes = dataset_nodes(dataset)
+    vectors = dataset_vectors(dataset, target, model, bulk_id, nodes)
+    readable = np.array([model.readable_share(node.get_content()) for node in nodes])
+    manifest = KBManifest(knowledge_id=knowledge_id, embedding=model.spec,
+                          retrieval_mode="hybrid", readable_share=float(readable.mean()))
+    ids = [str(node.metadata["document_id"]) for node in nodes]
+
+    def publish(rows: np.ndarray, gone: np.ndarray) -> None:
+        target.store.publish(knowledge_id, Change(
+            manifest=manifest, chunks=[nodes[i] for i in rows], vectors=vectors[rows],
+            readable=readable[rows], removed=frozenset(ids[i] for i in gone),
+            documents={ids[i]: DocumentInfo(document_id=ids[i], title=ids[i], chunks=1)
+                       for i in rows}))
+
+    started = time.perf_counter()
+    batches = np.array_split(np.arange(len(nodes)), count)
+    away: list[np.ndarray] = []
+    none = np.zeros(0, np.int64)
+    for number, rows in enumerate(batches):
+        back = away.pop(0) if away and number % 10 == 5 else none
+        gone = batches[number - 3][:3] if number % 10 == 9 else none
+        publish(np.concatenate((rows, back)), gone)
+        if gone.size:
+            away.append(gone)
+    for rows in away:  # those not added back yet
+        publish(rows, none)
+    print(f"  built {knowledge_id} in {count} changes in {time.perf_counter() - started:.0f} s",
+          flush=True)
+    return knowledge_id
 
 
 def _publish(target: Target, knowledge_id: str, nodes: list[TextNode], vectors: np.ndarray,
@@ -340,7 +403,8 @@ def resolve_models(dataset: Dataset, choices: list[LocalModel]
 
 
 def quality(datasets_dir: Path, target: Target, sets: list[str], modes: list[str],
-            choices: list[LocalModel], max_docs: int | None = None) -> None:
+            choices: list[LocalModel], max_docs: int | None = None,
+            small_changes: int = 0) -> None:
     key = secrets.token_hex(8)
     print("\n== quality: nDCG@10 / Recall@100, through POST /retrieval ==")
     summary: list[tuple[str, str, bool, dict[str, tuple[float, float]]]] = []
@@ -360,6 +424,14 @@ def quality(datasets_dir: Path, target: Target, sets: list[str], modes: list[str
             scores = measure_modes(dataset, target, key, knowledge_id, modes, is_default)
             summary.append((name, model_name(model), is_default, scores))
             off_topic(target, key, knowledge_id)
+            if small_changes and is_default:
+                built = build_in_small_changes(dataset, target, model, knowledge_id,
+                                               small_changes)
+                again = measure_modes(dataset, target, key, built, ["hybrid"], False)
+                print(f"    built in {small_changes} small changes: hybrid nDCG@10 "
+                      f"{again['hybrid'][0]:.4f}, one bulk build {scores['hybrid'][0]:.4f}"
+                      f" (difference {again['hybrid'][0] - scores['hybrid'][0]:+.4f})",
+                      flush=True)
     if summary:
         print_summary(summary, modes)
 
@@ -962,6 +1034,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-llamaindex", action="store_true")
     parser.add_argument("--skip-multilingual-speed", action="store_true")
     parser.add_argument("--skip-changes", action="store_true")
+    parser.add_argument("--small-changes", type=int, default=100, metavar="N",
+                        help="also build each default base in N small changes and compare "
+                             "its hybrid nDCG@10 with the bulk build's (0: skip) [100]")
     parser.add_argument("--change-sizes", default="10000,100000", metavar="LIST",
                         help="comma-separated chunk counts of the bases one document is "
                         "added to and deleted from [10000,100000]")
@@ -995,7 +1070,7 @@ def main(argv: list[str]) -> int:
         print(f"store: {parts.scheme}://{parts.hostname or ''}{parts.path}")
     if not args.skip_quality:
         quality(args.datasets, target, args.sets.split(","), args.modes.split(","), choices,
-                args.max_docs)
+                args.max_docs, small_changes=args.small_changes)
     if not args.skip_multilingual_speed:
         multilingual_speed(args.datasets, args.work_dir, args.speed_queries, args.speed_chunks)
     if not args.skip_scale:

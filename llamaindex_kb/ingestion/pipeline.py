@@ -401,13 +401,14 @@ def apply_changes(
     tokenizer = minilm_tokenizer() if manifest.embedding is not None else approximate_tokens
     result, sources = _chunk_sources(sources, config, tokenizer, limits, checkpoint,
                                      summary if keep_going else None)
-    new_vectors = None
+    new_vectors = readable = None
     if manifest.embedding is not None and result.chunks:
         texts = [n.get_content() for n in result.chunks]
         new_vectors = embed_texts(texts, check_same_embedding(manifest, embed_model), progress,
                                   checkpoint)
+        readable = np.array([readable_share(embed_model, text) for text in texts])
         manifest = manifest.model_copy(update={"readable_share": _readable_share(
-            manifest, texts, embed_model, existing.manifest.chunks if existing else 0)})
+            manifest, readable, existing.manifest.chunks if existing else 0)})
     counts: dict[str, int] = {}
     for node in result.chunks:
         counts[node.metadata["document_id"]] = counts.get(node.metadata["document_id"], 0) + 1
@@ -431,8 +432,8 @@ def apply_changes(
     existing = None
 
     published = store.publish(knowledge_id, Change(
-        manifest=manifest, chunks=result.chunks, vectors=new_vectors, documents=new_infos,
-        parents=result.parents, removed=frozenset(removed)))
+        manifest=manifest, chunks=result.chunks, vectors=new_vectors, readable=readable,
+        documents=new_infos, parents=result.parents, removed=frozenset(removed)))
     summary.documents = len(new_infos)
     summary.chunks = len(result.chunks)
     summary.removed = published.removed
@@ -527,15 +528,17 @@ def drop_knowledge_base(store: KnowledgeStore, knowledge_id: str) -> None:
     store.drop(knowledge_id)
 
 
-def _readable_share(manifest: KBManifest, texts: Sequence[str],
-                    embed_model: BaseEmbedding | None, chunks_before: int | None) -> float:
-    """The base's share of tokens the model reads, with ``texts`` added: a chunk-weighted
-    mean of what was recorded and the new chunks' shares (``stores.base.fused_weight``)."""
-    added = float(np.mean([readable_share(embed_model, text) for text in texts]))
+def _readable_share(manifest: KBManifest, added: np.ndarray, chunks_before: int | None
+                    ) -> float:
+    """The base's share of tokens the model reads, with chunks of shares ``added``: a
+    chunk-weighted mean of what was recorded and theirs (``stores.base.fused_weight``).
+    Stores that keep each chunk's share replace it with the exact mean of the chunks
+    they then hold (``Change.readable``); for the others it stays a running mean."""
+    mean = float(np.mean(added))
     before = manifest.readable_share
     if before is None or not chunks_before:
-        return added
-    return (before * chunks_before + added * len(texts)) / (chunks_before + len(texts))
+        return mean
+    return (before * chunks_before + mean * added.size) / (chunks_before + added.size)
 
 
 def _manifest_for(existing: KnowledgeBaseHandle | None, knowledge_id: str,

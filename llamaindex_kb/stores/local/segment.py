@@ -11,6 +11,7 @@ Row ``i`` of a segment means the same chunk in every file of it::
     metadata.json                    chunk metadata as columns (MetadataTable)
     docstore.sqlite                  the chunks and their parents, as LlamaIndex nodes
     documents.json                   the documents whose chunks are here
+    readable.npy                     each chunk's share of tokens the model read (if known)
 
 Segments are shared by every version that lists them, and once read, by every open
 version in the process (``SegmentCache``): a change to a 100k-chunk base reads only
@@ -46,6 +47,7 @@ METADATA_FILE = "metadata.json"
 NODE_IDS_FILE = "node_ids.npy"
 DOCUMENTS_FILE = "documents.json"
 DOCUMENT_IDS_FILE = "document_ids.npy"
+READABLE_FILE = "readable.npy"
 # Versions written before segments kept one segment's files in the version folder, with
 # BM25 weights (not counts) here: still read, and rewritten as a segment on first change.
 LEGACY_KEYWORD_DIR = "keyword"
@@ -87,6 +89,10 @@ class Segment:
                 self.vectors = VectorMatrix.load(folder / VECTOR_DIR, self.node_ids)
         with reading(METADATA_FILE):
             self.metadata = MetadataTable.load(folder / METADATA_FILE)
+        self.readable: np.ndarray | None = None
+        if (folder / READABLE_FILE).exists():
+            with reading(READABLE_FILE):
+                self.readable = read_array(folder / READABLE_FILE)
         self._documents_lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -102,6 +108,8 @@ class Segment:
             counts[LEGACY_KEYWORD_DIR] = (len(self.legacy_keyword),)
         if self.vectors is not None:
             counts[VECTOR_DIR] = (len(self.vectors),)
+        if self.readable is not None:
+            counts[READABLE_FILE] = self.readable.shape
         return counts
 
     def documents(self) -> dict[str, DocumentInfo]:
@@ -160,10 +168,10 @@ class SegmentCache:
 
 def write_segment(folder: Path, nodes: Sequence[BaseNode], vectors: np.ndarray | None,
                   documents: dict[str, DocumentInfo], parents: Sequence[BaseNode] = (),
-                  postings: SegmentPostings | None = None) -> None:
-    """Every file of a segment for ``nodes`` (row i = nodes[i] = vectors[i]); ``parents``
-    (parent-child chunking) go to the docstore only: they are returned, never matched.
-    ``postings``, if given, are the nodes' (a merge has them without tokenizing)."""
+                  readable: np.ndarray | None = None) -> None:
+    """Every file of a segment for ``nodes`` (row i = nodes[i] = vectors[i] =
+    readable[i]); ``parents``
+    (parent-child chunking) go to the docstore only: they are returned, never matched."""
     if vectors is not None and vectors.shape[0] != len(nodes):
         raise ValueError(f"{vectors.shape[0]} vectors for {len(nodes)} nodes")
     folder.mkdir(parents=True)
@@ -171,9 +179,9 @@ def write_segment(folder: Path, nodes: Sequence[BaseNode], vectors: np.ndarray |
     np.save(folder / NODE_IDS_FILE, node_ids)
     document_ids = [str(node.metadata.get("document_id", node.node_id)) for node in nodes]
     np.save(folder / DOCUMENT_IDS_FILE, np.array(document_ids, dtype=str))
-    if postings is None:
-        postings = SegmentPostings.build([node.get_content() for node in nodes])
-    postings.save(folder / POSTINGS_DIR)
+    SegmentPostings.build([node.get_content() for node in nodes]).save(folder / POSTINGS_DIR)
+    if readable is not None:
+        np.save(folder / READABLE_FILE, np.asarray(readable, np.float64))
     MetadataTable([dict(node.metadata) for node in nodes]).save(folder / METADATA_FILE)
     if vectors is not None:
         VectorMatrix(normalise(vectors.astype(np.float32, copy=False))).save(

@@ -185,7 +185,8 @@ class LocalStore(FindingStore):
         embedding = change.manifest.embedding
         if embedding is not None and vectors is None:
             vectors = np.zeros((0, embedding.dimension), dtype=np.float32)
-        name = new_segment(layout, change.chunks, vectors, change.documents, change.parents)
+        name = new_segment(layout, change.chunks, vectors, change.documents, change.parents,
+                           change.readable)
         return _read(layout, name), SegmentEntry(name=name)
 
     def _publish(self, layout: KBLayout, manifest: KBManifest,
@@ -196,8 +197,13 @@ class LocalStore(FindingStore):
         parts, offset = [], 0
         sums: VectorSums = {}
         documents = 0
+        readable: list[float] | None = []
         for segment, entry in segments:
             rows = segment.rows_of(entry.removed)
+            if readable is not None and segment.readable is not None:
+                readable.append(float(segment.readable.sum() - segment.readable[rows].sum()))
+            elif len(segment) > rows.size:
+                readable = None  # some chunks' shares are not known: the running mean stays
             parts.append(Part(segment.postings, offset, rows))  # type: ignore[arg-type]
             offset += len(segment)
             if needs_centroid(manifest) and segment.vectors is not None:
@@ -205,7 +211,11 @@ class LocalStore(FindingStore):
                     segment.vectors.rows(np.arange(len(segment))), rows, axis=0)))
             documents += len(segment.documents().keys() - set(entry.removed))
         stats = stats or corpus_stats(parts)
-        manifest = with_centroids(manifest.model_copy(update={"documents": documents}), sums)
+        update: dict[str, object] = {"documents": documents}
+        if readable is not None and stats.chunks:
+            # Rounded: sums of the same shares in other groupings differ in the last bits.
+            update["readable_share"] = round(sum(readable) / stats.chunks, 9)
+        manifest = with_centroids(manifest.model_copy(update=update), sums)
         listing = Listing(segments=[entry for _, entry in segments], chunks=stats.chunks,
                           total_length=stats.total_length,
                           absent_term_weight=stats.absent_term_weight)
@@ -219,12 +229,16 @@ class LocalStore(FindingStore):
 
     def compact(self, knowledge_id: str) -> bool:
         """Merge the base's segments if it needs it (``compaction.plan``); whether it did.
-        Writers wait meanwhile; readers never do."""
+        Either way, what a writer that died left on disk is removed. Writers wait
+        meanwhile; readers never do."""
         layout = KBLayout(self.data_dir, knowledge_id)
         with disk_space(layout), layout.write_lock():
             existing = self.find(knowledge_id)
             run = None if existing is None else plan(existing)
             if existing is None or run is None:
+                if existing is not None:
+                    existing = None
+                    remove_unused(layout)
                 return False
             if existing.listing is None:
                 segments = _segments(layout, existing)

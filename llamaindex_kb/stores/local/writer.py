@@ -16,7 +16,6 @@ from llama_index.core.schema import BaseNode
 from llamaindex_kb.errors import DISK_FULL_ERRNOS, DiskFullError
 from llamaindex_kb.stores.base import DocumentInfo, KBManifest
 from llamaindex_kb.stores.local.layout import KBLayout, sync
-from llamaindex_kb.stores.local.postings import SegmentPostings
 from llamaindex_kb.stores.local.segment import write_segment
 from llamaindex_kb.stores.local.version import (
     SEGMENTS_FILE,
@@ -28,14 +27,14 @@ from llamaindex_kb.stores.local.version import (
 
 def new_segment(layout: KBLayout, nodes: Sequence[BaseNode], vectors: np.ndarray | None,
                 documents: dict[str, DocumentInfo], parents: Sequence[BaseNode] = (),
-                postings: SegmentPostings | None = None) -> str:
+                readable: np.ndarray | None = None) -> str:
     """Write a segment (``segment.write_segment``) and sync it; its name.
 
     Call with ``layout.write_lock()`` held. On any failure the half-written folder
     is removed."""
     folder = layout.new_segment_dir()
     with _cleaned_on_failure(layout, folder):
-        write_segment(folder, nodes, vectors, documents, parents, postings)
+        write_segment(folder, nodes, vectors, documents, parents, readable)
         sync(folder)
     return folder.name
 
