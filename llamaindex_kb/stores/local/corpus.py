@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llamaindex_kb.lru import LRU
 from llamaindex_kb.stores.local.postings import SegmentPostings
 from llamaindex_kb.text.analyzer import tokenize
 from llamaindex_kb.text.bm25 import TermWeights, idf, median_best_weight, score_rows, weights
@@ -48,6 +49,9 @@ class Part:
         live = np.ones(len(self.postings), dtype=bool)
         live[self.removed] = False
         return live
+
+
+_ABSENT = TermWeights(np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0)
 
 
 def corpus_stats(parts: Sequence[Part]) -> CorpusStats:
@@ -125,13 +129,22 @@ def _shared_columns(all_postings: Sequence[SegmentPostings]) -> tuple[list[np.nd
     return columns, len(known) + len(extra)
 
 
-class CorpusKeyword:
-    """BM25 scores of a version's rows (removed rows score 0); immutable, thread-safe."""
+# A term's weights in a version, computed from its counts on first use: repeated and
+# common query terms cost a lookup, as when weights were stored. Shared by the
+# process's open versions (keyed by version), within a budget like PostgreSQL's.
+TERM_WEIGHTS: LRU[tuple[str, str], TermWeights] = LRU(64 * 2**20, lambda w: w.nbytes + 256)
 
-    def __init__(self, parts: Sequence[Part], stats: CorpusStats, rows: int) -> None:
+
+class CorpusKeyword:
+    """BM25 scores of a version's rows (removed rows score 0); immutable, thread-safe.
+    ``version`` names the version in the process-wide cache of term weights."""
+
+    def __init__(self, parts: Sequence[Part], stats: CorpusStats, rows: int,
+                 version: str) -> None:
         self._parts = [(part, part.live()) for part in parts]
         self._stats = stats
         self._rows = rows
+        self._version = version
 
     def scores(self, query: str) -> np.ndarray:
         """Every row's score for ``query``, ``text.bm25``'s absolute scale (0: no match)."""
@@ -140,12 +153,15 @@ class CorpusKeyword:
             return np.zeros(self._rows, np.float64)
         weighted: dict[str, TermWeights] = {}
         for term in dict.fromkeys(terms):
-            found = self._term(term)
-            if found is not None:
+            found = TERM_WEIGHTS.get((self._version, term))
+            if found is None:
+                found = self._term(term)
+                TERM_WEIGHTS.put((self._version, term), found)
+            if found.rows.size:
                 weighted[term] = found
         return score_rows(terms, weighted, self._stats.absent_term_weight, self._rows)
 
-    def _term(self, term: str) -> TermWeights | None:
+    def _term(self, term: str) -> TermWeights:
         rows, tfs, lengths = [], [], []
         for part, live in self._parts:
             postings = part.postings
@@ -162,7 +178,7 @@ class CorpusKeyword:
             tfs.append(counts)
             lengths.append(postings.lengths[local])
         if not rows or not sum(r.size for r in rows):
-            return None
+            return _ABSENT
         all_rows = np.concatenate(rows)
         found = weights(np.concatenate(tfs), np.concatenate(lengths),
                         idf(all_rows.size, self._stats.chunks), self._stats.average_length)

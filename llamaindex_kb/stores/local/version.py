@@ -179,7 +179,8 @@ class KnowledgeBase:
                     if segment.postings is None:
                         raise ValueError(f"segment {segment.folder.name} has no postings")
                 parts.append(Part(segment.postings, int(offset), rows))
-            self.keyword = CorpusKeyword(parts, self.listing.stats, self.rows)
+            self.keyword = CorpusKeyword(parts, self.listing.stats, self.rows,
+                                         str(self.version_dir))
 
     def _check_rows(self) -> None:
         """Row i is the same chunk in every index: a file swapped in from another version
