@@ -145,13 +145,14 @@ class PluginTransport:
 
 
 class ServerTransport:
-    """Real HTTP to the standalone server, with Dify's 5 s timeouts."""
+    """Real HTTP to the standalone server, with Dify's 5 s timeouts (or ``timeout``, for
+    an upload, which Dify does not send)."""
 
     name = "server"
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, timeout: float = 5.0) -> None:
         self.base_url = base_url
-        self.client = httpx.Client(timeout=httpx.Timeout(5.0))
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout))
 
     def post(self, path: str, body: bytes | None, headers: dict[str, str]) -> Reply:
         return self.send("POST", path, body, headers)

@@ -394,7 +394,7 @@ def test_a_full_disk_answers_507_and_leaves_the_base_as_it_was(small_disk, tmp_p
     big = " ".join(f"word{i} sentence number {i} about nothing." for i in range(60_000))
 
     with standalone_server(data) as url:
-        reply = ServerTransport(url).post("/documents", json.dumps({
+        reply = ServerTransport(url, timeout=60).post("/documents", json.dumps({
             "knowledge_id": "k", "title": "big", "text": big, "mode": "keyword"}).encode(),
             AUTH)
     assert reply.status == 507, reply.body

@@ -136,7 +136,9 @@ def _merged_postings(segments: list[Segment], kept: list[np.ndarray]) -> Segment
     new_column = np.cumsum(used) - 1
     vocab = {term: int(new_column[column]) for term, column in vocab.items() if used[column]}
     all_terms = new_column[all_terms]
-    order = np.lexsort((all_rows, all_terms))
+    # Each segment's part is in (term, row) order and the segments' rows ascend, so a
+    # stable sort by term alone puts the whole in (term, row) order.
+    order = np.argsort(all_terms, kind="stable")
     return SegmentPostings.from_occurrences(
         vocab, all_terms[order], all_rows[order], all_tfs[order],
         np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
@@ -162,8 +164,11 @@ def _copy_nodes(path: Path, segments: list[Segment], node_ids: list[str]) -> Non
     """Copy these nodes' stored JSON from the segments' docstores, in SQL: nothing is
     parsed. A node kept in two segments (a document replaced within the run) is
     taken from the later one, whose chunk or parent it is."""
-    SQLiteKVStore(path).close()  # creates the table
+    SQLiteKVStore(path, unpublished=True).close()  # creates the table
     with contextlib.closing(sqlite3.connect(path)) as conn:
+        # Unpublished until synced: no journal (SQLiteKVStore's ``unpublished``).
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
         conn.execute("CREATE TEMP TABLE wanted (key TEXT PRIMARY KEY)")
         conn.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((k,) for k in node_ids))
         for index, segment in enumerate(segments):

@@ -181,7 +181,15 @@ def _frontier(terms: np.ndarray, tfs: np.ndarray, lengths: np.ndarray) -> np.nda
     """Positions of each term's undominated occurrences (module docstring), by term."""
     if not terms.size:
         return np.zeros(0, np.int64)
-    order = np.lexsort((lengths, -tfs.astype(np.int64), terms))
+    if int(terms.max()) < 1 << 24 and int(tfs.max()) < 1 << 20 and int(lengths.max()) < 1 << 20:
+        # One 64-bit key sorts in half the time of three (term, -tf, length) keys.
+        key = terms.astype(np.uint64) << np.uint64(40)
+        key |= (np.uint64((1 << 20) - 1) - tfs.astype(np.uint64)) << np.uint64(20)
+        key |= lengths.astype(np.uint64)
+        order = np.argsort(key, kind="stable")
+        del key
+    else:
+        order = np.lexsort((lengths, -tfs.astype(np.int64), terms))
     t, tf, length = terms[order].astype(np.int64), tfs[order], lengths[order].astype(np.int64)
     group_start = np.concatenate(([True], t[1:] != t[:-1]))
     tf_start = group_start | np.concatenate(([True], tf[1:] != tf[:-1]))

@@ -201,7 +201,7 @@ def store_nodes(path: Path, nodes: Sequence[BaseNode]) -> None:
     ``add_documents`` would also maintain ref-doc and hash collections per node
     (a read per node), which segments never use: documents.json records them.
     """
-    kv = SQLiteKVStore(path)
+    kv = SQLiteKVStore(path, unpublished=True)
     try:
         # In batches, so 100k nodes never exist as JSON all at once.
         for start in range(0, len(nodes), 2000):

@@ -264,7 +264,10 @@ class LocalStore(FindingStore):
                     or knowledge_id in self._compacting):
                 return
             self._compacting.add(knowledge_id)
-        threading.Thread(target=self._compact_logged, args=(knowledge_id,), daemon=True,
+        # Not a daemon: a process that exits (a CLI run) first finishes the merge its
+        # changes called for, so a base changed only from the command line is merged
+        # too; killed, it leaves the base as it was.
+        threading.Thread(target=self._compact_logged, args=(knowledge_id,),
                          name=f"llamaindex_kb-merge-{knowledge_id[:40]}").start()
 
     def _compact_logged(self, knowledge_id: str) -> None:
