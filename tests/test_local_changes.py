@@ -8,11 +8,13 @@ build of the same documents, through merges, crashes (kill -9) and concurrent re
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,8 +22,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from conftest import PLUGIN_ROOT
 
+from llamaindex_kb.errors import KnowledgeBaseDamaged, error_status
 from llamaindex_kb.ingestion.pipeline import IngestSummary, apply_changes, text_source
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import local_embedding
@@ -214,6 +218,35 @@ def test_a_base_written_before_segments_answers_as_before_and_is_rewritten_on_it
     assert sorted(store.open("legacy").documents) == ["alpha", "beta", "delta", "gamma", "tea"]
     assert [p.name for p in KBLayout(data, "legacy").root.glob("v*")] == [
         KBLayout(data, "legacy").current_version().name]
+
+
+def test_a_document_without_chunks_can_be_replaced_and_deleted(tmp_path):
+    # A text of only control characters is a document that yields no chunk.
+    store = LocalStore(tmp_path / "data")
+    store.compact_in_background = False
+    change(store, "kb", {"d0": text_of(0)})
+    change(store, "kb", {"blank": "\x00"})
+    assert "blank" in store.open("kb").documents
+    change(store, "kb", {"blank": "helium tea kettle"})
+    assert answers(store, "kb", ["keyword"])[0][0][1] == "helium tea kettle"
+    change(store, "kb", {}, {"blank"})
+    assert sorted(store.open("kb").documents) == ["d0"]
+
+
+def test_a_damaged_base_written_before_segments_is_named_when_first_changed(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES / "legacy-base", data)
+    version = KBLayout(data, "legacy").current_version()
+    with contextlib.closing(sqlite3.connect(version / "docstore.sqlite")) as conn, conn:
+        conn.execute("DELETE FROM kv WHERE key = (SELECT min(key) FROM kv)")
+    with pytest.raises(KnowledgeBaseDamaged) as damaged:
+        change(LocalStore(data), "legacy", {"delta": "Delta rays are electrons."})
+    assert error_status(damaged.value)[:2] == (500, 5001)
+    assert "'legacy' is damaged" in damaged.value.message
+    assert "docstore.sqlite" in damaged.value.message
+    assert sorted(LocalStore(data).open("legacy").documents) == ["alpha", "beta", "gamma", "tea"]
+    assert not (KBLayout(data, "legacy").root / "segments").exists() or not any(
+        (KBLayout(data, "legacy").root / "segments").iterdir())
 
 
 # --- crashes and concurrent readers ---------------------------------------------------

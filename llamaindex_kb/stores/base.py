@@ -272,6 +272,21 @@ def merged(first: VectorSums, second: VectorSums) -> VectorSums:
     return both
 
 
+def subtracted(sums: VectorSums, removed: VectorSums) -> VectorSums | None:
+    """``sums`` less the removed rows' sums; a script left with no rows goes, so rounding
+    left over from adding and subtracting never outlives its rows. None if a script
+    lacks rows it lost: a row the probe placed on the other side when it was added (a
+    last-bit difference right at the threshold), for the caller to add up again."""
+    left = dict(sums)
+    for script, (total, count) in removed.items():
+        if left.get(script, (None, 0))[1] < count:
+            return None
+        old_total, old_count = left.pop(script)
+        if old_count > count:
+            left[script] = (old_total - total, old_count - count)
+    return left
+
+
 def with_centroids(manifest: KBManifest, sums: VectorSums) -> KBManifest:
     """``manifest`` with the centroids of a base whose vectors add up to ``sums``, if its
     scores count from them. Every store calls this as it publishes, under its write

@@ -91,6 +91,7 @@ from llamaindex_kb.stores.base import (
     needs_centroid,
     query_embedding,
     query_scale,
+    subtracted,
     vector_sums,
     with_centroids,
 )
@@ -378,7 +379,7 @@ class PostgresStore(FindingStore):
                          + len(change.documents))
             sums: VectorSums = {}
             if centred:
-                left = None if kept is None else _without(kept, gone.vector_sums)
+                left = None if kept is None else subtracted(kept, gone.vector_sums)
                 sums = (_all_vector_sums(cur, base) if left is None
                         else merged(left, vector_sums(change.vectors)))
             # Each chunk's readable share is kept: the manifest gets the mean of the chunks
@@ -1052,21 +1053,6 @@ def _kept_vector_sums(cur: psycopg.Cursor, base: _Base) -> VectorSums | None:
 def _sums_json(sums: VectorSums) -> dict[str, Any]:
     # float64 values survive jsonb's numeric and back exactly (repr round-trips).
     return {script: [total.tolist(), count] for script, (total, count) in sums.items()}
-
-
-def _without(sums: VectorSums, removed: VectorSums) -> VectorSums | None:
-    """``sums`` less the removed rows' sums; a script left with no rows goes, so rounding
-    left over from adding and subtracting never outlives its rows. None if a script
-    lacks rows it lost: a row the probe placed on the other side when it was added (a
-    last-bit difference right at the threshold), for the caller to add up again."""
-    left = dict(sums)
-    for script, (total, count) in removed.items():
-        if left.get(script, (None, 0))[1] < count:
-            return None
-        old_total, old_count = left.pop(script)
-        if old_count > count:
-            left[script] = (old_total - total, old_count - count)
-    return left
 
 
 def _all_vector_sums(cur: psycopg.Cursor, base: _Base) -> VectorSums:

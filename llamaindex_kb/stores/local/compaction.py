@@ -19,10 +19,12 @@ import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from llamaindex_kb.conditions.table import MetadataTable
+from llamaindex_kb.errors import KnowledgeBaseDamaged
 from llamaindex_kb.stores.base import DocumentInfo
 from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
 from llamaindex_kb.stores.local.layout import KBLayout, sync
@@ -30,6 +32,7 @@ from llamaindex_kb.stores.local.postings import SegmentPostings
 from llamaindex_kb.stores.local.segment import (
     DOCSTORE_FILE,
     DOCUMENT_IDS_FILE,
+    DOCUMENTS_FILE,
     METADATA_FILE,
     NODE_IDS_FILE,
     POSTINGS_DIR,
@@ -72,17 +75,18 @@ def merge(layout: KBLayout, kb: KnowledgeBase, run: slice) -> SegmentEntry:
     kept = [np.setdiff1d(np.arange(len(segment)), removed)
             for segment, removed in zip(segments, kb.removed_rows[run], strict=True)]
     documents: dict[str, DocumentInfo] = {}
-    for segment, gone in zip(segments, kb.removed_documents[run], strict=True):
-        documents.update((k, v) for k, v in segment.documents().items() if k not in gone)
+    with kb.reading(DOCUMENTS_FILE):
+        for segment, gone in zip(segments, kb.removed_documents[run], strict=True):
+            documents.update((k, v) for k, v in segment.documents().items() if k not in gone)
     folder = layout.new_segment_dir()
+    folder.mkdir()  # outside the cleanup: a name in use is never removed
     with _cleaned_on_failure(layout, folder):
-        folder.mkdir()
         node_ids = np.concatenate([s.node_ids[rows] for s, rows in zip(segments, kept,
                                                                       strict=True)])
         np.save(folder / NODE_IDS_FILE, node_ids)
         np.save(folder / DOCUMENT_IDS_FILE, np.concatenate(
             [s.document_ids[rows] for s, rows in zip(segments, kept, strict=True)]))
-        _merged_postings(segments, kept).save(folder / POSTINGS_DIR)
+        _merged_postings(kb, segments, kept).save(folder / POSTINGS_DIR)
         _merged_metadata(segments, kept).save(folder / METADATA_FILE)
         readable = [kb.manifest.readable_share if s.readable is None and s.legacy else s.readable
                     for s in segments]
@@ -96,13 +100,17 @@ def merge(layout: KBLayout, kb: KnowledgeBase, run: slice) -> SegmentEntry:
                 segments, kept, strict=True) if s.vectors is not None])).save(
                     folder / VECTOR_DIR, node_ids)
         parents = [p for info in documents.values() for p in info.parent_ids]
-        _copy_nodes(folder / DOCSTORE_FILE, segments, [*node_ids.tolist(), *parents])
+        missing = _copy_nodes(folder / DOCSTORE_FILE, segments, [*node_ids.tolist(), *parents])
+        if missing:
+            raise KnowledgeBaseDamaged.naming(
+                kb.knowledge_id, f"{DOCSTORE_FILE} lacks {missing} of the chunks it lists")
         write_documents(folder, documents)
         sync(folder)
     return SegmentEntry(name=folder.name)
 
 
-def _merged_postings(segments: list[Segment], kept: list[np.ndarray]) -> SegmentPostings:
+def _merged_postings(kb: KnowledgeBase, segments: list[Segment], kept: list[np.ndarray]
+                     ) -> SegmentPostings:
     """The live rows' postings, renumbered, from the segments' counts."""
     vocab: dict[str, int] = {}
     terms, rows, tfs, lengths = [], [], [], []
@@ -110,9 +118,11 @@ def _merged_postings(segments: list[Segment], kept: list[np.ndarray]) -> Segment
     for segment, keep in zip(segments, kept, strict=True):
         postings = segment.postings
         if postings is None:  # written before segments: tokenized once
-            nodes = segment.nodes(segment.node_ids[keep].tolist())
+            with kb.reading(DOCSTORE_FILE):
+                nodes = segment.nodes(segment.node_ids[keep].tolist())
             if any(node is None for node in nodes):
-                raise ValueError(f"{DOCSTORE_FILE} lacks chunks of its node_ids")
+                raise KnowledgeBaseDamaged.naming(
+                    kb.knowledge_id, f"{DOCSTORE_FILE} lacks chunks of its node_ids")
             postings = SegmentPostings.build([node.get_content() for node in nodes if node])
             keep = np.arange(len(nodes))
         renumbered = np.full(len(postings), -1, np.int64)
@@ -160,22 +170,27 @@ def _merged_metadata(segments: list[Segment], kept: list[np.ndarray]) -> Metadat
         key: values for key, values in columns.items() if any(v is not None for v in values)})
 
 
-def _copy_nodes(path: Path, segments: list[Segment], node_ids: list[str]) -> None:
+def _copy_nodes(path: Path, segments: list[Segment], node_ids: list[str]) -> int:
     """Copy these nodes' stored JSON from the segments' docstores, in SQL: nothing is
     parsed. A node kept in two segments (a document replaced within the run) is
-    taken from the later one, whose chunk or parent it is."""
+    taken from the later one, whose chunk or parent it is. How many were not found."""
     SQLiteKVStore(path, unpublished=True).close()  # creates the table
-    with contextlib.closing(sqlite3.connect(path)) as conn:
+    with contextlib.closing(sqlite3.connect(f"file:{quote(str(path))}", uri=True)) as conn:
         # Unpublished until synced: no journal (SQLiteKVStore's ``unpublished``).
         conn.execute("PRAGMA journal_mode=OFF")
         conn.execute("PRAGMA synchronous=OFF")
         conn.execute("CREATE TEMP TABLE wanted (key TEXT PRIMARY KEY)")
         conn.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((k,) for k in node_ids))
         for index, segment in enumerate(segments):
-            conn.execute(f"ATTACH DATABASE ? AS s{index}", (str(segment.folder / DOCSTORE_FILE),))
+            # Read as the published, immutable file it is: no -wal or -shm is made beside it.
+            source = f"file:{quote(str(segment.folder / DOCSTORE_FILE))}?mode=ro&immutable=1"
+            conn.execute(f"ATTACH DATABASE ? AS s{index}", (source,))
             conn.execute(
                 f"INSERT OR REPLACE INTO kv SELECT collection, key, value FROM s{index}.kv "
                 "WHERE collection = ? AND key IN (SELECT key FROM wanted)", (NODE_COLLECTION,))
             conn.commit()
             conn.execute(f"DETACH DATABASE s{index}")
         conn.commit()
+        (copied,) = conn.execute("SELECT count(*) FROM kv").fetchone()
+        (wanted,) = conn.execute("SELECT count(*) FROM wanted").fetchone()
+    return int(wanted - copied)

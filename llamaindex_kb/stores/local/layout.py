@@ -286,11 +286,11 @@ def _checked_header(handle: io.FileIO, path: Path) -> tuple[tuple[int, ...], np.
 
 
 def sync(folder: Path) -> None:
-    """Every file of ``folder`` and the folder itself on disk."""
+    """Every file of ``folder``, the folder itself, and its entry in its parent on disk."""
     for file in folder.rglob("*"):
         if file.is_file():
             _fsync(file)
-    for child in (*(p for p in folder.rglob("*") if p.is_dir()), folder):
+    for child in (*(p for p in folder.rglob("*") if p.is_dir()), folder, folder.parent):
         _fsync(child)
 
 

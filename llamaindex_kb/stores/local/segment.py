@@ -33,7 +33,7 @@ from llama_index.core.schema import BaseNode
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 
 from llamaindex_kb.conditions.table import MetadataTable
-from llamaindex_kb.stores.base import DocumentInfo
+from llamaindex_kb.stores.base import DocumentInfo, VectorSums, vector_sums
 from llamaindex_kb.stores.local.docstore import NODE_COLLECTION, SQLiteKVStore
 from llamaindex_kb.stores.local.keyword import KeywordIndex
 from llamaindex_kb.stores.local.layout import read_array
@@ -63,9 +63,16 @@ class Segment:
     naming the knowledge base and file.
     """
 
-    def __init__(self, folder: Path, reading: Reading) -> None:
+    def __init__(self, folder: Path, reading: Reading, *, legacy: bool = False) -> None:
+        """``legacy``: a version written before segments, read from its own folder."""
         self.folder = folder
-        self.legacy = not (folder / POSTINGS_DIR).is_dir()
+        self.legacy = legacy
+        named = reading
+
+        def reading(name: str) -> AbstractContextManager[None]:
+            # A file of a segment is named with its segment: several have one of each.
+            return named(name if legacy else f"segment {folder.name}: {name}")
+
         with reading(DOCSTORE_FILE):
             # The cheap check first: a segment whose docstore is cut short is refused
             # before hundreds of megabytes of arrays are read.
@@ -124,10 +131,19 @@ class Segment:
         return {k: DocumentInfo.model_validate(v) for k, v in raw.items()}
 
     @cached_property
+    def vector_sums(self) -> VectorSums:
+        """Per script, the sums of all its rows' vectors (``stores.base.vector_sums``):
+        a version subtracts its removed rows' rather than adding up the rest again."""
+        return vector_sums(None if self.vectors is None
+                           else self.vectors.rows(np.arange(len(self))))
+
+    @cached_property
     def _rows_by_document(self) -> dict[str, np.ndarray]:
+        if not self.document_ids.size:
+            return {}
         order = np.argsort(self.document_ids, kind="stable")
         ids = self.document_ids[order]
-        starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1]))) if ids.size else []
+        starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
         ends = [*starts[1:], ids.size]
         return {str(ids[s]): np.sort(order[s:e]) for s, e in zip(starts, ends, strict=True)}
 
@@ -156,12 +172,12 @@ class SegmentCache:
         self._read: weakref.WeakValueDictionary[Path, Segment] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
-    def get(self, folder: Path, reading: Reading) -> Segment:
+    def get(self, folder: Path, reading: Reading, *, legacy: bool = False) -> Segment:
         with self._lock:
             found = self._read.get(folder)
         if found is not None:
             return found
-        segment = Segment(folder, reading)
+        segment = Segment(folder, reading, legacy=legacy)
         with self._lock:
             return self._read.setdefault(folder, segment)
 
@@ -169,12 +185,11 @@ class SegmentCache:
 def write_segment(folder: Path, nodes: Sequence[BaseNode], vectors: np.ndarray | None,
                   documents: dict[str, DocumentInfo], parents: Sequence[BaseNode] = (),
                   readable: np.ndarray | None = None) -> None:
-    """Every file of a segment for ``nodes`` (row i = nodes[i] = vectors[i] =
-    readable[i]); ``parents``
-    (parent-child chunking) go to the docstore only: they are returned, never matched."""
+    """Every file of a segment for ``nodes`` in the empty ``folder``: row i is nodes[i],
+    vectors[i] and readable[i]. ``parents`` (parent-child chunking) go to the docstore
+    only: they are returned, never matched."""
     if vectors is not None and vectors.shape[0] != len(nodes):
         raise ValueError(f"{vectors.shape[0]} vectors for {len(nodes)} nodes")
-    folder.mkdir(parents=True)
     node_ids = np.array([node.node_id for node in nodes], dtype=str)
     np.save(folder / NODE_IDS_FILE, node_ids)
     document_ids = [str(node.metadata.get("document_id", node.node_id)) for node in nodes]

@@ -28,6 +28,7 @@ from llamaindex_kb.stores.base import (
     check_publishable,
     merged,
     needs_centroid,
+    subtracted,
     vector_sums,
     with_centroids,
 )
@@ -160,6 +161,9 @@ class LocalStore(FindingStore):
                     f"{knowledge_id!r} cannot be stored: its folder {layout.root.name} holds "
                     f"knowledge base {other!r}, made by an earlier version; drop that one "
                     "or choose another id"))
+            # What a writer that failed or died left (a full disk's attempts included)
+            # goes before this one adds to it.
+            remove_unused(layout)
             # The open version, read under the lock: another writer may have published.
             existing = None if change.replace else self.find(knowledge_id)
             check_publishable(existing.manifest if existing is not None else None, change)
@@ -204,11 +208,16 @@ class LocalStore(FindingStore):
                 readable.append(float(segment.readable.sum() - segment.readable[rows].sum()))
             elif len(segment) > rows.size:
                 readable = None  # some chunks' shares are not known: the running mean stays
-            parts.append(Part(segment.postings, offset, rows))  # type: ignore[arg-type]
+            assert segment.postings is not None  # a legacy segment is rewritten first
+            parts.append(Part(segment.postings, offset, rows))
             offset += len(segment)
             if needs_centroid(manifest) and segment.vectors is not None:
-                sums = merged(sums, vector_sums(np.delete(
-                    segment.vectors.rows(np.arange(len(segment))), rows, axis=0)))
+                removed = vector_sums(segment.vectors.rows(rows))
+                live = subtracted(segment.vector_sums, removed)
+                if live is None:  # a probe tie placed a row otherwise: add up the rest
+                    live = vector_sums(np.delete(
+                        segment.vectors.rows(np.arange(len(segment))), rows, axis=0))
+                sums = merged(sums, live)
             documents += len(segment.documents().keys() - set(entry.removed))
         stats = stats or corpus_stats(parts)
         update: dict[str, object] = {"documents": documents}
@@ -232,13 +241,13 @@ class LocalStore(FindingStore):
         Either way, what a writer that died left on disk is removed. Writers wait
         meanwhile; readers never do."""
         layout = KBLayout(self.data_dir, knowledge_id)
+        if layout.current_version() is None:
+            return False  # dropped (or never made): the lock would make its folder again
         with disk_space(layout), layout.write_lock():
+            remove_unused(layout)
             existing = self.find(knowledge_id)
             run = None if existing is None else plan(existing)
             if existing is None or run is None:
-                if existing is not None:
-                    existing = None
-                    remove_unused(layout)
                 return False
             if existing.listing is None:
                 segments = _segments(layout, existing)

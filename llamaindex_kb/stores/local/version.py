@@ -133,7 +133,7 @@ class KnowledgeBase:
             raise
 
     def _load(self, manifest: bytes, *, named: bool) -> None:
-        with self._reading(MANIFEST_FILE):
+        with self.reading(MANIFEST_FILE):
             self.manifest = KBManifest.model_validate_json(manifest)
         if not named:
             self.knowledge_id = self.manifest.knowledge_id
@@ -145,7 +145,7 @@ class KnowledgeBase:
             )
         self.listing: Listing | None = None
         if (self.version_dir / SEGMENTS_FILE).exists():
-            with self._reading(SEGMENTS_FILE):
+            with self.reading(SEGMENTS_FILE):
                 self.listing = Listing.model_validate_json(
                     (self.version_dir / SEGMENTS_FILE).read_bytes())
             root = self.version_dir.parent
@@ -153,8 +153,9 @@ class KnowledgeBase:
             removed = [e.removed for e in self.listing.segments]
         else:
             folders, removed = [self.version_dir], [[]]
-        self.segments = [SEGMENTS.get(folder, self._reading) for folder in folders]
-        with self._reading(SEGMENTS_FILE):
+        self.segments = [SEGMENTS.get(folder, self.reading, legacy=self.listing is None)
+                         for folder in folders]
+        with self.reading(SEGMENTS_FILE):
             self.removed_rows = [segment.rows_of(gone)
                                  for segment, gone in zip(self.segments, removed, strict=True)]
         self.removed_documents = [frozenset(gone) for gone in removed]
@@ -175,9 +176,7 @@ class KnowledgeBase:
             parts = []
             for segment, offset, rows in zip(self.segments, self.offsets, self.removed_rows,
                                              strict=False):
-                with self._reading(SEGMENTS_FILE):
-                    if segment.postings is None:
-                        raise ValueError(f"segment {segment.folder.name} has no postings")
+                assert segment.postings is not None  # read, or the segment was refused
                 parts.append(Part(segment.postings, int(offset), rows))
             self.keyword = CorpusKeyword(parts, self.listing.stats, self.rows,
                                          str(self.version_dir))
@@ -206,7 +205,8 @@ class KnowledgeBase:
         return KnowledgeBaseDamaged.naming(self.knowledge_id, problem)
 
     @contextlib.contextmanager
-    def _reading(self, name: str) -> Iterator[None]:
+    def reading(self, name: str) -> Iterator[None]:
+        """Failures reading the file ``name`` become errors naming it and the base."""
         try:
             yield
         except KBError:
@@ -226,7 +226,7 @@ class KnowledgeBase:
     def documents(self) -> dict[str, DocumentInfo]:
         """Loaded on first use: queries never need it."""
         found: dict[str, DocumentInfo] = {}
-        with self._reading(DOCUMENTS_FILE):
+        with self.reading(DOCUMENTS_FILE):
             for segment, gone in zip(self.segments, self.removed_documents, strict=True):
                 found.update((k, v) for k, v in segment.documents().items() if k not in gone)
         return found
@@ -289,7 +289,7 @@ class KnowledgeBase:
         for index in np.unique(which):
             segment, at = self.segments[index], np.flatnonzero(which == index)
             ids = segment.node_ids[rows[at] - self.offsets[index]].tolist()
-            with self._reading(DOCSTORE_FILE):
+            with self.reading(DOCSTORE_FILE):
                 nodes = segment.nodes(ids)
             for position, node_id, node in zip(at, ids, nodes, strict=True):
                 if node is None:
@@ -298,7 +298,7 @@ class KnowledgeBase:
         return found  # type: ignore[return-value]
 
     def _node(self, index: int, node_id: str) -> BaseNode:
-        with self._reading(DOCSTORE_FILE):
+        with self.reading(DOCSTORE_FILE):
             (node,) = self.segments[index].nodes([node_id])
         if node is None:
             raise self._damaged(f"{DOCSTORE_FILE} lacks chunk {node_id}")

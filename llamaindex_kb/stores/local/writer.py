@@ -33,6 +33,7 @@ def new_segment(layout: KBLayout, nodes: Sequence[BaseNode], vectors: np.ndarray
     Call with ``layout.write_lock()`` held. On any failure the half-written folder
     is removed."""
     folder = layout.new_segment_dir()
+    folder.mkdir()  # outside the cleanup: a name in use is never removed
     with _cleaned_on_failure(layout, folder):
         write_segment(folder, nodes, vectors, documents, parents, readable)
         sync(folder)
