@@ -11,22 +11,40 @@ Store URLs::
 Collections::
 
     llamaindex_kb_meta          one point per knowledge base (manifest, BM25 corpus
-                                statistics, the live chunk collection: the "CURRENT"
-                                pointer), and per document and parent chunk, tagged with
-                                the chunk collection they belong to
-    llamaindex_kb_<id>_<uuid>   a version's chunks: point id = row, a "dense" cosine
+                                statistics, live chunk collection and generation: the
+                                "CURRENT" pointer), per document and parent chunk (their
+                                versions), and per publish that removed something (what,
+                                for the purge), tagged with their chunk collection
+    llamaindex_kb_<id>_<uuid>   the base's chunks: point id = row, a "dense" cosine
                                 vector, a "sparse" vector of our analyzer's terms
                                 (text.analyzer.tokenize, hashed; never fastembed) with
-                                ``Modifier.IDF``, payload: node JSON, metadata, term counts
+                                ``Modifier.IDF``, payload: node JSON, metadata, term
+                                counts, and the generations it lives in (since, until)
 
-A publish writes a new chunk collection (kept chunks copied, new ones added), then
-swaps the pointer with one point upsert: readers see a whole change or none of it.
+Generations: a publish adds its chunks to the live collection as generation g+1 and marks
+the chunks, document and parent versions it replaces or removes as ending there, then
+moves the pointer to g+1 with one conditional point upsert; a query reads the pointer
+once and skips every point generation g+1 would show but g would not (``_visible``),
+so it sees a whole change or none of it. A one-document change costs that document (and
+a pass over the vocabulary for the absent-term weight: ``_TermStats``); the first in a
+process that did not make the base's generation also reads every chunk's term counts
+once. Removed points are deleted by the first publish ``PURGE_S`` after their removal;
+a query still reading a generation older than that starts again. A writer names what
+it is about to touch in the pointer first (``writing``), so the next one can undo what a
+writer that died left (``_undo``). A new base, a full replacement (which may change the
+embedding's dimension) and the first publish to a base an earlier version wrote (a
+collection per publish, no generations: read as it is meanwhile) go into a new
+collection, and the pointer then swaps collections.
 
 Writers of one knowledge base, whatever thread, process or machine they run in, take
 turns through a lease point in the meta collection (``_Lease``: taken by a conditional
 upsert, renewed while held, lapsing within ``LEASE_S`` of its holder's death); a
-waiting writer gives up after ``WAIT_S``. The switch is conditional too, so a writer
-whose lease lapsed under it fails rather than overwrite a newer change. Conditional
+waiting writer gives up after ``WAIT_S``. The switch is conditional too (on the
+generation, and on the writer's own mark in the pointer), and a writer checks its mark
+before each batch it writes into the live collection (``_Claim``), so a writer whose
+lease lapsed under it fails rather than overwrite a newer change. Not covered: the one
+batch a writer may have in flight if it stalls past its lease between that check and
+the write, while the next writer is writing the same generation. Conditional
 updates need Qdrant 1.16 or later to write; local mode has them, and its folder is
 locked to one process by qdrant-client itself.
 
@@ -62,7 +80,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
@@ -113,12 +131,17 @@ from llamaindex_kb.stores.base import (
 )
 from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, retrieve
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
-from llamaindex_kb.text.bm25 import Postings, best_term_weights, score_postings
+from llamaindex_kb.text.bm25 import Postings, idf, median_best_weight, score_postings, weights
 
 TIMEOUT_S = 4  # every request to a server
 RETRY_S = 2.0  # how long a read keeps retrying a transient failure
 LEASE_S = 60.0  # a writer's lease on a knowledge base, renewed every third of it
 WAIT_S = 300.0  # how long a writer waits for another writer of the same knowledge base
+# How long points a publish removed stay readable: for queries that read the pointer
+# before that publish switched it (a query re-reads the pointer at its end and starts
+# again if they went meanwhile: _Search.check_readable).
+PURGE_S = 60.0
+FOREVER = 2**62  # the ``until`` of a point no publish has removed
 META = "llamaindex_kb_meta"
 _PREFIX = "llamaindex_kb_"
 _NS = uuid.UUID("5b0c8a53-3f0e-4f6e-9d5e-6f1f9a3c2b71")
@@ -127,6 +150,9 @@ _CONDITIONAL_UPDATES = (1, 16)  # the first Qdrant whose upserts take an update_
 _META_INDEXES = {key: models.PayloadSchemaType.KEYWORD
                  for key in ("kb", "kind", "version", "collection", "holder")}
 _META_INDEXES["expires"] = models.PayloadSchemaType.FLOAT
+_META_INDEXES["generation"] = models.PayloadSchemaType.INTEGER
+_META_INDEXES["writing.txn"] = models.PayloadSchemaType.KEYWORD
+_SLACK = 64  # points a search asks for beyond those it needs, for other generations'
 _STRONG = models.WriteOrdering.STRONG  # through the shard's permanent leader: one order
 _MAJORITY = models.ReadConsistencyType.MAJORITY
 
@@ -140,7 +166,8 @@ def from_url(url: str, settings: Settings) -> QdrantStore:
 
 @dataclass(frozen=True)
 class _Base:
-    """A knowledge base's pointer point: manifest, statistics, live chunk collection."""
+    """A knowledge base's pointer point: manifest, statistics, live chunk collection and
+    generation (which of the collection's points are live: ``_visible``)."""
 
     manifest: KBManifest
     collection: str
@@ -148,6 +175,20 @@ class _Base:
     total_length: int
     absent_term_weight: float
     next_row: int
+    # False: written by a version without generations (a collection per publish, every
+    # point live); its next publish rewrites it into a collection with them.
+    versioned: bool = False
+    generation: int = 0
+    txn: str = ""  # the publish that made this generation
+    dead: int = 0  # removed chunks not yet purged: searches skip them
+    readable_from: int = 0  # the oldest generation whose points are all still there
+    # (generation, when it was published, chunks it removed): removals not yet purged
+    retired: tuple[tuple[int, float, int], ...] = ()
+    purging: tuple[int, ...] = ()  # generations being purged (redone by the next publish)
+    sums: VectorSums = field(default_factory=dict)  # of the live dense vectors, per script
+    # The sum of the live chunks' readable shares (Change.readable), and how many have one
+    readable: tuple[float, int] = (0.0, 0)
+    writing: dict[str, Any] | None = None  # what a publish under way (or dead) touches
 
 
 class _Gone(Exception):
@@ -188,10 +229,14 @@ class QdrantStore(FindingStore):
     in other processes wait their turn (``_Lease``)."""
 
     def __init__(self, url: str, api_key: str | None = None, *, lease_s: float = LEASE_S,
-                 wait_s: float = WAIT_S) -> None:
+                 wait_s: float = WAIT_S, purge_s: float = PURGE_S) -> None:
         # What logs and messages show: the URL without its api_key.
         self.url = shown = redact_url(url)
-        self._lease_s, self._wait_s = lease_s, wait_s
+        self._lease_s, self._wait_s, self._purge_s = lease_s, wait_s, purge_s
+        # Per knowledge base, the term statistics of the generation this process last
+        # published (by its txn): the next publish here updates them by its own chunks
+        # instead of reading every chunk's term counts again.
+        self._terms: dict[str, tuple[str, _TermStats]] = {}
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -309,8 +354,11 @@ class QdrantStore(FindingStore):
                 "keep concurrent writers apart): upgrade the server")
         self._conditional_updates = True
 
-    def _load_base(self, client: QdrantClient, knowledge_id: str) -> _Base | None:
-        found = client.retrieve(META, [_meta_id("base", knowledge_id)], with_payload=True)
+    def _load_base(self, client: QdrantClient, knowledge_id: str, *, whole: bool = False
+                   ) -> _Base | None:
+        """The pointer; ``whole``: with the vector sums only writers need."""
+        found = client.retrieve(META, [_meta_id("base", knowledge_id)], with_payload=(
+            True if whole else models.PayloadSelectorExclude(exclude=["sums"])))
         if not found:
             return None
         p = found[0].payload or {}
@@ -321,7 +369,17 @@ class QdrantStore(FindingStore):
                 "and ingest its documents again")
         return _Base(KBManifest.model_validate(p["manifest"]), p["collection"],
                      int(p["chunk_count"]), int(p["total_length"]),
-                     float(p["absent_term_weight"]), int(p["next_row"]))
+                     float(p["absent_term_weight"]), int(p["next_row"]),
+                     versioned="generation" in p, generation=int(p.get("generation", 0)),
+                     txn=p.get("txn", ""), dead=int(p.get("dead", 0)),
+                     readable_from=int(p.get("readable_from", 0)),
+                     retired=tuple((int(g), float(t), int(n))
+                                   for g, t, n in p.get("retired", [])),
+                     purging=tuple(int(g) for g in p.get("purging", [])),
+                     sums={script: (np.asarray(total, np.float64), int(count))
+                           for script, (total, count) in (p.get("sums") or {}).items()},
+                     writing=p.get("writing"),
+                     readable=(float(p.get("readable_sum", 0.0)), int(p.get("readable_known", 0))))
 
     def _meta_scroll(self, client: QdrantClient, knowledge_id: str, kind: str,
                      version: str | None = None) -> Iterator[dict[str, Any]]:
@@ -361,82 +419,249 @@ class QdrantStore(FindingStore):
         # Counted before taking the lease, which then covers only the store's own work.
         counted = [Counter(tokenize(node.get_content())) for node in change.chunks]
         with self._writing(knowledge_id) as client:
-            old = self._load_base(client, knowledge_id)
+            old = self._load_base(client, knowledge_id, whole=True)
             check_publishable(old.manifest if old is not None else None, change)
-            keep_old = old is not None and not change.replace
-            replaced = set(change.documents) | change.removed
-            collection = f"{_collection_prefix(knowledge_id)}_{uuid.uuid4().hex[:12]}"
-            _create_chunks(client, collection, change.manifest)
-            documents: dict[str, DocumentInfo] = {}
-            parents: list[dict[str, Any]] = []
-            sums: VectorSums = {}
-            next_row = old.next_row if old is not None else 0
-            stats: list[tuple[dict[str, int], int]] = []  # (term counts, length) per chunk
-            removed = 0
-            if keep_old:
-                assert old is not None
-                for info in self._meta_scroll(client, knowledge_id, "document", old.collection):
-                    if info["document_id"] in change.removed:
-                        removed += 1
-                    if info["document_id"] not in replaced:
-                        documents[info["document_id"]] = DocumentInfo.model_validate(
-                            info["info"])
-                kept_parents = {p for info in documents.values() for p in info.parent_ids}
-                parents = [p for p in self._meta_scroll(client, knowledge_id, "parent",
-                                                        old.collection)
-                           if p["node_id"] in kept_parents]
-                sums = _copy_chunks(client, old.collection, collection, replaced, stats,
-                                    needs_centroid(change.manifest))
-            documents.update(change.documents)
-            points = []
-            for offset, (node, terms) in enumerate(zip(change.chunks, counted, strict=True)):
-                length = sum(terms.values())
-                stats.append((dict(terms), length))
-                vector: dict[str, Any] = {}
-                if change.vectors is not None:
-                    vector["dense"] = np.asarray(change.vectors[offset], np.float32).tolist()
-                sparse = _sparse(terms)
-                if sparse is not None:
-                    vector["sparse"] = sparse
-                points.append(models.PointStruct(id=next_row + offset, vector=vector, payload={
-                    "document_id": str(node.metadata.get("document_id", node.node_id)),
-                    "metadata": dict(node.metadata), "node": doc_to_json(node),
-                    "tf": dict(terms), "length": length}))
-            next_row += len(change.chunks)
-            for start in range(0, len(points), _BATCH):
-                client.upsert(collection, points[start:start + _BATCH], wait=True)
-            meta_points = [models.PointStruct(
-                id=_meta_id("document", knowledge_id, collection, doc_id), vector={},
-                payload={"kb": knowledge_id, "kind": "document", "version": collection,
-                         "document_id": doc_id, "info": info.model_dump(mode="json")})
-                for doc_id, info in documents.items()]
-            parents += [{"node_id": node.node_id,
-                         "document_id": str(node.metadata.get("document_id", node.ref_doc_id)),
-                         "node": doc_to_json(node)} for node in change.parents]
-            meta_points += [models.PointStruct(
-                id=_meta_id("parent", knowledge_id, collection, p["node_id"]), vector={},
-                payload={"kb": knowledge_id, "kind": "parent", "version": collection,
-                         "node_id": p["node_id"], "document_id": p["document_id"],
-                         "node": p["node"]}) for p in parents]
-            for start in range(0, len(meta_points), _BATCH):
-                client.upsert(META, meta_points[start:start + _BATCH], wait=True)
-            total_length = sum(length for _, length in stats)
-            manifest = with_centroids(change.manifest.model_copy(update={
-                "documents": len(documents), "chunks": len(stats), "updated_at": time.time()}),
-                merged(sums, vector_sums(change.vectors))
-                if needs_centroid(change.manifest) else {})
-            switched = _switch(client, knowledge_id, old, {
-                "kb": knowledge_id, "kind": "base", "collection": collection,
-                "manifest": manifest.model_dump(mode="json"),
-                "analyzer_version": ANALYZER_VERSION, "chunk_count": len(stats),
-                "total_length": total_length, "next_row": next_row,
-                "absent_term_weight": _absent_term_weight(stats)})
-            if not switched:
-                self._retire(client, knowledge_id, collection)
+            # Trusted again only once this publish has switched the pointer.
+            cached = self._terms.pop(knowledge_id, None)
+            self._drop_orphans(client, knowledge_id, old)
+            if old is None or change.replace or not old.versioned:
+                step = self._rewrite(client, knowledge_id, old, change, counted)
+            else:
+                terms = (cached[1] if cached is not None and cached[0] == old.txn
+                         else _scan_terms(client, old))
+                step = self._amend(client, knowledge_id, old, change, counted, terms)
+            base = step.base
+            base["absent_term_weight"] = _absent_term_weight(step.terms)
+            if not _switch(client, knowledge_id, old, base, step.claimed):
+                if step.fresh:  # its own collection: nobody else reads or writes it
+                    self._retire(client, knowledge_id, base["collection"])
+                # Points written into the live collection are the next writer's to
+                # remove (the pointer names them: ``writing``), if it has not already.
                 raise _overtaken(knowledge_id)
-            if old is not None:
+            if old is not None and step.fresh:
                 self._retire(client, knowledge_id, old.collection)
-        return Published(documents=len(documents), chunks=len(stats), removed=removed)
+            self._purge(client, knowledge_id, base["collection"], base["purging"])
+            self._terms[knowledge_id] = (base["txn"], step.terms)
+        return step.published
+
+    def _rewrite(self, client: QdrantClient, knowledge_id: str, old: _Base | None,
+                 change: Change, counted: list[Counter[str]]) -> _Step:
+        """A new base, a full replacement, or the first publish to a base an earlier
+        version wrote: everything kept and added goes into a new chunk collection, as
+        generation 1 (O(the whole base), as every publish cost before generations)."""
+        collection = f"{_collection_prefix(knowledge_id)}_{uuid.uuid4().hex[:12]}"
+        _create_chunks(client, collection, change.manifest)
+        with_sums = needs_centroid(change.manifest)
+        terms = _TermStats()
+        sums: VectorSums = {}
+        documents: dict[str, DocumentInfo] = {}
+        parents: list[dict[str, Any]] = []
+        rows: dict[str, list[int]] = {}
+        next_row = old.next_row if old is not None else 0
+        removed = 0
+        replaced = set(change.documents) | change.removed
+        if old is not None and not change.replace:
+            for info in self._meta_scroll(client, knowledge_id, "document", old.collection):
+                if info["document_id"] in change.removed:
+                    removed += 1
+                if info["document_id"] not in replaced:
+                    documents[info["document_id"]] = DocumentInfo.model_validate(info["info"])
+            kept_parents = {p for info in documents.values() for p in info.parent_ids}
+            parents = [p for p in self._meta_scroll(client, knowledge_id, "parent",
+                                                    old.collection)
+                       if p["node_id"] in kept_parents]
+            sums = _copy_chunks(client, old.collection, collection, replaced, terms, rows,
+                                with_sums)
+        documents.update(change.documents)
+        rows_added = _write_chunks(client, collection, change, counted, next_row, 1, terms)
+        for row, doc_id in rows_added:
+            rows.setdefault(doc_id, []).append(row)
+        parents += [_parent(node) for node in change.parents]
+        by_document: dict[str, list[str]] = {}
+        for parent in parents:
+            by_document.setdefault(parent["document_id"], []).append(parent["node_id"])
+        meta = [_document_point(knowledge_id, collection, doc_id, [_version(
+            1, info=info.model_dump(mode="json"), rows=rows.get(doc_id, []),
+            parents=by_document.get(doc_id, []))]) for doc_id, info in documents.items()]
+        meta += [_parent_point(knowledge_id, collection, p["node_id"], [_version(
+            1, document_id=p["document_id"], node=p["node"])]) for p in parents]
+        for start in range(0, len(meta), _BATCH):
+            client.upsert(META, meta[start:start + _BATCH], wait=True)
+        if with_sums:
+            sums = merged(sums, vector_sums(change.vectors))
+        # Chunks an earlier version wrote have no share: the manifest keeps its mean.
+        base = _pointer(knowledge_id, collection, change.manifest, terms, sums, len(documents),
+                        next_row + len(change.chunks), generation=1,
+                        readable=_readable(change, (0.0, 0)))
+        return _Step(base, terms, Published(documents=len(documents),
+                                            chunks=terms.chunk_count, removed=removed),
+                     fresh=True)
+
+    def _amend(self, client: QdrantClient, knowledge_id: str, old: _Base, change: Change,
+               counted: list[Counter[str]], terms: _TermStats) -> _Step:
+        """A change to a versioned base, in its collection, as the next generation: the
+        change's chunks added, its documents' old chunks marked removed (``until``), and
+        every statistic updated by those alone. O(the change), plus O(the vocabulary)
+        for the absent-term weight."""
+        collection, g = old.collection, old.generation
+        new = g + 1
+        if old.writing is not None:
+            self._undo(client, knowledge_id, old)
+        self._purge(client, knowledge_id, collection, old.purging)  # if its writer died
+        with_sums = needs_centroid(change.manifest)
+        touched = sorted(set(change.documents) | change.removed)
+        found = {(p.payload or {})["document_id"]: p.payload or {} for p in client.retrieve(
+            META, [_meta_id("document", knowledge_id, collection, doc_id)
+                   for doc_id in touched], with_payload=True)}
+        gone_rows: list[int] = []
+        gone_parents: set[str] = set()
+        gone_documents = removed = 0
+        for doc_id, payload in found.items():
+            live = _version_at(payload, g)
+            if live is not None:
+                gone_documents += 1
+                removed += doc_id in change.removed
+                gone_rows += live["rows"]
+                gone_parents.update(live["parents"])
+        new_parents = [_parent(node) for node in change.parents]
+        parent_ids = sorted(gone_parents | {p["node_id"] for p in new_parents})
+        txn = uuid.uuid4().hex
+        # Named in the pointer before anything is written: a writer that dies after
+        # this leaves the next one a list of what to undo (``_undo``).
+        client.set_payload(META, {"writing": {
+            "txn": txn, "rows": [old.next_row, old.next_row + len(change.chunks)],
+            "documents": touched, "parents": parent_ids}},
+            points=models.FilterSelector(filter=_unchanged(knowledge_id, old)),
+            wait=True, ordering=_STRONG)
+        claim = _Claim(client, knowledge_id, txn)
+        claim.check()
+        sums = old.sums
+        readable_sum, readable_known = old.readable
+        for start in range(0, len(gone_rows), _BATCH):
+            batch = gone_rows[start:start + _BATCH]
+            points = client.retrieve(collection, batch,
+                                     with_payload=["tf", "length", "readable"],
+                                     with_vectors=["dense"] if with_sums else False)
+            for point in points:
+                payload = point.payload or {}
+                terms.add(payload.get("tf") or {}, int(payload.get("length", 0)), -1)
+                if payload.get("readable") is not None:
+                    readable_sum -= float(payload["readable"])
+                    readable_known -= 1
+            if with_sums:
+                sums = merged(sums, _negated(vector_sums(_dense(points))))
+            claim.check()
+            client.set_payload(collection, {"until": new}, points=batch, wait=True)
+        rows_added = _write_chunks(client, collection, change, counted, old.next_row, new,
+                                   terms, claim)
+        if with_sums:
+            sums = merged(sums, vector_sums(change.vectors))
+        rows: dict[str, list[int]] = {}
+        for row, doc_id in rows_added:
+            rows.setdefault(doc_id, []).append(row)
+        by_document: dict[str, list[str]] = {}
+        for parent in new_parents:
+            by_document.setdefault(parent["document_id"], []).append(parent["node_id"])
+        meta = []
+        for doc_id in touched:
+            versions = _ended((found.get(doc_id) or {}).get("versions", []), g, new)
+            info = change.documents.get(doc_id)
+            if info is not None:
+                versions.append(_version(new, info=info.model_dump(mode="json"),
+                                         rows=rows.get(doc_id, []),
+                                         parents=by_document.get(doc_id, [])))
+            if versions:  # none: the removal of a document the base never held
+                meta.append(_document_point(knowledge_id, collection, doc_id, versions))
+        parent_points = {(p.payload or {})["node_id"]: p.payload or {} for p in client.retrieve(
+            META, [_meta_id("parent", knowledge_id, collection, node_id)
+                   for node_id in parent_ids], with_payload=True)}
+        added = {p["node_id"]: p for p in new_parents}
+        for node_id in parent_ids:
+            versions = _ended((parent_points.get(node_id) or {}).get("versions", []), g, new)
+            if node_id in added:
+                versions.append(_version(new, document_id=added[node_id]["document_id"],
+                                         node=added[node_id]["node"]))
+            meta.append(_parent_point(knowledge_id, collection, node_id, versions))
+        now = time.time()
+        retired = list(old.retired)
+        if gone_rows or gone_documents or gone_parents:
+            meta.append(models.PointStruct(
+                id=_meta_id("retired", knowledge_id, collection, str(new)), vector={},
+                payload={"kb": knowledge_id, "kind": "retired", "version": collection,
+                         "rows": gone_rows, "documents": touched, "parents": parent_ids}))
+            retired.append((new, now, len(gone_rows)))
+        for start in range(0, len(meta), _BATCH):
+            claim.check()
+            client.upsert(META, meta[start:start + _BATCH], wait=True)
+        # Removals published more than purge_s ago: no query can still be reading the
+        # generations before them (one that began earlier starts again).
+        due = [entry for entry in retired if entry[1] < now - self._purge_s]
+        documents = (old.manifest.documents or 0) - gone_documents + len(change.documents)
+        base = _pointer(knowledge_id, collection, change.manifest, terms, sums, documents,
+                        old.next_row + len(change.chunks), generation=new, txn=txn,
+                        readable_from=max([old.readable_from, *(u for u, _, _ in due)]),
+                        retired=retired, purging=[u for u, _, _ in due],
+                        readable=_readable(change, (readable_sum, readable_known)))
+        return _Step(base, terms, Published(documents=documents, chunks=terms.chunk_count,
+                                            removed=removed), claimed=txn)
+
+    def _undo(self, client: QdrantClient, knowledge_id: str, old: _Base) -> None:
+        """Remove what a writer that died during a publish left in the live collection
+        (the pointer's ``writing``): its chunks, document and parent versions, and the
+        ends it had set on generation ``old.generation``'s."""
+        assert old.writing is not None
+        collection, g = old.collection, old.generation
+        start, end = old.writing["rows"]
+        for first in range(start, end, _BATCH):
+            client.delete(collection, list(range(first, min(first + _BATCH, end))), wait=True)
+        live_rows: list[int] = []
+        for kind, ids in (("document", old.writing["documents"]),
+                          ("parent", old.writing["parents"])):
+            for point in client.retrieve(META, [_meta_id(kind, knowledge_id, collection, i)
+                                                for i in ids], with_payload=True):
+                payload = point.payload or {}
+                versions = [{**v, "until": FOREVER} if int(v["until"]) > g else v
+                            for v in payload.get("versions", []) if int(v["since"]) <= g]
+                if kind == "document":
+                    live_rows += [row for v in versions if _visible(v, g) for row in v["rows"]]
+                _rewrite_versions(client, point.id, payload, versions)
+        for first in range(0, len(live_rows), _BATCH):
+            client.set_payload(collection, {"until": FOREVER},
+                               points=live_rows[first:first + _BATCH], wait=True)
+        client.delete(META, [_meta_id("retired", knowledge_id, collection, str(g + 1))],
+                      wait=True)
+
+    def _purge(self, client: QdrantClient, knowledge_id: str, collection: str,
+               generations: Sequence[int]) -> None:
+        """Delete the points and versions the given generations removed (each, with the
+        list of them, once; again harmlessly if a writer died doing it)."""
+        for generation in generations:
+            point_id = _meta_id("retired", knowledge_id, collection, str(generation))
+            found = client.retrieve(META, [point_id], with_payload=True)
+            if not found:
+                continue
+            retired = found[0].payload or {}
+            rows = retired["rows"]
+            for start in range(0, len(rows), _BATCH):
+                client.delete(collection, rows[start:start + _BATCH], wait=True)
+            for kind, ids in (("document", retired["documents"]),
+                              ("parent", retired["parents"])):
+                for point in client.retrieve(META, [_meta_id(kind, knowledge_id, collection, i)
+                                                    for i in ids], with_payload=True):
+                    payload = point.payload or {}
+                    _rewrite_versions(client, point.id, payload, [
+                        v for v in payload.get("versions", [])
+                        if int(v["until"]) > generation])
+            client.delete(META, [point_id], wait=True)
+
+    def _drop_orphans(self, client: QdrantClient, knowledge_id: str,
+                      old: _Base | None) -> None:
+        """Delete chunk collections of this knowledge base the pointer does not name:
+        left by a writer that died before its switch."""
+        own = re.compile(re.escape(_collection_prefix(knowledge_id)) + r"_[0-9a-f]{12}")
+        for found in client.get_collections().collections:
+            if own.fullmatch(found.name) and (old is None or found.name != old.collection):
+                self._retire(client, knowledge_id, found.name)
 
     def _retire(self, client: QdrantClient, knowledge_id: str, collection: str) -> None:
         client.delete(META, models.FilterSelector(filter=models.Filter(
@@ -448,6 +673,7 @@ class QdrantStore(FindingStore):
             base = self._load_base(client, knowledge_id)
             if base is None:
                 raise KnowledgeBaseNotFound.missing(knowledge_id)
+            self._terms.pop(knowledge_id, None)
             client.delete(META, [_meta_id("base", knowledge_id)], wait=True)
             self._retire(client, knowledge_id, base.collection)
 
@@ -469,11 +695,14 @@ class QdrantKnowledgeBase:
 
     @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
+        found = {}
         with self._store._calls() as client:
-            return {
-                info["document_id"]: DocumentInfo.model_validate(info["info"])
-                for info in self._store._meta_scroll(client, self.knowledge_id, "document",
-                                                     self._base.collection)}
+            for payload in self._store._meta_scroll(client, self.knowledge_id, "document",
+                                                    self._base.collection):
+                live = _version_at(payload, self._base.generation)
+                if live is not None:
+                    found[payload["document_id"]] = DocumentInfo.model_validate(live["info"])
+        return found
 
     def __len__(self) -> int:
         return self._base.chunk_count
@@ -502,10 +731,12 @@ class QdrantKnowledgeBase:
                                      query_scale(base.manifest, query_vector))
                     keyword = (search.keyword_ranking(plan.query) if weight < 1.0
                                else KeywordRanking.empty())
-                    return retrieve(search, keyword, weight, plan,
-                                    base.manifest.chunking.get("mode") == "parent_child")
+                    found = retrieve(search, keyword, weight, plan,
+                                     base.manifest.chunking.get("mode") == "parent_child")
+                    search.check_readable()
+                    return found
             except _Gone:
-                continue  # a publish replaced the version we were reading
+                continue  # a publish replaced or purged the generation we were reading
         raise StoreUnavailableError(
             f"knowledge base {self.knowledge_id!r} kept changing while being read; try again")
 
@@ -534,10 +765,8 @@ class _Search:
         # their payload are fetched later for the few rows exact_topk looks up
         # (fetching them for every match cost 0.7 s a query at 5k chunks in local mode).
         wanted = sorted(set(terms))
-        found = self.client.query_points(
-            self.base.collection, query=sparse, using="sparse", limit=self.base.chunk_count,
-            with_payload=["length", *(f"tf.{term}" for term in wanted)],
-            with_vectors=False).points
+        found = self._visible_points(sparse, "sparse", self.base.chunk_count, None,
+                                     ["length", *(f"tf.{term}" for term in wanted)])
         occurrences: dict[str, list[tuple[int, int, int]]] = {}
         for point in found:
             row, payload = int(point.id), point.payload or {}
@@ -553,6 +782,36 @@ class _Search:
                                       self.base.total_length, self.base.absent_term_weight)
         return KeywordRanking(rows, scores)
 
+    def _visible_points(self, query: Any, using: str, limit: int,
+                        query_filter: models.Filter | None, payload: list[str]
+                        ) -> list[models.ScoredPoint]:
+        """The ``limit`` best points of a search that this generation shows. Others in
+        the collection (removed and not yet purged, or a publish's under way) are
+        skipped here rather than filtered by Qdrant: a payload filter costs local mode a
+        Python check of every point, 0.3 s a search at 10k chunks."""
+        asked = limit + self.base.dead + _SLACK
+        while True:
+            points = self.client.query_points(
+                self.base.collection, query=query, using=using, query_filter=query_filter,
+                limit=asked, with_payload=[*payload, "since", "until"],
+                with_vectors=False).points
+            shown = [p for p in points if _visible(p.payload or {}, self.base.generation)]
+            if len(shown) >= limit or len(points) < asked:
+                return shown[:limit]
+            asked *= 2
+
+    def check_readable(self) -> None:
+        """Raise ``_Gone`` if a publish purged points of this generation while it was
+        read (a query that outlived ``PURGE_S``): the pointer says so before any go."""
+        if not self.base.versioned:
+            return
+        found = self.client.retrieve(META, [_meta_id("base", self.knowledge_id)],
+                                     with_payload=["collection", "readable_from"])
+        payload = (found[0].payload or {}) if found else {}
+        if (payload.get("collection") == self.base.collection
+                and int(payload.get("readable_from", 0)) > self.base.generation):
+            raise _Gone()
+
     def _cosine(self, vector: Any) -> float:
         if vector is None or self.query_vector is None:
             return 0.0
@@ -562,9 +821,8 @@ class _Search:
 
     def nearest(self, n: int) -> Candidates:
         assert self.query_vector is not None, "a vector window needs a query vector"
-        points = self.client.query_points(
-            self.base.collection, query=self.query_vector.tolist(), using="dense",
-            query_filter=self.filter, limit=n, with_payload=["metadata"]).points
+        points = self._visible_points(self.query_vector.tolist(), "dense", n, self.filter,
+                                      ["metadata"])
         window = []
         for point in points:
             row, similarity = int(point.id), point.score
@@ -587,22 +845,30 @@ class _Search:
         missing = [row for row in rows if "node" not in self.payloads.get(row, {})]
         if missing:
             self._fetch(missing, True)
+        if any("node" not in self.payloads.get(row, {}) for row in rows):
+            raise _Gone()  # purged while this query ran
         return [json_to_doc(self.payloads[row]["node"]) for row in rows]
 
     def parents(self, chosen: list[tuple[str, float]]) -> list[NodeWithScore]:
         found = self.client.retrieve(
             META, [_meta_id("parent", self.knowledge_id, self.base.collection, parent_id)
                    for parent_id, _ in chosen], with_payload=True)
-        parents = {p.payload["node_id"]: json_to_doc(p.payload["node"])
-                   for p in found if p.payload}
+        parents = {}
+        for point in found:
+            live = _version_at(point.payload or {}, self.base.generation)
+            if live is not None:
+                parents[(point.payload or {})["node_id"]] = json_to_doc(live["node"])
         return [NodeWithScore(node=parents[parent_id], score=score)
                 for parent_id, score in chosen if parent_id in parents]
 
     def _fetch(self, rows: list[int], payload: list[str] | bool,
                vectors: bool = False) -> None:
-        for point in self.client.retrieve(self.base.collection, sorted(set(rows)),
-                                          with_payload=payload,
-                                          with_vectors=["dense"] if vectors else False):
+        for point in self.client.retrieve(
+                self.base.collection, sorted(set(rows)),
+                with_payload=payload if payload is True else [*payload, "since", "until"],
+                with_vectors=["dense"] if vectors else False):
+            if not _visible(point.payload or {}, self.base.generation):
+                continue
             row = int(point.id)
             self.payloads[row] = point.payload or {}
             if vectors and isinstance(point.vector, dict):
@@ -696,21 +962,179 @@ class _Lease:
                                    _eq("holder", self._holder)])
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What a publish wrote before its switch: the pointer to switch to (its
+    ``absent_term_weight`` still to come), the term statistics it holds, the answer."""
+
+    base: dict[str, Any]
+    terms: _TermStats
+    published: Published
+    fresh: bool = False  # in a collection of its own, made by this publish
+    claimed: str | None = None  # the txn it marked the pointer with (``writing``)
+
+
+class _Claim:
+    """A publish's mark on the pointer (``writing.txn``), checked before each batch it
+    writes into the live collection: a writer whose lease lapsed under it, and whose
+    work the next writer undid, stops at its next batch instead of writing on."""
+
+    def __init__(self, client: QdrantClient, knowledge_id: str, txn: str) -> None:
+        self._client, self._knowledge_id, self._txn = client, knowledge_id, txn
+
+    def check(self) -> None:
+        found = self._client.retrieve(META, [_meta_id("base", self._knowledge_id)],
+                                      with_payload=["writing"], consistency=_MAJORITY)
+        writing = (found[0].payload or {}).get("writing") if found else None
+        if not isinstance(writing, dict) or writing.get("txn") != self._txn:
+            raise _overtaken(self._knowledge_id)
+
+
+class _TermStats:
+    """The live chunks' term counts, summarised for the BM25 corpus statistics: chunk
+    count, total length, and per term and term frequency how many chunks of each length
+    hold it. A term's best weight (``text.bm25.best_term_weights``) is its weight in the
+    shortest chunk at one of its frequencies (``weights`` falls as length grows), so a
+    publish updates this by its own chunks and recomputes the absent-term weight from
+    the vocabulary alone, exactly as a pass over every chunk would."""
+
+    def __init__(self) -> None:
+        self.chunk_count = 0
+        self.total_length = 0
+        self._frequency: dict[str, int] = {}  # chunks holding the term
+        # term -> tf -> (length -> chunks), and the shortest of those lengths
+        self._lengths: dict[str, dict[int, Counter[int]]] = {}
+        self._shortest: dict[str, dict[int, int]] = {}
+
+    def add(self, tf: dict[str, int], length: int, sign: int = 1) -> None:
+        """Count a chunk in (``sign`` 1) or out (-1)."""
+        self.chunk_count += sign
+        self.total_length += sign * length
+        for term, count in tf.items():
+            count = int(count)
+            self._frequency[term] = self._frequency.get(term, 0) + sign
+            lengths = self._lengths.setdefault(term, {}).setdefault(count, Counter())
+            lengths[length] += sign
+            shortest = self._shortest.setdefault(term, {})
+            if sign > 0:
+                shortest[count] = min(shortest.get(count, length), length)
+                continue
+            if lengths[length] == 0:
+                del lengths[length]
+            if not lengths:
+                del self._lengths[term][count], shortest[count]
+            elif shortest[count] == length and length not in lengths:
+                shortest[count] = min(lengths)
+            if not self._frequency[term]:
+                del self._frequency[term], self._lengths[term], self._shortest[term]
+
+    def absent_term_weight(self) -> float:
+        """``text.bm25.best_term_weights`` over the chunks counted in."""
+        if self.total_length == 0:
+            return 0.0
+        tfs: list[int] = []
+        lengths: list[int] = []
+        idfs: list[float] = []
+        starts: list[int] = []
+        for term, shortest in self._shortest.items():
+            starts.append(len(tfs))
+            term_idf = idf(self._frequency[term], self.chunk_count)
+            for tf, length in shortest.items():
+                tfs.append(tf)
+                lengths.append(length)
+                idfs.append(term_idf)
+        if not starts:
+            return 0.0
+        found = weights(np.asarray(tfs, np.int64), np.asarray(lengths, np.int64),
+                        np.asarray(idfs, np.float64), self.total_length / self.chunk_count)
+        return median_best_weight(np.maximum.reduceat(found, np.asarray(starts)))
+
+
+def _absent_term_weight(terms: _TermStats) -> float:
+    return terms.absent_term_weight()
+
+
+def _scan_terms(client: QdrantClient, base: _Base) -> _TermStats:
+    """The term statistics of ``base``'s live chunks, read from every chunk: O(the
+    base), for a writer that did not make the generation it changes."""
+    terms = _TermStats()
+    offset = None
+    while True:
+        points, offset = client.scroll(base.collection, limit=_BATCH * 4, offset=offset,
+                                       with_payload=["tf", "length", "since", "until"])
+        for point in points:
+            payload = point.payload or {}
+            if _visible(payload, base.generation):
+                terms.add(payload.get("tf") or {}, int(payload.get("length", 0)))
+        if offset is None:
+            return terms
+
+
+def _pointer(knowledge_id: str, collection: str, manifest: KBManifest, terms: _TermStats,
+             sums: VectorSums, documents: int, next_row: int, *, generation: int,
+             txn: str | None = None, readable_from: int = 0,
+             retired: Sequence[tuple[int, float, int]] = (),
+             purging: Sequence[int] = (), readable: tuple[float, int] = (0.0, 0)
+             ) -> dict[str, Any]:
+    sums = {script: (total, count) for script, (total, count) in sums.items() if count}
+    update: dict[str, Any] = {"documents": documents, "chunks": terms.chunk_count,
+                              "updated_at": time.time()}
+    readable_sum, readable_known = readable
+    if terms.chunk_count and readable_known == terms.chunk_count:
+        # Every chunk's share is known: their exact mean, rounded as PostgreSQL's is
+        # (the sums add and subtract in another order than a bulk build's).
+        update["readable_share"] = round(readable_sum / terms.chunk_count, 9)
+    manifest = with_centroids(manifest.model_copy(update=update),
+                              sums if needs_centroid(manifest) else {})
+    return {"kb": knowledge_id, "kind": "base", "collection": collection,
+            "generation": generation, "txn": txn or uuid.uuid4().hex,
+            "manifest": manifest.model_dump(mode="json"), "analyzer_version": ANALYZER_VERSION,
+            "chunk_count": terms.chunk_count, "total_length": terms.total_length,
+            "next_row": next_row, "readable_from": readable_from,
+            "readable_sum": readable_sum if readable_known else 0.0,
+            "readable_known": readable_known,
+            "dead": sum(n for _, _, n in retired),
+            "retired": [list(entry) for entry in retired if entry[0] not in purging],
+            "purging": list(purging),
+            "sums": {script: [np.asarray(total, np.float64).tolist(), count]
+                     for script, (total, count) in sums.items()}}
+
+
+def _readable(change: Change, before: tuple[float, int]) -> tuple[float, int]:
+    """``before`` (sum of shares, chunks with one) with the change's chunks added."""
+    if change.readable is None:
+        return before
+    return before[0] + float(np.sum(change.readable)), before[1] + len(change.readable)
+
+
+def _unchanged(knowledge_id: str, old: _Base | None) -> models.Filter:
+    """Matches the pointer while it is still ``old`` (none: while there is none)."""
+    if old is None:
+        return models.Filter(must_not=[_eq("kind", "base")])
+    must: list[models.Condition] = [
+        models.HasIdCondition(has_id=[_meta_id("base", knowledge_id)]),
+        _eq("collection", old.collection)]
+    if old.versioned:
+        must.append(models.FieldCondition(key="generation",
+                                          match=models.MatchValue(value=old.generation)))
+    return models.Filter(must=must)
+
+
 def _switch(client: QdrantClient, knowledge_id: str, old: _Base | None,
-            base: dict[str, Any]) -> bool:
+            base: dict[str, Any], claimed: str | None) -> bool:
     """Make ``base`` the knowledge base's pointer in one point write, so readers see the
-    old version or the new one; only if no writer moved the pointer since ``old`` was
-    read. Whether it did."""
+    old generation or the new one; only if no writer moved the pointer since ``old`` was
+    read (nor, for a ``claimed`` publish, marked it since). Whether it did."""
     point_id = _meta_id("base", knowledge_id)
     # update_filter decides whether an existing point is replaced; an absent one is
     # inserted regardless. A new knowledge base must stay absent: no base matches.
-    unchanged = (models.Filter(must_not=[_eq("kind", "base")]) if old is None
-                 else models.Filter(must=[_eq("collection", old.collection)]))
+    unchanged = _unchanged(knowledge_id, old)
+    if claimed is not None:
+        unchanged = models.Filter(must=[unchanged, _eq("writing.txn", claimed)])
     client.upsert(META, [models.PointStruct(id=point_id, vector={}, payload=base)],
                   update_filter=unchanged, wait=True, ordering=_STRONG)
-    found = client.retrieve(META, [point_id], with_payload=["collection"],
-                            consistency=_MAJORITY)
-    return bool(found) and (found[0].payload or {}).get("collection") == base["collection"]
+    found = client.retrieve(META, [point_id], with_payload=["txn"], consistency=_MAJORITY)
+    return bool(found) and (found[0].payload or {}).get("txn") == base["txn"]
 
 
 def _overtaken(knowledge_id: str) -> StoreUnavailableError:
@@ -730,10 +1154,41 @@ def _create_chunks(client: QdrantClient, collection: str, manifest: KBManifest) 
             modifier=models.Modifier.IDF)})
 
 
+def _write_chunks(client: QdrantClient, collection: str, change: Change,
+                  counted: list[Counter[str]], next_row: int, since: int, terms: _TermStats,
+                  claim: _Claim | None = None) -> list[tuple[int, str]]:
+    """Write the change's chunks from ``next_row`` on, live from generation ``since``,
+    counting them into ``terms``; each row with its document."""
+    points = []
+    for offset, (node, counts) in enumerate(zip(change.chunks, counted, strict=True)):
+        length = sum(counts.values())
+        terms.add(counts, length)
+        vector: dict[str, Any] = {}
+        if change.vectors is not None:
+            vector["dense"] = np.asarray(change.vectors[offset], np.float32).tolist()
+        sparse = _sparse(counts)
+        if sparse is not None:
+            vector["sparse"] = sparse
+        points.append(models.PointStruct(id=next_row + offset, vector=vector, payload={
+            "document_id": str(node.metadata.get("document_id", node.node_id)),
+            "metadata": dict(node.metadata), "node": doc_to_json(node),
+            "tf": dict(counts), "length": length, "since": since, "until": FOREVER,
+            **({} if change.readable is None else {"readable": float(change.readable[offset])})
+        }))
+    for start in range(0, len(points), _BATCH):
+        if claim is not None:
+            claim.check()
+        client.upsert(collection, points[start:start + _BATCH], wait=True)
+    return [(int(point.id), (point.payload or {})["document_id"]) for point in points]
+
+
 def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[str],
-                 stats: list[tuple[dict[str, int], int]], with_sums: bool) -> VectorSums:
-    """Copy the chunks of documents not replaced, in row order (the tie-break order);
-    with ``with_sums``, the per-script sums of their dense vectors (``vector_sums``)."""
+                 terms: _TermStats, rows: dict[str, list[int]], with_sums: bool
+                 ) -> VectorSums:
+    """Copy the chunks of documents not replaced from a base an earlier version wrote,
+    keeping their rows (the tie-break order), live from generation 1; counted into
+    ``terms`` and ``rows`` (per document); with ``with_sums``, the per-script sums of
+    their dense vectors (``vector_sums``)."""
     offset = None
     kept: list[models.Record] = []
     while True:
@@ -745,25 +1200,87 @@ def _copy_chunks(client: QdrantClient, source: str, target: str, replaced: set[s
     kept.sort(key=lambda p: int(p.id))
     for point in kept:
         payload = point.payload or {}
-        stats.append((payload.get("tf") or {}, int(payload.get("length", 0))))
+        terms.add(payload.get("tf") or {}, int(payload.get("length", 0)))
+        rows.setdefault(str(payload.get("document_id")), []).append(int(point.id))
     for start in range(0, len(kept), _BATCH):
         client.upsert(target, [models.PointStruct(
             id=p.id, vector=p.vector if isinstance(p.vector, dict) else {},
-            payload=p.payload) for p in kept[start:start + _BATCH]], wait=True)
-    if not with_sums:
-        return {}
-    dense = [p.vector["dense"] for p in kept if isinstance(p.vector, dict) and "dense" in p.vector]
-    return vector_sums(np.asarray(dense, np.float32)) if dense else {}
+            payload={**(p.payload or {}), "since": 1, "until": FOREVER})
+            for p in kept[start:start + _BATCH]], wait=True)
+    return vector_sums(_dense(kept)) if with_sums else {}
 
 
-def _absent_term_weight(stats: list[tuple[dict[str, int], int]]) -> float:
-    """text.bm25.best_term_weights over the chunks' term counts and lengths."""
-    occurrences: dict[str, list[tuple[int, int, int]]] = {}
-    for row, (terms, length) in enumerate(stats):
-        for term, tf in terms.items():
-            occurrences.setdefault(term, []).append((row, tf, length))
-    return best_term_weights((_postings(found) for found in occurrences.values()), len(stats),
-                             sum(length for _, length in stats))
+def _dense(points: Sequence[models.Record]) -> np.ndarray | None:
+    dense = [p.vector["dense"] for p in points
+             if isinstance(p.vector, dict) and "dense" in p.vector]
+    return np.asarray(dense, np.float32) if dense else None
+
+
+def _negated(sums: VectorSums) -> VectorSums:
+    return {script: (-total, -count) for script, (total, count) in sums.items()}
+
+
+def _parent(node: BaseNode) -> dict[str, Any]:
+    return {"node_id": node.node_id,
+            "document_id": str(node.metadata.get("document_id", node.ref_doc_id)),
+            "node": doc_to_json(node)}
+
+
+# --- generations ---------------------------------------------------------------------
+#
+# A chunk point carries ``since`` (the generation that added it) and ``until`` (the one
+# that removed it; FOREVER while live). A document or parent point, one per id, keeps a
+# list of versions, each with its own ``since`` and ``until``. Generation g shows what
+# has since <= g < until; points of a base an earlier version wrote have neither, and
+# that base has generation 0: all of it shows.
+
+
+def _visible(payload: dict[str, Any], generation: int) -> bool:
+    return int(payload.get("since", 0)) <= generation < int(payload.get("until", FOREVER))
+
+
+def _version_at(payload: dict[str, Any], generation: int) -> dict[str, Any] | None:
+    """The version of a document or parent point generation ``generation`` shows."""
+    versions = payload.get("versions")
+    if versions is None:  # written by an earlier version: the point is its one version
+        return payload
+    return next((v for v in versions if _visible(v, generation)), None)
+
+
+def _version(since: int, **fields: Any) -> dict[str, Any]:
+    return {"since": since, "until": FOREVER, **fields}
+
+
+def _ended(versions: list[dict[str, Any]], generation: int, end: int) -> list[dict[str, Any]]:
+    """``versions`` with the one ``generation`` shows ending at generation ``end``."""
+    return [{**v, "until": end} if _visible(v, generation) else v for v in versions]
+
+
+def _document_point(knowledge_id: str, collection: str, document_id: str,
+                    versions: list[dict[str, Any]]) -> models.PointStruct:
+    return models.PointStruct(
+        id=_meta_id("document", knowledge_id, collection, document_id), vector={},
+        payload={"kb": knowledge_id, "kind": "document", "version": collection,
+                 "document_id": document_id, "versions": versions})
+
+
+def _parent_point(knowledge_id: str, collection: str, node_id: str,
+                  versions: list[dict[str, Any]]) -> models.PointStruct:
+    return models.PointStruct(
+        id=_meta_id("parent", knowledge_id, collection, node_id), vector={},
+        payload={"kb": knowledge_id, "kind": "parent", "version": collection,
+                 "node_id": node_id, "versions": versions})
+
+
+def _rewrite_versions(client: QdrantClient, point_id: Any, payload: dict[str, Any],
+                      versions: list[dict[str, Any]]) -> None:
+    """Store a document or parent point with ``versions``, or delete it if none are left."""
+    if versions:
+        client.upsert(META, [models.PointStruct(id=point_id, vector={},
+                                                payload={**payload, "versions": versions})],
+                      wait=True)
+    else:
+        client.delete(META, [point_id], wait=True)
 
 
 def _postings(occurrences: list[tuple[int, int, int]]) -> Postings:
