@@ -515,7 +515,7 @@ def publish_nodes(
 def delete_document(store: KnowledgeStore, knowledge_id: str,
                     document_id: str) -> DocumentInfo:
     check_writable(store, knowledge_id)
-    info = store.open(knowledge_id).documents.get(document_id)
+    info = store.open(knowledge_id).document(document_id)
     if info is None:
         raise DocumentNotFound(
             f"document {shown(document_id)} is not in knowledge base {shown(knowledge_id)}")

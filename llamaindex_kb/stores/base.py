@@ -36,6 +36,11 @@ class KnowledgeBaseHandle(Protocol):
     @property
     def documents(self) -> dict[str, DocumentInfo]: ...
 
+    def document(self, document_id: str) -> DocumentInfo | None:
+        """One document's record, read alone where the store can (a delete needs one,
+        and listing 20k of them took most of a delete's time)."""
+        ...
+
     def retrieve(self, plan: QueryPlan, embed_model: BaseEmbedding | None
                  ) -> list[NodeWithScore]: ...
 

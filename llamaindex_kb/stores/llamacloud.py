@@ -329,6 +329,9 @@ class LlamaCloudIndex:
     def manifest(self) -> KBManifest:
         return self._manifest
 
+    def document(self, document_id: str) -> DocumentInfo | None:
+        return self.documents.get(document_id)
+
     @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
         """The index's files, listed on first use (retrieval never needs them)."""

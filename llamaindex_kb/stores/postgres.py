@@ -446,6 +446,14 @@ class PostgresKnowledgeBase:
                         "WHERE base = %s", [base.id])
             return _DOCUMENTS.validate_json(cur.fetchone()[0] or "{}")
 
+    def document(self, document_id: str) -> DocumentInfo | None:
+        with self._store._transaction() as cur:
+            base = self._current(cur)
+            cur.execute("SELECT info FROM llamaindex_kb_documents WHERE base = %s "
+                        "AND document_id = %s", [base.id, document_id])
+            row = cur.fetchone()
+        return None if row is None else DocumentInfo.model_validate(row[0])
+
     def __len__(self) -> int:
         return self._base.chunk_count
 

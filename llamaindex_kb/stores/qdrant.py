@@ -704,6 +704,14 @@ class QdrantKnowledgeBase:
                     found[payload["document_id"]] = DocumentInfo.model_validate(live["info"])
         return found
 
+    def document(self, document_id: str) -> DocumentInfo | None:
+        with self._store._calls() as client:
+            found = client.retrieve(META, [_meta_id(
+                "document", self.knowledge_id, self._base.collection, document_id)],
+                with_payload=True)
+        live = _version_at(found[0].payload or {}, self._base.generation) if found else None
+        return None if live is None else DocumentInfo.model_validate(live["info"])
+
     def __len__(self) -> int:
         return self._base.chunk_count
 

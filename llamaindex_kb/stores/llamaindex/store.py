@@ -112,6 +112,9 @@ class LlamaIndexKnowledgeBase:
         self.dimension = loaded.dimension or self.index.dimension
         self.own = loaded.own
 
+    def document(self, document_id: str) -> DocumentInfo | None:
+        return self.documents.get(document_id)
+
     @cached_property
     def documents(self) -> dict[str, DocumentInfo]:
         """The index's source documents (each node's ``ref_doc_id``), in order of first node."""

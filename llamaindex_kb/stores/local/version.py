@@ -231,6 +231,9 @@ class KnowledgeBase:
                 found.update((k, v) for k, v in segment.documents().items() if k not in gone)
         return found
 
+    def document(self, document_id: str) -> DocumentInfo | None:
+        return self.documents.get(document_id)
+
     @property
     def parent_child(self) -> bool:
         return self.manifest.chunking.get("mode") == "parent_child"
