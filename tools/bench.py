@@ -80,7 +80,6 @@ from llamaindex_kb.ingestion.pipeline import (
 from llamaindex_kb.models import bundled, multilingual
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.spec import QUERY_VECTORS, BlockingEmbedding
-from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores.base import Change, DocumentInfo, KBManifest
 from llamaindex_kb.stores.local.layout import KBLayout
 from llamaindex_kb.stores.local.store import LocalStore
@@ -310,7 +309,7 @@ def build_in_small_changes(dataset: Dataset, target: Target, model: BlockingEmbe
                        for i in rows}))
 
     started = time.perf_counter()
-    batches = np.array_split(np.arange(len(nodes)), count)
+    batches = np.array_split(np.arange(len(nodes)), min(count, len(nodes)))
     away: list[np.ndarray] = []
     none = np.zeros(0, np.int64)
     for number, rows in enumerate(batches):
@@ -876,8 +875,8 @@ def ingestion(datasets_dir: Path, work_dir: Path, chunks: int) -> None:
     started = time.perf_counter()
     summary = ingest_paths(LocalStore(target), "embed", [small], models=Models(model))
     pipeline = time.perf_counter() - started
-    texts = [n.get_content() for n in Library(load_settings({"data_dir": target}, environ={}))
-             .open("embed").nodes(list(_node_ids(target, "embed")))]
+    base = LocalStore(target).open("embed")
+    texts = [node.get_content() for node in base.chunks(range(base.rows))]
     started = time.perf_counter()
     model.get_text_embedding_batch(texts)
     raw = time.perf_counter() - started
@@ -885,12 +884,6 @@ def ingestion(datasets_dir: Path, work_dir: Path, chunks: int) -> None:
           "raw model "
           f"{len(texts) / raw:.1f} chunks/s, overhead {100 * (pipeline - raw) / raw:.1f} %")
     shutil.rmtree(target, ignore_errors=True)
-
-
-def _node_ids(data_dir: Path, knowledge_id: str) -> list[str]:
-    version = KBLayout(data_dir, knowledge_id).current_version()
-    assert version is not None
-    return np.load(version / "node_ids.npy").tolist()
 
 
 def _query_texts(datasets_dir: Path, count: int) -> list[str]:
