@@ -240,7 +240,7 @@ def test_a_damaged_knowledge_base_is_a_500_naming_it_and_what_to_do(demo_data_di
 
     broken = tmp_path / "broken"
     shutil.copytree(demo_data_dir, broken)
-    for keyword_dir in broken.glob("kbs/demo/v*/keyword"):
+    for keyword_dir in broken.glob("kbs/demo/segments/*/postings"):
         shutil.rmtree(keyword_dir)
     plugin = PluginTransport({"api_key": API_KEY, "data_dir": str(broken)})
     with caplog.at_level("ERROR"):

@@ -15,7 +15,7 @@ Recall@100 are printed beside a whitespace-tokenised BM25 baseline; then the bes
 and a summary table in which ``*`` marks the default (auto + hybrid). With
 ``--small-changes N`` (100 unless 0) each default base is built again from the same
 nodes and vectors in N changes (every tenth also deleting documents a later one adds
-back) and its hybrid nDCG@10 printed beside the bulk build's: the two must be equal.
+back) and its nDCG@10 printed beside the bulk build's, per mode: the two must be equal.
 ``cmrc2018_traditional`` is derived at bench time: cmrc2018_retrieval's corpus and
 queries converted Simplified -> Traditional (opencc_purepy "s2t"), same test qrels.
 ``--max-docs N`` makes a small run (smoke test): at most N documents per set, about
@@ -426,11 +426,11 @@ def quality(datasets_dir: Path, target: Target, sets: list[str], modes: list[str
             if small_changes and is_default:
                 built = build_in_small_changes(dataset, target, model, knowledge_id,
                                                small_changes)
-                again = measure_modes(dataset, target, key, built, ["hybrid"], False)
-                print(f"    built in {small_changes} small changes: hybrid nDCG@10 "
-                      f"{again['hybrid'][0]:.4f}, one bulk build {scores['hybrid'][0]:.4f}"
-                      f" (difference {again['hybrid'][0] - scores['hybrid'][0]:+.4f})",
-                      flush=True)
+                again = measure_modes(dataset, target, key, built, modes, False)
+                for mode in modes:
+                    print(f"    built in {small_changes} small changes: {mode} nDCG@10 "
+                          f"{again[mode][0]:.4f}, one bulk build {scores[mode][0]:.4f} "
+                          f"(difference {again[mode][0] - scores[mode][0]:+.4f})", flush=True)
     if summary:
         print_summary(summary, modes)
 
@@ -1029,7 +1029,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-changes", action="store_true")
     parser.add_argument("--small-changes", type=int, default=100, metavar="N",
                         help="also build each default base in N small changes and compare "
-                             "its hybrid nDCG@10 with the bulk build's (0: skip) [100]")
+                             "its nDCG@10 with the bulk build's (0: skip) [100]")
     parser.add_argument("--change-sizes", default="10000,100000", metavar="LIST",
                         help="comma-separated chunk counts of the bases one document is "
                         "added to and deleted from [10000,100000]")
