@@ -480,10 +480,10 @@ class QdrantStore(FindingStore):
         by_document: dict[str, list[str]] = {}
         for parent in parents:
             by_document.setdefault(parent["document_id"], []).append(parent["node_id"])
-        meta = [_document_point(knowledge_id, collection, doc_id, [_version(
+        meta = [_meta_point("document", knowledge_id, collection, doc_id, [_version(
             1, info=info.model_dump(mode="json"), rows=rows.get(doc_id, []),
             parents=by_document.get(doc_id, []))]) for doc_id, info in documents.items()]
-        meta += [_parent_point(knowledge_id, collection, p["node_id"], [_version(
+        meta += [_meta_point("parent", knowledge_id, collection, p["node_id"], [_version(
             1, document_id=p["document_id"], node=p["node"])]) for p in parents]
         for start in range(0, len(meta), _BATCH):
             client.upsert(META, meta[start:start + _BATCH], wait=True)
@@ -571,7 +571,7 @@ class QdrantStore(FindingStore):
                                          rows=rows.get(doc_id, []),
                                          parents=by_document.get(doc_id, [])))
             if versions:  # none: the removal of a document the base never held
-                meta.append(_document_point(knowledge_id, collection, doc_id, versions))
+                meta.append(_meta_point("document", knowledge_id, collection, doc_id, versions))
         parent_points = {(p.payload or {})["node_id"]: p.payload or {} for p in client.retrieve(
             META, [_meta_id("parent", knowledge_id, collection, node_id)
                    for node_id in parent_ids], with_payload=True)}
@@ -581,7 +581,7 @@ class QdrantStore(FindingStore):
             if node_id in added:
                 versions.append(_version(new, document_id=added[node_id]["document_id"],
                                          node=added[node_id]["node"]))
-            meta.append(_parent_point(knowledge_id, collection, node_id, versions))
+            meta.append(_meta_point("parent", knowledge_id, collection, node_id, versions))
         now = time.time()
         retired = list(old.retired)
         if gone_rows or gone_documents or gone_parents:
@@ -1264,20 +1264,15 @@ def _ended(versions: list[dict[str, Any]], generation: int, end: int) -> list[di
     return [{**v, "until": end} if _visible(v, generation) else v for v in versions]
 
 
-def _document_point(knowledge_id: str, collection: str, document_id: str,
-                    versions: list[dict[str, Any]]) -> models.PointStruct:
+def _meta_point(kind: str, knowledge_id: str, collection: str, key: str,
+                versions: list[dict[str, Any]]) -> models.PointStruct:
+    """A document's ("document", by document id) or a parent chunk's ("parent", by node
+    id) point in the meta collection, with its versions."""
+    field = {"document": "document_id", "parent": "node_id"}[kind]
     return models.PointStruct(
-        id=_meta_id("document", knowledge_id, collection, document_id), vector={},
-        payload={"kb": knowledge_id, "kind": "document", "version": collection,
-                 "document_id": document_id, "versions": versions})
-
-
-def _parent_point(knowledge_id: str, collection: str, node_id: str,
-                  versions: list[dict[str, Any]]) -> models.PointStruct:
-    return models.PointStruct(
-        id=_meta_id("parent", knowledge_id, collection, node_id), vector={},
-        payload={"kb": knowledge_id, "kind": "parent", "version": collection,
-                 "node_id": node_id, "versions": versions})
+        id=_meta_id(kind, knowledge_id, collection, key), vector={},
+        payload={"kb": knowledge_id, "kind": kind, "version": collection, field: key,
+                 "versions": versions})
 
 
 def _rewrite_versions(client: QdrantClient, point_id: Any, payload: dict[str, Any],

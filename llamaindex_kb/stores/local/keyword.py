@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llamaindex_kb.stores.local.layout import read_array
+from llamaindex_kb.stores.local.postings import occurrence_counts
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
 from llamaindex_kb.text.bm25 import TermWeights, idf, median_best_weight, score_rows, weights
 
@@ -57,7 +58,7 @@ class KeywordIndex:
         if not vocab:
             return cls._empty(len(texts))
         lengths = np.fromiter((ids.size for ids in corpus_ids), np.int64, count=len(corpus_ids))
-        terms, rows, tfs = _occurrence_counts(corpus_ids, lengths)
+        terms, rows, tfs = occurrence_counts(corpus_ids, lengths)
         del corpus_ids
         document_frequency = np.bincount(terms, minlength=len(vocab))
         indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
@@ -173,20 +174,3 @@ def _check_matrix(vocab: dict[str, int], data: np.ndarray, indices: np.ndarray, 
         raise ValueError(f"vocabulary holds a term id that is not a number ({exc})") from exc
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= terms):
         raise ValueError("vocabulary names terms outside the score matrix")
-
-
-def _occurrence_counts(corpus_ids: list[np.ndarray], lengths: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(term, row, term frequency) of every distinct term of every row, in CSC order (by
-    term, then row). One (term, row) key per occurrence, sorted in place and counted:
-    a 100k-chunk corpus has ~10 million occurrences, so every whole-corpus temporary
-    counts, and none is made twice."""
-    keys = np.concatenate(corpus_ids).astype(np.uint64)
-    keys <<= np.uint64(32)
-    keys |= np.repeat(np.arange(len(corpus_ids), dtype=np.uint64), lengths)
-    keys.sort()
-    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-    tfs = np.diff(np.append(starts, keys.size)).astype(np.int32)
-    keys = keys[starts]
-    return ((keys >> np.uint64(32)).astype(np.int32),
-            (keys & np.uint64(0xFFFFFFFF)).astype(np.int32), tfs)
