@@ -43,7 +43,7 @@ from llamaindex_kb.stores.local.segment import (
 )
 from llamaindex_kb.stores.local.vectors import VectorMatrix
 from llamaindex_kb.stores.local.version import KnowledgeBase, SegmentEntry
-from llamaindex_kb.stores.local.writer import _cleaned_on_failure
+from llamaindex_kb.stores.local.writer import cleaned_on_failure
 
 MAX_SEGMENTS = 8
 MAX_REMOVED_SHARE = 0.2
@@ -80,7 +80,7 @@ def merge(layout: KBLayout, kb: KnowledgeBase, run: slice) -> SegmentEntry:
             documents.update((k, v) for k, v in segment.documents().items() if k not in gone)
     folder = layout.new_segment_dir()
     folder.mkdir()  # outside the cleanup: a name in use is never removed
-    with _cleaned_on_failure(layout, folder):
+    with cleaned_on_failure(layout, folder):
         node_ids = np.concatenate([s.node_ids[rows] for s, rows in zip(segments, kept,
                                                                       strict=True)])
         np.save(folder / NODE_IDS_FILE, node_ids)

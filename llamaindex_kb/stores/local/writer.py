@@ -34,7 +34,7 @@ def new_segment(layout: KBLayout, nodes: Sequence[BaseNode], vectors: np.ndarray
     is removed."""
     folder = layout.new_segment_dir()
     folder.mkdir()  # outside the cleanup: a name in use is never removed
-    with _cleaned_on_failure(layout, folder):
+    with cleaned_on_failure(layout, folder):
         write_segment(folder, nodes, vectors, documents, parents, readable)
         sync(folder)
     return folder.name
@@ -50,7 +50,7 @@ def write_version(layout: KBLayout, manifest: KBManifest, listing: Listing, *,
     are removed by the caller (``remove_unused``) once it no longer reads them itself.
     """
     version = layout.new_version_dir()
-    with _cleaned_on_failure(layout, version):
+    with cleaned_on_failure(layout, version):
         write_listing(version, listing)
         update: dict[str, object] = {"chunks": listing.chunks}
         if touch:
@@ -80,7 +80,9 @@ def remove_unused(layout: KBLayout) -> None:
 
 
 @contextlib.contextmanager
-def _cleaned_on_failure(layout: KBLayout, folder: Path) -> Iterator[None]:
+def cleaned_on_failure(layout: KBLayout, folder: Path) -> Iterator[None]:
+    """Remove ``folder`` (a segment or version being written) if the block fails, unless
+    it became live; a full disk becomes ``DiskFullError`` naming the data directory."""
     try:
         yield
     except BaseException as exc:
