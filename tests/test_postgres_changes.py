@@ -8,6 +8,10 @@ to a full rebuild of the same content, on the session's real PostgreSQL.
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -15,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import psycopg
 import pytest
+from conftest import PLUGIN_ROOT
 from llama_index.core.schema import TextNode
 from test_store_contract import postgres_url  # noqa: F401 (the session's server)
 
@@ -233,4 +238,47 @@ def test_deletes_from_a_bulk_build_rewrite_only_the_segments_holding_their_rows(
             store.publish("small-steps", _change({}, frozenset({f"doc-{n}"}),
                                                  knowledge_id="small-steps"))
         store.publish("at-once", _change(content, replace=True, knowledge_id="at-once"))
+        _assert_same_base(store, conn)
+
+
+WRITER = """
+import sys
+sys.path.insert(0, "tests")
+from test_postgres_changes import _change, _chunk_texts
+from llamaindex_kb.config import load_settings
+from llamaindex_kb.stores.registry import open_store
+store = open_store(sys.argv[1], load_settings({}, environ={}))
+print("ready", flush=True)
+step = 0
+while True:
+    step += 1
+    store.publish("small-steps", _change({"moving": _chunk_texts(1000 + step)},
+                                         frozenset({"doc-3"}) if step % 4 == 0 else frozenset(),
+                                         knowledge_id="small-steps"))
+"""
+
+
+def test_a_writer_killed_mid_change_leaves_the_base_whole_and_exact(store, postgres_url):  # noqa: F811
+    content = {f"doc-{n}": _chunk_texts(n) for n in range(10)}
+    store.publish("small-steps", _change(content, knowledge_id="small-steps"))
+    for seconds in (0.1, 0.3, 0.6):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, postgres_url], cwd=PLUGIN_ROOT,
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert writer.stdout is not None and writer.stdout.readline() == "ready\n", (
+                writer.stderr.read() if writer.stderr else "")
+            time.sleep(seconds)
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait()
+        # Whatever the last committed change was, the base is that change whole, and its
+        # kept statistics are those of its postings.
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            _assert_rebuilt_statistics(conn, "small-steps")
+        documents = store.open("small-steps").documents
+        assert set(documents) - {"moving", "doc-3"} == set(content) - {"doc-3"}
+    store.publish("small-steps", _change({"doc-3": content["doc-3"]}, frozenset({"moving"}),
+                                         knowledge_id="small-steps"))
+    store.publish("at-once", _change(content, replace=True, knowledge_id="at-once"))
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
         _assert_same_base(store, conn)
