@@ -18,11 +18,13 @@ from test_store_contract import QUERIES, _build, _corpus, _in_another_process, _
 
 from llamaindex_kb.config import load_settings
 from llamaindex_kb.contract import Record, parse_retrieval_request
+from llamaindex_kb.ingestion.chunking import ChunkingConfig
 from llamaindex_kb.ingestion.pipeline import delete_document
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import local_embedding
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores import qdrant as qdrant_store
+from llamaindex_kb.stores.base import Change
 from llamaindex_kb.stores.qdrant import QdrantStore
 
 KB = "changes"
@@ -228,3 +230,30 @@ _build(store, {KB!r}, corpus=[({title!r}, "Sourdough replaces it.", {meta!r}),
     assert _points(store) == store.open(KB).manifest.chunks
     _assert_like_a_bulk_build(store, [*corpus[:4], corpus[5]], tmp_path)
     store.close()
+
+
+def test_a_parent_child_query_overlapping_a_full_rebuild_answers_the_rebuilt_base(
+        tmp_path, monkeypatch):
+    # The rebuild retires the collection the query was reading; its parents' lookup
+    # then finds nothing and raises nothing: only the moved pointer says to read again.
+    store = QdrantStore(f"qdrant://{tmp_path}/q")
+    parent_child = ChunkingConfig(mode="parent_child", child_max_tokens=50)
+    corpus = _corpus()[:6]
+    _build(store, KB, chunking=parent_child, corpus=corpus)
+    before = _retrieve(store, "sourdough bread", top_k=5, mode="hybrid", knowledge_id=KB)
+    assert before
+    looked_up = qdrant_store._Search.parents
+    rebuilt: list[bool] = []
+
+    def parents(search: Any, chosen: Any) -> Any:
+        if not rebuilt:
+            rebuilt.append(True)
+            base = store.open(KB)
+            store.publish(KB, Change(manifest=base.manifest, replace=True))
+            _build(store, KB, chunking=parent_child, corpus=corpus)
+        return looked_up(search, chosen)
+
+    monkeypatch.setattr(qdrant_store._Search, "parents", parents)
+    during = _retrieve(store, "sourdough bread", top_k=5, mode="hybrid", knowledge_id=KB)
+    assert rebuilt
+    _same(during, before)

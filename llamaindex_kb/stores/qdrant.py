@@ -809,14 +809,16 @@ class _Search:
             asked *= 2
 
     def check_readable(self) -> None:
-        """Raise ``_Gone`` if a publish purged points of this generation while it was
-        read (a query that outlived ``PURGE_S``): the pointer says so before any go."""
-        if not self.base.versioned:
-            return
+        """Raise ``_Gone`` if what this query read may have gone meanwhile: the base was
+        rebuilt in another collection (a replacement, the copy of an old layout) or
+        dropped, or a publish purged points of this generation (a query that outlived
+        ``PURGE_S``). Parents missing from a retired collection raise nothing when
+        looked up: only the pointer tells."""
         found = self.client.retrieve(META, [_meta_id("base", self.knowledge_id)],
                                      with_payload=["collection", "readable_from"])
         payload = (found[0].payload or {}) if found else {}
-        if (payload.get("collection") == self.base.collection
+        if payload.get("collection") != self.base.collection or (
+                self.base.versioned
                 and int(payload.get("readable_from", 0)) > self.base.generation):
             raise _Gone()
 
