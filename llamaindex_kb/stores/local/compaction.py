@@ -127,11 +127,10 @@ def _merged_postings(kb: KnowledgeBase, segments: list[Segment], kept: list[np.n
             keep = np.arange(len(nodes))
         renumbered = np.full(len(postings), -1, np.int64)
         renumbered[keep] = np.arange(keep.size) + offset
-        names = [""] * len(postings.vocab)
+        columns = np.empty(len(postings.vocab), np.int64)  # this segment's term -> merged
         for term, column in postings.vocab.items():
-            names[column] = term
-        columns = np.array([vocab.setdefault(name, len(vocab)) for name in names], np.int64)
-        occurrence_terms = np.repeat(np.arange(len(names)), np.diff(postings.indptr))
+            columns[column] = vocab.setdefault(term, len(vocab))
+        occurrence_terms = np.repeat(np.arange(columns.size), np.diff(postings.indptr))
         live = renumbered[postings.rows] >= 0
         terms.append(columns[occurrence_terms[live]])
         rows.append(renumbered[postings.rows[live]])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llamaindex_kb.stores.local.layout import read_array
-from llamaindex_kb.stores.local.postings import occurrence_counts
+from llamaindex_kb.stores.local.postings import count_terms
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
 from llamaindex_kb.text.bm25 import TermWeights, idf, median_best_weight, score_rows, weights
 
@@ -48,18 +48,9 @@ class KeywordIndex:
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> KeywordIndex:
-        vocab: dict[str, int] = {}
-        # int32 arrays, not lists: at 100k chunks lists of Python ints alone took ~400 MB.
-        corpus_ids = [
-            np.fromiter((vocab.setdefault(term, len(vocab)) for term in tokenize(text)),
-                        dtype=np.int32)
-            for text in texts
-        ]
+        vocab, terms, rows, tfs, lengths = count_terms(texts)
         if not vocab:
             return cls._empty(len(texts))
-        lengths = np.fromiter((ids.size for ids in corpus_ids), np.int64, count=len(corpus_ids))
-        terms, rows, tfs = occurrence_counts(corpus_ids, lengths)
-        del corpus_ids
         document_frequency = np.bincount(terms, minlength=len(vocab))
         indptr = np.zeros(len(vocab) + 1, dtype=np.int64)
         np.cumsum(document_frequency, out=indptr[1:])

@@ -30,7 +30,7 @@ import numpy as np
 from llamaindex_kb.stores.local.layout import read_array
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
 
-__all__ = ["SegmentPostings", "occurrence_counts"]
+__all__ = ["SegmentPostings", "count_terms"]
 
 _META_FILE = "postings.json"
 _VOCAB_FILE = "vocab.json"
@@ -51,17 +51,7 @@ class SegmentPostings:
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> SegmentPostings:
-        vocab: dict[str, int] = {}
-        # int32 arrays, not lists: at 100k chunks lists of Python ints alone took ~400 MB.
-        corpus_ids = [
-            np.fromiter((vocab.setdefault(term, len(vocab)) for term in tokenize(text)),
-                        dtype=np.int32)
-            for text in texts
-        ]
-        lengths = np.fromiter((ids.size for ids in corpus_ids), np.int64, count=len(corpus_ids))
-        terms, rows, tfs = occurrence_counts(corpus_ids, lengths)
-        del corpus_ids
-        return cls.from_occurrences(vocab, terms, rows, tfs, lengths)
+        return cls.from_occurrences(*count_terms(texts))
 
     @classmethod
     def from_occurrences(cls, vocab: dict[str, int], terms: np.ndarray, rows: np.ndarray,
@@ -143,8 +133,25 @@ class SegmentPostings:
         return _ranges(self.indptr, columns)
 
 
-def occurrence_counts(corpus_ids: list[np.ndarray], lengths: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def count_terms(texts: Sequence[str]
+                ) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The texts tokenized and counted: the vocabulary (term -> column); the term, row
+    and term frequency of every distinct (term, row), by term then row; each row's
+    length in terms. What BM25 weights, and segments' postings, are made from."""
+    vocab: dict[str, int] = {}
+    # int32 arrays, not lists: at 100k chunks lists of Python ints alone took ~400 MB.
+    corpus_ids = [
+        np.fromiter((vocab.setdefault(term, len(vocab)) for term in tokenize(text)),
+                    dtype=np.int32)
+        for text in texts
+    ]
+    lengths = np.fromiter((ids.size for ids in corpus_ids), np.int64, count=len(corpus_ids))
+    terms, rows, tfs = _occurrence_counts(corpus_ids, lengths)
+    return vocab, terms, rows, tfs, lengths
+
+
+def _occurrence_counts(corpus_ids: list[np.ndarray], lengths: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(term, row, term frequency) of every distinct term of every row, in CSC order (by
     term, then row). One (term, row) key per occurrence, sorted in place and counted:
     a 100k-chunk corpus has ~10 million occurrences, so every whole-corpus temporary
