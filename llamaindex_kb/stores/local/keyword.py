@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llamaindex_kb.stores.local.layout import read_array
-from llamaindex_kb.stores.local.postings import count_terms
+from llamaindex_kb.stores.local.postings import count_terms, read_vocabulary
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
 from llamaindex_kb.text.bm25 import TermWeights, idf, median_best_weight, score_rows, weights
 
@@ -126,12 +126,7 @@ class KeywordIndex:
             raise ValueError(f"{_TOKEN_MAX_FILE} has shape {token_max.shape}")
         if not token_max.size:
             return cls._empty(num_docs)
-        try:
-            vocab = json.loads((directory / _VOCAB_FILE).read_text("utf-8"))
-        except ValueError as exc:
-            raise ValueError(f"{_VOCAB_FILE}: {exc}") from exc
-        if not isinstance(vocab, dict):
-            raise ValueError(f"{_VOCAB_FILE} holds {type(vocab).__name__}, not a vocabulary")
+        vocab = read_vocabulary(directory / _VOCAB_FILE)
         arrays = {name: read_array(directory / file) for name, file in _CSC_FILES.items()}
         _check_matrix(vocab, **arrays, terms=token_max.size, num_docs=num_docs)
         return cls(vocab, token_max=token_max, num_docs=num_docs, **arrays)

@@ -30,7 +30,7 @@ import numpy as np
 from llamaindex_kb.stores.local.layout import read_array
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
 
-__all__ = ["SegmentPostings", "count_terms"]
+__all__ = ["SegmentPostings", "count_terms", "read_vocabulary"]
 
 _META_FILE = "postings.json"
 _VOCAB_FILE = "vocab.json"
@@ -88,12 +88,7 @@ class SegmentPostings:
             raise ValueError(
                 f"{_META_FILE}: written by keyword analyzer version "
                 f"{meta.get('analyzer_version')}, this is {ANALYZER_VERSION}")
-        try:
-            vocab = json.loads((directory / _VOCAB_FILE).read_text("utf-8"))
-        except ValueError as exc:
-            raise ValueError(f"{_VOCAB_FILE}: {exc}") from exc
-        if not isinstance(vocab, dict):
-            raise ValueError(f"{_VOCAB_FILE} holds {type(vocab).__name__}, not a vocabulary")
+        vocab = read_vocabulary(directory / _VOCAB_FILE)
         arrays = {name: read_array(directory / f"{name}.npy") for name in _ARRAYS}
         postings = cls(vocab, **arrays)
         postings.check()
@@ -131,6 +126,17 @@ class SegmentPostings:
     def positions_of(self, columns: np.ndarray) -> np.ndarray:
         """The occurrences of these terms, term by term."""
         return _ranges(self.indptr, columns)
+
+
+def read_vocabulary(path: Path) -> dict[str, int]:
+    """A saved vocabulary (term -> column); ``ValueError`` naming the file if damaged."""
+    try:
+        vocab = json.loads(path.read_text("utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path.name}: {exc}") from exc
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{path.name} holds {type(vocab).__name__}, not a vocabulary")
+    return vocab
 
 
 def count_terms(texts: Sequence[str]
