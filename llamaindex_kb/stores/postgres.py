@@ -15,6 +15,7 @@ Tables (created on first use)::
                                packed in a bytea
     llamaindex_kb_vocabulary_<id>  per term: how many rows hold it and its frontier, what
                                the absent-term weight needs (see ``_Vocabulary``)
+    llamaindex_kb_records      API keys' and views' records (stores/records.py), by kind and name
 
 A chunks table per knowledge base because an HNSW index needs one fixed dimension;
 its name comes from the base's serial id, never from the ``knowledge_id``.
@@ -103,6 +104,7 @@ from llamaindex_kb.stores.exact_topk import (
     retrieve,
 )
 from llamaindex_kb.stores.postgres_prefilter import sql_prefilter
+from llamaindex_kb.stores.records import Record
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
 from llamaindex_kb.text.bm25 import (
     Postings,
@@ -169,6 +171,12 @@ ALTER TABLE llamaindex_kb_bases ADD COLUMN IF NOT EXISTS vector_sums jsonb;
 ALTER TABLE llamaindex_kb_bases ADD COLUMN IF NOT EXISTS readable_sum double precision
     NOT NULL DEFAULT 0;
 ALTER TABLE llamaindex_kb_bases ADD COLUMN IF NOT EXISTS readable_known bigint NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS llamaindex_kb_records (
+    kind text NOT NULL,
+    name text NOT NULL,
+    record jsonb NOT NULL,
+    PRIMARY KEY (kind, name)
+);
 """
 
 
@@ -230,6 +238,7 @@ class PostgresStore(FindingStore):
         self._seen: dict[str, _Base] = {}
         self._term_weights: LRU[tuple[int, int, str], TermWeights] = LRU(
             TERM_CACHE_BYTES, weigh=lambda held: held.nbytes + 200)
+        self.access_records = _PostgresRecords(self)
 
     # --- connections --------------------------------------------------------------
 
@@ -418,6 +427,42 @@ class PostgresStore(FindingStore):
             idle, self._idle = self._idle, []
         for conn, _ in idle:
             conn.close()
+
+
+class _PostgresRecords:
+    """API keys' and views' records in ``llamaindex_kb_records``: every process using the
+    database sees a change at its commit. Each operation is one statement, so concurrent
+    processes need no lock: the primary key refuses a second add, and an update of a row
+    another process deleted matches nothing."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    def records(self, kind: str) -> dict[str, Record]:
+        with self._store._transaction() as cur:
+            cur.execute("SELECT name, record FROM llamaindex_kb_records WHERE kind = %s",
+                        [kind])
+            return dict(cur.fetchall())
+
+    def add_record(self, kind: str, name: str, record: Record) -> bool:
+        with self._store._transaction(write=True) as cur:
+            cur.execute("INSERT INTO llamaindex_kb_records (kind, name, record) "
+                        "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                        [kind, name, Jsonb(record)])
+            return cur.rowcount == 1
+
+    def update_record(self, kind: str, name: str, changes: Record) -> bool:
+        with self._store._transaction(write=True) as cur:
+            # jsonb || merges top-level fields in the row itself, not a copy read earlier.
+            cur.execute("UPDATE llamaindex_kb_records SET record = record || %s::jsonb "
+                        "WHERE kind = %s AND name = %s", [Jsonb(changes), kind, name])
+            return cur.rowcount == 1
+
+    def remove_record(self, kind: str, name: str) -> bool:
+        with self._store._transaction(write=True) as cur:
+            cur.execute("DELETE FROM llamaindex_kb_records WHERE kind = %s AND name = %s",
+                        [kind, name])
+            return cur.rowcount == 1
 
 
 _DOCUMENTS = TypeAdapter(dict[str, DocumentInfo])

@@ -14,7 +14,8 @@ Collections::
                                 statistics, live chunk collection and generation: the
                                 "CURRENT" pointer), per document and parent chunk (their
                                 versions), and per publish that removed something (what,
-                                for the purge), tagged with their chunk collection
+                                for the purge), tagged with their chunk collection;
+                                and one per API key's or view's record (``_QdrantRecords``)
     llamaindex_kb_<id>_<uuid>   the base's chunks: point id = row, a "dense" cosine
                                 vector, a "sparse" vector of our analyzer's terms
                                 (text.analyzer.tokenize, hashed; never fastembed) with
@@ -130,6 +131,7 @@ from llamaindex_kb.stores.base import (
     with_centroids,
 )
 from llamaindex_kb.stores.exact_topk import Candidates, KeywordRanking, retrieve
+from llamaindex_kb.stores.records import Record
 from llamaindex_kb.text.analyzer import ANALYZER_VERSION, tokenize
 from llamaindex_kb.text.bm25 import Postings, idf, median_best_weight, score_postings, weights
 
@@ -148,7 +150,8 @@ _NS = uuid.UUID("5b0c8a53-3f0e-4f6e-9d5e-6f1f9a3c2b71")
 _BATCH = 256
 _CONDITIONAL_UPDATES = (1, 16)  # the first Qdrant whose upserts take an update_filter
 _META_INDEXES = {key: models.PayloadSchemaType.KEYWORD
-                 for key in ("kb", "kind", "version", "collection", "holder")}
+                 for key in ("kb", "kind", "version", "collection", "holder",
+                             "record_kind", "txn")}
 _META_INDEXES["expires"] = models.PayloadSchemaType.FLOAT
 _META_INDEXES["generation"] = models.PayloadSchemaType.INTEGER
 _META_INDEXES["writing.txn"] = models.PayloadSchemaType.KEYWORD
@@ -288,6 +291,7 @@ class QdrantStore(FindingStore):
         self._failures = QdrantFailures(self._shown, self._secrets, _CONDITIONAL_UPDATES)
         self._meta_ready = False
         self._conditional_updates = self._local  # local mode has them; a server: asked
+        self.access_records = _QdrantRecords(self)
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -883,6 +887,94 @@ class _Search:
             self.payloads[row] = point.payload or {}
             if vectors and isinstance(point.vector, dict):
                 self.similarity[row] = self._cosine(point.vector.get("dense"))
+
+
+class _QdrantRecords:
+    """API keys' and views' records (stores/records.py), one point each in the meta
+    collection, shared by every process using the store.
+
+    Their points carry no "kb", and their "kind" is "record", so no filter of a knowledge
+    base's points selects them. Each write stamps the point with a new "txn": adding and
+    updating are conditional on it, so concurrent writers neither both add a name nor
+    lose each other's updates, and an update never brings back a removed record.
+    """
+
+    def __init__(self, store: QdrantStore) -> None:
+        self._store = store
+
+    def records(self, kind: str) -> dict[str, Record]:
+        found: dict[str, Record] = {}
+        selected = models.Filter(must=[_eq("kind", "record"), _eq("record_kind", kind)])
+        with self._store._calls() as client:
+            offset = None
+            while True:
+                points, offset = client.scroll(META, selected, limit=_BATCH, offset=offset,
+                                               with_payload=["name", "record"])
+                for point in points:
+                    payload = point.payload or {}
+                    found[payload["name"]] = payload["record"]
+                if offset is None:
+                    return found
+
+    def add_record(self, kind: str, name: str, record: Record) -> bool:
+        self._store._require_conditional_updates()
+        point_id = _meta_id("record", kind, name)
+        txn = uuid.uuid4().hex
+        point = models.PointStruct(id=point_id, vector={}, payload={
+            "kind": "record", "record_kind": kind, "name": name, "record": record,
+            "txn": txn})
+        with self._store._calls() as client:
+            if client.retrieve(META, [point_id], with_payload=False):
+                return False
+            # An existing point is replaced only if it matches update_filter, which this
+            # one never does: of adders racing for a name, the first insert stays, and
+            # reading the txn back tells each whether it was theirs.
+            client.upsert(META, [point], wait=True, ordering=_STRONG,
+                          update_filter=models.Filter(
+                              must_not=[models.HasIdCondition(has_id=[point_id])]))
+            return self._txn(client, point_id) == txn
+
+    def update_record(self, kind: str, name: str, changes: Record) -> bool:
+        self._store._require_conditional_updates()
+        point_id = _meta_id("record", kind, name)
+        with self._store._calls() as client:
+            while True:
+                found = client.retrieve(META, [point_id], with_payload=["record", "txn"],
+                                        consistency=_MAJORITY)
+                if not found:
+                    return False
+                payload = found[0].payload or {}
+                txn = uuid.uuid4().hex
+                # Not an upsert (that would insert a point removed meanwhile), nor
+                # set_payload at the record's path (a null there deletes the field):
+                # the whole merged record, on the point only while it is as read.
+                client.set_payload(
+                    META, {"record": {**payload["record"], **changes}, "txn": txn},
+                    points=models.FilterSelector(filter=models.Filter(must=[
+                        models.HasIdCondition(has_id=[point_id]),
+                        _eq("txn", payload["txn"])])),
+                    wait=True, ordering=_STRONG)
+                now = self._txn(client, point_id)
+                if now is None:  # removed meanwhile, before or after this write: gone now
+                    return False
+                if now == txn:
+                    return True
+                # Another update came between the read and the write: merge into it.
+
+    def remove_record(self, kind: str, name: str) -> bool:
+        point_id = _meta_id("record", kind, name)
+        with self._store._calls() as client:
+            # Two processes removing the same record at once may both answer True.
+            if not client.retrieve(META, [point_id], with_payload=False,
+                                   consistency=_MAJORITY):
+                return False
+            client.delete(META, [point_id], wait=True, ordering=_STRONG)
+        return True
+
+    @staticmethod
+    def _txn(client: QdrantClient, point_id: str) -> str | None:
+        found = client.retrieve(META, [point_id], with_payload=["txn"], consistency=_MAJORITY)
+        return (found[0].payload or {}).get("txn") if found else None
 
 
 # --- writing -------------------------------------------------------------------------
