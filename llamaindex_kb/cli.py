@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -112,6 +113,46 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(drop)
     drop.add_argument("--kb", required=True)
 
+    keys = commands.add_parser(
+        "keys", help="named API keys for apps: read-only, or limited to knowledge bases")
+    key_commands = keys.add_subparsers(dest="action", required=True)
+    create_key = key_commands.add_parser("create", help="make a key; its secret is shown once")
+    _settings_flags(create_key)
+    create_key.add_argument("name")
+    create_key.add_argument("--kb", action="append", dest="knowledge_ids", metavar="ID",
+                            help="limit the key to this knowledge base or view (repeat for "
+                                 "more) [all of them]")
+    create_key.add_argument("--read-only", action="store_true",
+                            help="the key can retrieve and list, not add or delete documents")
+    list_keys = key_commands.add_parser("list", help="name, scope, creation and last use")
+    _settings_flags(list_keys)
+    revoke_key = key_commands.add_parser("revoke", help="the key stops working at once")
+    _settings_flags(revoke_key)
+    revoke_key.add_argument("name")
+
+    views = commands.add_parser(
+        "views", help="knowledge ids that read a knowledge base through a filter")
+    view_commands = views.add_subparsers(dest="action", required=True)
+    create_view = view_commands.add_parser("create", help="make a view")
+    _settings_flags(create_view)
+    create_view.add_argument("name", help="the view's knowledge_id")
+    create_view.add_argument("--kb", required=True, dest="knowledge_base",
+                             help="the knowledge base it reads")
+    create_view.add_argument("--filter", type=json.loads, metavar="JSON",
+                             help="a metadata_condition in Dify's format, e.g. "
+                                  '\'{"logical_operator": "and", "conditions": [{"name": '
+                                  '"team", "comparison_operator": "is", "value": "hr"}]}\'')
+    create_view.add_argument("--mode", choices=RETRIEVAL_MODES,
+                             help="retrieval mode [the knowledge base's]")
+    create_view.add_argument("--semantic-weight", dest="view_weight", type=float,
+                             help="hybrid weight of the semantic score, 0..1 [the base's]")
+    create_view.add_argument("--top-k-max", type=int, help="cap on a request's top_k")
+    list_views = view_commands.add_parser("list", help="every view and what it reads")
+    _settings_flags(list_views)
+    delete_view = view_commands.add_parser("delete", help="delete a view (not its base)")
+    _settings_flags(delete_view)
+    delete_view.add_argument("name")
+
     package = commands.add_parser("package", help="build dist/<name>-<version>.difypkg")
     package.add_argument("--out", type=Path, default=PROJECT_ROOT / "dist")
 
@@ -174,6 +215,10 @@ def _run(args: argparse.Namespace) -> int:
         drop_knowledge_base(store_for(settings), args.kb)
         print(f"dropped knowledge base {args.kb}")
         return 0
+    if args.command == "keys":
+        return _keys(args)
+    if args.command == "views":
+        return _views(args)
     if args.command == "package":
         return _tool("difypkg").main_package(PROJECT_ROOT, args.out)
     if args.command == "bench":
@@ -257,7 +302,65 @@ def _list(args: argparse.Namespace) -> int:
                  else "no embedding" if manifest.retrieval_mode == "keyword" else "?")
         print(f"{manifest.knowledge_id}\t{_count(manifest.documents)} documents\t"
               f"{_count(manifest.chunks)} chunks\t{manifest.retrieval_mode}\t{model}")
+    for view in library.views.list():
+        print(f"{view.name}\tview of {view.knowledge_base}")
     return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Run against the store directly: whoever can open the store has the admin key's
+    power already, so no key is asked for."""
+    from llamaindex_kb.keys import KeyRing
+    from llamaindex_kb.retrieval import Library
+
+    keys = KeyRing(Library(load_settings(_explicit(args))).records, admin_key=None)
+    if args.action == "create":
+        info, secret = keys.create(args.name, args.knowledge_ids, args.read_only)
+        print(f"created API key {info.name!r} ({_scope(info.knowledge_ids, info.read_only)}); "
+              "its secret, shown this once:", file=sys.stderr)
+        print(secret)
+    elif args.action == "list":
+        for info in keys.list():
+            print(f"{info.name}\t{_scope(info.knowledge_ids, info.read_only)}\t"
+                  f"created {_when(info.created_at)}\tlast used {_when(info.last_used_at)}")
+    else:
+        keys.revoke(args.name)
+        print(f"revoked API key {args.name!r}")
+    return 0
+
+
+def _views(args: argparse.Namespace) -> int:
+    from llamaindex_kb.retrieval import Library
+
+    views = Library(load_settings(_explicit(args))).views
+    if args.action == "create":
+        view = views.create(args.name, args.knowledge_base, metadata_condition=args.filter,
+                            retrieval_mode=args.mode, semantic_weight=args.view_weight,
+                            top_k_max=args.top_k_max)
+        print(f"created view {view.name!r} of knowledge base {view.knowledge_base!r}")
+    elif args.action == "list":
+        for view in views.list():
+            settings = ", ".join(f"{name}={value}" for name, value in (
+                ("mode", view.retrieval_mode), ("semantic_weight", view.semantic_weight),
+                ("top_k_max", view.top_k_max)) if value is not None)
+            print(f"{view.name}\tof {view.knowledge_base}\t"
+                  f"filter {json.dumps(view.metadata_condition, ensure_ascii=False)}\t"
+                  f"{settings or 'as the base'}")
+    else:
+        views.delete(args.name)
+        print(f"deleted view {args.name!r}")
+    return 0
+
+
+def _scope(knowledge_ids: list[str] | None, read_only: bool) -> str:
+    where = "all knowledge bases" if knowledge_ids is None else ", ".join(knowledge_ids)
+    return f"{'read-only' if read_only else 'read-write'}: {where}"
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _count(count: int | None) -> str:

@@ -6,17 +6,21 @@ The hierarchy::
     ├── AuthError                403 (never 401: Dify would accept a wrong key at save time)
     │   ├── MissingAuthError     1001  Authorization header missing or not "Bearer <key>"
     │   └── WrongKeyError        1002  key does not match
+    │       └── KeyNotAllowed    1002  a known key whose scope excludes this (read-only, admin only)
     ├── NotFoundError            404
     │   ├── KnowledgeBaseNotFound 2001
     │   ├── DocumentNotFound     2002
-    │   └── RouteNotFound        2003
+    │   ├── RouteNotFound        2003
+    │   └── KeyNotFound          2005  no API key of that name
     ├── MethodNotAllowed         405  2004
     ├── BadRequestError          400
     │   ├── MalformedBodyError   3001  not JSON, or not a JSON object
     │   ├── InvalidFieldError    3002  a field has the wrong type or value (names the field)
     │   ├── InvalidFilterError   3003  metadata_condition cannot be evaluated (names the condition)
     │   ├── EmbeddingMismatchError 3004  knowledge base was built with another embedding
-    │   └── ReadOnlyStoreError   3007  a write to a store managed elsewhere (LlamaCloud)
+    │   ├── ReadOnlyStoreError   3007  a write to a store managed elsewhere (LlamaCloud)
+    │   └── ReadOnlyViewError    3009  a write to a view (change its knowledge base)
+    ├── AlreadyExistsError       409  3008  a key, view or knowledge base of that name exists
     ├── ConfigurationError       400  3005  settings or store URL are wrong (actionable message)
     ├── PayloadTooLargeError     413  3006  over a limit (body, query, file, what it expands to)
     ├── ServerBusyError          429  5029  too much work in flight (uploads); Retry-After says when
@@ -72,6 +76,11 @@ class WrongKeyError(AuthError):
     error_code = 1002
 
 
+class KeyNotAllowed(WrongKeyError):
+    """The key is one of ours, but its scope does not cover this: the same code as a
+    wrong key, so a client that handles one handles both."""
+
+
 class NotFoundError(KBError):
     status = 404
 
@@ -90,6 +99,10 @@ class DocumentNotFound(NotFoundError):
 
 class RouteNotFound(NotFoundError):
     error_code = 2003
+
+
+class KeyNotFound(NotFoundError):
+    error_code = 2005
 
 
 class MethodNotAllowed(KBError):
@@ -131,6 +144,15 @@ class ReadOnlyStoreError(BadRequestError):
     @classmethod
     def refusing(cls, knowledge_id: str, where: str) -> ReadOnlyStoreError:
         return cls(f"knowledge base {shown(knowledge_id)} cannot be changed here: {where}")
+
+
+class ReadOnlyViewError(BadRequestError):
+    error_code = 3009
+
+
+class AlreadyExistsError(KBError):
+    status = 409
+    error_code = 3008
 
 
 class ConfigurationError(KBError):

@@ -11,9 +11,10 @@ from typing import Any
 
 from llama_index.core.schema import NodeWithScore
 
-from llamaindex_kb.conditions.compiled import compile_condition
+from llamaindex_kb.conditions.compiled import Predicate, compile_condition
 from llamaindex_kb.config import Settings
 from llamaindex_kb.contract import Record, RetrievalRequest
+from llamaindex_kb.errors import KnowledgeBaseNotFound
 from llamaindex_kb.models.base import Models, Reranker
 from llamaindex_kb.scoring import clip, lowest_returned
 from llamaindex_kb.stores.base import (
@@ -22,8 +23,11 @@ from llamaindex_kb.stores.base import (
     KnowledgeBaseHandle,
     KnowledgeStore,
     QueryPlan,
+    document_metadata,
 )
+from llamaindex_kb.stores.records import records_for
 from llamaindex_kb.stores.registry import store_for
+from llamaindex_kb.views import View, Views
 
 DEMO_KB = "demo"
 DEMO_SOURCE = Path(__file__).parent / "demo"
@@ -34,19 +38,44 @@ MIN_CANDIDATES = 20
 
 
 class Library:
-    """Knowledge bases by ``knowledge_id``, from the store the settings name."""
+    """Knowledge bases and views by ``knowledge_id``, from the store the settings name."""
 
     def __init__(self, settings: Settings, store: KnowledgeStore | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else store_for(settings)
+        self.records = records_for(self.store, settings.data_dir)
+        self.views = Views(self.records, self.store)
 
     def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
         return self.store.open(knowledge_id)
 
+    def resolve(self, knowledge_id: str) -> tuple[KnowledgeBaseHandle, View | None]:
+        """The knowledge base ``knowledge_id`` names, directly or as a view (then with
+        the view). A base is looked for first: asking it costs nothing once open, and
+        most requests name one."""
+        try:
+            return self.store.open(knowledge_id), None
+        except KnowledgeBaseNotFound:
+            view = self.views.get(knowledge_id)
+            if view is None:
+                raise
+        base = self.store.find(view.knowledge_base)
+        if base is None:
+            raise KnowledgeBaseNotFound(
+                f"view {knowledge_id!r} reads knowledge base {view.knowledge_base!r}, which "
+                "does not exist")
+        return base, view
+
     def documents(self, knowledge_id: str) -> list[DocumentInfo]:
         """A knowledge base's documents by path (or title): every store keeps its own
-        order, and a listing should not change with the store."""
-        infos = self.open(knowledge_id).documents.values()
+        order, and a listing should not change with the store. Through a view, those
+        whose metadata passes its filter (a reader's per-chunk fields, such as a page
+        number, are not known here)."""
+        kb, view = self.resolve(knowledge_id)
+        infos = list(kb.documents.values())
+        predicate = None if view is None else view.predicate()
+        if predicate is not None:
+            infos = [info for info in infos if predicate.matches(document_metadata(info))]
         return sorted(infos, key=lambda info: (info.file_path or info.title, info.document_id))
 
     def manifests(self) -> list[KBManifest]:
@@ -54,16 +83,23 @@ class Library:
         return self.store.manifests()
 
     def retrieve(self, request: RetrievalRequest, models: Models) -> list[Record]:
-        kb = self.open(request.knowledge_id)
+        kb, view = self.resolve(request.knowledge_id)
+        asked = None if request.condition is None else compile_condition(request.condition)
         plan = QueryPlan(
             query=request.query,
             top_k=request.top_k,
             score_threshold=request.score_threshold,
-            predicate=(None if request.condition is None
-                       else compile_condition(request.condition)),
+            predicate=asked,
             mode=self.settings.retrieval_mode,
             semantic_weight=self.settings.semantic_weight,
         )
+        if view is not None:  # its settings win over the server's and the base's
+            plan = plan.model_copy(update={
+                "top_k": view.top_k(request.top_k),
+                "predicate": Predicate.all_of(view.predicate(), asked),
+                "mode": view.retrieval_mode or plan.mode,
+                "semantic_weight": (plan.semantic_weight if view.semantic_weight is None
+                                    else view.semantic_weight)})
         embed_model = models.embedding_for(kb.manifest.embedding)
         if models.reranker is None:
             hits = kb.retrieve(plan, embed_model)

@@ -19,6 +19,7 @@ from llamaindex_kb.conditions.compiled import (
     ExactCheck,
     ExactPart,
     NumberCompare,
+    Predicate,
     Pushdown,
     TextEquals,
     TextIn,
@@ -501,3 +502,28 @@ def test_table_mask_equals_reference_evaluator(
     rows, columns = table.to_columns()
     reloaded = MetadataTable.from_columns(rows, json.loads(json.dumps(columns)))
     assert predicate.mask(reloaded).tolist() == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=records_and_condition(pushable=True), second=records_and_condition())
+def test_two_conditions_combined_match_what_both_match(
+    first: tuple[list[dict[str, Any]], MetadataCondition],
+    second: tuple[list[dict[str, Any]], MetadataCondition],
+) -> None:
+    """A view's filter AND a request's own: row by row, over a table, and pushed down
+    (a pre-filter may let more through, never less)."""
+    records = first[0] + second[0]
+    one, other = compile_condition(first[1]), compile_condition(second[1])
+    both = Predicate.all_of(one, other)
+    assert both is not None
+    expected = [one.matches(r) and other.matches(r) for r in records]
+    assert [both.matches(r) for r in records] == expected
+    assert both.mask(MetadataTable(records)).tolist() == expected
+    # Pushed down, both must hold, so only checks each side requires may join: all of
+    # an `and` side's exact checks, none of an `or` side's (of two or more checks).
+    required = [p.exact_part.checks for p in (one, other)
+                if p.exact_part.logical_operator == "and" or p.exact_part.total <= 1]
+    assert both.exact_part.logical_operator == "and"
+    assert both.exact_part.checks == tuple(check for checks in required for check in checks)
+    assert both.exact_part.total == one.exact_part.total + other.exact_part.total
+    assert Predicate.all_of(None, one) is one and Predicate.all_of(None, None) is None

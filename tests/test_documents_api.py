@@ -13,7 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, PluginTransport, Reply, ServerTransport, standalone_server
+from conftest import (
+    API_KEY,
+    PluginTransport,
+    Reply,
+    ServerTransport,
+    expect_error,
+    standalone_server,
+)
 
 from llamaindex_kb.models import multilingual
 
@@ -196,3 +203,34 @@ def test_a_chinese_upload_gets_the_multilingual_model_and_answers_an_english_que
         multilingual.MODEL_NAME)
     found = retrieve(api, "zh", "How long is the Great Wall?")
     assert found[0]["title"] == "长城"
+
+
+def test_one_read_only_key_and_one_view_per_app(api):
+    """The README's recipe, through the plugin's real request path and the server."""
+    for name, team in (("leave.md", "hr"), ("vpn.md", "it")):
+        reply = upload(api, "handbook", name, f"# {name}\n\nPolicy text for {name}.".encode(),
+                       {"department": team})
+        assert reply.status == 201, reply.body
+    view = post_json(api, "/views", {
+        "name": "handbook-hr", "knowledge_base": "handbook", "top_k_max": 5,
+        "metadata_condition": {"conditions": [
+            {"name": "department", "comparison_operator": "is", "value": "hr"}]}})
+    assert view.status == 201, view.body
+    key = post_json(api, "/keys", {"name": "hr-assistant", "knowledge_ids": ["handbook-hr"],
+                                   "read_only": True})
+    assert key.status == 201, key.body
+    app = {"Authorization": f"Bearer {key.json()['key']}", "Content-Type": "application/json"}
+    asked = {"knowledge_id": "handbook-hr", "query": "policy text",
+             "retrieval_setting": {"top_k": 10, "score_threshold": 0.0}}
+    found = api.post("/retrieval", json.dumps(asked).encode(), app)
+    assert found.status == 200, found.body
+    assert [r["metadata"]["file_name"] for r in found.json()["records"]] == ["leave.md"]
+    hidden = api.post("/retrieval", json.dumps({**asked, "knowledge_id": "handbook"}).encode(),
+                      app)
+    expect_error(hidden, 404, 2001)
+    body, headers = multipart({"knowledge_id": "handbook-hr"}, ("x.md", b"# x"))
+    expect_error(api.post("/documents", body, {**headers, **app}), 403, 1002, "read-only")
+    listed = api.send("GET", "/keys", None, AUTH).json()["keys"]
+    assert [k["name"] for k in listed] == ["hr-assistant"] and listed[0]["last_used_at"]
+    assert api.send("DELETE", "/keys/hr-assistant", None, AUTH).status == 200
+    expect_error(api.post("/retrieval", json.dumps(asked).encode(), app), 403, 1002)

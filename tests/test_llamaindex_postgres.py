@@ -4,7 +4,7 @@ served through the real standalone server.
 Every index is built in the test as a LlamaIndex user builds one
 (``VectorStoreIndex.from_documents`` over a ``StorageContext`` holding
 ``PGVectorStore.from_params(..., table_name=...)``), on the real PostgreSQL of
-``test_store_contract``'s ``postgres_url``, with the bundled local model as the index's
+conftest's ``postgres_url``, with the bundled local model as the index's
 ``embed_model``: the model the server embeds queries with. The server must then answer
 as ``index.as_retriever(similarity_top_k=k)`` does, in Dify's shape.
 """
@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-import test_store_contract
 from conftest import ServerTransport, standalone_server
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.embeddings import MockEmbedding
@@ -49,8 +48,11 @@ from llamaindex_kb.stores.llamaindex import store as llamaindex_store
 from llamaindex_kb.stores.llamaindex.postgres import _metadata_filters
 from llamaindex_kb.stores.registry import open_store
 
-# The session's PostgreSQL of the store contract's tests, as the fixture `database` here.
-database = test_store_contract.postgres_url
+
+@pytest.fixture(scope="session")
+def database(postgres_url: str) -> str:
+    """The session's PostgreSQL (conftest's ``postgres_url``)."""
+    return postgres_url
 
 
 # The shared handbook, and what PostgreSQL's JSONB filters must also handle: a key with
@@ -305,7 +307,7 @@ def test_filters_given_to_pgvectorstore_keep_every_match_and_only_those_when_com
     matching = {doc_id for doc_id, metadata in passed.items() if predicate.matches(metadata)}
     every = {doc_id for doc_id, _, metadata in HANDBOOK if predicate.matches(metadata)}
     assert matching == every
-    if filters is not None and len(filters.filters) == len(predicate.checks):
+    if filters is not None and len(filters.filters) == predicate.exact_part.total:
         assert set(passed) == every  # the whole condition was given to PGVectorStore
 
 

@@ -37,6 +37,7 @@ The exact part
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -176,40 +177,75 @@ def _exact(check: Check) -> ExactCheck | None:
 
 
 class Predicate:
-    """A condition's checks, ready to evaluate; immutable, shared by a request's stores."""
+    """A condition's checks, ready to evaluate; immutable, shared by a request's stores.
 
-    __slots__ = ("logical_operator", "checks", "exact_part", "_mask_key")
+    One predicate may hold several conditions that must all match (``all_of``: a view's
+    filter and the request's own): ``groups``, each checks joined by its own operator.
+    """
+
+    __slots__ = ("groups", "exact_part")
 
     def __init__(self, logical_operator: Literal["and", "or"], checks: tuple[Check, ...]
                  ) -> None:
-        self.logical_operator = logical_operator
-        self.checks = checks
-        self.exact_part = ExactPart(
-            logical_operator, tuple(e for e in map(_exact, checks) if e is not None),
-            len(checks))
-        # `and` and `or` agree on zero or one check: share their cached masks.
-        self._mask_key = (logical_operator if len(checks) > 1 else "and", checks)
+        # `and` and `or` agree on zero or one check: one spelling shares cached masks.
+        self.groups = ((logical_operator if len(checks) > 1 else "and", checks),)
+        self.exact_part = _exact_part(self.groups)
+
+    @classmethod
+    def all_of(cls, *predicates: Predicate | None) -> Predicate | None:
+        """What every one of ``predicates`` matches (None ones match everything)."""
+        given = [p for p in predicates if p is not None]
+        if len(given) <= 1:
+            return given[0] if given else None
+        combined = cls.__new__(cls)
+        combined.groups = tuple(group for p in given for group in p.groups)
+        combined.exact_part = _exact_part(combined.groups)
+        return combined
 
     def __repr__(self) -> str:
-        return f"Predicate({self.logical_operator!r}, {self.checks!r})"
+        return f"Predicate{self.groups!r}"
 
     def matches(self, metadata: Mapping[str, Any]) -> bool:
         """Whether one record's metadata satisfies the condition, exactly as Dify's SQL."""
-        if not self.checks:
-            return True
-        results = (_check_value(check, metadata.get(check.key)) for check in self.checks)
-        return all(results) if self.logical_operator == "and" else any(results)
+        for logical_operator, checks in self.groups:
+            if not checks:
+                continue
+            results = (_check_value(check, metadata.get(check.key)) for check in checks)
+            if not (all(results) if logical_operator == "and" else any(results)):
+                return False
+        return True
 
     def mask(self, table: MetadataTable) -> np.ndarray:
         """``[self.matches(m) for m in table's rows]`` as a read-only bool array."""
-        return table.cached_mask(self._mask_key, self._compute)
+        masks = [table.cached_mask(group, functools.partial(_group_mask, group=group))
+                 for group in self.groups]
+        if len(masks) == 1:
+            return masks[0]
+        both = np.logical_and.reduce(masks)
+        both.flags.writeable = False
+        return both
 
-    def _compute(self, columns: Columns) -> np.ndarray:
-        if not self.checks:
-            return np.ones(columns.rows, dtype=bool)
-        masks = [_check_mask(columns, check) for check in self.checks]
-        combine = np.logical_and if self._mask_key[0] == "and" else np.logical_or
-        return combine.reduce(masks) if len(masks) > 1 else masks[0].copy()
+
+def _group_mask(columns: Columns, group: tuple[str, tuple[Check, ...]]) -> np.ndarray:
+    logical_operator, checks = group
+    if not checks:
+        return np.ones(columns.rows, dtype=bool)
+    masks = [_check_mask(columns, check) for check in checks]
+    combine = np.logical_and if logical_operator == "and" else np.logical_or
+    return combine.reduce(masks) if len(masks) > 1 else masks[0].copy()
+
+
+def _exact_part(groups: tuple[tuple[str, tuple[Check, ...]], ...]) -> ExactPart:
+    """One group's exact part as it is; of several (all of which must match), the
+    exact checks of the `and` groups: an `or` group's checks cannot join them, so they
+    only count, making the part incomplete."""
+    if len(groups) == 1:
+        logical_operator, checks = groups[0]
+        return ExactPart(logical_operator,  # type: ignore[arg-type]
+                         tuple(e for e in map(_exact, checks) if e is not None), len(checks))
+    joinable = [check for operator, checks in groups if operator == "and" for check in checks]
+    return ExactPart("and", tuple(e for e in map(_exact, joinable) if e is not None),
+                     sum(len(checks) for _, checks in groups))
 
 
 def compile_condition(condition: MetadataCondition) -> Predicate:

@@ -7,7 +7,6 @@ so the two doors can never answer differently.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
@@ -19,20 +18,28 @@ from werkzeug import exceptions as werkzeug_exceptions
 from werkzeug.routing import Map, Rule
 
 from llamaindex_kb.config import Settings
-from llamaindex_kb.contract import RetrievalResponse, error_body, parse_retrieval_request, read_body
+from llamaindex_kb.contract import (
+    RetrievalResponse,
+    error_body,
+    parse_json_object,
+    parse_retrieval_request,
+    read_body,
+)
 from llamaindex_kb.errors import (
+    InvalidFieldError,
     KBError,
     MethodNotAllowed,
-    MissingAuthError,
     RouteNotFound,
     ServerBusyError,
-    WrongKeyError,
     error_status,
+    shown,
 )
 from llamaindex_kb.http import upload
 from llamaindex_kb.ingestion.pipeline import delete_document
+from llamaindex_kb.keys import Caller, KeyRing, check_name
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.retrieval import Library
+from llamaindex_kb.views import View
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,19 @@ def route_path(path: str) -> str:
     return path
 
 
+def view_entry(view: View) -> dict[str, object]:
+    """A view as ``GET /knowledge-bases`` and ``/views`` list it."""
+    return {"knowledge_id": view.name, "kind": "view", **view.model_dump(exclude={"name"})}
+
+
+def known(body: dict[str, object], fields: set[str]) -> None:
+    """Refuse a field we do not know: a typo ("read_ony") must not pass silently."""
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise InvalidFieldError(
+            unknown[0], f"is not a known field; expected {', '.join(sorted(fields))}")
+
+
 def json_response(payload: object, status: int = 200) -> Response:
     return Response(
         json.dumps(payload, ensure_ascii=False),
@@ -69,6 +89,7 @@ class KnowledgeAPI:
         self.settings = settings
         self.library = library
         self.models = models
+        self.keys = KeyRing(library.records, settings.api_key)
         self._routes = Map(
             [
                 Rule("/retrieval", methods=["POST"], endpoint=self._retrieval),
@@ -78,6 +99,12 @@ class KnowledgeAPI:
                      endpoint=self._documents),
                 Rule("/knowledge-bases/<knowledge_id>/documents/<path:document_id>",
                      methods=["DELETE"], endpoint=self._delete_document),
+                Rule("/keys", methods=["GET"], endpoint=self._keys),
+                Rule("/keys", methods=["POST"], endpoint=self._create_key),
+                Rule("/keys/<name>", methods=["DELETE"], endpoint=self._revoke_key),
+                Rule("/views", methods=["GET"], endpoint=self._views),
+                Rule("/views", methods=["POST"], endpoint=self._create_view),
+                Rule("/views/<name>", methods=["DELETE"], endpoint=self._delete_view),
             ],
             strict_slashes=False,
             merge_slashes=False,
@@ -88,8 +115,8 @@ class KnowledgeAPI:
         path = route_path(request.path)
         try:
             handler, values = self._route(request.method, path)
-            self.authenticate(request.headers.get("Authorization"))
-            response = handler(request, **values)
+            caller = self.keys.authenticate(request.headers.get("Authorization"))
+            response = handler(request, caller, **values)
         except KBError as exc:
             if exc.status >= 500:  # ours, not the client's: the operator must see it
                 log.error("%s %r failed: %s", request.method, path[:200], exc.message)
@@ -119,58 +146,96 @@ class KnowledgeAPI:
                 f"no route {shown_path}; the External Knowledge API is POST /retrieval"
             ) from exc
 
-    def authenticate(self, header: str | None) -> None:
-        """403 for anything but the configured key (never 401: Dify would save a wrong key)."""
-        expected = self.settings.api_key
-        if expected is None:
-            raise WrongKeyError("no API key is configured on the server; set one first")
-        if not header or not header.startswith("Bearer "):
-            raise MissingAuthError(
-                "missing or malformed Authorization header; expected 'Bearer <api key>'"
-            )
-        token = header[len("Bearer ") :].strip()
-        key = expected.get_secret_value().encode()
-        # A key typed into Dify as "Bearer xyz" arrives as "Bearer Bearer xyz".
-        candidates = [token]
-        if token.startswith("Bearer "):
-            candidates.append(token[len("Bearer ") :].strip())
-        matched = False
-        for candidate in candidates:
-            matched |= hmac.compare_digest(candidate.encode(), key)
-        if not matched:
-            raise WrongKeyError("the API key does not match the one configured for this endpoint")
-
-    def _retrieval(self, request: Request) -> Response:
+    def _retrieval(self, request: Request, caller: Caller) -> Response:
         limits = self.settings.limits
         parsed = parse_retrieval_request(read_body(request, limits), limits)
         if parsed.is_probe:
             return json_response(RetrievalResponse(records=[]).model_dump())
+        caller.check_visible(parsed.knowledge_id)
         records = self.library.retrieve(parsed, self.models)
         return json_response(RetrievalResponse(records=records).model_dump())
 
-    def _upload(self, request: Request) -> Response:
+    def _upload(self, request: Request, caller: Caller) -> Response:
+        caller.check_writer()
         info, summary = upload.upload(request, self.library.store, self.models,
-                                         self.settings.limits)
+                                      self.settings.limits, allowed=caller.check_visible)
         return json_response({"knowledge_id": summary.knowledge_id,
                               "document": info.model_dump(exclude={"parent_ids", "source_root"}),
                               "total_documents": summary.total_documents,
                               "total_chunks": summary.total_chunks}, status=201)
 
-    def _knowledge_bases(self, request: Request) -> Response:
-        return json_response({"knowledge_bases": [
+    def _knowledge_bases(self, request: Request, caller: Caller) -> Response:
+        listed: list[dict[str, object]] = [
             # Centroids are hundreds of numbers of scoring bookkeeping, nothing a reader needs.
-            manifest.model_dump(mode="json", exclude={"centroids"})
-            for manifest in self.library.manifests()]})
+            {"kind": "knowledge_base", **manifest.model_dump(mode="json", exclude={"centroids"})}
+            for manifest in self.library.manifests() if caller.may_see(manifest.knowledge_id)]
+        listed += [view_entry(view) for view in self.library.views.list()
+                   if caller.may_see(view.name)]
+        return json_response({"knowledge_bases": listed})
 
-    def _documents(self, request: Request, knowledge_id: str) -> Response:
+    def _documents(self, request: Request, caller: Caller, knowledge_id: str) -> Response:
+        caller.check_visible(knowledge_id)
         return json_response({"knowledge_id": knowledge_id, "documents": [
             info.model_dump(exclude={"parent_ids", "source_root"})
             for info in self.library.documents(knowledge_id)]})
 
-    def _delete_document(self, request: Request, knowledge_id: str, document_id: str) -> Response:
+    def _delete_document(self, request: Request, caller: Caller, knowledge_id: str,
+                         document_id: str) -> Response:
+        caller.check_write(knowledge_id)
         info = delete_document(self.library.store, knowledge_id, document_id)
         return json_response({"knowledge_id": knowledge_id, "deleted": info.document_id,
                               "chunks": info.chunks})
+
+    # --- keys and views: the admin key's ---------------------------------------------
+
+    def _keys(self, request: Request, caller: Caller) -> Response:
+        caller.check_admin()
+        return json_response({"keys": [info.model_dump() for info in self.keys.list()]})
+
+    def _create_key(self, request: Request, caller: Caller) -> Response:
+        caller.check_admin()
+        body = parse_json_object(read_body(request, self.settings.limits))
+        known(body, {"name", "knowledge_ids", "read_only"})
+        scope = body.get("knowledge_ids")
+        if scope is not None and (not isinstance(scope, list)
+                                  or not all(isinstance(k, str) for k in scope)):
+            raise InvalidFieldError(
+                "knowledge_ids", f"must be an array of knowledge ids or null; got {shown(scope)}")
+        read_only = body.get("read_only", False)
+        if not isinstance(read_only, bool):
+            raise InvalidFieldError("read_only", f"must be true or false; got {shown(read_only)}")
+        info, secret = self.keys.create(check_name(body.get("name"), "name"), scope, read_only)
+        # The one time the secret is shown: it is kept only as a hash.
+        return json_response({**info.model_dump(), "key": secret}, status=201)
+
+    def _revoke_key(self, request: Request, caller: Caller, name: str) -> Response:
+        caller.check_admin()
+        self.keys.revoke(name)
+        return json_response({"revoked": name})
+
+    def _views(self, request: Request, caller: Caller) -> Response:
+        caller.check_admin()
+        return json_response({"views": [view_entry(view) for view in self.library.views.list()]})
+
+    def _create_view(self, request: Request, caller: Caller) -> Response:
+        caller.check_admin()
+        body = parse_json_object(read_body(request, self.settings.limits))
+        known(body, {"name", "knowledge_base", "metadata_condition", "retrieval_mode",
+                     "semantic_weight", "top_k_max"})
+        for field in ("name", "knowledge_base"):
+            if not isinstance(body.get(field), str):
+                raise InvalidFieldError(field, f"must be a string; got {shown(body.get(field))}")
+        view = self.library.views.create(
+            body["name"], body["knowledge_base"],
+            metadata_condition=body.get("metadata_condition"),
+            retrieval_mode=body.get("retrieval_mode"),
+            semantic_weight=body.get("semantic_weight"), top_k_max=body.get("top_k_max"))
+        return json_response(view_entry(view), status=201)
+
+    def _delete_view(self, request: Request, caller: Caller, name: str) -> Response:
+        caller.check_admin()
+        self.library.views.delete(name)
+        return json_response({"deleted": name})
 
     @staticmethod
     def error_response(exc: BaseException) -> Response:

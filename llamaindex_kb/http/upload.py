@@ -63,10 +63,11 @@ _slots = threading.BoundedSemaphore(UPLOAD_SLOTS)
 
 def upload(
     request: Request, store: KnowledgeStore, models: Models, limits: Limits = DEFAULT_LIMITS,
-    cancelled: Cancelled | None = None,
+    cancelled: Cancelled | None = None, allowed: Callable[[str], None] | None = None,
 ) -> tuple[DocumentInfo, IngestSummary]:
     """Add the document ``request`` carries; ``cancelled`` (by default waitress's
-    client-disconnected flag, if the server provides it) stops the work unwritten."""
+    client-disconnected flag, if the server provides it) stops the work unwritten;
+    ``allowed`` refuses a knowledge id the caller may not write to."""
     if cancelled is None:
         cancelled = request.environ.get("waitress.client_disconnected")
     checkpoint = checkpoint_for(cancelled)
@@ -84,6 +85,8 @@ def upload(
             )
     except RequestEntityTooLarge as exc:
         raise _too_large(request, limits) from exc
+    if allowed is not None:
+        allowed(knowledge_id)
     check_writable(store, knowledge_id)
     with _slot():
         if checkpoint is not None:

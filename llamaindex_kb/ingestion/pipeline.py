@@ -64,7 +64,9 @@ from llamaindex_kb.stores.base import (
     KnowledgeBaseHandle,
     KnowledgeStore,
     check_same_embedding,
+    document_metadata,
 )
+from llamaindex_kb.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +136,8 @@ def document_id_for(file_path: str) -> str:
     return hashlib.sha256(file_path.encode()).hexdigest()[:20]
 
 
-def _base_metadata(info: DocumentInfo) -> dict[str, Any]:
-    metadata = {
-        "document_id": info.document_id,
-        "title": info.title,
-        "file_name": info.file_name,
-        "file_path": info.file_path,
-        "file_type": info.file_type,
-        "file_size": info.file_size,
-        "last_modified": info.last_modified,
-    }
-    return {**info.metadata, **{k: v for k, v in metadata.items() if v is not None}}
-
-
 def _attach(source: Source, documents: list[Document]) -> Source:
-    metadata = _base_metadata(source.info)
+    metadata = document_metadata(source.info)
     for document in documents:
         document.metadata = {**document.metadata, **metadata}
         # Metadata is for filters and citations: keep it out of the chunk budget and
@@ -296,10 +285,12 @@ def embed_nodes(nodes: Sequence[BaseNode], embed_model: BaseEmbedding) -> np.nda
 
 
 def check_writable(store: KnowledgeStore, knowledge_id: str) -> None:
-    """Refuse a write to a read-only store before any reading, chunking or embedding,
-    rather than when its publish refuses at the end."""
+    """Refuse a write to a read-only store, or to a view, before any reading, chunking
+    or embedding, rather than when its publish refuses at the end."""
     if store.read_only is not None:
         raise ReadOnlyStoreError.refusing(knowledge_id, store.read_only)
+    if store.access_records is not None:  # every store that takes writes keeps views
+        Views(store.access_records, store).check_writable(knowledge_id)
 
 
 def ingest_paths(
@@ -481,7 +472,7 @@ def _chunk_sources(
 def _check_metadata_copies(source: Source, nodes: int, limits: Limits) -> None:
     """Every chunk carries its document's metadata (its title and path too): refuse
     metadata that, copied onto each, would write more than ``inflated_bytes``."""
-    size = len(json.dumps(_base_metadata(source.info), ensure_ascii=False).encode())
+    size = len(json.dumps(document_metadata(source.info), ensure_ascii=False).encode())
     if size * nodes > limits.inflated_bytes:
         raise too_large(source.label, f"has {format_bytes(size)} of metadata, which copied "
                          f"onto each of its {nodes:,} chunks would take more than "

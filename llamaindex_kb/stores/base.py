@@ -186,6 +186,21 @@ class DocumentInfo(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+def document_metadata(info: DocumentInfo) -> dict[str, Any]:
+    """The metadata every chunk of the document carries (a reader may add its own per
+    chunk, such as a page number): the document's own, then its file's fields."""
+    metadata = {
+        "document_id": info.document_id,
+        "title": info.title,
+        "file_name": info.file_name,
+        "file_path": info.file_path,
+        "file_type": info.file_type,
+        "file_size": info.file_size,
+        "last_modified": info.last_modified,
+    }
+    return {**info.metadata, **{k: v for k, v in metadata.items() if v is not None}}
+
+
 class QueryPlan(BaseModel):
     """What one retrieval asks of a knowledge base."""
 

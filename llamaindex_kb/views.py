@@ -1,0 +1,152 @@
+"""Views: a ``knowledge_id`` that reads a knowledge base through its own filter.
+
+Dify offers no way to set a metadata filter on an external knowledge base, so a view
+carries one: a request to the view is answered from its knowledge base with the view's
+filter AND the request's own ``metadata_condition``, the view's retrieval mode and
+weight instead of the base's, and ``top_k`` capped. Views are read-only (documents are
+added to their knowledge base), share the knowledge ids' namespace with knowledge
+bases, and are kept in the store's records (``stores/records.py``) like keys.
+
+Everything a view says is checked when it is made (the filter with Dify's rules,
+3003), so a query never meets a view that cannot be evaluated; its knowledge base may
+be dropped later, and the view then answers as a missing knowledge base (404, 2001).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llamaindex_kb.conditions.compiled import Predicate, compile_condition
+from llamaindex_kb.conditions.model import MetadataCondition, parse_metadata_condition
+from llamaindex_kb.config import RETRIEVAL_MODES, RetrievalMode
+from llamaindex_kb.contract import MAX_TOP_K
+from llamaindex_kb.errors import (
+    AlreadyExistsError,
+    InvalidFieldError,
+    InvalidFilterError,
+    KnowledgeBaseNotFound,
+    ReadOnlyViewError,
+    shown,
+)
+from llamaindex_kb.ids import validate_knowledge_id
+from llamaindex_kb.stores.base import KnowledgeStore
+from llamaindex_kb.stores.records import Records
+
+KIND = "view"
+
+
+class View(BaseModel):
+    """A view as stored and listed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    knowledge_base: str
+    # Dify's metadata_condition format, as given (checked when the view was made).
+    metadata_condition: dict[str, Any] | None = None
+    retrieval_mode: RetrievalMode | None = None  # None: the base's (or the server's)
+    semantic_weight: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k_max: int | None = Field(default=None, ge=1, le=MAX_TOP_K)
+    created_at: float = Field(default_factory=time.time)
+
+    @property
+    def condition(self) -> MetadataCondition | None:
+        return parse_metadata_condition(self.metadata_condition)
+
+    def predicate(self) -> Predicate | None:
+        condition = self.condition
+        return None if condition is None else compile_condition(condition)
+
+    def top_k(self, asked: int) -> int:
+        return asked if self.top_k_max is None else min(asked, self.top_k_max)
+
+
+class Views:
+    """The views kept in ``records``, over the knowledge bases of ``store``."""
+
+    def __init__(self, records: Records, store: KnowledgeStore) -> None:
+        self.records = records
+        self.store = store
+
+    def get(self, name: str) -> View | None:
+        record = self.records.records(KIND).get(name)
+        return None if record is None else View.model_validate(record)
+
+    def list(self) -> list[View]:
+        return sorted((View.model_validate(record)
+                       for record in self.records.records(KIND).values()),
+                      key=lambda view: view.name)
+
+    def create(self, name: str, knowledge_base: str, *,
+               metadata_condition: object = None, retrieval_mode: object = None,
+               semantic_weight: object = None, top_k_max: object = None) -> View:
+        """A new view, every part checked now; the field of the first problem is named."""
+        validate_knowledge_id(name, "name")
+        validate_knowledge_id(knowledge_base, "knowledge_base", creating=False)
+        if metadata_condition is not None:
+            if parse_metadata_condition(metadata_condition) is None:
+                raise InvalidFilterError(
+                    "metadata_condition: no condition has a value, so the view would filter "
+                    "nothing; give each condition a value, or leave the filter out")
+        view = View(name=name, knowledge_base=knowledge_base,
+                    metadata_condition=metadata_condition,  # type: ignore[arg-type]
+                    retrieval_mode=_mode(retrieval_mode),
+                    semantic_weight=_weight(semantic_weight), top_k_max=_top_k_max(top_k_max))
+        base = self.store.find(knowledge_base)
+        if base is None:
+            raise KnowledgeBaseNotFound.missing(knowledge_base)
+        if view.retrieval_mode not in (None, "keyword") and base.manifest.embedding is None:
+            raise InvalidFieldError(
+                "retrieval_mode", f"knowledge base {knowledge_base!r} was built for keyword "
+                f"search only; a {view.retrieval_mode} view needs it rebuilt with an "
+                "embedding model")
+        if self.store.find(name) is not None:
+            raise AlreadyExistsError(
+                f"a knowledge base is named {name!r}; a view needs a knowledge id of its own")
+        if not self.records.add_record(KIND, name, view.model_dump(mode="json")):
+            raise AlreadyExistsError(
+                f"a view named {name!r} exists: delete it first, or choose another name")
+        return view
+
+    def delete(self, name: str) -> None:
+        if not self.records.remove_record(KIND, name):
+            raise KnowledgeBaseNotFound(f"no view is named {shown(name)}")
+
+    def check_writable(self, knowledge_id: str) -> None:
+        """Refuse a write to a view's knowledge id (documents go to its knowledge base);
+        checked before a new base could take a view's name."""
+        view = self.get(knowledge_id)
+        if view is not None:
+            raise ReadOnlyViewError(
+                f"{knowledge_id!r} is a view of knowledge base {view.knowledge_base!r}, and "
+                f"views are read-only: add or delete documents in {view.knowledge_base!r}")
+
+
+def _mode(value: object) -> RetrievalMode | None:
+    if value is None or value in RETRIEVAL_MODES:
+        return value  # type: ignore[return-value]
+    raise InvalidFieldError("retrieval_mode",
+                            f"must be one of {', '.join(RETRIEVAL_MODES)} or null; got "
+                            f"{shown(value)}")
+
+
+def _weight(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InvalidFieldError("semantic_weight",
+                                f"must be a number from 0 to 1 or null; got {shown(value)}")
+    return float(value)
+
+
+def _top_k_max(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
+        raise InvalidFieldError("top_k_max",
+                                f"must be an integer from 1 to {MAX_TOP_K} or null; got "
+                                f"{shown(value)}")
+    return value
