@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retrieval mode recorded for a new knowledge base [hybrid]")
     ingest.add_argument("--semantic-weight", dest="semantic_weight", type=float, default=0.7,
                         help="hybrid weight recorded for a new knowledge base [0.7]")
-    ingest.add_argument("--chunking", type=json.loads, metavar="JSON",
+    ingest.add_argument("--chunking", type=_json_argument, metavar="JSON",
                         help='chunking for a new knowledge base, e.g. \'{"mode": "parent_child"}\' '
                              "(see README, Chunking)")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -138,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     create_view.add_argument("name", help="the view's knowledge_id")
     create_view.add_argument("--kb", required=True, dest="knowledge_base",
                              help="the knowledge base it reads")
-    create_view.add_argument("--filter", type=json.loads, metavar="JSON",
+    create_view.add_argument("--filter", type=_json_argument, metavar="JSON",
                              help="a metadata_condition in Dify's format, e.g. "
                                   '\'{"logical_operator": "and", "conditions": [{"name": '
                                   '"team", "comparison_operator": "is", "value": "hr"}]}\'')
     create_view.add_argument("--mode", choices=RETRIEVAL_MODES,
                              help="retrieval mode [the knowledge base's]")
-    create_view.add_argument("--semantic-weight", dest="view_weight", type=float,
+    create_view.add_argument("--semantic-weight", dest="view_weight", type=float, metavar="W",
                              help="hybrid weight of the semantic score, 0..1 [the base's]")
     create_view.add_argument("--top-k-max", type=int, help="cap on a request's top_k")
     list_views = view_commands.add_parser("list", help="every view and what it reads")
@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("bench", add_help=False,
                         help="retrieval quality and latency benchmark (bench --help)")
     return parser
+
+
+def _json_argument(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
 
 
 def _explicit(args: argparse.Namespace) -> dict[str, Any]:

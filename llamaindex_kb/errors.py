@@ -6,7 +6,8 @@ The hierarchy::
     ├── AuthError                403 (never 401: Dify would accept a wrong key at save time)
     │   ├── MissingAuthError     1001  Authorization header missing or not "Bearer <key>"
     │   └── WrongKeyError        1002  key does not match
-    │       └── KeyNotAllowed    1002  a known key whose scope excludes this (read-only, admin only)
+    │       └── KeyNotAllowed    1002  a named key that may not do this (read-only; admin only);
+    │                                  outside its knowledge ids it gets 404 (2001) instead
     ├── NotFoundError            404
     │   ├── KnowledgeBaseNotFound 2001
     │   ├── DocumentNotFound     2002

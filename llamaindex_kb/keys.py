@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -27,20 +28,27 @@ from pydantic import BaseModel, SecretStr
 from llamaindex_kb.errors import (
     AlreadyExistsError,
     InvalidFieldError,
+    KBError,
     KeyNotAllowed,
     KeyNotFound,
     KnowledgeBaseNotFound,
     MissingAuthError,
     WrongKeyError,
+    error_status,
     shown,
 )
 from llamaindex_kb.ids import validate_knowledge_id
 from llamaindex_kb.stores.records import Records
 
+log = logging.getLogger(__name__)
+
 KIND = "key"
 SECRET_PREFIX = "lkb_"
 NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-'"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# What secrets.token_urlsafe(32) gives after the prefix: only a token of this shape costs
+# a read of the store (a guess such as "Bearer lkb_x" answers without one).
+_SECRET = re.compile(re.escape(SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
 # Recording every use would write on every retrieval; a minute is precise enough to
 # tell a key in use from a forgotten one.
 LAST_USE_PRECISION_S = 60.0
@@ -144,7 +152,7 @@ class KeyRing:
         return caller
 
     def _named(self, tokens: list[str]) -> Caller | None:
-        if not any(token.startswith(SECRET_PREFIX) for token in tokens):
+        if not any(_SECRET.fullmatch(token) for token in tokens):
             return None
         digests = [digest(token).encode() for token in tokens]
         found: tuple[str, dict] | None = None
@@ -160,7 +168,13 @@ class KeyRing:
         now = time.time()
         last = record.get("last_used_at")
         if last is None or now - float(last) >= LAST_USE_PRECISION_S:
-            self.records.update_record(KIND, name, {"last_used_at": now})
+            try:
+                self.records.update_record(KIND, name, {"last_used_at": now})
+            except (KBError, OSError) as exc:
+                # A bookkeeping write (a read-only data folder, a store that refuses
+                # writes now) must not turn away a request the key may make.
+                log.warning("could not record the use of API key %r: %s", name,
+                            error_status(exc)[2])
         scope = record.get("knowledge_ids")
         return Caller(name=name, knowledge_ids=None if scope is None else frozenset(scope),
                       read_only=bool(record.get("read_only")))

@@ -87,6 +87,7 @@ class Views:
         validate_knowledge_id(name, "name")
         validate_knowledge_id(knowledge_base, "knowledge_base", creating=False)
         if metadata_condition is not None:
+            _check_known_fields(metadata_condition)
             if parse_metadata_condition(metadata_condition) is None:
                 raise InvalidFilterError(
                     "metadata_condition: no condition has a value, so the view would filter "
@@ -97,6 +98,10 @@ class Views:
                     semantic_weight=_weight(semantic_weight), top_k_max=_top_k_max(top_k_max))
         base = self.store.find(knowledge_base)
         if base is None:
+            if self.get(knowledge_base) is not None:
+                raise InvalidFieldError(
+                    "knowledge_base", f"{knowledge_base!r} is a view; a view reads a "
+                    "knowledge base (give it the filter of both)")
             raise KnowledgeBaseNotFound.missing(knowledge_base)
         if view.retrieval_mode not in (None, "keyword") and base.manifest.embedding is None:
             raise InvalidFieldError(
@@ -120,9 +125,28 @@ class Views:
         checked before a new base could take a view's name."""
         view = self.get(knowledge_id)
         if view is not None:
+            # Not naming the base: a key limited to the view must not learn it.
             raise ReadOnlyViewError(
-                f"{knowledge_id!r} is a view of knowledge base {view.knowledge_base!r}, and "
-                f"views are read-only: add or delete documents in {view.knowledge_base!r}")
+                f"{knowledge_id!r} is a view, and views are read-only: add or delete "
+                "documents in the knowledge base it reads (GET /views names it)")
+
+
+def _check_known_fields(raw: object) -> None:
+    """A view's filter is kept and reused for every query: refuse a misspelt field
+    ("logical_operater") that Dify's lenient format would silently ignore."""
+    if not isinstance(raw, dict):
+        return  # parse_metadata_condition says what is wrong with it
+    for field in sorted(set(raw) - {"logical_operator", "conditions"}):
+        raise InvalidFilterError(f"metadata_condition.{field}: is not a known field; "
+                                 "expected logical_operator, conditions")
+    conditions = raw.get("conditions")
+    for index, condition in enumerate(conditions if isinstance(conditions, list) else []):
+        extra = sorted(set(condition) - {"name", "comparison_operator", "value"}
+                       if isinstance(condition, dict) else set())
+        if extra:
+            raise InvalidFilterError(
+                f"metadata_condition.conditions[{index}].{extra[0]}: is not a known field; "
+                "expected name, comparison_operator, value")
 
 
 def _mode(value: object) -> RetrievalMode | None:

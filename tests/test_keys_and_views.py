@@ -250,7 +250,7 @@ def test_writes_through_a_view_are_refused_naming_its_base(api):
     api.view("hr", metadata_condition=HR)
     reply = api.send("POST", "/documents", payload={"knowledge_id": "hr", "title": "x",
                                                     "text": "y"})
-    expect_error(reply, 400, 3009, "'hr' is a view", "'handbook'")
+    expect_error(reply, 400, 3009, "'hr' is a view", "read-only")
     assert api.library.store.find("hr") is None
     document = api.send("GET", "/knowledge-bases/hr/documents").json()["documents"][0]
     expect_error(api.send("DELETE", f"/knowledge-bases/hr/documents/{document['document_id']}"),
@@ -273,6 +273,10 @@ def test_writes_through_a_view_are_refused_naming_its_base(api):
     ({"name": "handbook"}, 409, 3008, ("knowledge base is named 'handbook'",)),
     ({"name": "a/b"}, 400, 3002, ("name",)),
     ({"filter": HR}, 400, 3002, ("filter", "not a known field")),
+    ({"metadata_condition": {**HR, "logical_operater": "or"}}, 400, 3003,
+     ("metadata_condition.logical_operater", "not a known field")),
+    ({"metadata_condition": {"conditions": [{**HR["conditions"][0], "values": ["x"]}]}}, 400,
+     3003, ("conditions[0].values",)),
 ])
 def test_a_view_that_could_not_answer_is_refused_when_made(api, settings, status, code, words):
     payload = {"name": "v", "knowledge_base": "handbook", **settings}
@@ -280,11 +284,28 @@ def test_a_view_that_could_not_answer_is_refused_when_made(api, settings, status
     assert api.send("GET", "/views").json() == {"views": []}
 
 
+def test_a_view_reads_a_knowledge_base_not_another_view(api):
+    api.view("hr", metadata_condition=HR)
+    expect_error(api.view("hr-2024", "hr"), 400, 3002, "knowledge_base", "'hr' is a view")
+
+
+def test_a_guess_that_is_not_a_keys_shape_costs_no_read_of_the_keys(api, monkeypatch):
+    secret = api.key("real")
+    reads = []
+    records = api.api.keys.records
+    monkeypatch.setattr(records, "records", lambda kind: reads.append(kind) or {})
+    for guess in ("Bearer lkb_guess", "Bearer nope", "Bearer " + "lkb_" + "x" * 44):
+        expect_error(api.retrieve("handbook", "leave", guess), 403, 1002)
+    assert reads == []
+    expect_error(api.retrieve("handbook", "leave", secret), 403, 1002)  # the stubbed read
+    assert reads == ["key"]
+
+
 def test_a_view_whose_base_was_dropped_answers_as_missing_and_can_be_deleted(api):
     api.view("of-other", "other")
     expect_error(api.view("of-other", "other"), 409, 3008, "exists")
     api.library.store.drop("other")
-    expect_error(api.retrieve("of-other", "leave"), 404, 2001, "'of-other'", "'other'")
+    expect_error(api.retrieve("of-other", "leave"), 404, 2001, "'of-other'", "any more")
     assert api.send("DELETE", "/views/of-other").json() == {"deleted": "of-other"}
     expect_error(api.send("DELETE", "/views/of-other"), 404, 2001, "no view")
     expect_error(api.retrieve("of-other", "leave"), 404, 2001)

@@ -118,18 +118,19 @@ class FileRecords:
         """The stored records to change in place; written back when the block ends
         without an exception (a ``return`` inside it included)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(self.path.with_suffix(".lock"), "a+") as handle:
+        lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        with self._lock, open(lock, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 stored = json.loads(json.dumps(self._read()))  # a copy to change
                 yield stored
                 temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
-                with open(temporary, "w", encoding="utf-8") as out:
+                # Owner-only from its first byte (key hashes: like a private key's file).
+                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(descriptor, "w", encoding="utf-8") as out:
                     json.dump(stored, out, ensure_ascii=False, indent=1, sort_keys=True)
                     out.flush()
                     os.fsync(out.fileno())
-                # Keys grant access: readable by the owner only, like a private key.
-                os.chmod(temporary, 0o600)
                 os.replace(temporary, self.path)
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
