@@ -10,6 +10,10 @@ The published spec is half the contract; the other half is what Dify really send
 * the console retrieval test escapes ``"`` as ``\\"`` inside the query: undone here;
 * ``metadata_condition`` absent, null, ``{}`` or with no conditions means "no filter".
 
+Beyond Dify's fields, a retrieval test (the browser console) may send ``explain: true``
+and ``retrieval_setting.retrieval_mode`` / ``semantic_weight`` overrides; Dify never
+sends them, and without ``explain`` a record has exactly Dify's four fields.
+
 And what a hostile client sends is refused with a 4xx naming the problem, before
 any work: a body over ``Limits.body_bytes`` (413, judged by ``Content-Length`` or
 by reading one byte past the limit), bytes that are not UTF-8, JSON that is not
@@ -24,10 +28,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from werkzeug import Request
 
 from llamaindex_kb.conditions.model import MetadataCondition, parse_metadata_condition
+from llamaindex_kb.config import RETRIEVAL_MODES, RetrievalMode
 from llamaindex_kb.errors import InvalidFieldError, MalformedBodyError
 from llamaindex_kb.ids import KB_ID_MAX
 from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, over_limit
@@ -48,19 +53,46 @@ class RetrievalRequest(BaseModel):
     top_k: int = DEFAULT_TOP_K
     score_threshold: float = 0.0
     condition: MetadataCondition | None = None
+    # Not Dify's: a retrieval test's overrides of the server's settings (a view's own
+    # still win), and whether records carry their ``score_parts``.
+    retrieval_mode: RetrievalMode | None = None
+    semantic_weight: float | None = None
+    explain: bool = False
 
     @property
     def is_probe(self) -> bool:
         return self.knowledge_id == ""
 
 
+class ScoreParts(BaseModel):
+    """What a record's score is made of (``explain``); see ``Library.explain``."""
+
+    mode: RetrievalMode
+    semantic_weight: float
+    semantic: float | None
+    keyword: float | None
+    first_stage: float
+    rerank: float | None
+
+
 class Record(BaseModel):
-    """One answer record; ``metadata`` is always an object (Dify breaks on null)."""
+    """One answer record; ``metadata`` is always an object (Dify breaks on null).
+
+    ``score_parts`` only with ``explain``: otherwise the key is absent, not null, so what
+    Dify receives stays Dify's four fields."""
 
     content: str
     score: float = Field(ge=0.0, le=1.0)
     title: str
     metadata: dict[str, Any]
+    score_parts: ScoreParts | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_parts(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped: dict[str, Any] = handler(self)
+        if self.score_parts is None:
+            dumped.pop("score_parts", None)
+        return dumped
 
 
 class RetrievalResponse(BaseModel):
@@ -171,12 +203,20 @@ def parse_retrieval_request(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Ret
     if not isinstance(setting, dict):
         raise InvalidFieldError(
             "retrieval_setting", f"must be an object, got {_json_type(setting)}")
+    explain = data.get("explain", False)
+    if explain is None:
+        explain = False
+    if not isinstance(explain, bool):
+        raise InvalidFieldError("explain", f"must be true or false, got {_json_type(explain)}")
     return RetrievalRequest(
         knowledge_id=knowledge_id,
         query=query,
         top_k=_top_k(setting.get("top_k")),
         score_threshold=_score_threshold(setting.get("score_threshold")),
         condition=parse_metadata_condition(data.get("metadata_condition"), limits),
+        retrieval_mode=_retrieval_mode(setting.get("retrieval_mode")),
+        semantic_weight=_semantic_weight(setting.get("semantic_weight")),
+        explain=explain,
     )
 
 
@@ -210,6 +250,29 @@ def _score_threshold(value: object) -> float:
     field = "retrieval_setting.score_threshold"
     if value is None:
         return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidFieldError(field, f"must be a number, got {_json_type(value)}")
+    if not 0.0 <= value <= 1.0:
+        raise InvalidFieldError(field, f"must be between 0 and 1, got {_short(value)}")
+    return float(value)
+
+
+def _retrieval_mode(value: object) -> RetrievalMode | None:
+    field = "retrieval_setting.retrieval_mode"
+    if value is None:
+        return None
+    for mode in RETRIEVAL_MODES:
+        if value == mode:
+            return mode
+    shown_value = repr(value)[:40] if isinstance(value, str) else _json_type(value)
+    raise InvalidFieldError(
+        field, f"must be one of {', '.join(RETRIEVAL_MODES)} or null, got {shown_value}")
+
+
+def _semantic_weight(value: object) -> float | None:
+    field = "retrieval_setting.semantic_weight"
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidFieldError(field, f"must be a number, got {_json_type(value)}")
     if not 0.0 <= value <= 1.0:

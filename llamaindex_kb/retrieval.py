@@ -2,6 +2,11 @@
 
 The store (``stores/``) decides where they live and keeps them open across
 requests; a version published by another process is picked up without a restart.
+
+A retrieval test may ask what each score is made of (``explain``): the same plan is run
+again in vector and in keyword mode, narrowed to the answered records' documents, and
+each record's chunk is read back from both (``Library.explain``). Dify never asks, and
+pays nothing for it.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import NodeWithScore
 
 from llamaindex_kb.conditions.compiled import Predicate, compile_condition
+from llamaindex_kb.conditions.model import Condition, MetadataCondition
 from llamaindex_kb.config import Settings
-from llamaindex_kb.contract import Record, RetrievalRequest
-from llamaindex_kb.errors import KnowledgeBaseNotFound
+from llamaindex_kb.contract import MAX_TOP_K, Record, RetrievalRequest, ScoreParts
+from llamaindex_kb.errors import InvalidFieldError, KnowledgeBaseNotFound
 from llamaindex_kb.models.base import Models, Reranker
 from llamaindex_kb.scoring import clip, lowest_returned
 from llamaindex_kb.stores.base import (
@@ -24,6 +31,8 @@ from llamaindex_kb.stores.base import (
     KnowledgeStore,
     QueryPlan,
     document_metadata,
+    effective_mode,
+    fused_weight,
 )
 from llamaindex_kb.stores.records import records_for
 from llamaindex_kb.stores.registry import store_for
@@ -60,10 +69,10 @@ class Library:
             if view is None:
                 raise
         base = self.store.find(view.knowledge_base)
-        if base is None:
+        if base is None:  # not naming it: a key limited to the view must not learn it
             raise KnowledgeBaseNotFound(
-                f"view {knowledge_id!r} reads knowledge base {view.knowledge_base!r}, which "
-                "does not exist")
+                f"view {knowledge_id!r} reads a knowledge base that does not exist any more "
+                "(GET /views names it)")
         return base, view
 
     def documents(self, knowledge_id: str) -> list[DocumentInfo]:
@@ -84,31 +93,93 @@ class Library:
 
     def retrieve(self, request: RetrievalRequest, models: Models) -> list[Record]:
         kb, view = self.resolve(request.knowledge_id)
+        plan = self.plan(request, kb, view)
+        embed_model = models.embedding_for(kb.manifest.embedding)
+        first_stage: dict[str, float] = {}
+        if models.reranker is None:
+            hits = kb.retrieve(plan, embed_model)
+        else:
+            wider = plan.model_copy(update={"top_k": candidate_count(plan.top_k),
+                                            "score_threshold": 0.0})
+            candidates = kb.retrieve(wider, embed_model)
+            first_stage = {hit.node.node_id: clip(hit.score) for hit in candidates}
+            hits = rerank_hits(models.reranker, plan.query, candidates, plan.top_k,
+                               plan.score_threshold)
+        records = [to_record(hit) for hit in hits]
+        if not request.explain:
+            return records
+        return self.explain(kb, plan, embed_model, records,
+                            first_stage if models.reranker is not None else None)
+
+    def plan(self, request: RetrievalRequest, kb: KnowledgeBaseHandle,
+             view: View | None) -> QueryPlan:
+        """What the request asks of ``kb``: its own overrides (a retrieval test's) over
+        the server's settings, a view's settings over both."""
+        if (request.retrieval_mode not in (None, "keyword") and kb.manifest.embedding is None
+                and (view is None or view.retrieval_mode is None)):
+            raise InvalidFieldError(
+                "retrieval_setting.retrieval_mode",
+                f"knowledge base {kb.manifest.knowledge_id!r} was built for keyword search "
+                f"only; {request.retrieval_mode} retrieval needs an embedding model")
         asked = None if request.condition is None else compile_condition(request.condition)
         plan = QueryPlan(
             query=request.query,
             top_k=request.top_k,
             score_threshold=request.score_threshold,
             predicate=asked,
-            mode=self.settings.retrieval_mode,
-            semantic_weight=self.settings.semantic_weight,
+            mode=request.retrieval_mode or self.settings.retrieval_mode,
+            semantic_weight=(self.settings.semantic_weight if request.semantic_weight is None
+                             else request.semantic_weight),
         )
-        if view is not None:  # its settings win over the server's and the base's
+        if view is not None:  # its settings win over the server's (and so the base's)
             plan = plan.model_copy(update={
                 "top_k": view.top_k(request.top_k),
                 "predicate": Predicate.all_of(view.predicate(), asked),
                 "mode": view.retrieval_mode or plan.mode,
                 "semantic_weight": (plan.semantic_weight if view.semantic_weight is None
                                     else view.semantic_weight)})
-        embed_model = models.embedding_for(kb.manifest.embedding)
-        if models.reranker is None:
-            hits = kb.retrieve(plan, embed_model)
-        else:
-            wider = plan.model_copy(update={"top_k": candidate_count(plan.top_k),
-                                            "score_threshold": 0.0})
-            hits = rerank_hits(models.reranker, plan.query, kb.retrieve(wider, embed_model),
-                               plan.top_k, plan.score_threshold)
-        return [to_record(hit) for hit in hits]
+        return plan
+
+    def explain(self, kb: KnowledgeBaseHandle, plan: QueryPlan,
+                embed_model: BaseEmbedding | None, records: list[Record],
+                first_stage: dict[str, float] | None) -> list[Record]:
+        """``records`` with their ``score_parts``: the semantic and keyword scores of each
+        record's chunk, read from the same plan run in vector and in keyword mode over the
+        records' documents, so that for plain chunking a hybrid score is exactly
+        ``semantic_weight · semantic + (1 − semantic_weight) · keyword``. With
+        parent-child chunking each side is the parent's best child on that side alone,
+        which need not be the child that gave the hybrid score. A chunk a side does not
+        return scores 0 there (no relation); ``semantic`` is null on a keyword-only base.
+        ``first_stage`` maps chunk ids to their scores before reranking, if reranked."""
+        if not records:
+            return records
+        mode, _ = effective_mode(plan, kb.manifest)
+        weight = fused_weight(plan, kb.manifest, embed_model)
+        documents = sorted({str(record.metadata["document_id"]) for record in records})
+        theirs = compile_condition(MetadataCondition(conditions=[
+            Condition(name="document_id", comparison_operator="in", value=documents)]))
+        narrowed = plan.model_copy(update={
+            "top_k": MAX_TOP_K, "score_threshold": 0.0,
+            "predicate": Predicate.all_of(plan.predicate, theirs)})
+
+        def side(side_mode: str) -> dict[str, float]:
+            hits = kb.retrieve(narrowed.model_copy(update={"mode": side_mode}), embed_model)
+            return {hit.node.node_id: clip(hit.score) for hit in hits}
+
+        semantic = None if kb.manifest.embedding is None else side("vector")
+        keyword = side("keyword")
+        explained = []
+        for record in records:
+            chunk_id = str(record.metadata["chunk_id"])
+            parts = ScoreParts(
+                mode=mode, semantic_weight=weight,
+                semantic=None if semantic is None else semantic.get(chunk_id, 0.0),
+                keyword=keyword.get(chunk_id, 0.0),
+                first_stage=(record.score if first_stage is None
+                             else first_stage.get(chunk_id, 0.0)),
+                rerank=None if first_stage is None else record.score)
+            explained.append(record.model_copy(update={"score_parts": parts}))
+        return explained
 
 
 def to_record(hit: NodeWithScore) -> Record:

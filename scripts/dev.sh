@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for people and CI:
 #   scripts/dev.sh demo   set up, then serve the demo knowledge base on http://127.0.0.1:8000
-#   scripts/dev.sh test   set up, then run ruff and the whole test suite
+#   scripts/dev.sh test   set up (chromium too, for the browser tests), then run ruff and
+#                         the whole test suite
 #   scripts/dev.sh stress set up, then tools/stress.py <args>: hostile clients, load, faults
 #   scripts/dev.sh bench  set up, then the benchmark (tools/bench.py) <args>, on the data
 #                         sets in ../shared/datasets unless --datasets or
@@ -41,6 +42,17 @@ setup() {
   fi
 }
 
+# The console's browser tests drive Debian's chromium (never a browser Playwright
+# downloads): install it when missing, as root or through sudo.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "installing Debian's chromium for the browser tests" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+}
+
 setup
 case "${1:-demo}" in
   demo)
@@ -49,6 +61,7 @@ case "${1:-demo}" in
     LLAMAINDEX_KB_API_KEY="$key" exec .venv/bin/python -m llamaindex_kb serve --demo "${@:2}"
     ;;
   test)
+    ensure_chromium
     .venv/bin/python -m ruff check .
     exec .venv/bin/python -m pytest "${@:2}"
     ;;

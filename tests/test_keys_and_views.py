@@ -89,9 +89,9 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
         url = f"local://{tmp_path / 'data'}"
     built = Api(url, tmp_path / "data")
     store = built.library.store
+    for manifest in store.manifests():  # the session's PostgreSQL is shared: a clean slate
+        store.drop(manifest.knowledge_id)
     for kb in ("handbook", "other"):
-        if store.find(kb) is not None:  # the session's PostgreSQL is shared
-            store.drop(kb)
         sources = [text_source(title, text, metadata) for title, text, metadata in HANDBOOK]
         apply_changes(store, kb, sources, set(), IngestSummary(knowledge_id=kb),
                       models=Models(local_embedding()))

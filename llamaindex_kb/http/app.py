@@ -3,6 +3,10 @@
 ``KnowledgeAPI.handle`` takes a werkzeug ``Request`` and returns a ``Response``; the
 plugin's endpoint classes and the standalone WSGI server are both one-line callers,
 so the two doors can never answer differently.
+
+Knowledge bases are made by their first upload, or empty with their settings
+(``POST /knowledge-bases``), and dropped whole (``DELETE /knowledge-bases/<id>``) by the
+admin key or a read-write key whose scope names them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from werkzeug import Request, Response
 from werkzeug import exceptions as werkzeug_exceptions
 from werkzeug.routing import Map, Rule
 
-from llamaindex_kb.config import Settings
+from llamaindex_kb.config import RETRIEVAL_MODES, Settings
 from llamaindex_kb.contract import (
     RetrievalResponse,
     error_body,
@@ -35,10 +39,17 @@ from llamaindex_kb.errors import (
     shown,
 )
 from llamaindex_kb.http import upload
-from llamaindex_kb.ingestion.pipeline import delete_document
+from llamaindex_kb.http.console import console_file
+from llamaindex_kb.ingestion.pipeline import (
+    EMBEDDING_CHOICES,
+    create_knowledge_base,
+    delete_document,
+    drop_knowledge_base,
+)
 from llamaindex_kb.keys import Caller, KeyRing, check_name
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.retrieval import Library
+from llamaindex_kb.stores.base import KBManifest
 from llamaindex_kb.views import View
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,22 @@ def route_path(path: str) -> str:
 def view_entry(view: View) -> dict[str, object]:
     """A view as ``GET /knowledge-bases`` and ``/views`` list it."""
     return {"knowledge_id": view.name, "kind": "view", **view.model_dump(exclude={"name"})}
+
+
+def manifest_entry(manifest: KBManifest) -> dict[str, object]:
+    """A knowledge base as ``GET /knowledge-bases`` lists it."""
+    # Centroids are hundreds of numbers of scoring bookkeeping, nothing a reader needs.
+    return {"kind": "knowledge_base",
+            **manifest.model_dump(mode="json", exclude={"centroids"})}
+
+
+def one_of(body: dict[str, object], field: str, choices: tuple[str, ...], default: str) -> str:
+    value = body.get(field)
+    if value is None:
+        return default
+    if value not in choices:
+        raise InvalidFieldError(field, f"must be one of {', '.join(choices)}; got {shown(value)}")
+    return str(value)
 
 
 def known(body: dict[str, object], fields: set[str]) -> None:
@@ -95,6 +122,9 @@ class KnowledgeAPI:
                 Rule("/retrieval", methods=["POST"], endpoint=self._retrieval),
                 Rule("/documents", methods=["POST"], endpoint=self._upload),
                 Rule("/knowledge-bases", methods=["GET"], endpoint=self._knowledge_bases),
+                Rule("/knowledge-bases", methods=["POST"], endpoint=self._create_knowledge_base),
+                Rule("/knowledge-bases/<knowledge_id>", methods=["DELETE"],
+                     endpoint=self._drop_knowledge_base),
                 Rule("/knowledge-bases/<knowledge_id>/documents", methods=["GET"],
                      endpoint=self._documents),
                 Rule("/knowledge-bases/<knowledge_id>/documents/<path:document_id>",
@@ -105,6 +135,9 @@ class KnowledgeAPI:
                 Rule("/views", methods=["GET"], endpoint=self._views),
                 Rule("/views", methods=["POST"], endpoint=self._create_view),
                 Rule("/views/<name>", methods=["DELETE"], endpoint=self._delete_view),
+                Rule("/me", methods=["GET"], endpoint=self._me),
+                Rule("/console", methods=["GET"], endpoint=console_file),
+                Rule("/console/<asset>", methods=["GET"], endpoint=console_file),
             ],
             strict_slashes=False,
             merge_slashes=False,
@@ -115,8 +148,11 @@ class KnowledgeAPI:
         path = route_path(request.path)
         try:
             handler, values = self._route(request.method, path)
-            caller = self.keys.authenticate(request.headers.get("Authorization"))
-            response = handler(request, caller, **values)
+            if handler is console_file:  # files without data: a browser loads them keyless
+                response = handler(request, **values)
+            else:
+                caller = self.keys.authenticate(request.headers.get("Authorization"))
+                response = handler(request, caller, **values)
         except KBError as exc:
             if exc.status >= 500:  # ours, not the client's: the operator must see it
                 log.error("%s %r failed: %s", request.method, path[:200], exc.message)
@@ -166,12 +202,50 @@ class KnowledgeAPI:
 
     def _knowledge_bases(self, request: Request, caller: Caller) -> Response:
         listed: list[dict[str, object]] = [
-            # Centroids are hundreds of numbers of scoring bookkeeping, nothing a reader needs.
-            {"kind": "knowledge_base", **manifest.model_dump(mode="json", exclude={"centroids"})}
+            manifest_entry(manifest)
             for manifest in self.library.manifests() if caller.may_see(manifest.knowledge_id)]
-        listed += [view_entry(view) for view in self.library.views.list()
-                   if caller.may_see(view.name)]
+        listed += [view_entry(view) if caller.admin
+                   # A named key is not told the base behind a view, nor its filter.
+                   else {"knowledge_id": view.name, "kind": "view"}
+                   for view in self.library.views.list() if caller.may_see(view.name)]
         return json_response({"knowledge_bases": listed})
+
+    def _me(self, request: Request, caller: Caller) -> Response:
+        """What the key may do, for a client (the console) to offer only that."""
+        return json_response({
+            "admin": caller.admin, "name": caller.name, "read_only": caller.read_only,
+            "knowledge_ids": None if caller.knowledge_ids is None
+            else sorted(caller.knowledge_ids)})
+
+    def _create_knowledge_base(self, request: Request, caller: Caller) -> Response:
+        caller.check_writer()  # before the body: the same answer whatever it names
+        body = parse_json_object(read_body(request, self.settings.limits))
+        known(body, {"knowledge_id", "retrieval_mode", "semantic_weight", "chunking",
+                     "embedding"})
+        knowledge_id = body.get("knowledge_id")
+        if not isinstance(knowledge_id, str):
+            raise InvalidFieldError("knowledge_id",
+                                    f"is required and must be a string; got {shown(knowledge_id)}")
+        caller.check_visible(knowledge_id)
+        weight = body.get("semantic_weight")
+        if weight is None:
+            weight = 0.7
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
+            raise InvalidFieldError("semantic_weight",
+                                    f"must be a number from 0 to 1; got {shown(weight)}")
+        manifest = create_knowledge_base(
+            self.library.store, knowledge_id, models=self.models,
+            mode=one_of(body, "retrieval_mode", RETRIEVAL_MODES, "hybrid"),  # type: ignore[arg-type]
+            semantic_weight=float(weight), chunking=upload.parse_chunking(body.get("chunking")),
+            embedding=one_of(body, "embedding", EMBEDDING_CHOICES, "auto"),  # type: ignore[arg-type]
+            views=self.library.views)
+        return json_response(manifest_entry(manifest), status=201)
+
+    def _drop_knowledge_base(self, request: Request, caller: Caller,
+                             knowledge_id: str) -> Response:
+        caller.check_write(knowledge_id)
+        drop_knowledge_base(self.library.store, knowledge_id, self.library.views)
+        return json_response({"dropped": knowledge_id})
 
     def _documents(self, request: Request, caller: Caller, knowledge_id: str) -> Response:
         caller.check_visible(knowledge_id)

@@ -156,7 +156,7 @@ def _from_form(request: Request, limits: Limits) -> Parsed:
 
     chunking = _json_field(form.get("chunking"), "chunking")
     check_storable(chunking, "chunking")  # a JSON body's fields are checked as it is parsed
-    return knowledge_id, read, _chunking(chunking), _mode(form.get("mode"))
+    return knowledge_id, read, parse_chunking(chunking), _mode(form.get("mode"))
 
 
 def _from_json(request: Request, limits: Limits) -> Parsed:
@@ -182,7 +182,7 @@ def _from_json(request: Request, limits: Limits) -> Parsed:
     def read(_: Checkpoint | None) -> Source:
         return text_source(title, text, metadata, document_id, limits)
 
-    return knowledge_id, read, _chunking(body.get("chunking")), _mode(body.get("mode"))
+    return knowledge_id, read, parse_chunking(body.get("chunking")), _mode(body.get("mode"))
 
 
 def _knowledge_id(value: object) -> str:
@@ -215,7 +215,9 @@ def _json_field(raw: str | None, field: str) -> object:
         raise InvalidFieldError(field, f"is not valid JSON: {exc}") from exc
 
 
-def _chunking(raw: object) -> ChunkingConfig | None:
+def parse_chunking(raw: object) -> ChunkingConfig | None:
+    """The ``chunking`` field (upload, ``POST /knowledge-bases``), or a 400 naming the
+    first bad part."""
     if raw is None:
         return None
     try:

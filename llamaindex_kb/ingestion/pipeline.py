@@ -7,6 +7,10 @@ taken, and the previous version's chunks and embeddings are carried over: only
 new or changed documents are embedded. A file's content hash is recorded, so
 re-ingesting an unchanged folder does nothing.
 
+A knowledge base may also be created empty (``create_knowledge_base``), its settings
+(retrieval mode, weight, chunking, embedding model) recorded then: its first upload is
+chunked and embedded by them, as every later one.
+
 The slow part is bounded by ``Limits`` (a file's size, what it expands to, its chunks)
 and can be stopped: a ``checkpoint`` (see ``checkpoint_for``) is called between
 stages, pages, token counts and embedding batches, and what it raises ends the work
@@ -25,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -35,12 +39,14 @@ from pydantic import BaseModel, Field
 from llamaindex_kb.config import RetrievalMode
 from llamaindex_kb.contract import text_problem
 from llamaindex_kb.errors import (
+    AlreadyExistsError,
     BadRequestError,
     ConfigurationError,
     DocumentNotFound,
     InvalidFieldError,
     PayloadTooLargeError,
     ReadOnlyStoreError,
+    ReadOnlyViewError,
     shown,
 )
 from llamaindex_kb.ids import validate_knowledge_id
@@ -54,6 +60,7 @@ from llamaindex_kb.ingestion.readers import (
     upload_name,
 )
 from llamaindex_kb.limits import DEFAULT_LIMITS, Limits, too_large
+from llamaindex_kb.models import bundled, multilingual
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.local import MAX_TOKENS, LocalMiniLMEmbedding, minilm_tokenizer
 from llamaindex_kb.models.spec import EmbeddingSpec, readable_share
@@ -71,6 +78,9 @@ from llamaindex_kb.views import Views
 log = logging.getLogger(__name__)
 
 EMBED_BATCH = 64
+# The embedding model of an empty knowledge base (``create_knowledge_base``).
+EmbeddingChoice = Literal["auto", "english", "multilingual", "server"]
+EMBEDDING_CHOICES: tuple[EmbeddingChoice, ...] = ("auto", "english", "multilingual", "server")
 RESERVED_METADATA = frozenset(
     {"document_id", "chunk_id", "parent_id", "file_name", "file_path", "file_type", "file_size",
      "last_modified", "title"}
@@ -515,7 +525,79 @@ def delete_document(store: KnowledgeStore, knowledge_id: str,
     return info
 
 
-def drop_knowledge_base(store: KnowledgeStore, knowledge_id: str) -> None:
+def create_knowledge_base(
+    store: KnowledgeStore,
+    knowledge_id: str,
+    *,
+    models: Models,
+    mode: RetrievalMode = "hybrid",
+    semantic_weight: float = 0.7,
+    chunking: ChunkingConfig | None = None,
+    embedding: EmbeddingChoice = "auto",
+    views: Views | None = None,
+) -> KBManifest:
+    """An empty knowledge base with these settings, its manifest as published.
+
+    Its embedding model is decided now, never later: a store lays a base out for its
+    model's dimension when it is created (PostgreSQL's vector column, Qdrant's
+    collection), and ``KBManifest.embedding`` None already means keyword-only. So
+    ``auto`` is what a first upload would get without knowing its language: the
+    configured model, else the ``local_model`` setting, whose own ``auto`` (which picks
+    by the documents' language) gives the English model here; ask for ``multilingual``
+    for documents mostly in Chinese, Japanese or Korean. ``views``: the views to keep
+    the name from (by default the store's own).
+    """
+    validate_knowledge_id(knowledge_id)
+    check_writable(store, knowledge_id)
+    if views is not None:
+        views.check_writable(knowledge_id)
+    if store.find(knowledge_id) is not None:
+        raise AlreadyExistsError(f"knowledge base {shown(knowledge_id)} exists")
+    embed_model = None if mode == "keyword" else _embedding_for_empty(models, embedding)
+    if mode == "keyword" and embedding != "auto":
+        raise InvalidFieldError(
+            "embedding", f"a keyword-only knowledge base has no embedding model; got "
+            f"{shown(embedding)}: leave it out, or choose another retrieval_mode")
+    manifest = _manifest_for(None, knowledge_id, embed_model, mode, semantic_weight, chunking)
+    store.publish(knowledge_id, Change(manifest=manifest))
+    log.info("knowledge base %s: created empty", knowledge_id)
+    return store.open(knowledge_id).manifest
+
+
+def _embedding_for_empty(models: Models, choice: EmbeddingChoice) -> BaseEmbedding:
+    if choice == "english":
+        return bundled.english(models.spin_threads)
+    if choice == "multilingual":
+        reason = multilingual.unavailable_reason()
+        if reason is not None:
+            raise InvalidFieldError(
+                "embedding", f"the multilingual local model cannot run here: {reason}")
+        return bundled.multilingual_model()
+    if models.embed_model is not None:  # "server", or "auto" as a first upload would
+        return models.embed_model
+    if choice == "server":
+        raise InvalidFieldError(
+            "embedding", "this server has no embedding model configured (a workspace model "
+            "in the plugin's settings, or embedding_base_url); choose auto, english or "
+            "multilingual")
+    return bundled.for_new(models.local_model, (), models.spin_threads)
+
+
+def drop_knowledge_base(store: KnowledgeStore, knowledge_id: str,
+                        views: Views | None = None) -> None:
+    """Delete a whole knowledge base; a view's name is refused, naming how to delete the
+    view instead (dropping its base would take every other view's documents too).
+    ``views``: where views are kept (by default the store's own)."""
+    if store.read_only is not None:
+        raise ReadOnlyStoreError.refusing(knowledge_id, store.read_only)
+    if views is None and store.access_records is not None:
+        views = Views(store.access_records, store)
+    view = None if views is None else views.get(knowledge_id)
+    if view is not None:
+        raise ReadOnlyViewError(
+            f"{knowledge_id!r} is a view of knowledge base {view.knowledge_base!r}, not a "
+            f"knowledge base: delete the view with DELETE /views/{knowledge_id} (CLI: views "
+            f"delete {knowledge_id})")
     store.drop(knowledge_id)
 
 
