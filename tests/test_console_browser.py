@@ -100,6 +100,7 @@ def test_an_admin_manages_documents_and_tests_a_filtered_retrieval(browser, serv
     page.click("#create-base button[type=submit]")
     row = page.wait_for_selector("#bases-table tr[data-id=handbook]")
     assert "Parent-child" in row.inner_text()
+    assert page.is_visible("#create-base .general-only")  # the emptied form: general again
     shoot(page, "bases")
 
     # Two uploads with different metadata: a real PDF, then a Markdown file.
@@ -183,6 +184,15 @@ def test_an_admin_manages_documents_and_tests_a_filtered_retrieval(browser, serv
     reader.click("nav button[data-tab=documents]")
     assert reader.is_hidden("#upload-form")
 
+    # Revoked meanwhile: the reader's next request sends it back to the sign-in form.
+    revoked = httpx.delete(f"{server.url}/keys/it-bot", headers={"Authorization": f"Bearer {KEY}"})
+    assert revoked.status_code == 200
+    reader.click("nav button[data-tab=retrieval]")
+    reader.fill("#retrieval-form [name=query]", "VPN")
+    reader.click("#retrieval-form button[type=submit]")
+    reader.wait_for_selector("#sign-in:not([hidden])")
+    assert "sign in again" in reader.inner_text("#sign-in-error")
+
 
 def test_the_console_speaks_chinese_to_a_chinese_browser(browser, server):
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -197,6 +207,10 @@ def test_the_console_speaks_chinese_to_a_chinese_browser(browser, server):
     assert page.inner_text("#create-base h2") == "创建知识库"
     assert page.evaluate("document.documentElement.lang") == "zh-Hans"
     page.click("nav button[data-tab=retrieval]")
+    page.click("#filter-builder .add-condition")
+    operators = page.inner_text("#filter-builder .condition [name=comparison_operator]")
+    assert "包含" in operators and "不为空" in operators
+    page.click("#filter-builder .condition button")  # removed again: no filter
     page.select_option("#retrieval-base", "zh-handbook")
     page.fill("#retrieval-form [name=query]", "年假可以顺延吗")
     page.click("#retrieval-form button[type=submit]")

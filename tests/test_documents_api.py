@@ -234,3 +234,34 @@ def test_one_read_only_key_and_one_view_per_app(api):
     assert [k["name"] for k in listed] == ["hr-assistant"] and listed[0]["last_used_at"]
     assert api.send("DELETE", "/keys/hr-assistant", None, AUTH).status == 200
     expect_error(api.post("/retrieval", json.dumps(asked).encode(), app), 403, 1002)
+
+
+def header(reply: Reply, name: str) -> str | None:
+    return next((v for k, v in reply.headers.items() if k.lower() == name.lower()), None)
+
+
+def test_the_console_is_served_without_a_key_under_a_strict_policy_and_without_cors(api):
+    assert upload(api, "private-kb", "a.md", b"# Secret plans\n\nNothing here.").status == 201
+    page = api.send("GET", "/console", None, {})
+    assert page.status == 200 and header(page, "Content-Type").startswith("text/html")
+    assert b'name="api_key"' in page.body and b"private-kb" not in page.body
+    policy = header(page, "Content-Security-Policy")
+    assert "script-src 'self'" in policy and "default-src 'none'" in policy
+    assert "frame-ancestors 'none'" in policy
+    script = api.send("GET", "/console/console.js", None, {})
+    assert script.status == 200 and "javascript" in header(script, "Content-Type")
+    # Only the console's own files: (through the plugin, the SDK answers a path it does
+    # not route with its own 404 text)
+    traversal = api.send("GET", "/console/../manifest.yaml", None, {})
+    assert traversal.status == 404 and b"author" not in traversal.body
+    expect_error(api.send("GET", "/console/index.html", None, {}), 404, 2003)
+    # Another site's page gets no CORS permission to read any answer.
+    listed = api.send("GET", "/knowledge-bases", None,
+                      {**AUTH, "Origin": "https://elsewhere.example"})
+    assert listed.status == 200 and header(listed, "Access-Control-Allow-Origin") is None
+    preflight = api.send("OPTIONS", "/retrieval", None,
+                         {"Origin": "https://elsewhere.example",
+                          "Access-Control-Request-Method": "POST"})
+    assert header(preflight, "Access-Control-Allow-Origin") is None
+    me = api.send("GET", "/me", None, AUTH).json()
+    assert me == {"admin": True, "name": None, "read_only": False, "knowledge_ids": None}

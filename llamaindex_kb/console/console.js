@@ -2,6 +2,9 @@
 // Every text a server or user gave is put in the page with textContent, never as HTML.
 "use strict";
 
+// A number typed into a text field stays a number only when it reads as one both ways:
+// "02139" (a zip code) or "1e3" must stay text, or an "is" filter would miss them.
+const NUMBER = /^-?(0|[1-9]\d*)(\.\d+)?$/;
 const OPERATORS = ["contains", "not contains", "start with", "end with", "is", "is not",
   "empty", "not empty", "in", "not in", "=", "≠", ">", "<", "≥", "≤", "before", "after"];
 const VALUELESS = new Set(["empty", "not empty"]);
@@ -21,7 +24,10 @@ const TEXTS = {
     keyRejected: "This key was not accepted: {error}", valuePlaceholder: "value (a, b for in)",
     key: "key", removeRow: "Remove", none: "—", title: "LlamaIndex Knowledge Base",
     asBuilt: "As built", general: "General", parentChild: "Parent-child", modeKeyword: "Keyword",
-    name: "Name",
+    modeHybrid: "Hybrid", modeVector: "Vector", name: "Name", value: "value", mode: "Mode",
+    topKMax: "Top K at most",
+    paragraph: "paragraph", fullDoc: "full document", networkError: "The server could not be reached.",
+    signedOutRejected: "The key is no longer accepted: sign in again.",
   },
   zh: {
     title: "LlamaIndex 知识库", signOut: "退出", apiKey: "API 密钥", signIn: "登录",
@@ -58,7 +64,11 @@ const TEXTS = {
     weight: "权重", never: "从未", readOnlyAccess: "只读", readWriteAccess: "读写",
     noBase: "还没有知识库。", badJson: "过滤条件不是有效的 JSON：{error}",
     keyRejected: "密钥未被接受：{error}", valuePlaceholder: "值（in 用 a, b）",
-    key: "键", removeRow: "移除", none: "—",
+    key: "键", removeRow: "移除", none: "—", value: "值", topK: "Top K", scoreThreshold: "分数阈值",
+    topKMax: "Top K 上限", networkError: "无法连接服务器。", signedOutRejected: "密钥已不再有效，请重新登录。",
+    op_contains: "包含", "op_not contains": "不包含", "op_start with": "开始是", "op_end with": "结束是",
+    op_is: "是", "op_is not": "不是", op_empty: "为空", "op_not empty": "不为空", op_in: "属于",
+    "op_not in": "不属于", op_before: "早于", op_after: "晚于",
   },
 };
 const LANG = (navigator.languages || [navigator.language || "en"])
@@ -103,7 +113,10 @@ async function api(method, path, body) {
     headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }
-  const response = await fetch(BASE + path, options);
+  let response;
+  try { response = await fetch(BASE + path, options); } catch {
+    throw new Error(t("networkError"));
+  }
   let answer = null;
   try { answer = await response.json(); } catch { answer = null; }
   if (!response.ok) throw new ApiError(response.status, answer);
@@ -131,6 +144,8 @@ async function signIn(key) {
   const me = await api("GET", "/me");
   state.admin = me.admin;
   state.canWrite = !me.read_only;
+  // A key limited to some knowledge ids cannot create others: no form that would fail.
+  state.canCreate = state.canWrite && me.knowledge_ids === null;
   await loadBases();
   sessionStorage.setItem(KEY_STORE, key);
   $("#sign-in").hidden = true;
@@ -138,7 +153,7 @@ async function signIn(key) {
   $("#sign-out").hidden = false;
   $("#who").textContent = `${t("signedInAs")} · ${me.admin ? t("adminKey") : `${t("namedKey")} ${me.name}`}`;
   for (const node of $$("#tab-access, [data-tab=access]")) node.hidden = !state.admin;
-  $("#create-base").hidden = !state.canWrite;
+  $("#create-base").hidden = !state.canCreate;
   $("#upload-form").hidden = !state.canWrite;
   showTab("bases");
 }
@@ -158,10 +173,14 @@ async function loadBases() {
   renderConnect();
 }
 
+function modeName(mode) {
+  return mode ? t(`mode${mode[0].toUpperCase()}${mode.slice(1)}`) : t("asBuilt");
+}
+
 function describeChunking(chunking) {
   if (!chunking || !chunking.mode) return t("none");
   if (chunking.mode === "parent_child") {
-    return `${t("parentChild")} (${chunking.parent_mode || "paragraph"}, ` +
+    return `${t("parentChild")} (${chunking.parent_mode === "full_doc" ? t("fullDoc") : t("paragraph")}, ` +
       `${chunking.parent_max_tokens ?? "?"}/${chunking.child_max_tokens ?? "?"})`;
   }
   return `${t("general")} (${chunking.max_tokens ?? "?"}, ${chunking.overlap ?? 0})`;
@@ -186,7 +205,7 @@ function renderBases() {
         : entry.knowledge_base ? `${t("view")} → ${entry.knowledge_base}` : t("view") }),
       el("td", { class: "num", text: isView ? t("none") : String(entry.documents ?? "?") }),
       el("td", { class: "num", text: isView ? t("none") : String(entry.chunks ?? "?") }),
-      el("td", { text: entry.retrieval_mode || t("asBuilt") }),
+      el("td", { text: modeName(entry.retrieval_mode) }),
       el("td", { class: "mono", text: isView ? t("none") : (entry.embedding ? entry.embedding.id : t("modeKeyword")) }),
       el("td", { text: isView ? t("none") : describeChunking(entry.chunking) }),
       el("td", {}, drop)));
@@ -229,11 +248,18 @@ async function createBase(event) {
   await guarded(async () => {
     await api("POST", "/knowledge-bases", {
       knowledge_id: data.get("knowledge_id"), retrieval_mode: data.get("retrieval_mode"),
-      semantic_weight: Number(data.get("semantic_weight")), embedding: data.get("embedding"),
-      chunking: chunkingFrom(form) });
+      semantic_weight: data.get("semantic_weight") === "" ? null : Number(data.get("semantic_weight")),
+      embedding: data.get("embedding"), chunking: chunkingFrom(form) });
     form.reset();
+    showChunkingFields();
     await loadBases();
   });
+}
+
+function showChunkingFields() {
+  const parentChild = $("[name=chunk_mode]:checked").value === "parent_child";
+  $(".general-only").hidden = parentChild;
+  $(".parent-child-only").hidden = !parentChild;
 }
 
 // --- documents ------------------------------------------------------------------------
@@ -246,6 +272,7 @@ async function loadDocuments() {
   if (!id) { body.replaceChildren(); return; }
   const answer = await api("GET", `/knowledge-bases/${encodeURIComponent(id)}/documents`);
   const isView = (state.entries.find((entry) => entry.knowledge_id === id) || {}).kind === "view";
+  $("#upload-form").hidden = !state.canWrite || isView;  // views are read-only
   // Replaced only once the answer is in: the table never shows empty in between.
   body.replaceChildren(...answer.documents.map((doc) => {
     const remove = state.canWrite && !isView
@@ -279,7 +306,7 @@ async function deleteDocument(id, doc) {
 function addMetadataRow() {
   const row = el("div", { class: "row" },
     el("input", { name: "meta_key", placeholder: t("key") }),
-    el("input", { name: "meta_value", placeholder: "value" }));
+    el("input", { name: "meta_value", placeholder: t("value") }));
   row.append(el("button", { type: "button", text: t("removeRow"), onclick: () => row.remove() }));
   $("#metadata-rows").append(row);
 }
@@ -291,7 +318,7 @@ function metadataFromRows() {
     const raw = $("[name=meta_value]", row).value;
     if (!key) continue;
     // Numbers stay numbers, so that ">" and "<" filters work on them.
-    metadata[key] = raw.trim() !== "" && !Number.isNaN(Number(raw)) ? Number(raw) : raw;
+    metadata[key] = NUMBER.test(raw.trim()) ? Number(raw) : raw;
   }
   return metadata;
 }
@@ -327,7 +354,7 @@ function uploadOne(file, id, metadata, row) {
       resolve();
     });
     request.addEventListener("error", () => {
-      status.textContent = "network error";
+      status.textContent = t("networkError");
       status.className = "status error";
       resolve();
     });
@@ -340,6 +367,9 @@ async function uploadFiles(files) {
   if (!id || !files.length) return;
   const metadata = metadataFromRows();
   const list = $("#upload-progress");
+  list.replaceChildren();
+  $("#upload-button").disabled = true;
+  $("#file-input").disabled = true;
   const rows = files.map((file) => {
     const row = el("li", { "data-file": file.name }, el("span", { text: file.name }),
       el("progress", { max: 1, value: 0 }), el("span", { class: "status", text: t("uploading") }));
@@ -347,8 +377,13 @@ async function uploadFiles(files) {
     return row;
   });
   // One at a time: the server embeds one upload at a time and answers 429 to another.
-  for (let i = 0; i < files.length; i += 1) await uploadOne(files[i], id, metadata, rows[i]);
-  $("#file-input").value = "";
+  try {
+    for (let i = 0; i < files.length; i += 1) await uploadOne(files[i], id, metadata, rows[i]);
+  } finally {
+    $("#upload-button").disabled = false;
+    $("#file-input").disabled = false;
+    $("#file-input").value = "";
+  }
   await guarded(async () => { await loadDocuments(); await loadBases(); });
 }
 
@@ -356,7 +391,7 @@ async function uploadFiles(files) {
 
 function addCondition(container) {
   const operator = el("select", { name: "comparison_operator" },
-    ...OPERATORS.map((op) => el("option", { value: op, text: op })));
+    ...OPERATORS.map((op) => el("option", { value: op, text: t(`op_${op}`) === `op_${op}` ? op : t(`op_${op}`) })));
   const value = el("input", { name: "value", placeholder: t("valuePlaceholder") });
   operator.addEventListener("change", () => { value.disabled = VALUELESS.has(operator.value); });
   const row = el("div", { class: "row condition" },
@@ -375,7 +410,7 @@ function conditionFrom(fieldset) {
     let value = null;
     if (!VALUELESS.has(op)) {
       if (op === "in" || op === "not in") value = raw.split(",").map((item) => item.trim()).filter(Boolean);
-      else if ([">", "<", "≥", "≤", "=", "≠"].includes(op) && raw.trim() !== "" && !Number.isNaN(Number(raw))) value = Number(raw);
+      else if ([">", "<", "≥", "≤", "=", "≠"].includes(op) && NUMBER.test(raw.trim())) value = Number(raw);
       else value = raw;
     }
     conditions.push({ name, comparison_operator: op, value });
@@ -408,7 +443,7 @@ function part(value) { return value == null ? t("none") : value.toFixed(3); }
 function renderRecord(record) {
   const parts = record.score_parts;
   const explained = parts ? el("span", { class: "parts", text:
-    ` · ${parts.mode} · ${t("semantic")} ${part(parts.semantic)} · ${t("keyword")} ${part(parts.keyword)}` +
+    ` · ${modeName(parts.mode)} · ${t("semantic")} ${part(parts.semantic)} · ${t("keyword")} ${part(parts.keyword)}` +
     ` · ${t("weight")} ${part(parts.semantic_weight)}` +
     (parts.rerank == null ? "" : ` · ${t("rerank")} ${part(parts.rerank)}`) }) : null;
   return el("li", { class: "record" },
@@ -428,8 +463,9 @@ async function loadAccess() {
     el("td", { class: "mono", text: view.knowledge_id }),
     el("td", { class: "mono", text: view.knowledge_base }),
     el("td", { class: "mono", text: view.metadata_condition ? JSON.stringify(view.metadata_condition) : t("none") }),
-    el("td", { text: [["mode", view.retrieval_mode], ["weight", view.semantic_weight], ["top_k_max", view.top_k_max]]
-      .filter(([, v]) => v != null).map(([k, v]) => `${k}=${v}`).join(", ") || t("asBuilt") }),
+    el("td", { text: [[t("mode"), view.retrieval_mode && modeName(view.retrieval_mode)],
+      [t("weight"), view.semantic_weight], [t("topKMax"), view.top_k_max]]
+      .filter(([, v]) => v != null).map(([k, v]) => `${k} ${v}`).join(", ") || t("asBuilt") }),
     el("td", {}, el("button", { type: "button", class: "danger", text: t("delete"),
       onclick: () => deleteView(view.knowledge_id) })))));
   const keyRows = $("#keys-table tbody");
@@ -507,10 +543,29 @@ function renderConnect() {
 
 async function guarded(work) {
   showError(null);
-  try { await work(); } catch (error) { showError(error); }
+  try { await work(); } catch (error) {
+    showError(error);
+    if (error.status === 403) await checkStillSignedIn();
+  }
+}
+
+// A 403 may be this key's scope (read-only), or the key revoked meanwhile: only then
+// does /me fail too, and the page goes back to the sign-in form.
+async function checkStillSignedIn() {
+  try { await api("GET", "/me"); } catch (error) {
+    if (error.status !== 403) return;
+    sessionStorage.removeItem(KEY_STORE);
+    state.key = null;
+    $("#app").hidden = true;
+    $("#sign-out").hidden = true;
+    $("#who").textContent = "";
+    $("#sign-in").hidden = false;
+    $("#sign-in-error").textContent = t("signedOutRejected");
+  }
 }
 
 function showTab(name) {
+  $("#new-key").hidden = true;  // a secret is shown once, not left on screen
   for (const button of $$("nav button")) button.classList.toggle("active", button.dataset.tab === name);
   for (const tab of $$(".tab")) tab.hidden = tab.id !== `tab-${name}`;
   if (name === "documents") guarded(loadDocuments);
@@ -529,13 +584,7 @@ function wire() {
   $("#sign-out").addEventListener("click", signOut);
   for (const button of $$("nav button")) button.addEventListener("click", () => showTab(button.dataset.tab));
   $("#create-base").addEventListener("submit", createBase);
-  for (const radio of $$("[name=chunk_mode]")) {
-    radio.addEventListener("change", () => {
-      const parentChild = $("[name=chunk_mode]:checked").value === "parent_child";
-      $(".general-only").hidden = parentChild;
-      $(".parent-child-only").hidden = !parentChild;
-    });
-  }
+  for (const radio of $$("[name=chunk_mode]")) radio.addEventListener("change", showChunkingFields);
   $("#documents-base").addEventListener("change", () => guarded(loadDocuments));
   $("#add-metadata").addEventListener("click", addMetadataRow);
   $("#upload-form").addEventListener("submit", (event) => {
@@ -548,8 +597,10 @@ function wire() {
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("over");
-    uploadFiles(Array.from(event.dataTransfer.files));
+    if (!$("#upload-button").disabled) uploadFiles(Array.from(event.dataTransfer.files));
   });
+  // A file dropped beside the zone must not make the browser leave the page to open it.
+  for (const name of ["dragover", "drop"]) document.addEventListener(name, (event) => event.preventDefault());
   $(".add-condition").addEventListener("click", () => addCondition($("#filter-builder .condition-rows")));
   $("#retrieval-form").addEventListener("submit", runRetrieval);
   $("#create-view").addEventListener("submit", createView);
@@ -558,7 +609,13 @@ function wire() {
     $("#create-view [name=metadata_condition]").value = condition ? JSON.stringify(condition) : "";
   });
   $("#create-key").addEventListener("submit", createKey);
-  if (state.key) signIn(state.key).catch(() => { sessionStorage.removeItem(KEY_STORE); state.key = null; });
+  if (state.key) {
+    signIn(state.key).catch((error) => {
+      sessionStorage.removeItem(KEY_STORE);
+      state.key = null;
+      showError(new Error(t("keyRejected", { error: error.message })), "#sign-in-error");
+    });
+  }
 }
 
 wire();
