@@ -12,14 +12,11 @@ from typing import Any
 
 import pytest
 from conftest import expect_error
-from test_keys_and_views import HANDBOOK, HR, Api, titles
+from test_keys_and_views import HANDBOOK, HR, STORES, Api, api_over, titles
 
 from llamaindex_kb.errors import ReadOnlyStoreError
 from llamaindex_kb.ingestion.pipeline import (
-    IngestSummary,
-    apply_changes,
     create_knowledge_base,
-    text_source,
 )
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import local_embedding
@@ -27,29 +24,9 @@ from llamaindex_kb.models.choose import local_embedding
 PART_KEYS = {"mode", "semantic_weight", "semantic", "keyword", "first_stage", "rerank"}
 
 
-@pytest.fixture(params=["local", "postgresql", "qdrant"])
+@pytest.fixture(params=STORES)
 def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    elif request.param == "qdrant":
-        url = f"qdrant://{tmp_path / 'qdrant'}"
-    else:
-        url = f"local://{tmp_path / 'data'}"
-    built = Api(url, tmp_path / "data")
-    store = built.library.store
-    for manifest in store.manifests():  # the session's PostgreSQL is shared
-        store.drop(manifest.knowledge_id)
-    for kb, mode in (("handbook", "hybrid"), ("words", "keyword")):
-        sources = [text_source(title, text, metadata) for title, text, metadata in HANDBOOK]
-        apply_changes(store, kb, sources, set(), IngestSummary(knowledge_id=kb),
-                      models=Models(local_embedding()), mode=mode)
-    yield built
-    for kind in ("key", "view"):
-        for name in built.library.records.records(kind):
-            built.library.records.remove_record(kind, name)
-    close = getattr(store, "close", None)
-    if close is not None:
-        close()
+    yield from api_over(request, tmp_path, {"handbook": "hybrid", "words": "keyword"})
 
 
 def listed(api: Api, knowledge_id: str) -> dict[str, Any] | None:

@@ -79,8 +79,14 @@ class Api:
                                                     **settings})
 
 
-@pytest.fixture(params=["local", "postgresql", "qdrant"])
-def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
+STORES = ["local", "postgresql", "qdrant"]
+
+
+def api_over(request: pytest.FixtureRequest, tmp_path: Path,
+             bases: dict[str, str]) -> Iterator[Api]:
+    """An ``Api`` on the store ``request.param`` names, holding the handbook in each of
+    ``bases`` (knowledge id → retrieval mode) and nothing else; its keys and views are
+    removed afterwards."""
     if request.param == "postgresql":
         url = request.getfixturevalue("postgres_url")
     elif request.param == "qdrant":
@@ -91,10 +97,10 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
     store = built.library.store
     for manifest in store.manifests():  # the session's PostgreSQL is shared: a clean slate
         store.drop(manifest.knowledge_id)
-    for kb in ("handbook", "other"):
+    for kb, mode in bases.items():
         sources = [text_source(title, text, metadata) for title, text, metadata in HANDBOOK]
         apply_changes(store, kb, sources, set(), IngestSummary(knowledge_id=kb),
-                      models=Models(local_embedding()))
+                      models=Models(local_embedding()), mode=mode)
     yield built
     for kind in ("key", "view"):
         for name in built.library.records.records(kind):
@@ -102,6 +108,11 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
     close = getattr(store, "close", None)
     if close is not None:
         close()
+
+
+@pytest.fixture(params=STORES)
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
+    yield from api_over(request, tmp_path, {"handbook": "hybrid", "other": "hybrid"})
 
 
 def titles(reply: Reply) -> list[str]:
