@@ -51,7 +51,7 @@ def test_bench_measures_a_data_set_named_by_the_environment_quietly(tmp_path: Pa
     environ = {**os.environ, "LLAMAINDEX_KB_DATASETS": str(beir_set(tmp_path / "sets"))}
     result = bench("--sets", "tiny", "--modes", "keyword", "--skip-scale", "--skip-ingestion",
                    "--skip-llamaindex", "--skip-multilingual-speed", "--skip-changes",
-                   "--work-dir", str(tmp_path / "work"), env=environ)
+                   "--skip-access", "--work-dir", str(tmp_path / "work"), env=environ)
     assert result.returncode == 0, result.stderr
     assert "tiny: 4 documents, 2 test queries" in result.stdout
     # Each query's words are in its one relevant document only: ranked first, nDCG@10 1.

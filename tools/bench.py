@@ -35,6 +35,12 @@ process; the time from process start to the first answer, its peak memory, and t
 server-side (Server-Timing) and round-trip latency percentiles are printed, with
 and without a metadata filter.
 
+Access: on the store under test, the demo documents as knowledge base
+``bench-access``; the same query answered in-process by the HTTP API
+(``KnowledgeAPI.handle``, so without transport noise) with the admin key, a named key
+(one of 21), through a view, and both, in alternating rounds: what reading the keys
+and resolving a view add to a request.
+
 Changes: on the store under test, the same kind of synthetic knowledge base at each
 ``--change-sizes`` size (the scale section's, cached), one one-chunk text document is
 added through ``apply_changes`` and deleted again through ``delete_document``, three
@@ -1001,6 +1007,61 @@ def multilingual_speed(datasets_dir: Path, work_dir: Path, queries: int, chunks:
         print(f"    english / multilingual: {rates['english'] / rates['multilingual']:.1f}x")
 
 
+def access(target: Target, rounds: int, per_round: int) -> None:
+    """Per-request latency with the admin key, a named key and a view, alternated."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    from llamaindex_kb.http.app import KnowledgeAPI
+    from llamaindex_kb.models.choose import local_embedding
+    from llamaindex_kb.retrieval import DEMO_SOURCE, Library
+
+    settings = load_settings({**target.settings(), "api_key": "bench-admin"}, environ={})
+    models = Models(local_embedding())
+    if target.store.find("bench-access") is None:
+        pipeline.ingest_paths(target.store, "bench-access", [DEMO_SOURCE], models=models)
+    library = Library(settings, target.store)
+    api = KnowledgeAPI(settings, library, models)
+
+    def send(method: str, path: str, auth: str, payload: dict[str, Any]) -> dict[str, Any]:
+        environ = EnvironBuilder(path=path, method=method, data=json.dumps(payload),
+                                 headers={"Authorization": auth,
+                                          "Content-Type": "application/json"})
+        response = api.handle(Request(environ.get_environ()))
+        if response.status_code not in (200, 201):
+            raise RuntimeError(f"{path}: {response.get_data(as_text=True)}")
+        return json.loads(response.get_data())
+
+    for kind in ("key", "view"):  # a previous run's
+        for name in library.records.records(kind):
+            library.records.remove_record(kind, name)
+    admin = "Bearer bench-admin"
+    for i in range(20):
+        send("POST", "/keys", admin, {"name": f"other-{i}"})
+    named = "Bearer " + send("POST", "/keys", admin, {"name": "app", "read_only": True})["key"]
+    send("POST", "/views", admin, {"name": "bench-view", "knowledge_base": "bench-access",
+                                   "metadata_condition": {"conditions": [{
+                                       "name": "file_type", "comparison_operator": "not empty"}]}})
+    cases = {"admin key": (admin, "bench-access"), "named key": (named, "bench-access"),
+             "admin key, view": (admin, "bench-view"), "named key, view": (named, "bench-view")}
+    timings: dict[str, list[float]] = {label: [] for label in cases}
+    body = {"query": "How do I connect Dify?", "retrieval_setting": {"top_k": 4}}
+    send("POST", "/retrieval", admin, {**body, "knowledge_id": "bench-access"})  # warm
+    for _ in range(rounds):
+        for label, (auth, knowledge_id) in cases.items():
+            for _ in range(per_round):
+                started = time.perf_counter()
+                send("POST", "/retrieval", auth, {**body, "knowledge_id": knowledge_id})
+                timings[label].append((time.perf_counter() - started) * 1000)
+    print(f"\n== access: {rounds} alternating rounds of {per_round} requests each, in-process")
+    for label, values in timings.items():
+        p50, p95 = np.percentile(values, [50, 95])
+        print(f"  {label:16} p50 {p50:6.2f}  p95 {p95:6.2f} ms")
+    for kind in ("key", "view"):
+        for name in library.records.records(kind):
+            library.records.remove_record(kind, name)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m llamaindex_kb bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1027,6 +1088,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-llamaindex", action="store_true")
     parser.add_argument("--skip-multilingual-speed", action="store_true")
     parser.add_argument("--skip-changes", action="store_true")
+    parser.add_argument("--skip-access", action="store_true")
+    parser.add_argument("--access-rounds", type=int, default=6, metavar="N",
+                        help="alternating rounds of the access section, 50 requests per "
+                             "case each [6]")
     parser.add_argument("--small-changes", type=int, default=100, metavar="N",
                         help="also build each default base in N small changes and compare "
                              "its nDCG@10 with the bulk build's (0: skip) [100]")
@@ -1075,6 +1140,8 @@ def main(argv: list[str]) -> int:
         ingestion(args.datasets, args.work_dir, args.ingest_chunks)
     if not args.skip_changes:
         changes(args.datasets, target, [int(n) for n in args.change_sizes.split(",")])
+    if not args.skip_access:
+        access(target, args.access_rounds, 50)
     close = getattr(target.store, "close", None)
     if close is not None:
         close()  # local Qdrant: closed now, not by its finalizer as Python shuts down
