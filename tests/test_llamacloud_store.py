@@ -609,3 +609,27 @@ def test_search_filters_never_drop_a_matching_record(
     assert reference <= pushed
     if complete:
         assert reference == pushed
+
+
+def test_views_and_keys_over_llamacloud_are_kept_in_the_data_directory(
+        fake: FakeLlamaCloud, tmp_path: Path) -> None:
+    admin = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with server_for(tmp_path, fake.store_url()) as client:
+        view = client.post("/views", dify_body({
+            "name": "guides", "knowledge_base": "handbook", "top_k_max": 2,
+            "metadata_condition": {"conditions": [
+                {"name": "category", "comparison_operator": "is", "value": "guide"}]}}), admin)
+        assert view.status == 201, view.body
+        key = client.post("/keys", dify_body({"name": "bot", "knowledge_ids": ["guides"],
+                                              "read_only": True}), admin)
+        assert key.status == 201, key.body
+        reply = client.post("/retrieval", dify_body({
+            "knowledge_id": "guides", "query": "how do I start",
+            "retrieval_setting": {"top_k": 10}}),
+            {**admin, "Authorization": f"Bearer {key.json()['key']}"})
+        assert reply.status == 200, reply.body
+        records = reply.json()["records"]
+        assert len(records) == 2 and all(r["metadata"]["category"] == "guide" for r in records)
+        hidden = ask(client)  # the admin key still reads the whole index
+        assert len(hidden.json()["records"]) == 5
+    assert "bot" in json.loads((tmp_path / "access.json").read_text())["key"]
