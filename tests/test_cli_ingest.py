@@ -117,12 +117,14 @@ def test_kill_9_during_ingestion_leaves_the_old_version_answering_then_rerun_com
         (big / f"note{i}.txt").write_text(f"Zebra note {i} about striped animals and savannas.")
     layout = KBLayout(data, "k")
     live = layout.current_version()
+    written = set(layout.root.glob("segments/*")) | set(layout.root.glob("v*"))
     proc = subprocess.Popen([sys.executable, "-m", "llamaindex_kb", "ingest", str(big), *args],
                             cwd=PLUGIN_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    # Kill as soon as the new version folder appears: the writer is mid-write.
+    # Kill as soon as the change's new segment appears: the writer is mid-write, well
+    # before its version folder (written last, just before the switch) could be published.
     while time.monotonic() < deadline and proc.poll() is None:
-        if any(p.is_dir() and p != live for p in layout.root.glob("v*")):
+        if (set(layout.root.glob("segments/*")) | set(layout.root.glob("v*"))) - written:
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.001)
