@@ -26,6 +26,7 @@ The body's ``Content-Type`` is not checked: Dify's save-time probe sends none.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
@@ -128,7 +129,7 @@ def parse_json_object(body: bytes, nul_allowed: frozenset[str] = frozenset()
             f"request body is not valid UTF-8: byte 0x{body[exc.start]:02x} at offset "
             f"{exc.start}") from exc
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise MalformedBodyError(f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
@@ -145,6 +146,15 @@ def parse_json_object(body: bytes, nul_allowed: frozenset[str] = frozenset()
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number; ``1e999`` would become infinity, which no JSON answer can carry
+    back, so it is refused like the literal ``Infinity``."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return value
 
 
 def check_storable(value: object, place: str = "", nul_allowed: frozenset[str] = frozenset()

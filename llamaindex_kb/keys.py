@@ -113,14 +113,19 @@ def bearer_tokens(header: str | None) -> list[str]:
 
     A key typed into Dify as "Bearer xyz" arrives as "Bearer Bearer xyz": both count.
     """
-    if not header or not header.startswith("Bearer "):
+    if not header or not _bearer(header):
         raise MissingAuthError(
             "missing or malformed Authorization header; expected 'Bearer <api key>'")
     token = header[len("Bearer "):].strip()
     tokens = [token]
-    if token.startswith("Bearer "):
+    if _bearer(token):
         tokens.append(token[len("Bearer "):].strip())
     return tokens
+
+
+def _bearer(text: str) -> bool:
+    """Whether ``text`` starts with the scheme, in any case (HTTP's schemes are)."""
+    return text[:len("Bearer ")].lower() == "bearer "
 
 
 def digest(secret: str) -> str:

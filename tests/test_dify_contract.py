@@ -163,6 +163,11 @@ def test_key_typed_with_bearer_prefix_is_accepted(transport):
     assert records(ask(transport, query("knowledge base"), headers=headers))
 
 
+def test_the_bearer_scheme_is_read_in_any_case_as_http_says(transport):
+    headers = {"Authorization": f"bearer {API_KEY}", "Content-Type": "application/json"}
+    assert records(ask(transport, query("knowledge base"), headers=headers))
+
+
 @pytest.mark.parametrize(
     ("headers", "status", "code"),
     [

@@ -72,8 +72,13 @@ def retrieval(**fields: Any) -> bytes:
      + b"0" * 5000 + b"}}", 3001, "digits"),
     (b'{"knowledge_id": "demo", "query": "x", "retrieval_setting": {"top_k": 1'
      + b"0" * 4000 + b"}}", 3002, "(4001 digits)"),
+    # 1e400 parses to infinity, which no JSON answer could carry back: refused as such,
+    # also where the value would be ignored (an `empty` condition's).
     (b'{"knowledge_id": "demo", "query": "x", "metadata_condition": {"conditions": '
-     b'[{"name": "n", "comparison_operator": ">", "value": 1e400}]}}', 3003, "conditions[0]"),
+     b'[{"name": "n", "comparison_operator": ">", "value": 1e400}]}}', 3001, "1e400 is out of"),
+    (b'{"knowledge_id": "demo", "query": "x", "metadata_condition": {"conditions": '
+     b'[{"name": "n", "comparison_operator": "empty", "value": -1e999}]}}', 3001,
+     "out of range"),
     (b'{"knowledge_id": "demo", "query": "x", "metadata_condition": {"conditions": '
      b'[{"name": "n", "comparison_operator": ">", "value": 1' + b"0" * 4000 + b"}]}}",
      3003, "conditions[0]"),

@@ -39,9 +39,13 @@ def test_every_scenario_runs_against_a_real_server_and_prints_its_figures():
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     out = run.stdout
     assert run.returncode == 0, run.stderr[-3000:] + out[-3000:]
-    # Every generated request was sent and counted, on both routes.
-    assert out.count("15 requests in") == 2, out
+    # Every generated request was sent and counted, on every route.
+    assert out.count("15 requests in") == 5, out
     assert "== fuzz POST /retrieval" in out and "== fuzz POST /documents" in out
+    for route in ("POST /knowledge-bases", "POST /keys", "POST /views"):
+        assert f"== fuzz {route}" in out, out
+    # What the admin routes made was deleted after them, so runs do not pile up.
+    assert out.count("made by the run, then deleted") == 3, out
     assert "knowledge ids: create" in out
     assert re.search(r"whitespace to /retrieval\s+\S+\s+[\d.]+", out), out
     assert "slow-drip: 2 clients" in out and "idle: 2 clients" in out

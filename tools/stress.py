@@ -4,7 +4,8 @@ Developer tooling, left out of the .difypkg. Every scenario drives a real
 ``python -m llamaindex_kb serve --demo`` over loopback through the CLI alone, so it
 works whichever HTTP server ``serve`` runs on::
 
-    fuzz    generated hostile requests to POST /retrieval and POST /documents
+    fuzz    generated hostile requests to POST /retrieval and POST /documents, and to
+            the admin routes: POST and DELETE /knowledge-bases, /keys and /views, GET /me
     big     60 MB bodies, a stalled body, slow-drip and idle clients
     load    concurrent retrievals while a writer uploads and deletes; torn reads
     faults  PostgreSQL stopped and restarted under load (--store postgresql://);
@@ -12,6 +13,7 @@ works whichever HTTP server ``serve`` runs on::
     all     every scenario above on one server, in that order
 
     scripts/dev.sh stress fuzz --route all --bodies 300
+    scripts/dev.sh stress fuzz --route keys views knowledge-bases --bodies 2000
     scripts/dev.sh stress load --clients 8 --seconds 10
     scripts/dev.sh stress faults --store postgresql://
 
@@ -48,6 +50,7 @@ import zipfile
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -471,6 +474,19 @@ OPERATORS = ["contains", "not contains", "start with", "end with", "is", "is not
              "not empty", "in", "not in", "=", "≠", ">", "<", "≥", "≤", "before", "after",
              "!=", ">=", "<="]
 BAD_OPERATORS = ["", "gt", "==", "IS", "contains ", "like", "between", "\u0000", "≠≠"]
+CONTENT_TYPES = [
+    None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+    "multipart/form-data; boundary=x", "application/json; charset=utf-16",
+    "application/json; charset=latin-1", "application/jsonx", "",
+    "application/json, text/plain", "\x01", "application/json; charset=nope",
+    "text/html; charset=utf-8", "application/octet-stream"]
+BAD_UTF8 = [b"\xff", b"\xc3\x28", b"\xe2\x82", b"\xf0\x28\x8c\x28", b"\xc0\xaf", b"\x80",
+            b"abc\xfe", b"\xf8\x88\x80\x80\x80"]
+SURROGATES_RAW = [b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xed\xa0\xbd\xed\xb8\x80"]
+SURROGATE_ESCAPES = [rb"\ud800", rb"\udfff", rb"\udc00\ud800", rb"\ud800x", rb"\ud83d"]
+NON_NUMBERS = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"]
+UNKNOWN_KEYS = ["extra", "reranking_enable", "__proto__", "constructor", "user", "🙂", ""]
+RETRIEVAL_MODES = ["hybrid", "vector", "keyword"]
 NAMES = ["file_type", "file_name", "title", "document_id", "file_size", "last_modified",
          "file_path", "category", "year", "tags"]
 ODD_SCALARS: list[Any] = [
@@ -499,6 +515,62 @@ def _placeholder_body(body: dict[str, Any], replacements: dict[str, bytes],
     return text
 
 
+# Names in a path: ODD_IDS percent-encoded, raw, twice encoded, plus escapes that decode
+# to what a client could never type (NUL, bad UTF-8, a lone surrogate, a slash).
+PATH_ESCAPES = ["%00", "%ff", "%c3%28", "%ed%a0%80", "%2F", "%2f..%2f..%2fx", "..%2F..%2Fx",
+                "%", "%zz", "%C0%AE%C0%AE", "a%2Fb", "%20", "%0d%0aX-Injected:%201", "%25",
+                "a%00b", "%e4%b8%ad%e6%96%87", "%F0%9F%99%82", "%2e%2e", "%2e", "x" * 9000]
+# What an Authorization header may hold besides the admin key; {admin}, {reader} and
+# {writer} are the admin key and the secrets of the two named keys the fuzz makes.
+AUTH_VARIANTS = [
+    None, "", "Bearer", "Bearer ", "bearer {admin}", "BEARER {admin}", "Bearer  {admin}",
+    "Bearer {admin} ", "Bearer {admin}x", "Bearer {admin_cut}", "Basic {admin}",
+    "Bearer {reader}", "Bearer {writer}", "Bearer {reader_cut}", "Bearer {reader}x",
+    "Bearer lkb_" + "A" * 43, "Bearer lkb_" + "A" * 42 + "\udcff", "Bearer lkb_\x00",
+    "Bearer " + "a" * 20_000, "Bearer {admin}, Bearer {reader}", "Bearer \udcff\udcfe",
+    "Bearer 中文", "Token {admin}"]
+
+
+@dataclass
+class AdminRoute:
+    """A JSON route of keys, views or empty knowledge bases, as the generic generators
+    (``a_*``) attack it: POST ``path`` makes one, DELETE ``path/<name>`` removes it."""
+
+    path: str
+    valid: Callable[[], dict[str, Any]]
+    # Dotted places in a valid body ("metadata_condition.conditions.0.value"; a number
+    # indexes a list): where a string, and where a number, would normally be.
+    strings: list[str]
+    numbers: list[str]
+    # A name that may exist, to DELETE; drawn from a small pool, which with the sweep
+    # after the run keeps what the fuzz creates bounded.
+    name: Callable[[], str]
+    # Names that must survive the run: another route (and the load scenario) need them.
+    keep: frozenset[str] = frozenset()
+
+
+def _put(body: dict[str, Any], place: str, value: Any) -> None:
+    """Set ``value`` at a dotted place in ``body``, making (or replacing with) the container
+    each step needs: an earlier change may have put a string where a dict was."""
+    steps = place.split(".")
+    target: Any = body
+    for step, following in zip(steps, steps[1:], strict=False):  # each step and the next
+        key: Any = step
+        if isinstance(target, list):
+            key = int(step)
+            target.extend([None] * (key + 1 - len(target)))
+        wanted = list if following.isdigit() else dict
+        if not isinstance(target[key] if isinstance(target, list) else target.get(key), wanted):
+            target[key] = wanted()
+        target = target[key]
+    last = steps[-1]
+    if isinstance(target, list):
+        target.extend([None] * (int(last) + 1 - len(target)))
+        target[int(last)] = value
+    else:
+        target[last] = value
+
+
 class Hostile:
     """Seeded generators of hostile requests: the same seed gives the same requests."""
 
@@ -508,9 +580,15 @@ class Hostile:
         self.heavy = heavy
         self.heavy_sent: Counter[str] = Counter()
         self._bomb: bytes | None = None
+        self._secrets: dict[str, str] | None = None
 
     def cases(self, route: str) -> Iterator[Case]:
-        kinds = self._retrieval_kinds() if route == "retrieval" else self._documents_kinds()
+        if route == "retrieval":
+            kinds = self._retrieval_kinds()
+        elif route == "documents":
+            kinds = self._documents_kinds()
+        else:
+            kinds = self._admin_kinds(route)
         names = list(kinds)
         weights = [kinds[name][0] for name in names]
         while True:
@@ -546,6 +624,12 @@ class Hostile:
             body["metadata_condition"] = {
                 "logical_operator": self.rng.choice(["and", "or"]),
                 "conditions": [self.valid_condition() for _ in range(self.rng.randint(1, 3))]}
+        if self.rng.random() < 0.3:
+            # The browser console's retrieval test fields: Dify never sends them, so nothing
+            # upstream has ever tried them for the server.
+            body["explain"] = self.rng.choice([True, False])
+            body["retrieval_setting"]["retrieval_mode"] = self.rng.choice(RETRIEVAL_MODES)
+            body["retrieval_setting"]["semantic_weight"] = self.rng.choice([0, 0.3, 0.7, 1])
         return body
 
     def odd_value(self, depth: int = 0) -> Any:
@@ -575,9 +659,11 @@ class Hostile:
         """A valid retrieval body with ``"__S__"`` in one string place, and that place."""
         body = self.valid_retrieval()
         slot = self.rng.choice(["query", "knowledge_id", "condition name", "condition value",
-                                "key", "logical_operator"])
+                                "key", "logical_operator", "retrieval_mode"])
         if slot in ("query", "knowledge_id"):
             body[slot] = "__S__"
+        elif slot == "retrieval_mode":
+            body["retrieval_setting"][slot] = "__S__"
         elif slot == "key":
             body["__S__"] = 1
         else:
@@ -595,11 +681,11 @@ class Hostile:
         """A valid retrieval body with ``"__N__"`` where a number goes, and that place."""
         body = self.valid_retrieval()
         slot = self.rng.choice(["top_k", "score_threshold", "condition value", "value in list",
-                                "query"])
-        if slot in ("top_k", "score_threshold"):
+                                "query", "semantic_weight", "explain"])
+        if slot in ("top_k", "score_threshold", "semantic_weight"):
             body["retrieval_setting"][slot] = "__N__"
-        elif slot == "query":
-            body["query"] = "__N__"
+        elif slot in ("query", "explain"):
+            body[slot] = "__N__"
         else:
             operator = self.rng.choice([">", "<", "=", "≥", "is", "before", "in", "not in"])
             value: Any = ["__N__", 1] if slot == "value in list" or "in" in operator else "__N__"
@@ -650,14 +736,16 @@ class Hostile:
         for _ in range(self.rng.randint(1, 3)):
             target = self.rng.choice(["top", "knowledge_id", "query", "retrieval_setting",
                                       "top_k", "score_threshold", "metadata_condition",
-                                      "conditions", "condition", "drop"])
+                                      "conditions", "condition", "drop", "explain",
+                                      "retrieval_mode", "semantic_weight"])
             changed.append(target)
             if target == "top":
                 body = self.odd_value()
                 break
-            if target in ("knowledge_id", "query", "retrieval_setting", "metadata_condition"):
+            if target in ("knowledge_id", "query", "retrieval_setting", "metadata_condition",
+                          "explain"):
                 body[target] = self.odd_value()
-            elif target in ("top_k", "score_threshold"):
+            elif target in ("top_k", "score_threshold", "retrieval_mode", "semantic_weight"):
                 setting = body.get("retrieval_setting")
                 if isinstance(setting, dict):
                     setting[target] = self.odd_value()
@@ -685,27 +773,25 @@ class Hostile:
                 raw = json.dumps(body, ensure_ascii=False).encode(encoding, "replace")
             return self._json_case("invalid-utf8", f"body in {encoding}", raw)
         body, slot = self._string_slot()
-        bad = self.rng.choice([b"\xff", b"\xc3\x28", b"\xe2\x82", b"\xf0\x28\x8c\x28",
-                               b"\xc0\xaf", b"\x80", b"abc\xfe", b"\xf8\x88\x80\x80\x80"])
+        bad = self.rng.choice(BAD_UTF8)
         raw = _placeholder_body(body, {"S": b'"' + bad + b'"'}, ensure_ascii=False)
         return self._json_case("invalid-utf8", f"{bad!r} in {slot}", raw)
 
     def r_surrogate_raw(self) -> Case:
         body, slot = self._string_slot()
-        bad = self.rng.choice([b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xed\xa0\xbd\xed\xb8\x80"])
+        bad = self.rng.choice(SURROGATES_RAW)
         raw = _placeholder_body(body, {"S": b'"a' + bad + b'"'}, ensure_ascii=False)
         return self._json_case("surrogate-raw", f"{bad!r} in {slot}", raw)
 
     def r_surrogate_escape(self) -> Case:
         body, slot = self._string_slot()
-        escape = self.rng.choice([rb"\ud800", rb"\udfff", rb"\udc00\ud800", rb"\ud800x",
-                                  rb"\ud83d"])
+        escape = self.rng.choice(SURROGATE_ESCAPES)
         raw = _placeholder_body(body, {"S": b'"a' + escape + b'"'})
         return self._json_case("surrogate-escape", f"{escape.decode()} in {slot}", raw)
 
     def r_nan(self) -> Case:
         body, slot = self._number_slot()
-        token = self.rng.choice([b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"])
+        token = self.rng.choice(NON_NUMBERS)
         raw = _placeholder_body(body, {"N": token})
         return self._json_case("nan-inf", f"{token.decode()} in {slot}", raw)
 
@@ -720,7 +806,7 @@ class Hostile:
         depth = self.rng.randint(5_000, 100_000)
         body = self.valid_retrieval()
         slot = self.rng.choice(["body", "metadata_condition", "condition value", "top_k",
-                                "query", "retrieval_setting", "conditions"])
+                                "query", "retrieval_setting", "conditions", "explain"])
         if slot == "body":
             raw = self._deep(depth)
         else:
@@ -737,18 +823,17 @@ class Hostile:
         return self._json_case("deep-nesting", f"{depth} deep in {slot}", raw)
 
     def r_content_type(self) -> Case:
-        content_type = self.rng.choice([
-            None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-            "multipart/form-data; boundary=x", "application/json; charset=utf-16",
-            "application/json; charset=latin-1", "application/jsonx", "",
-            "application/json, text/plain", "\x01", "application/json; charset=nope",
-            "text/html; charset=utf-8", "application/octet-stream"])
+        content_type = self.rng.choice(CONTENT_TYPES)
         body = json.dumps(self.valid_retrieval()).encode()
         return self._json_case("content-type", f"Content-Type {content_type!r}", body,
                                content_type=content_type)
 
     def r_chunked(self) -> Case:
-        body = json.dumps(self.valid_retrieval()).encode()
+        return self._chunked_case("/retrieval", json.dumps(self.valid_retrieval()).encode())
+
+    def _chunked_case(self, path: str, body: bytes) -> Case:
+        """``body`` sent chunked, in small chunks, framed right or in one of the ways
+        servers and proxies disagree on."""
         parts, rest = [], body
         while rest:
             size = self.rng.randint(1, 64)
@@ -776,12 +861,16 @@ class Hostile:
             headers[1] = ("Transfer-Encoding", "gzip, chunked")
         elif variant == "short chunk":
             framed, half_close = b"%x\r\n" % (len(body) + 10) + body, True
-        request = http_request(self.server, "POST", "/retrieval", framed, headers=headers,
+        request = http_request(self.server, "POST", path, framed, headers=headers,
                                raw_framing=True)
         return Case("chunked", variant, request, half_close=half_close, timeout=15.0)
 
+    def _huge_text(self) -> str:
+        """1 MB of UTF-8: 340,000 random CJK characters."""
+        return "".join(chr(self.rng.randint(0x4E00, 0x9FFF)) for _ in range(340_000))
+
     def r_huge_string(self) -> Case:
-        text = "".join(chr(self.rng.randint(0x4E00, 0x9FFF)) for _ in range(340_000))
+        text = self._huge_text()
         body = self.valid_retrieval()
         slot = self.rng.choice(["query", "query", "knowledge_id", "condition value", "key"])
         if slot == "condition value":
@@ -800,21 +889,24 @@ class Hostile:
         places = [body, body["retrieval_setting"], body["metadata_condition"],
                   body["metadata_condition"]["conditions"][0]]
         for place in self.rng.sample(places, self.rng.randint(1, len(places))):
-            place[self.rng.choice(["extra", "reranking_enable", "__proto__", "constructor",
-                                   "user", "🙂", ""])] = self.odd_value()
+            place[self.rng.choice(UNKNOWN_KEYS)] = self.odd_value()
         return self._json_case("unknown-keys", "extra keys", json.dumps(body).encode())
 
     def r_truncated(self) -> Case:
-        body = json.dumps(self.valid_retrieval(), ensure_ascii=False).encode()
+        return self._truncated_case(
+            "/retrieval", json.dumps(self.valid_retrieval(), ensure_ascii=False).encode())
+
+    def _truncated_case(self, path: str, body: bytes) -> Case:
         cut = self.rng.randint(1, len(body) - 1)
         if self.rng.random() < 0.3:
             # Declares the whole body, sends part of it, then closes its side.
-            request = http_request(self.server, "POST", "/retrieval", body[:cut],
+            request = http_request(self.server, "POST", path, body[:cut],
                                    headers=[("Content-Type", "application/json")],
                                    content_length=len(body))
             return Case("truncated-json", f"declared {len(body)}, sent {cut}, then closed",
                         request, half_close=True, timeout=15.0)
-        return self._json_case("truncated-json", f"cut at {cut} of {len(body)}", body[:cut])
+        return self._json_case("truncated-json", f"cut at {cut} of {len(body)}", body[:cut],
+                               path=path)
 
     def r_method_path(self) -> Case:
         method, path = self.rng.choice([
@@ -1161,7 +1253,7 @@ class Hostile:
             self._file_parts(b"bomb.docx", self._bomb), timeout=180.0)
 
     def d_huge_string(self) -> Case:
-        text = "".join(chr(self.rng.randint(0x4E00, 0x9FFF)) for _ in range(340_000))
+        text = self._huge_text()
         body = self.text_body()
         slot = self.rng.choice(["text", "title", "metadata value"])
         if slot == "metadata value":
@@ -1171,6 +1263,296 @@ class Hostile:
         return self._json_case("huge-string", f"1 MB of Chinese in {slot}",
                                json.dumps(body, ensure_ascii=False).encode(), path="/documents",
                                timeout=180.0)
+
+
+    # ---- keys, views and empty knowledge bases: the admin key's JSON routes
+
+    def admin_route(self, route: str) -> AdminRoute:
+        if route == "keys":
+            return AdminRoute("/keys", self.valid_key, ["name", "knowledge_ids.0"],
+                              ["read_only", "knowledge_ids.0", "name"],
+                              partial(self._pooled, "fuzz-key"))
+        if route == "views":
+            return AdminRoute(
+                "/views", self.valid_view,
+                ["name", "knowledge_base", "retrieval_mode", "metadata_condition.logical_operator",
+                 "metadata_condition.conditions.0.name", "metadata_condition.conditions.0.value"],
+                ["semantic_weight", "top_k_max", "metadata_condition.conditions.0.value"],
+                partial(self._pooled, "fuzz-view"))
+        return AdminRoute(
+            "/knowledge-bases", self.valid_base,
+            ["knowledge_id", "retrieval_mode", "embedding", "chunking.mode",
+             "chunking.delimiter"],
+            ["semantic_weight", "chunking.max_tokens", "chunking.overlap",
+             "chunking.collapse_whitespace"],
+            partial(self._pooled, "fuzz-kb"))
+
+    def _admin_kinds(self, route: str) -> dict[str, tuple[float, Callable[[], Case], bool]]:
+        spec = self.admin_route(route)
+        kinds: dict[str, tuple[float, Callable[[], Case], bool]] = {
+            "valid": (8, partial(self.a_valid, spec), False),
+            "delete": (4, partial(self.a_delete, spec), False),
+            "odd-json": (30, partial(self.a_odd_json, spec), False),
+            "odd-name": (10, partial(self.a_odd_name, spec), False),
+            "invalid-utf8": (6, partial(self.a_invalid_utf8, spec), False),
+            "surrogate-raw": (4, partial(self.a_surrogate, spec, True), False),
+            "surrogate-escape": (4, partial(self.a_surrogate, spec, False), False),
+            "nul": (4, partial(self.a_nul, spec), False),
+            "nan-inf": (4, partial(self.a_number, spec, False), False),
+            "huge-int": (4, partial(self.a_number, spec, True), False),
+            "deep-nesting": (3, partial(self.a_deep, spec), False),
+            "content-type": (4, partial(self.a_content_type, spec), False),
+            "chunked": (4, partial(self.a_chunked, spec), False),
+            "huge-string": (0.2, partial(self.a_huge_string, spec), False),
+            "unknown-keys": (4, partial(self.a_unknown_keys, spec), False),
+            "truncated-json": (4, partial(self.a_truncated, spec), False),
+            "auth": (5, partial(self.a_auth, spec), False),
+            "method-path": (2, partial(self.a_method_path, spec), False),
+        }
+        if route == "keys":
+            # GET /me has no body to attack: only the key that asks, which a named key's
+            # secret makes a read of the stored hashes.
+            kinds["me"] = (8, self.a_me, False)
+        return kinds
+
+    def _pooled(self, prefix: str) -> str:
+        """One of five names: creations collide (409) and deletes find them, so the run
+        exercises both paths and never makes more than five."""
+        return f"{prefix}-{self.rng.randint(0, 4)}"
+
+    def valid_key(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": self._pooled("fuzz-key")}
+        roll = self.rng.random()
+        if roll < 0.4:
+            body["knowledge_ids"] = self.rng.sample(
+                ["demo", "fuzz-view-0", "fuzz-kb-1", "not-yet-made"], self.rng.randint(0, 2))
+        elif roll < 0.6:
+            body["knowledge_ids"] = None
+        if self.rng.random() < 0.5:
+            body["read_only"] = self.rng.choice([True, False])
+        return body
+
+    def valid_view(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": self._pooled("fuzz-view"), "knowledge_base": "demo"}
+        if self.rng.random() < 0.6:
+            body["metadata_condition"] = {
+                "logical_operator": self.rng.choice(["and", "or"]),
+                "conditions": [self.valid_condition() for _ in range(self.rng.randint(1, 2))]}
+        if self.rng.random() < 0.3:
+            body["retrieval_mode"] = self.rng.choice(RETRIEVAL_MODES)
+        if self.rng.random() < 0.3:
+            body["semantic_weight"] = self.rng.choice([0, 0.5, 1])
+        if self.rng.random() < 0.3:
+            body["top_k_max"] = self.rng.randint(1, 10)
+        return body
+
+    def valid_base(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"knowledge_id": self._pooled("fuzz-kb")}
+        if self.rng.random() < 0.5:
+            body["retrieval_mode"] = self.rng.choice(RETRIEVAL_MODES)
+        if self.rng.random() < 0.3:
+            body["semantic_weight"] = self.rng.choice([0, 0.6, 1])
+        if self.rng.random() < 0.3:
+            body["chunking"] = self.rng.choice([
+                {"max_tokens": self.rng.randint(50, 254)}, {"mode": "parent_child"},
+                {"overlap": 0, "delimiter": "\\n"}])
+        if self.rng.random() < 0.5:
+            # "server" has no model behind it in --demo: a 400, which is a path too.
+            body["embedding"] = self.rng.choice(["auto", "english", "multilingual", "server"])
+        return body
+
+    def secrets(self) -> dict[str, str]:
+        """What AUTH_VARIANTS name: the admin key, and the secrets of two named keys made on
+        first use (the sweep after the run revokes them): a read-only one limited to demo,
+        and a read-write one limited to fuzz-kb-0 and fuzz-view-0."""
+        if self._secrets is None:
+            found = {"admin": self.server.key, "admin_cut": self.server.key[:-1]}
+            with httpx.Client(timeout=30.0, headers=self.server.headers()) as client:
+                for role, scope, read_only in (("reader", ["demo"], True),
+                                               ("writer", ["fuzz-kb-0", "fuzz-view-0"], False)):
+                    made = client.post(self.server.url + "/keys", json={
+                        "name": f"fuzz-{role}", "knowledge_ids": scope, "read_only": read_only})
+                    # Taken (a running --server-url kept it): a well-formed unknown secret.
+                    found[role] = (made.json()["key"] if made.status_code == 201
+                                   else "lkb_" + "B" * 43)
+            found["reader_cut"] = found["reader"][:-1]
+            self._secrets = found
+        return self._secrets
+
+    def _auth_header(self) -> tuple[str, list[tuple[str, str]]]:
+        """An Authorization variant, as a note and headers (none for the missing header)."""
+        variant = self.rng.choice(AUTH_VARIANTS)
+        if variant is None:
+            return "no Authorization", []
+        value = variant.format(**self.secrets())
+        return repr(variant[:40]), [("Authorization", value)]
+
+    def _admin_slot_case(self, spec: AdminRoute, kind: str, places: list[str], raw: bytes,
+                         what: str, ensure_ascii: bool = False) -> Case:
+        """A valid body with ``raw`` bytes at one of ``places`` ("<key>": as a field name)."""
+        body = spec.valid()
+        place = self.rng.choice(places)
+        if place == "<key>":
+            body["__S__"] = 1
+        else:
+            _put(body, place, "__S__")
+        return self._json_case(kind, f"{what} in {place}",
+                               _placeholder_body(body, {"S": raw}, ensure_ascii=ensure_ascii),
+                               path=spec.path)
+
+    def a_valid(self, spec: AdminRoute) -> Case:
+        body = json.dumps(spec.valid(), ensure_ascii=False)
+        return self._json_case("valid", body[:60], body.encode(), path=spec.path)
+
+    def a_delete(self, spec: AdminRoute) -> Case:
+        name = spec.name()
+        return Case("delete", f"DELETE {name}",
+                    http_request(self.server, "DELETE", f"{spec.path}/{name}"))
+
+    def a_odd_json(self, spec: AdminRoute) -> Case:
+        body: Any = spec.valid()
+        changed = []
+        for _ in range(self.rng.randint(1, 3)):
+            target = self.rng.choice(["top", "drop", *body, *spec.strings, *spec.numbers])
+            changed.append(target)
+            if target == "top":
+                body = self.odd_value()
+                break
+            if target == "drop":
+                if body:
+                    body.pop(self.rng.choice(sorted(body)))
+            else:
+                _put(body, target, self.odd_value())
+        text = json.dumps(body, ensure_ascii=self.rng.random() < 0.5).encode()
+        return self._json_case("odd-json", "+".join(changed), text, path=spec.path)
+
+    def a_odd_name(self, spec: AdminRoute) -> Case:
+        """DELETE <route>/<name> with a name from ODD_IDS written as a client might:
+        percent-encoded, raw (spaces, '?', '#', newlines as they are), encoded twice,
+        an escape no client would type, or with more path after it."""
+        name = self.rng.choice([*ODD_IDS, spec.name()])
+        form = self.rng.choice(["encoded", "encoded", "raw", "encoded twice", "escape",
+                                "more path"])
+        if form == "raw":
+            segment = name
+        elif form == "encoded twice":
+            segment = quote(quote(name, safe=""), safe="")
+        elif form == "escape":
+            segment = self.rng.choice(PATH_ESCAPES)
+        else:
+            segment = quote(name, safe="")
+            if form == "more path":
+                segment += self.rng.choice(["/", "/x", "/..", "?x=1", "#f", ";p", "/documents"])
+        request = http_request(self.server, "DELETE", f"{spec.path}/{segment}")
+        return Case("odd-name", f"{form} {segment[:40]!r}", request)
+
+    def a_invalid_utf8(self, spec: AdminRoute) -> Case:
+        bad = self.rng.choice(BAD_UTF8)
+        return self._admin_slot_case(spec, "invalid-utf8", [*spec.strings, "<key>"],
+                                     b'"' + bad + b'"', repr(bad))
+
+    def a_surrogate(self, spec: AdminRoute, raw_bytes: bool) -> Case:
+        if raw_bytes:
+            bad = self.rng.choice(SURROGATES_RAW)
+            return self._admin_slot_case(spec, "surrogate-raw", [*spec.strings, "<key>"],
+                                         b'"a' + bad + b'"', repr(bad))
+        escape = self.rng.choice(SURROGATE_ESCAPES)
+        return self._admin_slot_case(spec, "surrogate-escape", [*spec.strings, "<key>"],
+                                     b'"a' + escape + b'"', escape.decode(), ensure_ascii=True)
+
+    def a_nul(self, spec: AdminRoute) -> Case:
+        # Escaped, NUL is valid JSON a store may not keep (PostgreSQL text refuses it);
+        # raw, it is a control character strict JSON refuses.
+        nul = self.rng.choice([rb"\u0000", rb"a\u0000b", b"a\x00b", rb"\u0000" * 1000])
+        return self._admin_slot_case(spec, "nul", [*spec.strings, "<key>"],
+                                     b'"' + nul + b'"', repr(nul[:12]))
+
+    def a_number(self, spec: AdminRoute, huge: bool) -> Case:
+        if huge:
+            digits = self.rng.randint(4_301, 50_000)
+            number = b"-" * self.rng.randint(0, 1) + b"1" + b"0" * (digits - 1)
+            return self._admin_slot_case(spec, "huge-int", spec.numbers, number,
+                                         f"{digits} digits")
+        token = self.rng.choice(NON_NUMBERS)
+        return self._admin_slot_case(spec, "nan-inf", spec.numbers, token, token.decode())
+
+    def a_deep(self, spec: AdminRoute) -> Case:
+        depth = self.rng.randint(5_000, 100_000)
+        if self.rng.random() < 0.3:
+            return self._json_case("deep-nesting", f"{depth} deep as the body",
+                                   self._deep(depth), path=spec.path)
+        return self._admin_slot_case(spec, "deep-nesting", [*spec.strings, *spec.numbers],
+                                     self._deep(depth), f"{depth} deep")
+
+    def a_content_type(self, spec: AdminRoute) -> Case:
+        content_type = self.rng.choice(CONTENT_TYPES)
+        return self._json_case("content-type", f"Content-Type {content_type!r}",
+                               json.dumps(spec.valid()).encode(), path=spec.path,
+                               content_type=content_type)
+
+    def a_chunked(self, spec: AdminRoute) -> Case:
+        return self._chunked_case(spec.path, json.dumps(spec.valid()).encode())
+
+    def a_truncated(self, spec: AdminRoute) -> Case:
+        return self._truncated_case(spec.path,
+                                    json.dumps(spec.valid(), ensure_ascii=False).encode())
+
+    def a_huge_string(self, spec: AdminRoute) -> Case:
+        place = self.rng.choice(spec.strings)
+        body = spec.valid()
+        _put(body, place, self._huge_text())
+        return self._json_case("huge-string", f"1 MB of Chinese in {place}",
+                               json.dumps(body, ensure_ascii=False).encode(), path=spec.path,
+                               timeout=120.0)
+
+    def a_unknown_keys(self, spec: AdminRoute) -> Case:
+        body = spec.valid()
+        # The routes refuse a field they do not know, a typo most of all ("read_ony").
+        field_name = self.rng.choice(sorted(body))
+        typo = self.rng.choice([typo for typo in (field_name[:-1], field_name.upper(),
+                                                  field_name + " ", field_name.replace("_", "-"))
+                                if typo != field_name])
+        key = self.rng.choice([*UNKNOWN_KEYS, typo, typo])
+        body[key] = self.odd_value()
+        return self._json_case("unknown-keys", repr(key[:30]),
+                               json.dumps(body, ensure_ascii=False).encode(), path=spec.path)
+
+    def a_auth(self, spec: AdminRoute) -> Case:
+        note, headers = self._auth_header()
+        if self.rng.random() < 0.3:
+            name = spec.name()
+            request = http_request(self.server, "DELETE", f"{spec.path}/{name}",
+                                   headers=headers, auth=False)
+            return Case("auth", f"DELETE {name}, {note}", request)
+        body = json.dumps(spec.valid()).encode()
+        request = http_request(self.server, "POST", spec.path, body, auth=False,
+                               headers=[("Content-Type", "application/json"), *headers])
+        return Case("auth", f"POST, {note}", request)
+
+    def a_me(self) -> Case:
+        note, headers = self._auth_header()
+        if self.rng.random() < 0.5:
+            # The console asks with the key it was given: mostly a good one.
+            key = self.rng.choice(["admin", "reader", "writer"])
+            note, headers = key, [("Authorization", f"Bearer {self.secrets()[key]}")]
+        path = self.rng.choice(["/me", "/me", "/me", "/me/", "//me", "/me?x=1", "/ME", "/me/x",
+                                "/me%00", "/%6De"])
+        body = b"" if self.rng.random() < 0.8 else json.dumps(self.odd_value()).encode()
+        request = http_request(self.server, "GET", path, body, headers=headers, auth=False)
+        return Case("me", f"GET {path}, {note}", request)
+
+    def a_method_path(self, spec: AdminRoute) -> Case:
+        path = spec.path
+        method, target = self.rng.choice([
+            ("PUT", path), ("PATCH", path), ("DELETE", path), ("DELETE", path + "/"),
+            ("GET", path + "/x"), ("POST", path + "/x"), ("DELETE", path + "/a/b"),
+            ("POST", path + "/"), ("POST", "/" + path), ("POST", path + "%00"),
+            ("OPTIONS", path), ("DELETE", path + "//x"), ("POST", path + "?x=1&x=2"),
+            ("POST", path.upper()), ("DELETE", path + "/" + "a" * 8000), ("POST", "/me")])
+        body = json.dumps(spec.valid()).encode()
+        request = http_request(self.server, method, target, body,
+                               headers=[("Content-Type", "application/json")])
+        return Case("method-path", f"{method} {target[:40]}", request)
 
 
 def multipart(parts: list[tuple[bytes, bytes | None, bytes]], boundary: str) -> bytes:
@@ -1367,13 +1749,26 @@ class Sent:
     log: str = ""
 
 
+# --route: what each attacks.
+FUZZ_ROUTES = {
+    "retrieval": "POST /retrieval",
+    "documents": "POST /documents",
+    "knowledge-bases": "POST /knowledge-bases, DELETE /knowledge-bases/<id>",
+    "keys": "POST /keys, DELETE /keys/<name>, GET /me",
+    "views": "POST /views, DELETE /views/<name>",
+}
+# The routes whose successes create something the sweep after the run removes.
+ADMIN_ROUTES = ("knowledge-bases", "keys", "views")
+
+
 def run_fuzz(server: Server, route: str, bodies: int, seed: int, heavy: int,
              max_seconds: float) -> None:
-    path = "/retrieval" if route == "retrieval" else "/documents"
-    print(f"\n== fuzz POST {path}: {bodies} requests, seed {seed}, at most {max_seconds:.0f} s ==")
+    print(f"\n== fuzz {FUZZ_ROUTES[route]}: {bodies} requests, seed {seed}, at most "
+          f"{max_seconds:.0f} s ==")
     hostile = Hostile(server, seed, heavy)
     generated = hostile.cases(route)
     sent: list[Sent] = []
+    existing = admin_names(server) if route in ADMIN_ROUTES else {}
     rss_before, offset, started = server.rss(), server.log_offset(), time.perf_counter()
     with RssSampler(server) as sampler:
         for _ in range(bodies):
@@ -1400,6 +1795,8 @@ def run_fuzz(server: Server, route: str, bodies: int, seed: int, heavy: int,
           f"{sampler.peak_threads}")
     if route == "documents":
         id_round_trips(server)
+    if route in ADMIN_ROUTES:
+        sweep(server, existing)
     print_logged_failures(server, offset)
 
 
@@ -1443,6 +1840,48 @@ def _fuzz_report(sent: list[Sent], elapsed: float) -> None:
         cause = items[0].log or items[0].answer.error_msg
         if cause:
             print(f"            {cause[:400]}")
+
+
+# Where the admin routes list what there is: (path, its array, an entry's name); each is
+# deleted at path/<name>.
+ADMIN_LISTS = {"keys": ("/keys", "keys", "name"),
+               "views": ("/views", "views", "knowledge_id"),
+               "knowledge bases": ("/knowledge-bases", "knowledge_bases", "knowledge_id")}
+
+
+def admin_names(server: Server) -> dict[str, set[str]]:
+    """The keys, views and knowledge bases there are now, by what they are."""
+    names: dict[str, set[str]] = {}
+    with httpx.Client(timeout=30.0, headers=server.headers()) as client:
+        for what, (path, array, name_field) in ADMIN_LISTS.items():
+            listed = client.get(server.url + path)
+            entries = listed.json().get(array, []) if _is_json(listed) else []
+            names[what] = {entry[name_field] for entry in entries
+                           # GET /knowledge-bases lists views too: they are swept as views.
+                           if not (what == "knowledge bases" and entry.get("kind") == "view")}
+    return names
+
+
+def sweep(server: Server, existing: dict[str, set[str]]) -> None:
+    """Delete what the run made, so runs do not pile up: each must answer 200 to its
+    DELETE, which is the success path of those routes for every name the fuzz got in."""
+    print("  made by the run, then deleted:")
+    rows = []
+    with httpx.Client(timeout=30.0, headers=server.headers()) as client:
+        for what, names in admin_names(server).items():
+            made = sorted(names - existing.get(what, set()))
+            answers: Counter[int] = Counter()
+            refused = []
+            for name in made:
+                answer = client.delete(f"{server.url}{ADMIN_LISTS[what][0]}/"
+                                       f"{quote(name, safe='')}")
+                answers[answer.status_code] += 1
+                if answer.status_code != 200:
+                    refused.append(f"{name[:30]!r}: {answer.status_code} {answer.text[:80]}")
+            rows.append([what, len(made), ", ".join(f"{count} x {status}" for status, count
+                                                    in sorted(answers.items())),
+                         "; ".join(refused[:3])])
+    table(["what", "made", "DELETE answers", "refused"], rows, indent="    ")
 
 
 def id_round_trips(server: Server) -> None:
@@ -2061,7 +2500,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fuzz = argparse.ArgumentParser(add_help=False)
     group = fuzz.add_argument_group("fuzz")
-    group.add_argument("--route", choices=["retrieval", "documents", "all"], default="all")
+    group.add_argument("--route", choices=[*FUZZ_ROUTES, "all"], nargs="+", default=["all"],
+                       help="one or more of the routes, or all [all]: "
+                            + "; ".join(f"{name}: {what}" for name, what in FUZZ_ROUTES.items()))
     group.add_argument("--bodies", type=int, default=10_000, help="requests per route [10000]")
     group.add_argument("--heavy", type=int, default=2,
                        help="at most this many of each slow kind (zip bomb, 32k-deep HTML, 1 MB "
@@ -2108,7 +2549,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     with server_for(args) as server:
         if command in ("fuzz", "all"):
-            routes = ["retrieval", "documents"] if args.route == "all" else [args.route]
+            routes = list(FUZZ_ROUTES) if "all" in args.route else args.route
             for route in routes:
                 run_fuzz(server, route, args.bodies, args.seed, args.heavy, args.max_seconds)
         if command in ("big", "all") and server.alive():
