@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerTransport, standalone_server
+from conftest import ServerTransport, dify_body, standalone_server
 from llama_index.core import Document, QueryBundle, StorageContext, VectorStoreIndex
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.embeddings import MockEmbedding
@@ -432,3 +432,20 @@ def test_a_condition_on_document_id_selects_that_documents_records(
         "logical_operator": "and",
         "conditions": [{"name": "document_id", "comparison_operator": "is", "value": wanted}]})
     assert found and {r["metadata"]["document_id"] for r in found} == {wanted}
+
+
+def test_a_retrieval_test_explains_scores_on_an_index_built_with_llamaindex(
+        client: ServerTransport) -> None:
+    reply = client.post("/retrieval", dify_body({
+        "knowledge_id": "handbook", "query": "paid leave", "explain": True,
+        "retrieval_setting": {"top_k": 3, "retrieval_mode": "hybrid", "semantic_weight": 0.6}}),
+        JSON)
+    assert reply.status == 200, reply.body
+    found = reply.json()["records"]
+    assert found
+    for record in found:
+        parts = record["score_parts"]
+        assert parts["mode"] == "hybrid" and parts["semantic_weight"] == 0.6
+        assert record["score"] == pytest.approx(
+            0.6 * parts["semantic"] + 0.4 * parts["keyword"], abs=1e-6)
+    assert "score_parts" not in records(client, "handbook", "paid leave", top_k=3)[0]
