@@ -257,18 +257,16 @@ def _top_k(value: object) -> int:
 
 
 def _score_threshold(value: object) -> float:
-    field = "retrieval_setting.score_threshold"
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidFieldError(field, f"must be a number, got {_json_type(value)}")
-    if not 0.0 <= value <= 1.0:
-        raise InvalidFieldError(field, f"must be between 0 and 1, got {_short(value)}")
-    return float(value)
+    return 0.0 if value is None else fraction_field(value, "retrieval_setting.score_threshold")
 
 
 def _retrieval_mode(value: object) -> RetrievalMode | None:
-    field = "retrieval_setting.retrieval_mode"
+    return retrieval_mode_field(value, "retrieval_setting.retrieval_mode")
+
+
+def retrieval_mode_field(value: object, field: str) -> RetrievalMode | None:
+    """One of the retrieval modes, or None for null; else a 400 naming ``field``. The
+    one rule for every body that names a mode (retrieval, views, new bases, uploads)."""
     if value is None:
         return None
     for mode in RETRIEVAL_MODES:
@@ -276,13 +274,16 @@ def _retrieval_mode(value: object) -> RetrievalMode | None:
             return mode
     shown_value = repr(value)[:40] if isinstance(value, str) else _json_type(value)
     raise InvalidFieldError(
-        field, f"must be one of {', '.join(RETRIEVAL_MODES)} or null, got {shown_value}")
+        field, f"must be one of {', '.join(RETRIEVAL_MODES)}, got {shown_value}")
 
 
 def _semantic_weight(value: object) -> float | None:
-    field = "retrieval_setting.semantic_weight"
-    if value is None:
-        return None
+    return None if value is None else fraction_field(value, "retrieval_setting.semantic_weight")
+
+
+def fraction_field(value: object, field: str) -> float:
+    """A JSON number from 0 to 1 (a threshold, a weight), or a 400 naming ``field``: the
+    one rule for every body that carries one."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidFieldError(field, f"must be a number, got {_json_type(value)}")
     if not 0.0 <= value <= 1.0:

@@ -38,7 +38,7 @@ from llamaindex_kb.errors import (
     shown,
 )
 from llamaindex_kb.ids import validate_knowledge_id
-from llamaindex_kb.stores.records import Records
+from llamaindex_kb.stores.records import Record, Records
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class KeyRing:
         if not any(_SECRET.fullmatch(token) for token in tokens):
             return None
         digests = [digest(token).encode() for token in tokens]
-        found: tuple[str, dict] | None = None
+        found: tuple[str, Record] | None = None
         # Every stored hash is compared, in constant time each, whichever matches.
         for name, record in self.records.records(KIND).items():
             stored = str(record.get("hash", "")).encode()

@@ -95,7 +95,7 @@ class Library:
         kb, view = self.resolve(request.knowledge_id)
         plan = self.plan(request, kb, view)
         embed_model = models.embedding_for(kb.manifest.embedding)
-        first_stage: dict[str, float] = {}
+        first_stage: dict[str, float] | None = None  # None: not reranked
         if models.reranker is None:
             hits = kb.retrieve(plan, embed_model)
         else:
@@ -108,8 +108,7 @@ class Library:
         records = [to_record(hit) for hit in hits]
         if not request.explain:
             return records
-        return self.explain(kb, plan, embed_model, records,
-                            first_stage if models.reranker is not None else None)
+        return self.explain(kb, plan, embed_model, records, first_stage)
 
     def plan(self, request: RetrievalRequest, kb: KnowledgeBaseHandle,
              view: View | None) -> QueryPlan:

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llamaindex_kb.conditions.compiled import Predicate, compile_condition
 from llamaindex_kb.conditions.model import MetadataCondition, parse_metadata_condition
-from llamaindex_kb.config import RETRIEVAL_MODES, RetrievalMode
-from llamaindex_kb.contract import MAX_TOP_K
+from llamaindex_kb.config import RetrievalMode
+from llamaindex_kb.contract import MAX_TOP_K, fraction_field, retrieval_mode_field
 from llamaindex_kb.errors import (
     AlreadyExistsError,
     InvalidFieldError,
@@ -94,8 +94,10 @@ class Views:
                     "nothing; give each condition a value, or leave the filter out")
         view = View(name=name, knowledge_base=knowledge_base,
                     metadata_condition=metadata_condition,  # type: ignore[arg-type]
-                    retrieval_mode=_mode(retrieval_mode),
-                    semantic_weight=_weight(semantic_weight), top_k_max=_top_k_max(top_k_max))
+                    retrieval_mode=retrieval_mode_field(retrieval_mode, "retrieval_mode"),
+                    semantic_weight=(None if semantic_weight is None
+                                     else fraction_field(semantic_weight, "semantic_weight")),
+                    top_k_max=_top_k_max(top_k_max))
         base = self.store.find(knowledge_base)
         if base is None:
             if self.get(knowledge_base) is not None:
@@ -136,34 +138,19 @@ def _check_known_fields(raw: object) -> None:
     ("logical_operater") that Dify's lenient format would silently ignore."""
     if not isinstance(raw, dict):
         return  # parse_metadata_condition says what is wrong with it
-    for field in sorted(set(raw) - {"logical_operator", "conditions"}):
-        raise InvalidFilterError(f"metadata_condition.{field}: is not a known field; "
+    extra = sorted(set(raw) - {"logical_operator", "conditions"})
+    if extra:
+        raise InvalidFilterError(f"metadata_condition.{extra[0]}: is not a known field; "
                                  "expected logical_operator, conditions")
     conditions = raw.get("conditions")
     for index, condition in enumerate(conditions if isinstance(conditions, list) else []):
-        extra = sorted(set(condition) - {"name", "comparison_operator", "value"}
-                       if isinstance(condition, dict) else set())
+        if not isinstance(condition, dict):
+            continue  # parse_metadata_condition says what is wrong with it
+        extra = sorted(set(condition) - {"name", "comparison_operator", "value"})
         if extra:
             raise InvalidFilterError(
                 f"metadata_condition.conditions[{index}].{extra[0]}: is not a known field; "
                 "expected name, comparison_operator, value")
-
-
-def _mode(value: object) -> RetrievalMode | None:
-    if value is None or value in RETRIEVAL_MODES:
-        return value  # type: ignore[return-value]
-    raise InvalidFieldError("retrieval_mode",
-                            f"must be one of {', '.join(RETRIEVAL_MODES)} or null; got "
-                            f"{shown(value)}")
-
-
-def _weight(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise InvalidFieldError("semantic_weight",
-                                f"must be a number from 0 to 1 or null; got {shown(value)}")
-    return float(value)
 
 
 def _top_k_max(value: object) -> int | None:

@@ -126,7 +126,7 @@ def test_reuploading_a_file_replaces_its_chunks(api):
         ({"knowledge_id": "kb", "chunking": '{"max_tokens": -5}'}, ("a.txt", b"text"), 400,
          "chunking.max_tokens"),
         ({"knowledge_id": "kb", "mode": "semantic"}, ("a.txt", b"text"), 400,
-         "mode: must be hybrid, vector or keyword, got 'semantic'"),
+         "mode: must be one of hybrid, vector, keyword, got 'semantic'"),
     ],
     ids=["no-kb", "no-file", "metadata-not-json", "metadata-not-object", "reserved-key",
          "corrupt-pdf", "unsupported-type", "bad-chunking", "unknown-mode"],

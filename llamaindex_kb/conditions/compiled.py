@@ -176,6 +176,10 @@ def _exact(check: Check) -> ExactCheck | None:
 # --- the predicate ----------------------------------------------------------------
 
 
+# Checks joined by one logical operator.
+Group = tuple[Literal["and", "or"], tuple[Check, ...]]
+
+
 class Predicate:
     """A condition's checks, ready to evaluate; immutable, shared by a request's stores.
 
@@ -188,7 +192,8 @@ class Predicate:
     def __init__(self, logical_operator: Literal["and", "or"], checks: tuple[Check, ...]
                  ) -> None:
         # `and` and `or` agree on zero or one check: one spelling shares cached masks.
-        self.groups = ((logical_operator if len(checks) > 1 else "and", checks),)
+        self.groups: tuple[Group, ...] = (
+            (logical_operator if len(checks) > 1 else "and", checks),)
         self.exact_part = _exact_part(self.groups)
 
     @classmethod
@@ -226,7 +231,7 @@ class Predicate:
         return both
 
 
-def _group_mask(columns: Columns, group: tuple[str, tuple[Check, ...]]) -> np.ndarray:
+def _group_mask(columns: Columns, group: Group) -> np.ndarray:
     logical_operator, checks = group
     if not checks:
         return np.ones(columns.rows, dtype=bool)
@@ -235,15 +240,16 @@ def _group_mask(columns: Columns, group: tuple[str, tuple[Check, ...]]) -> np.nd
     return combine.reduce(masks) if len(masks) > 1 else masks[0].copy()
 
 
-def _exact_part(groups: tuple[tuple[str, tuple[Check, ...]], ...]) -> ExactPart:
+def _exact_part(groups: tuple[Group, ...]) -> ExactPart:
     """One group's exact part as it is; of several (all of which must match), the
     exact checks of the `and` groups: an `or` group's checks cannot join them, so they
     only count, making the part incomplete."""
     if len(groups) == 1:
         logical_operator, checks = groups[0]
-        return ExactPart(logical_operator,  # type: ignore[arg-type]
+        return ExactPart(logical_operator,
                          tuple(e for e in map(_exact, checks) if e is not None), len(checks))
-    joinable = [check for operator, checks in groups if operator == "and" for check in checks]
+    joinable = [check for logical_operator, checks in groups if logical_operator == "and"
+                for check in checks]
     return ExactPart("and", tuple(e for e in map(_exact, joinable) if e is not None),
                      sum(len(checks) for _, checks in groups))
 

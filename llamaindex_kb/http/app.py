@@ -16,18 +16,21 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 from werkzeug import Request, Response
 from werkzeug import exceptions as werkzeug_exceptions
 from werkzeug.routing import Map, Rule
 
-from llamaindex_kb.config import RETRIEVAL_MODES, Settings
+from llamaindex_kb.config import Settings
 from llamaindex_kb.contract import (
     RetrievalResponse,
     error_body,
+    fraction_field,
     parse_json_object,
     parse_retrieval_request,
     read_body,
+    retrieval_mode_field,
 )
 from llamaindex_kb.errors import (
     InvalidFieldError,
@@ -84,7 +87,8 @@ def manifest_entry(manifest: KBManifest) -> dict[str, object]:
             **manifest.model_dump(mode="json", exclude={"centroids"})}
 
 
-def one_of(body: dict[str, object], field: str, choices: tuple[str, ...], default: str) -> str:
+def one_of(body: dict[str, object], field: str, choices: tuple[str, ...], default: str) -> Any:
+    """``body[field]``, one of ``choices``, else ``default`` when absent or null."""
     value = body.get(field)
     if value is None:
         return default
@@ -227,24 +231,22 @@ class KnowledgeAPI:
             raise InvalidFieldError("knowledge_id",
                                     f"is required and must be a string; got {shown(knowledge_id)}")
         caller.check_visible(knowledge_id)
-        weight = body.get("semantic_weight")
-        if weight is None:
-            weight = 0.7
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
-            raise InvalidFieldError("semantic_weight",
-                                    f"must be a number from 0 to 1; got {shown(weight)}")
+        # Only what was given: the defaults are create_knowledge_base's.
+        given: dict[str, Any] = {}
+        if mode := retrieval_mode_field(body.get("retrieval_mode"), "retrieval_mode"):
+            given["mode"] = mode
+        if body.get("semantic_weight") is not None:
+            given["semantic_weight"] = fraction_field(body["semantic_weight"], "semantic_weight")
         manifest = create_knowledge_base(
-            self.library.store, knowledge_id, models=self.models,
-            mode=one_of(body, "retrieval_mode", RETRIEVAL_MODES, "hybrid"),  # type: ignore[arg-type]
-            semantic_weight=float(weight), chunking=upload.parse_chunking(body.get("chunking")),
-            embedding=one_of(body, "embedding", EMBEDDING_CHOICES, "auto"),  # type: ignore[arg-type]
-            views=self.library.views)
+            self.library.store, knowledge_id, models=self.models, **given,
+            chunking=upload.parse_chunking(body.get("chunking")),
+            embedding=one_of(body, "embedding", EMBEDDING_CHOICES, "auto"))
         return json_response(manifest_entry(manifest), status=201)
 
     def _drop_knowledge_base(self, request: Request, caller: Caller,
                              knowledge_id: str) -> Response:
         caller.check_write(knowledge_id)
-        drop_knowledge_base(self.library.store, knowledge_id, self.library.views)
+        drop_knowledge_base(self.library.store, knowledge_id)
         return json_response({"dropped": knowledge_id})
 
     def _documents(self, request: Request, caller: Caller, knowledge_id: str) -> Response:

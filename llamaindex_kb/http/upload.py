@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from werkzeug import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from llamaindex_kb.config import RETRIEVAL_MODES, RetrievalMode
-from llamaindex_kb.contract import check_storable, parse_json_object
+from llamaindex_kb.config import RetrievalMode
+from llamaindex_kb.contract import check_storable, parse_json_object, retrieval_mode_field
 from llamaindex_kb.errors import InvalidFieldError, MalformedBodyError, ServerBusyError, shown
 from llamaindex_kb.ids import validate_knowledge_id
 from llamaindex_kb.ingestion.chunking import ChunkingConfig
@@ -229,11 +229,5 @@ def parse_chunking(raw: object) -> ChunkingConfig | None:
 
 
 def _mode(raw: object) -> RetrievalMode:
-    if raw in (None, ""):
-        return "hybrid"
-    for mode in RETRIEVAL_MODES:
-        if raw == mode:
-            return mode
-    raise InvalidFieldError(
-        "mode", f"must be {', '.join(RETRIEVAL_MODES[:-1])} or {RETRIEVAL_MODES[-1]}, "
-        f"got {shown(raw)}")
+    """A new base's mode; a form sends an empty field for "not given"."""
+    return retrieval_mode_field(None if raw == "" else raw, "mode") or "hybrid"

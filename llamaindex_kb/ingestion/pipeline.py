@@ -534,7 +534,6 @@ def create_knowledge_base(
     semantic_weight: float = 0.7,
     chunking: ChunkingConfig | None = None,
     embedding: EmbeddingChoice = "auto",
-    views: Views | None = None,
 ) -> KBManifest:
     """An empty knowledge base with these settings, its manifest as published.
 
@@ -544,13 +543,11 @@ def create_knowledge_base(
     ``auto`` is what a first upload would get without knowing its language: the
     configured model, else the ``local_model`` setting, whose own ``auto`` (which picks
     by the documents' language) gives the English model here; ask for ``multilingual``
-    for documents mostly in Chinese, Japanese or Korean. ``views``: the views to keep
-    the name from (by default the store's own).
+    for documents mostly in Chinese, Japanese or Korean. A view's name is refused
+    (``check_writable``).
     """
     validate_knowledge_id(knowledge_id)
     check_writable(store, knowledge_id)
-    if views is not None:
-        views.check_writable(knowledge_id)
     if store.find(knowledge_id) is not None:
         raise AlreadyExistsError(f"knowledge base {shown(knowledge_id)} exists")
     embed_model = None if mode == "keyword" else _embedding_for_empty(models, embedding)
@@ -583,21 +580,16 @@ def _embedding_for_empty(models: Models, choice: EmbeddingChoice) -> BaseEmbeddi
     return bundled.for_new(models.local_model, (), models.spin_threads)
 
 
-def drop_knowledge_base(store: KnowledgeStore, knowledge_id: str,
-                        views: Views | None = None) -> None:
+def drop_knowledge_base(store: KnowledgeStore, knowledge_id: str) -> None:
     """Delete a whole knowledge base; a view's name is refused, naming how to delete the
-    view instead (dropping its base would take every other view's documents too).
-    ``views``: where views are kept (by default the store's own)."""
+    view instead (not its base: a key limited to the view must not learn it)."""
     if store.read_only is not None:
         raise ReadOnlyStoreError.refusing(knowledge_id, store.read_only)
-    if views is None and store.access_records is not None:
-        views = Views(store.access_records, store)
-    view = None if views is None else views.get(knowledge_id)
-    if view is not None:
+    if store.access_records is not None and Views(store.access_records, store).get(
+            knowledge_id) is not None:
         raise ReadOnlyViewError(
-            f"{knowledge_id!r} is a view of knowledge base {view.knowledge_base!r}, not a "
-            f"knowledge base: delete the view with DELETE /views/{knowledge_id} (CLI: views "
-            f"delete {knowledge_id})")
+            f"{knowledge_id!r} is a view, not a knowledge base: delete the view with "
+            f"DELETE /views/{knowledge_id} (CLI: views delete {knowledge_id})")
     store.drop(knowledge_id)
 
 
