@@ -320,16 +320,20 @@ def _keys(args: argparse.Namespace) -> int:
     from llamaindex_kb.keys import KeyRing
     from llamaindex_kb.retrieval import Library
 
-    keys = KeyRing(Library(load_settings(_explicit(args))).records, admin_key=None)
+    library = Library(load_settings(_explicit(args)))
+    keys = KeyRing(library.records, admin_key=None)
     if args.action == "create":
         info, secret = keys.create(args.name, args.knowledge_ids, args.read_only)
         print(f"created API key {info.name!r} ({_scope(info.knowledge_ids, info.read_only)}); "
               "its secret, shown this once:", file=sys.stderr)
         print(secret)
     elif args.action == "list":
-        for info in keys.list():
+        for info in keys.list(library.knowledge_ids()):
+            missing = f"\tnames what does not exist: {', '.join(info.missing)}" * bool(
+                info.missing)
             print(f"{info.name}\t{_scope(info.knowledge_ids, info.read_only)}\t"
-                  f"created {_when(info.created_at)}\tlast used {_when(info.last_used_at)}")
+                  f"created {_when(info.created_at)}\tlast used {_when(info.last_used_at)}"
+                  f"{missing}")
     else:
         keys.revoke(args.name)
         print(f"revoked API key {args.name!r}")

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
 from llamaindex_kb.errors import (
     AlreadyExistsError,
@@ -64,6 +64,10 @@ class KeyInfo(BaseModel):
     read_only: bool = False
     created_at: float
     last_used_at: float | None = None
+    # Names in the scope that are neither a knowledge base nor a view now: a typo, or
+    # one deleted (a read-write key may create a base of such a name). Filled in when
+    # listed (``KeyRing.list``), never stored.
+    missing: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -202,15 +206,19 @@ class KeyRing:
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         info = KeyInfo(name=name, knowledge_ids=scope, read_only=read_only,
                        created_at=time.time())
-        if not self.records.add_record(KIND, name, {**info.model_dump(), "hash": digest(secret)}):
+        stored = {**info.model_dump(exclude={"missing"}), "hash": digest(secret)}
+        if not self.records.add_record(KIND, name, stored):
             raise AlreadyExistsError(
                 f"an API key named {name!r} exists: revoke it first, or choose another name")
         return info, secret
 
-    def list(self) -> list[KeyInfo]:
-        return sorted((KeyInfo.model_validate(record)
-                       for record in self.records.records(KIND).values()),
-                      key=lambda info: info.name)
+    def list(self, existing: set[str]) -> list[KeyInfo]:
+        """Every named key, each with the names in its scope missing from ``existing``
+        (the knowledge bases' and views' ids)."""
+        infos = [KeyInfo.model_validate(record) for record in self.records.records(KIND).values()]
+        return sorted((info.model_copy(update={"missing": [
+            k for k in info.knowledge_ids or [] if k not in existing]}) for info in infos),
+            key=lambda info: info.name)
 
     def revoke(self, name: str) -> None:
         if not self.records.remove_record(KIND, name):

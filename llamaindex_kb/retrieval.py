@@ -58,6 +58,11 @@ class Library:
     def open(self, knowledge_id: str) -> KnowledgeBaseHandle:
         return self.store.open(knowledge_id)
 
+    def knowledge_ids(self) -> set[str]:
+        """Every knowledge base's and view's id."""
+        return ({manifest.knowledge_id for manifest in self.manifests()}
+                | {view.name for view in self.views.list()})
+
     def resolve(self, knowledge_id: str) -> tuple[KnowledgeBaseHandle, View | None]:
         """The knowledge base ``knowledge_id`` names, directly or as a view (then with
         the view). A base is looked for first: asking it costs nothing once open, and

@@ -171,6 +171,9 @@ def test_keys_are_listed_with_scope_and_last_use_and_stored_only_as_a_hash(api):
     assert [key["name"] for key in listed] == ["reports", "unused"]
     reports, unused = listed
     assert reports["knowledge_ids"] == ["handbook", "hr-view"] and reports["read_only"]
+    assert reports["missing"] == ["hr-view"]  # no such base or view (yet): said, not hidden
+    api.view("hr-view", metadata_condition=HR)
+    assert api.send("GET", "/keys").json()["keys"][0]["missing"] == []
     assert reports["last_used_at"] >= reports["created_at"] and unused["last_used_at"] is None
     assert unused["knowledge_ids"] is None and not unused["read_only"]
     token = secret.removeprefix("Bearer ")

@@ -25,7 +25,7 @@ const TEXTS = {
     key: "key", removeRow: "Remove", none: "—", title: "LlamaIndex Knowledge Base",
     asBuilt: "As built", general: "General", parentChild: "Parent-child", modeKeyword: "Keyword",
     modeHybrid: "Hybrid", modeVector: "Vector", name: "Name", value: "value", mode: "Mode",
-    topKMax: "Top K at most",
+    topKMax: "Top K at most", missingIds: "not found",
     paragraph: "paragraph", fullDoc: "full document", networkError: "The server could not be reached.",
     signedOutRejected: "The key is no longer accepted: sign in again.",
   },
@@ -65,7 +65,7 @@ const TEXTS = {
     noBase: "还没有知识库。", badJson: "过滤条件不是有效的 JSON：{error}",
     keyRejected: "密钥未被接受：{error}", valuePlaceholder: "值（in 用 a, b）",
     key: "键", removeRow: "移除", none: "—", value: "值", topK: "Top K", scoreThreshold: "分数阈值",
-    topKMax: "Top K 上限", networkError: "无法连接服务器。", signedOutRejected: "密钥已不再有效，请重新登录。",
+    topKMax: "Top K 上限", missingIds: "不存在", networkError: "无法连接服务器。", signedOutRejected: "密钥已不再有效，请重新登录。",
     op_contains: "包含", "op_not contains": "不包含", "op_start with": "开始是", "op_end with": "结束是",
     op_is: "是", "op_is not": "不是", op_empty: "为空", "op_not empty": "不为空", op_in: "属于",
     "op_not in": "不属于", op_before: "早于", op_after: "晚于",
@@ -471,7 +471,8 @@ async function loadAccess() {
   const keyRows = $("#keys-table tbody");
   keyRows.replaceChildren(...keys.keys.map((key) => el("tr", { "data-key": key.name },
     el("td", { class: "mono", text: key.name }),
-    el("td", { class: "mono", text: key.knowledge_ids ? key.knowledge_ids.join(", ") : t("all") }),
+    el("td", { class: "mono", text: (key.knowledge_ids ? key.knowledge_ids.join(", ") : t("all")) +
+      (key.missing && key.missing.length ? ` (${t("missingIds")}: ${key.missing.join(", ")})` : "") }),
     el("td", { text: key.read_only ? t("readOnlyAccess") : t("readWriteAccess") }),
     el("td", { text: when(key.created_at) }),
     el("td", { text: key.last_used_at ? when(key.last_used_at) : t("never") }),

@@ -266,7 +266,8 @@ class KnowledgeAPI:
 
     def _keys(self, request: Request, caller: Caller) -> Response:
         caller.check_admin()
-        return json_response({"keys": [info.model_dump() for info in self.keys.list()]})
+        return json_response({"keys": [
+            info.model_dump() for info in self.keys.list(self.library.knowledge_ids())]})
 
     def _create_key(self, request: Request, caller: Caller) -> Response:
         caller.check_admin()
