@@ -116,6 +116,10 @@ class Views:
         if not self.records.add_record(KIND, name, view.model_dump(mode="json")):
             raise AlreadyExistsError(
                 f"a view named {name!r} exists: delete it first, or choose another name")
+        if self.store.find(name) is not None:  # a base of this name was made meanwhile
+            self.records.remove_record(KIND, name)
+            raise AlreadyExistsError(
+                f"a knowledge base is named {name!r}; a view needs a knowledge id of its own")
         return view
 
     def delete(self, name: str) -> None:

@@ -18,12 +18,14 @@ from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
 from llamaindex_kb.config import load_settings
+from llamaindex_kb.errors import ReadOnlyViewError
 from llamaindex_kb.http.app import KnowledgeAPI
 from llamaindex_kb.ingestion.pipeline import IngestSummary, apply_changes, text_source
 from llamaindex_kb.models.base import Models
 from llamaindex_kb.models.choose import local_embedding
 from llamaindex_kb.retrieval import Library
 from llamaindex_kb.stores.registry import open_store
+from llamaindex_kb.views import View
 
 ADMIN = f"Bearer {API_KEY}"
 HANDBOOK = [
@@ -296,6 +298,21 @@ def test_a_view_that_could_not_answer_is_refused_when_made(api, settings, status
     payload = {"name": "v", "knowledge_base": "handbook", **settings}
     expect_error(api.send("POST", "/views", payload=payload), status, code, *words)
     assert api.send("GET", "/views").json() == {"views": []}
+
+
+def test_a_view_made_while_a_new_base_embeds_keeps_its_name(api):
+    store = api.library.store
+
+    def make_the_view_meanwhile() -> None:  # called as the upload reads and embeds
+        api.library.records.add_record("view", "late", View(
+            name="late", knowledge_base="handbook").model_dump(mode="json"))
+
+    with pytest.raises(ReadOnlyViewError, match="'late' is a view"):
+        apply_changes(store, "late", [text_source("x", "Some text.", {})], set(),
+                      IngestSummary(knowledge_id="late"), models=Models(local_embedding()),
+                      checkpoint=make_the_view_meanwhile)
+    assert store.find("late") is None
+    assert titles(api.retrieve("late", "leave"))  # the view answers
 
 
 def test_a_view_reads_a_knowledge_base_not_another_view(api):

@@ -383,6 +383,7 @@ def apply_changes(
     validate_knowledge_id(knowledge_id, creating=False)
     check_writable(store, knowledge_id)
     existing = store.find(knowledge_id)
+    creating = existing is None
     if existing is None:
         validate_knowledge_id(knowledge_id)
     embed_model = None
@@ -428,6 +429,8 @@ def apply_changes(
         return summary
     if checkpoint is not None:
         checkpoint()  # the last chance: a publish is never stopped halfway
+    if creating:  # a view of this name may have been made while the documents embedded
+        check_writable(store, knowledge_id)
     # Let go of the version read above: a version a reader holds is kept on disk, so
     # holding it through the publish would leave it behind for the next writer.
     existing = None
