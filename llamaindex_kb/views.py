@@ -110,13 +110,12 @@ class Views:
                 "retrieval_mode", f"knowledge base {knowledge_base!r} was built for keyword "
                 f"search only; a {view.retrieval_mode} view needs it rebuilt with an "
                 "embedding model")
-        if self.store.find(name) is not None:
-            raise AlreadyExistsError(
-                f"a knowledge base is named {name!r}; a view needs a knowledge id of its own")
         if not self.records.add_record(KIND, name, view.model_dump(mode="json")):
             raise AlreadyExistsError(
                 f"a view named {name!r} exists: delete it first, or choose another name")
-        if self.store.find(name) is not None:  # a base of this name was made meanwhile
+        # Checked once the view is recorded, so a base made meanwhile is seen too (an
+        # upload creating a base checks views again just before it publishes).
+        if self.store.find(name) is not None:
             self.records.remove_record(KIND, name)
             raise AlreadyExistsError(
                 f"a knowledge base is named {name!r}; a view needs a knowledge id of its own")

@@ -189,12 +189,9 @@ class Predicate:
 
     __slots__ = ("groups", "exact_part")
 
-    def __init__(self, logical_operator: Literal["and", "or"], checks: tuple[Check, ...]
-                 ) -> None:
-        # `and` and `or` agree on zero or one check: one spelling shares cached masks.
-        self.groups: tuple[Group, ...] = (
-            (logical_operator if len(checks) > 1 else "and", checks),)
-        self.exact_part = _exact_part(self.groups)
+    def __init__(self, groups: tuple[Group, ...]) -> None:
+        self.groups = groups
+        self.exact_part = _exact_part(groups)
 
     @classmethod
     def all_of(cls, *predicates: Predicate | None) -> Predicate | None:
@@ -202,10 +199,7 @@ class Predicate:
         given = [p for p in predicates if p is not None]
         if len(given) <= 1:
             return given[0] if given else None
-        combined = cls.__new__(cls)
-        combined.groups = tuple(group for p in given for group in p.groups)
-        combined.exact_part = _exact_part(combined.groups)
-        return combined
+        return cls(tuple(group for p in given for group in p.groups))
 
     def __repr__(self) -> str:
         return f"Predicate{self.groups!r}"
@@ -256,7 +250,9 @@ def _exact_part(groups: tuple[Group, ...]) -> ExactPart:
 
 def compile_condition(condition: MetadataCondition) -> Predicate:
     """The predicate of a parsed ``metadata_condition``: compile it once per request."""
-    return Predicate(condition.logical_operator, condition.checks)
+    checks = condition.checks
+    # `and` and `or` agree on zero or one check: one spelling shares cached masks.
+    return Predicate(((condition.logical_operator if len(checks) > 1 else "and", checks),))
 
 
 # --- row by row: the reference ----------------------------------------------------
