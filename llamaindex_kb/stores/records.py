@@ -116,14 +116,17 @@ class FileRecords:
     @contextlib.contextmanager
     def _changing(self) -> Iterator[dict[str, dict[str, Record]]]:
         """The stored records to change in place; written back when the block ends
-        without an exception (a ``return`` inside it included)."""
+        without an exception (a ``return`` inside it included) having changed them."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         with self._lock, open(lock, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                stored = json.loads(json.dumps(self._read()))  # a copy to change
+                before = self._read()
+                stored = json.loads(json.dumps(before))  # a copy to change
                 yield stored
+                if stored == before:  # a refused add, a missing name: nothing to write
+                    return
                 temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
                 # Owner-only from its first byte (key hashes: like a private key's file).
                 descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
