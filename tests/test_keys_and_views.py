@@ -232,19 +232,20 @@ def test_a_views_settings_override_the_bases_and_cap_top_k(api):
         retrieval_mode="keyword", top_k_max=1).status == 201
     through_view = api.retrieve("it-keyword", "IT desk laptops", top_k=10).json()["records"]
     assert len(through_view) == 1
-    base = api.library.retrieve  # the same query on the base, in keyword mode, filtered
-    from llamaindex_kb.contract import parse_retrieval_request
-    request = parse_retrieval_request(json.dumps({
-        "knowledge_id": "handbook", "query": "IT desk laptops",
-        "retrieval_setting": {"top_k": 1},
-        "metadata_condition": {"conditions": [
-            {"name": "team", "comparison_operator": "is", "value": "it"}]}}).encode())
-    keyword = api.library.settings.model_copy(update={"retrieval_mode": "keyword"})
-    expected = Library(keyword, api.library.store).retrieve(request, Models(local_embedding()))
-    assert through_view[0]["score"] == pytest.approx(expected[0].score)
-    assert through_view[0]["title"] == expected[0].title
-    assert base(request, Models(local_embedding()))[0].score != pytest.approx(
-        expected[0].score)  # hybrid on the base scores otherwise: the view's mode counted
+    it_only = {"conditions": [{"name": "team", "comparison_operator": "is", "value": "it"}]}
+
+    def on_the_base(**setting: Any) -> list[dict[str, Any]]:
+        reply = api.send("POST", "/retrieval", payload={
+            "knowledge_id": "handbook", "query": "IT desk laptops", "metadata_condition": it_only,
+            "retrieval_setting": {"top_k": 1, **setting}})
+        assert reply.status == 200, reply.body
+        return reply.json()["records"]
+
+    expected = on_the_base(retrieval_mode="keyword")  # the same query, filtered, in keyword
+    assert through_view[0]["score"] == pytest.approx(expected[0]["score"])
+    assert through_view[0]["title"] == expected[0]["title"]
+    # Hybrid, as the base was built, scores otherwise: the view's mode counted.
+    assert on_the_base()[0]["score"] != pytest.approx(expected[0]["score"])
 
 
 def test_views_are_listed_beside_knowledge_bases_and_a_key_may_be_limited_to_one(api):
